@@ -1,0 +1,52 @@
+"""Shared fixtures.
+
+Tests that need something outside Python (QEMU, a guest kernel) ask for it through
+:func:`require`: on a user's machine without it they skip with the reason; when ``CI`` is set
+they fail instead, because CI must run every test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def require(condition: object, reason: str) -> None:
+    """Skip (or, in CI, fail) the current test when ``condition`` is false."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required in CI but unavailable: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def qemu_path() -> str | None:
+    return shutil.which("qemu-system-x86_64")
+
+
+@pytest.fixture
+def qemu_binary() -> str:
+    """Path of qemu-system-x86_64 (Debian's qemu-system-x86; scripts/setup.sh installs it)."""
+    path = qemu_path()
+    require(path, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86, "
+            "or run scripts/test.sh as root)")
+    assert path is not None
+    return path
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temporary directory: Unix socket paths must stay under 108 bytes, and pytest's
+    tmp_path can be longer. Removed afterwards with everything in it."""
+    path = Path(tempfile.mkdtemp(prefix="ivt-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
