@@ -1,0 +1,61 @@
+"""The guest side: a pure-Python user-space driver for QEMU's ivshmem PCI devices.
+
+Inside a Linux guest, :func:`open_pci` finds an ``ivshmem-plain`` or ``ivshmem-doorbell``
+device in sysfs, maps its shared memory (BAR2) and registers (BAR0), and — for a doorbell
+device bound to vfio-pci — receives MSI-X doorbells through VFIO. The result is an
+:class:`ivshmem.Endpoint`, so the same application code runs as a host peer or in a guest::
+
+    with ivshmem.open_pci(interrupts=True, bind_vfio=True) as ep:
+        ep.memory[0:5] = b"hello"
+        ep.notify(peer=0, vector=0)
+        ep.wait(timeout=1.0)
+
+:func:`find_devices` lists the devices without opening anything (``ivshmem info``).
+"""
+
+from __future__ import annotations
+
+from ._bind import bind_vfio_pci, unbind_vfio_pci
+from ._endpoint import PciEndpoint, PeersSource, open_pci
+from ._errors import (
+    BarError,
+    DevicePermissionError,
+    DriverBoundError,
+    InterruptsUnavailableError,
+    NoIommuGroupError,
+    NoSuchDeviceError,
+    VfioError,
+    VfioUnavailableError,
+)
+from ._sysfs import (
+    IVSHMEM_DEVICE_ID,
+    IVSHMEM_VENDOR_ID,
+    BarInfo,
+    IvshmemDevice,
+    find_devices,
+    normalize_address,
+    select_device,
+)
+
+__all__ = [
+    "IVSHMEM_DEVICE_ID",
+    "IVSHMEM_VENDOR_ID",
+    "BarError",
+    "BarInfo",
+    "DevicePermissionError",
+    "DriverBoundError",
+    "InterruptsUnavailableError",
+    "IvshmemDevice",
+    "NoIommuGroupError",
+    "NoSuchDeviceError",
+    "PciEndpoint",
+    "PeersSource",
+    "VfioError",
+    "VfioUnavailableError",
+    "bind_vfio_pci",
+    "find_devices",
+    "normalize_address",
+    "open_pci",
+    "select_device",
+    "unbind_vfio_pci",
+]

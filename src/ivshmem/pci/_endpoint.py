@@ -1,0 +1,469 @@
+"""The guest endpoint: an ivshmem PCI device behind the common :class:`Endpoint` contract.
+
+Two ways to open a device, chosen by :func:`open_pci`:
+
+* **VFIO** (ivshmem-doorbell bound to vfio-pci): BARs are mapped through the VFIO device fd
+  and every MSI-X vector signals an eventfd, so ``wait``, ``wait_async``, ``fileno`` work as
+  for a host peer.
+* **sysfs** (ivshmem-plain, or a doorbell device used without interrupts): BAR0 and BAR2 are
+  mapped from ``resource0``/``resource2``. Ringing other peers still works on a doorbell
+  device (it is only a store to BAR0), but nothing can be received: ``wait`` raises
+  :class:`DoorbellUnavailableError` saying how to get interrupts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from ..endpoint import EventfdEndpoint
+from ..errors import DoorbellUnavailableError, PeersUnknownError, UnknownVectorError, UsageError
+from ..memory import format_size
+from ._bind import VFIO_PCI, bind_vfio_pci, check_vfio_ready
+from ._errors import (
+    BarError,
+    DevicePermissionError,
+    DriverBoundError,
+    InterruptsUnavailableError,
+)
+from ._mmio import (
+    DOORBELL,
+    MAX_VECTORS,
+    PAGE_SIZE,
+    REGISTERS_SIZE,
+    BarMapping,
+    FdRegisters,
+    MappedRegisters,
+    Registers,
+    doorbell_value,
+)
+from ._sysfs import IvshmemDevice, find_devices, select_device
+from ._vfio import (
+    VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_PCI_BAR2_REGION_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP,
+    VfioDevice,
+)
+
+__all__ = ["PciEndpoint", "PeersSource", "open_pci"]
+
+log = logging.getLogger(__name__)
+
+#: A callable giving the ids of the other peers (e.g. read from a formatted region's
+#: membership table); see :meth:`PciEndpoint.set_peers_source`.
+PeersSource = Callable[[], frozenset[int]]
+
+
+class PciEndpoint(EventfdEndpoint):
+    """An opened ivshmem PCI device. Create with :func:`open_pci`."""
+
+    def __init__(
+        self,
+        device: IvshmemDevice,
+        registers: Registers,
+        shared: BarMapping,
+        *,
+        id: int,
+        vfio: VfioDevice | None = None,
+        eventfds: Sequence[int] = (),
+        max_vector: int = MAX_VECTORS,
+    ) -> None:
+        # Takes ownership of everything passed in.
+        self._device = device
+        self._registers = registers
+        self._shared = shared
+        self._vfio = vfio
+        self._eventfds = list(eventfds)
+        self._id = id
+        self._max_vector = max_vector
+        self._peers_source: PeersSource | None = None
+        self._closed = False
+        self._how = f"vfio vectors={len(self._eventfds)}" if self._eventfds else "sysfs"
+
+    # -- what it is ------------------------------------------------------------------------
+
+    @property
+    def device(self) -> IvshmemDevice:
+        """The sysfs description of the device (address, kind, driver, BARs…)."""
+        return self._device
+
+    @property
+    def interrupts(self) -> bool:
+        """Whether doorbells can be received (VFIO with MSI-X)."""
+        return bool(self._eventfds)
+
+    @property
+    def id(self) -> int:
+        """IVPosition: the peer id the server gave this device (read once at open: QEMU fixes
+        it when the device starts). An ivshmem-plain device has no server: its id is the one
+        given to :func:`open_pci` (default 0, which is also what its IVPosition reads)."""
+        return self._id
+
+    @property
+    def size(self) -> int:
+        return self._shared.size
+
+    @property
+    def memory(self) -> memoryview:
+        self._check_open()
+        return self._shared.memory
+
+    @property
+    def vectors(self) -> int:
+        """Vectors this endpoint receives on (MSI-X vectors enabled; 0 without interrupts)."""
+        return len(self._eventfds)
+
+    # -- peers -----------------------------------------------------------------------------
+
+    @property
+    def peers(self) -> frozenset[int]:
+        self._check_open()
+        if self._peers_source is None:
+            raise PeersUnknownError(
+                f"{self._device.describe()}: a guest cannot learn from the device which peers "
+                "are connected (the server tells only QEMU, which shows the guest nothing but "
+                "its own IVPosition); use a formatted region's membership table"
+            )
+        return self._peers_source()
+
+    def set_peers_source(self, source: PeersSource | None) -> None:
+        """Make :attr:`peers` answer from ``source`` (e.g. a membership table kept in the
+        shared region by a layer above); None restores "cannot be known"."""
+        self._peers_source = source
+
+    # -- doorbells -------------------------------------------------------------------------
+
+    def notify(self, peer: int, vector: int = 0) -> None:
+        """Ring ``vector`` of ``peer`` through the doorbell register.
+
+        A guest cannot know which ids are connected, so any id 0..65535 is accepted; QEMU
+        silently drops a ring to an id (or a vector) that has no peer behind it.
+        """
+        self._check_open()
+        if not self._device.doorbell:
+            raise DoorbellUnavailableError(
+                f"{self._device.describe()} is an ivshmem-plain device: it has no doorbell; "
+                "use -device ivshmem-doorbell with an ivshmem server to ring peers"
+            )
+        value = doorbell_value(peer, vector)  # range checks: 0..65535, 0..255
+        if vector >= self._max_vector:
+            # Every peer of a QEMU-compatible server has the same vector count, and a device
+            # cannot start with fewer MSI-X vectors than that count: a vector beyond our own
+            # table exists for nobody.
+            raise UnknownVectorError(vector, self._max_vector, peer)
+        self._registers.write32(DOORBELL, value)
+
+    def _no_interrupts(self) -> DoorbellUnavailableError:
+        dev = self._device
+        if not dev.doorbell:
+            how = (
+                "an ivshmem-plain device has no interrupts: use -device ivshmem-doorbell with "
+                "an ivshmem server to receive doorbells"
+            )
+        else:
+            how = (
+                "it was opened without interrupts (through sysfs): open it with "
+                "ivshmem.open_pci(..., interrupts=True, bind_vfio=True) as root in a guest "
+                "with an IOMMU, so MSI-X arrives through VFIO"
+            )
+        return DoorbellUnavailableError(f"{dev.describe()}: cannot wait for doorbells: {how}")
+
+    def _own_fds(self) -> Sequence[int]:
+        return self._eventfds
+
+    def _candidates(self, vector: int | None) -> list[tuple[int, int]]:
+        self._check_open()
+        if not self._eventfds:
+            raise self._no_interrupts()
+        return super()._candidates(vector)
+
+    def fileno(self, vector: int = 0) -> int:
+        self._check_open()
+        if not self._eventfds:
+            raise self._no_interrupts()
+        return super().fileno(vector)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Disable interrupts, unmap BAR0 and BAR2, close VFIO and eventfds. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        first: BaseException | None = None
+        steps: list[Callable[[], None]] = [self._registers.close, self._shared.close]
+        if self._vfio is not None:
+            steps.append(self._vfio.close)  # disables MSI-X before the eventfds go
+        for step in steps:
+            try:
+                step()
+            except Exception as err:  # release the rest anyway; report the first failure
+                first = first or err
+        fds, self._eventfds = self._eventfds, []
+        for fd in fds:
+            os.close(fd)
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> PciEndpoint:
+        return self
+
+    def __repr__(self) -> str:
+        dev = self._device
+        state = "closed" if self._closed else f"id={self._id} {format_size(self.size)}"
+        return f"<PciEndpoint {dev.address} ivshmem-{dev.kind} {state} {self._how}>"
+
+
+# -- opening ---------------------------------------------------------------------------------
+
+Interrupts = bool | Literal["auto"]
+
+
+def open_pci(
+    device: str | int | None = None,
+    *,
+    interrupts: Interrupts = "auto",
+    bind_vfio: bool = False,
+    write_combining: bool = False,
+    vectors: int | None = None,
+    id: int | None = None,
+    sysfs_root: str = "/sys",
+    dev_root: str = "/dev",
+) -> PciEndpoint:
+    """Open an ivshmem PCI device from inside a Linux guest.
+
+    ``device``: a PCI address (``"0000:00:04.0"`` or ``"00:04.0"``), an index into the
+    ivshmem devices in address order (``0``, or ``"0"``), or None for the only one.
+
+    ``interrupts``: ``True`` receives doorbells through VFIO (doorbell devices only; the
+    device must be bound to vfio-pci, or ``bind_vfio=True``); ``False`` maps the BARs through
+    sysfs (no ``wait``); ``"auto"`` uses VFIO for a doorbell device that is bound to vfio-pci
+    or may be bound (``bind_vfio=True``), sysfs otherwise.
+
+    ``bind_vfio``: bind the device to vfio-pci first (root; it stays bound after close).
+    ``write_combining``: map BAR2 from sysfs ``resource2_wc`` (faster bulk writes; order
+    matters only against the doorbell, which drains the write-combining buffers).
+    ``vectors``: how many MSI-X vectors to enable (default: all the device has).
+    ``id``: the peer id of an ivshmem-plain device (it has no server to assign one);
+    for a doorbell device it may only repeat IVPosition.
+    ``sysfs_root``/``dev_root``: where sysfs and /dev are (tests use fake trees).
+    """
+    if interrupts not in (True, False, "auto"):
+        raise UsageError(f"interrupts must be True, False or 'auto', not {interrupts!r}")
+    if vectors is not None and (isinstance(vectors, bool) or vectors < 1):
+        raise UsageError(f"vectors must be a positive number, not {vectors!r}")
+    dev = select_device(find_devices(sysfs_root), device, sysfs_root)
+    if not dev.doorbell and interrupts is True:
+        raise InterruptsUnavailableError(
+            f"{dev.describe()} has no interrupts (no MSI-X): use -device ivshmem-doorbell "
+            "with an ivshmem server, or open it with interrupts=False"
+        )
+    use_vfio = interrupts is True or (
+        interrupts == "auto" and dev.doorbell and (dev.driver == VFIO_PCI or bind_vfio)
+    )
+    if use_vfio and dev.driver != VFIO_PCI:
+        if bind_vfio:
+            dev = bind_vfio_pci(dev)
+        else:
+            check_vfio_ready(dev)  # a missing module or IOMMU is the more useful news
+            raise DriverBoundError(
+                f"{dev.describe()} is bound to {dev.driver or 'no driver'}, not {VFIO_PCI}, "
+                "so its interrupts cannot be received: open it with bind_vfio=True (as root), "
+                f"or bind it: echo {VFIO_PCI} > {dev.file('driver_override')}; "
+                f"echo {dev.address} > /sys/bus/pci/drivers_probe",
+                dev.driver,
+            )
+    if use_vfio:
+        return _open_vfio(dev, dev_root, write_combining, vectors, id)
+    return _open_sysfs(dev, write_combining, id)
+
+
+def _check_bars(dev: IvshmemDevice) -> None:
+    bar0, bar2 = dev.bar(0), dev.bar(2)
+    if bar0 is None or not bar0.is_memory or bar0.size < REGISTERS_SIZE:
+        size = "missing" if bar0 is None else f"{bar0.size} bytes"
+        raise BarError(
+            f"{dev.describe()}: BAR0 (registers) is {size}; ivshmem needs a memory BAR of at "
+            f"least {REGISTERS_SIZE} bytes: is this really a QEMU ivshmem device?"
+        )
+    if bar2 is None or not bar2.is_memory:
+        raise BarError(
+            f"{dev.describe()}: BAR2 (shared memory) is missing or not assigned: the guest "
+            "kernel could not place it (check `dmesg` for 'BAR 2' and give the VM more "
+            "address space, e.g. a 64-bit PCI hole)"
+        )
+
+
+def _resolve_id(dev: IvshmemDevice, ivposition: int, id: int | None) -> int:
+    if id is None:
+        return ivposition
+    if isinstance(id, bool) or not 0 <= id <= 0xFFFF:
+        raise UsageError(f"peer id {id!r} is out of range 0..65535")
+    if dev.doorbell and id != ivposition:
+        raise UsageError(
+            f"{dev.describe()}: its peer id is {ivposition} (IVPosition, given by the server); "
+            f"it cannot be {id}: leave id unset for a doorbell device"
+        )
+    return id
+
+
+def _open_resource(dev: IvshmemDevice, index: int, wc: bool, size: int) -> BarMapping:
+    """mmap sysfs ``resource<index>`` (or ``_wc``); these files cannot be read(), only mapped."""
+    bar = dev.bar(index)
+    assert bar is not None
+    name = f"resource{index}" + ("_wc" if wc else "")
+    path = dev.file(name)
+    what = f"BAR{index}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError as err:
+        if wc:
+            raise BarError(
+                f"{dev.describe()}: {path} does not exist: the kernel offers no "
+                f"write-combining mapping of {what}; open without write_combining"
+            ) from err
+        raise BarError(f"{dev.describe()}: {path} does not exist") from err
+    except PermissionError as err:
+        raise DevicePermissionError(
+            f"{dev.describe()}: no permission to open {path}: mapping a BAR needs root"
+        ) from err
+    except OSError as err:
+        raise BarError(f"{dev.describe()}: cannot open {path}: {err.strerror or err}") from err
+    try:
+        st_size = os.fstat(fd).st_size
+        if 0 < st_size < size:
+            raise BarError(
+                f"{dev.describe()}: {path} is {st_size} bytes, but {what} is {size} bytes"
+            )
+        # The mapping starts at the page holding the BAR: keep the BAR's offset in that page.
+        page_offset = bar.start % PAGE_SIZE
+        if page_offset and 0 < st_size < page_offset + size:
+            # Python's mmap will not map past the end of a regular file, and a sysfs resource
+            # file is exactly as long as its BAR: a BAR that does not start a page cannot be
+            # reached this way. VFIO reads registers with pread/pwrite instead.
+            raise BarError(
+                f"{dev.describe()}: {what} starts {page_offset:#x} bytes into a page, which "
+                f"cannot be mapped through {path}: open the device through VFIO "
+                "(interrupts=True, bind_vfio=True)"
+            )
+        return BarMapping(fd, size, 0, page_offset, what)
+    except (OSError, ValueError) as err:
+        if isinstance(err, ValueError):
+            raise BarError(f"{dev.describe()}: mapping {path} failed: {err}") from err
+        if err.errno == errno.EPERM:
+            raise DevicePermissionError(
+                f"{dev.describe()}: the kernel refused to map {path} (EPERM): as root this "
+                "means kernel lockdown (secure boot) forbids BAR access from user space"
+            ) from err
+        if err.errno == errno.EINVAL and dev.driver is not None:
+            raise DriverBoundError(
+                f"{dev.describe()}: the kernel refused to map {path} (EINVAL) because driver "
+                f"{dev.driver} claims the BAR: open it with interrupts=True (through VFIO) if "
+                f"that driver is {VFIO_PCI}, else unbind the driver",
+                dev.driver,
+            ) from err
+        raise BarError(f"{dev.describe()}: mapping {path} failed: {err.strerror or err}") from err
+    finally:
+        os.close(fd)  # the mapping keeps what it needs
+
+
+def _open_sysfs(dev: IvshmemDevice, write_combining: bool, id: int | None) -> PciEndpoint:
+    _check_bars(dev)
+    bar0, bar2 = dev.bar(0), dev.bar(2)
+    assert bar0 is not None and bar2 is not None
+    regs_map = _open_resource(dev, 0, False, bar0.size)
+    shared: BarMapping | None = None
+    try:
+        registers = MappedRegisters(regs_map)
+        shared = _open_resource(dev, 2, write_combining, bar2.size)
+        peer_id = _resolve_id(dev, registers.ivposition(), id)
+    except BaseException:
+        regs_map.close()
+        if shared is not None:
+            shared.close()
+        raise
+    return PciEndpoint(
+        dev,
+        registers,
+        shared,
+        id=peer_id,
+        max_vector=dev.msix_vectors or MAX_VECTORS,
+    )
+
+
+def _open_vfio(
+    dev: IvshmemDevice,
+    dev_root: str,
+    write_combining: bool,
+    vectors: int | None,
+    id: int | None,
+) -> PciEndpoint:
+    _check_bars(dev)
+    vfio = VfioDevice(dev, dev_root)
+    registers: Registers | None = None
+    shared: BarMapping | None = None
+    eventfds: list[int] = []
+    try:
+        bar0 = vfio.region_info(VFIO_PCI_BAR0_REGION_INDEX, "BAR0 (registers)")
+        if bar0.size < REGISTERS_SIZE:
+            raise BarError(
+                f"{dev.describe()}: BAR0 is {bar0.size} bytes through VFIO, at least "
+                f"{REGISTERS_SIZE} are needed"
+            )
+        if bar0.flags & VFIO_REGION_INFO_FLAG_MMAP:
+            registers = MappedRegisters(
+                vfio.map_region(VFIO_PCI_BAR0_REGION_INDEX, "BAR0 (registers)", REGISTERS_SIZE)
+            )
+        else:
+            # vfio-pci mmaps a BAR smaller than a page only if it sits alone in its page;
+            # QEMU's firmware packs the 256-byte BAR0 next to others, so pread/pwrite it is.
+            registers = FdRegisters(vfio.fd, bar0.offset)
+        if write_combining:
+            bar2 = dev.bar(2)
+            assert bar2 is not None
+            # VFIO maps BARs uncached and has no write-combining option.
+            shared = _open_resource(dev, 2, True, bar2.size)
+        else:
+            shared = vfio.map_region(VFIO_PCI_BAR2_REGION_INDEX, "BAR2 (shared memory)", 1)
+        available = vfio.msix_count()
+        if available == 0:
+            raise InterruptsUnavailableError(
+                f"{dev.describe()}: VFIO reports no MSI-X vectors: is it ivshmem-doorbell?"
+            )
+        count = available if vectors is None else vectors
+        if count > available:
+            raise UsageError(
+                f"{dev.describe()} has {available} MSI-X vector(s); {count} were asked for"
+            )
+        for _ in range(count):
+            eventfds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        vfio.enable_bus_master()
+        vfio.enable_msix(eventfds)
+        peer_id = _resolve_id(dev, registers.ivposition(), id)
+    except BaseException:
+        for closer in (registers, shared):
+            if closer is not None:
+                closer.close()
+        try:
+            vfio.close()
+        finally:
+            for fd in eventfds:
+                os.close(fd)
+        raise
+    log.debug("%s opened through VFIO: id %d, %d vector(s)", dev.describe(), peer_id, count)
+    return PciEndpoint(
+        dev,
+        registers,
+        shared,
+        id=peer_id,
+        vfio=vfio,
+        eventfds=eventfds,
+        max_vector=available,
+    )
