@@ -174,9 +174,12 @@ class PeerTable(Generic[FdT]):
     new id rather than the one it had.
     """
 
-    def __init__(self, shm: FdT) -> None:
+    def __init__(self, shm: FdT, first_id: int = 0) -> None:
+        if not 0 <= first_id <= MAX_PEER_ID:
+            raise UsageError(f"first id {first_id} is out of range 0..{MAX_PEER_ID}")
         self._shm = shm
-        self._next_id = 0
+        #: Where the next id search starts (0 like QEMU; another value helps test wrapping).
+        self._next_id = first_id
         self._peers: dict[int, tuple[FdT, ...]] = {}
 
     def __contains__(self, peer: int) -> bool:

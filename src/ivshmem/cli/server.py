@@ -1,0 +1,418 @@
+"""``ivshmem-server`` (and ``ivshmem server``): QEMU's server flags, and more.
+
+QEMU's flags keep their meaning and defaults: ``-S PATH`` (``/tmp/ivshmem_socket``), ``-M NAME``
+(``ivshmem``), ``-m DIR``, ``-l SIZE`` (``4M``), ``-n N`` (``1``), ``-F``, ``-p PIDFILE``
+(``/var/run/ivshmem-server.pid``, daemon mode), ``-v``, ``-h``. Without ``-F`` the server
+daemonizes; any startup error is still printed on the launching terminal and the command exits
+non-zero, because the launching process waits for the daemon to say it is serving.
+
+Exit status: 0 after a clean shutdown (SIGTERM/SIGINT) or a ``--status`` query, 1 when the
+server cannot start (the message says what to change), 2 for unusable arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import sys
+from collections.abc import Sequence
+
+from ..errors import IvshmemError, UsageError
+from ..memory import parse_size
+from ..protocol import MAX_PEER_ID, MAX_VECTORS
+from ..server import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_SHM_NAME,
+    DEFAULT_SIZE,
+    DEFAULT_SOCKET_PATH,
+    Server,
+    ServerConfig,
+    parse_gid,
+    parse_uid,
+    query_status,
+    run,
+    status_path_for,
+)
+
+DEFAULT_PIDFILE = "/var/run/ivshmem-server.pid"
+
+log = logging.getLogger("ivshmem.server")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's options (shared by ``ivshmem-server`` and ``ivshmem server``)."""
+    qemu = parser.add_argument_group("QEMU ivshmem-server options (same meaning and defaults)")
+    qemu.add_argument(
+        "-S",
+        dest="socket_path",
+        metavar="PATH",
+        default=DEFAULT_SOCKET_PATH,
+        help=f"Unix socket to listen on (default {DEFAULT_SOCKET_PATH})",
+    )
+    backing = qemu.add_mutually_exclusive_group()
+    backing.add_argument(
+        "-M",
+        dest="shm_name",
+        metavar="NAME",
+        help=f"POSIX shared-memory object /dev/shm/NAME (the default, NAME={DEFAULT_SHM_NAME}); "
+        "kept after exit, so a restarted server keeps the region's content",
+    )
+    backing.add_argument(
+        "-m",
+        dest="shm_dir",
+        metavar="DIR",
+        help="create the memory as an unlinked file in DIR (e.g. a hugetlbfs mount)",
+    )
+    backing.add_argument(
+        "--memfd",
+        action="store_true",
+        help="anonymous memory (memfd): nothing in the filesystem, gone with the last user",
+    )
+    backing.add_argument(
+        "--file",
+        dest="shm_file",
+        metavar="PATH",
+        help="a named file as the memory (created if missing; kept after exit)",
+    )
+    qemu.add_argument(
+        "-l",
+        dest="size",
+        metavar="SIZE",
+        default=str(DEFAULT_SIZE),
+        help="size of the memory in bytes, with an optional K, M, G or T suffix (powers of "
+        "1024); rounded up to a power of two (default 4M)",
+    )
+    qemu.add_argument(
+        "-n",
+        dest="vectors",
+        metavar="N",
+        default="1",
+        help=f"vectors (doorbell interrupts) per peer, 1..{MAX_VECTORS} (default 1; QEMU's "
+        "device accepts at most 64)",
+    )
+    qemu.add_argument(
+        "-F", dest="foreground", action="store_true", help="stay in the foreground (no daemon)"
+    )
+    qemu.add_argument(
+        "-p",
+        dest="pidfile",
+        metavar="PIDFILE",
+        help=f"write the server's pid here (daemon mode default {DEFAULT_PIDFILE}; also "
+        "honoured with -F); removed at exit",
+    )
+    qemu.add_argument(
+        "-v",
+        dest="server_verbose",
+        action="store_true",
+        help="verbose: log debug messages (to syslog in daemon mode)",
+    )
+    more = parser.add_argument_group("beyond QEMU's server")
+    more.add_argument(
+        "--mode",
+        metavar="OCTAL",
+        help="permissions of the socket, the status socket and a named memory file "
+        "(default 600, or 660 with --group)",
+    )
+    more.add_argument("--group", metavar="GROUP", help="group (name or gid) given to those files")
+    more.add_argument(
+        "--allow-uid",
+        metavar="UID",
+        action="append",
+        default=[],
+        help="serve only these users (names or uids, comma-separated, repeatable) besides the "
+        "server's own user and --allow-gid; others are refused (checked with SO_PEERCRED)",
+    )
+    more.add_argument(
+        "--allow-gid",
+        metavar="GID",
+        action="append",
+        default=[],
+        help="serve members of these groups (primary or supplementary; names or gids)",
+    )
+    more.add_argument(
+        "--status-socket",
+        metavar="PATH",
+        help="Unix socket answering every connection with the JSON status (default "
+        "SOCKET.status; an empty string disables it)",
+    )
+    more.add_argument(
+        "--status",
+        action="store_true",
+        help="do not serve: print the status of the server running at -S (or at "
+        "--status-socket) as JSON and exit",
+    )
+    more.add_argument(
+        "--max-queue",
+        metavar="N",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help="messages a client may fall behind beyond one full handshake before it is "
+        f"disconnected (default {DEFAULT_MAX_QUEUE})",
+    )
+    more.add_argument(
+        "--first-id",
+        metavar="ID",
+        type=int,
+        default=0,
+        help=f"first peer id to hand out, 0..{MAX_PEER_ID} (default 0 like QEMU; for tests "
+        "of id wrap-around)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ivshmem-server",
+        description="Serve shared memory and doorbell eventfds to QEMU ivshmem-doorbell "
+        "devices and host peers (QEMU's ivshmem-server protocol).",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "server",
+        help="run the ivshmem server (QEMU's ivshmem-server flags)",
+        description=build_parser().description,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run_from_args)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Turn parsed options into a ServerConfig; UsageError/ServerConfigError on bad values."""
+    try:
+        size = parse_size(args.size)
+    except UsageError as err:
+        raise UsageError(f"-l: {err}") from None
+    try:
+        vectors = int(args.vectors, 10)
+    except ValueError:
+        raise UsageError(f"-n: cannot parse {args.vectors!r} as a number of vectors") from None
+    if not 1 <= vectors <= MAX_VECTORS:
+        raise UsageError(f"-n: {vectors} vectors per peer is out of range 1..{MAX_VECTORS}")
+    group = parse_gid(args.group) if args.group else None
+    if args.mode is not None:
+        try:
+            mode = int(args.mode, 8)
+        except ValueError:
+            raise UsageError(f"--mode: {args.mode!r} is not an octal mode like 600") from None
+        if not 0 <= mode <= 0o777:
+            raise UsageError(f"--mode: {args.mode!r} is not a permission mode (000..777)")
+    else:
+        mode = 0o660 if group is not None else 0o600
+    allow_uids = frozenset(
+        parse_uid(part.strip()) for item in args.allow_uid for part in item.split(",") if part
+    )
+    allow_gids = frozenset(
+        parse_gid(part.strip()) for item in args.allow_gid for part in item.split(",") if part
+    )
+    socket_path = os.path.abspath(args.socket_path)
+    if args.status_socket is None:
+        status_socket: str | None = status_path_for(socket_path)
+    elif args.status_socket == "":
+        status_socket = None
+    else:
+        status_socket = os.path.abspath(args.status_socket)
+    if args.memfd:
+        backing, shm_path = "memfd", ""
+    elif args.shm_dir is not None:
+        backing, shm_path = "directory", os.path.abspath(args.shm_dir)
+    elif args.shm_file is not None:
+        backing, shm_path = "file", os.path.abspath(args.shm_file)
+    else:
+        backing, shm_path = "posix", args.shm_name or DEFAULT_SHM_NAME
+    pidfile = args.pidfile
+    if pidfile is None and not args.foreground:
+        pidfile = DEFAULT_PIDFILE
+    config = ServerConfig(
+        socket_path=socket_path,
+        backing=backing,
+        shm_path=shm_path,
+        size=size,
+        vectors=vectors,
+        mode=mode,
+        group=group,
+        allow_uids=allow_uids,
+        allow_gids=allow_gids,
+        status_socket=status_socket,
+        max_queue=args.max_queue,
+        first_id=args.first_id,
+        pidfile=os.path.abspath(pidfile) if pidfile else None,
+    )
+    config.validate()
+    return config
+
+
+def _setup_logging(verbose: bool, stream: bool = True) -> None:
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler: logging.Handler
+    if stream:
+        handler = logging.StreamHandler(sys.stderr)
+        # journald stamps every line itself; elsewhere a timestamp helps.
+        fmt = "%(levelname)s: %(message)s"
+        if not os.environ.get("JOURNAL_STREAM"):
+            fmt = "%(asctime)s ivshmem-server " + fmt
+        handler.setFormatter(logging.Formatter(fmt))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+        handler.setFormatter(logging.Formatter("ivshmem-server[%(process)d]: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _write_pidfile(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise IvshmemError(f"cannot write pid file {path!r}: {err.strerror}") from err
+
+
+def _remove_pidfile(path: str) -> None:
+    try:
+        with open(path) as f:
+            if f.read().strip() != str(os.getpid()):
+                return  # another server wrote it since
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _serve(server: Server, config: ServerConfig) -> int:
+    try:
+        run(server)
+    finally:
+        if config.pidfile:
+            _remove_pidfile(config.pidfile)
+    log.info("server stopped")
+    return 0
+
+
+def _run_foreground(config: ServerConfig) -> int:
+    server = Server(config)
+    try:
+        server.open()
+        if config.pidfile:
+            _write_pidfile(config.pidfile)
+    except IvshmemError as err:
+        server.close()
+        print(f"ivshmem-server: error: {err}", file=sys.stderr)
+        return 1
+    return _serve(server, config)
+
+
+def _run_daemon(config: ServerConfig, verbose: bool) -> int:
+    """Double fork and setsid; the launching process exits only once the daemon serves (0)
+    or has failed to start (1, with the daemon's error printed here)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_end)
+        chunks = []
+        with os.fdopen(read_end, "rb") as reader:
+            while chunk := reader.read(4096):
+                chunks.append(chunk)
+        os.waitpid(pid, 0)
+        message = b"".join(chunks).decode(errors="replace")
+        if message.startswith("OK"):
+            return 0
+        print(
+            message.strip() or "ivshmem-server: error: the daemon exited during startup",
+            file=sys.stderr,
+        )
+        return 1
+    # Intermediate child: leave the launching session, then fork again so the daemon is not
+    # a session leader and can never acquire a controlling terminal.
+    code = 1
+    try:
+        os.close(read_end)
+        os.setsid()
+        code = 0 if os.fork() > 0 else _daemon_main(config, verbose, write_end)
+    finally:
+        os._exit(code)
+
+
+def _daemon_main(config: ServerConfig, verbose: bool, report_fd: int) -> int:
+    def report(text: str) -> None:
+        try:
+            os.write(report_fd, text.encode())
+        except OSError:
+            pass
+
+    try:
+        os.chdir("/")
+        server = Server(config)
+        try:
+            server.open()
+            if config.pidfile:
+                _write_pidfile(config.pidfile)
+        except IvshmemError as err:
+            server.close()
+            report(f"ivshmem-server: error: {err}\n")
+            return 1
+        _setup_logging(verbose, stream=False)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        report("OK\n")
+    except BaseException as err:
+        report(f"ivshmem-server: error: {err}\n")
+        return 1
+    finally:
+        os.close(report_fd)
+    try:
+        return _serve(server, config)
+    except Exception:
+        log.exception("server failed")
+        return 1
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    verbose = bool(args.server_verbose)
+    _setup_logging(verbose)
+    try:
+        config = config_from_args(args)
+    except IvshmemError as err:
+        print(f"ivshmem-server: error: {err}", file=sys.stderr)
+        return 2
+    if args.status:
+        path = config.status_socket or status_path_for(config.socket_path)
+        try:
+            status = query_status(path)
+        except IvshmemError as err:
+            print(f"ivshmem-server: error: {err}", file=sys.stderr)
+            return 1
+        print(json.dumps(status, indent=2))
+        return 0
+    if args.foreground:
+        return _run_foreground(config)
+    return _run_daemon(config, verbose)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_from_args(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Run ``ivshmem-server`` as a real process for tests: ``from serverproc import ServerProcess``.
+
+::
+
+    with ServerProcess(tmp_path, size="1M", vectors=4) as server:
+        connect(server.socket_path) ...
+        server.status()["peers"]      # the server's own view, as JSON
+        server.fd_count()             # open fds of the server process
+
+The server runs in the foreground (``-F``) with a memfd backing unless ``extra_args`` chooses
+another (``-M``, ``-m``, ``--file``, ``--memfd``), so no /dev/shm object is left behind.
+Readiness is the server's own sd_notify ``READY=1`` (sent once the socket accepts), received on
+a datagram socket in ``tmpdir``; probing the socket with a connect would make the server admit
+a phantom peer and shift every later peer id. Its log goes to ``tmpdir/server.log``
+(``.log()``). On exit the server gets SIGTERM, and the helper asserts a clean exit (status 0)
+and that the socket file is gone -- unless the ``with`` block raised, or ``check=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+_BACKING_FLAGS = ("-M", "-m", "--file", "--memfd")
+
+
+class ServerProcess:
+    """One ``python -m ivshmem.cli.server -F ...`` subprocess, started on ``__enter__``."""
+
+    def __init__(
+        self,
+        tmpdir: str | os.PathLike[str],
+        size: str = "1M",
+        vectors: int = 1,
+        extra_args: Sequence[str] = (),
+        *,
+        name: str = "ivshmem.sock",
+        start_timeout: float = 20.0,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.tmpdir = Path(tmpdir)
+        self.size = size
+        self.vectors = vectors
+        self.extra_args = list(extra_args)
+        self.socket_path = str(self.tmpdir / name)
+        self.status_path = self.socket_path + ".status"
+        self.log_path = self.tmpdir / f"{name}.log"
+        self.start_timeout = start_timeout
+        self.check = check
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+        #: sd_notify messages the server sent (READY=1 ..., STOPPING=1).
+        self.notifications: list[str] = []
+        self._notify: socket.socket | None = None
+        self._notify_path = ""
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        args = [sys.executable, "-m", "ivshmem.cli.server", "-F", "-S", self.socket_path]
+        args += ["-l", self.size, "-n", str(self.vectors)]
+        if not any(flag in self.extra_args for flag in _BACKING_FLAGS):
+            args.append("--memfd")
+        return args + self.extra_args
+
+    def start(self) -> ServerProcess:
+        # The notify socket stays bound while the server runs, so its STOPPING=1 at shutdown
+        # finds a listener too (``notifications`` keeps everything received).
+        self._notify_path = str(self.tmpdir / f".notify-{os.getpid()}-{id(self)}")
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(self._notify_path)
+        self._notify.settimeout(0.1)
+        try:
+            env = dict(os.environ if self.env is None else self.env)
+            env["NOTIFY_SOCKET"] = self._notify_path
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
+                )
+            deadline = time.monotonic() + self.start_timeout
+            while True:
+                try:
+                    self.notifications.append(self._notify.recv(4096).decode())
+                    if "READY=1" in self.notifications[-1]:
+                        self._settle()
+                        return self
+                except TimeoutError:
+                    pass
+                if self.proc.poll() is not None:
+                    self.returncode = self.proc.returncode
+                    raise RuntimeError(
+                        f"ivshmem-server exited with status {self.proc.returncode} during "
+                        f"startup:\n{self.log()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"ivshmem-server did not become ready in {self.start_timeout} s:\n"
+                        f"{self.log()}"
+                    )
+        except BaseException:
+            self.kill()
+            raise
+
+    def _close_notify(self) -> None:
+        if self._notify is None:
+            return
+        self._notify.setblocking(False)
+        try:
+            while True:
+                self.notifications.append(self._notify.recv(4096).decode())
+        except OSError:
+            pass
+        self._notify.close()
+        self._notify = None
+        try:
+            os.unlink(self._notify_path)
+        except FileNotFoundError:
+            pass
+
+    def _settle(self) -> None:
+        # The server sends READY=1 from its loop and closes the notify socket just after;
+        # one status round trip (answered by that same loop, reply closed before our EOF)
+        # guarantees that has happened, so a fd_count() taken now is a stable baseline.
+        if "--status-socket" not in self.extra_args:
+            self.status()
+
+    def stop(self, check: bool | None = None, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; with ``check``, assert exit status 0 and the socket removed."""
+        proc = self.proc
+        if proc is None:
+            raise RuntimeError("the server was not started")
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(
+                    f"ivshmem-server did not stop within {timeout} s of SIGTERM:\n{self.log()}"
+                ) from None
+        self.returncode = proc.returncode
+        self._close_notify()
+        if self.check if check is None else check:
+            assert proc.returncode == 0, (
+                f"ivshmem-server exited with status {proc.returncode}:\n{self.log()}"
+            )
+            assert not os.path.exists(self.socket_path), "the server left its socket behind"
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (no clean-up by the server; the socket file stays)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            self.returncode = self.proc.returncode
+        self._close_notify()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.proc is None:
+            return
+        if exc_type is not None:
+            # Do not hide the test's own failure behind a shutdown assertion.
+            try:
+                self.stop(check=False)
+            except AssertionError:
+                self.kill()
+            return
+        self.stop()
+
+    # -- observing ------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("the server was not started")
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def fds(self) -> list[str]:
+        """What each open fd of the server points to (``readlink /proc/PID/fd/N``)."""
+        base = f"/proc/{self.pid}/fd"
+        targets = []
+        for name in os.listdir(base):
+            try:
+                targets.append(os.readlink(f"{base}/{name}"))
+            except FileNotFoundError:
+                pass
+        return sorted(targets)
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The server's JSON status (from its status socket)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(self.status_path)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        result: dict[str, Any] = json.loads(b"".join(chunks))
+        return result
+
+    def peer_ids(self) -> list[int]:
+        return [peer["id"] for peer in self.status()["peers"]]
+
+    def wait_until(
+        self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+    ) -> None:
+        """Poll ``predicate`` until true; fail the test (with the server log) on timeout."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; server log:\n{self.log()}")
+            if not self.alive:
+                raise AssertionError(f"server died while waiting for {what}:\n{self.log()}")
+            time.sleep(0.01)
+
+    def wait_for_fd_count(self, expected: int, timeout: float = 10.0) -> None:
+        """Wait until the server has exactly ``expected`` fds open (e.g. its baseline)."""
+        try:
+            self.wait_until(lambda: self.fd_count() == expected, timeout, "fd count")
+        except AssertionError:
+            raise AssertionError(
+                f"the server's fd count stayed at {self.fd_count()}, not {expected}: "
+                f"{self.fds()}\n{self.log()}"
+            ) from None
