@@ -146,8 +146,8 @@ def normalize_address(text: str) -> str:
 
 
 def _cat(path: str) -> str:
-    with open(path, encoding="ascii", errors="replace") as f:
-        return f.read().strip()
+    with open(path, "rb") as f:
+        return f.read().decode("ascii", "replace").strip()
 
 
 def _cat_int(path: str, default: int = -1) -> int:
