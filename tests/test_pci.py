@@ -5,6 +5,7 @@ not need a real device. The real device and VFIO are exercised in test_pci_guest
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import struct
 import subprocess
@@ -545,3 +546,57 @@ def test_vfio_ioctl_failure_names_the_step_and_leaks_nothing(
     assert "0000:00:04.0" in str(e.value)
     assert isinstance(e.value.__cause__, OSError)
     assert open_fds() == before
+
+
+# -- ivshmem info -------------------------------------------------------------------------------
+
+
+def info(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    from ivshmem.cli.main import main
+
+    rc = main(["info", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_info_table(two: FakeSysfs, capsys: pytest.CaptureFixture[str]) -> None:
+    (two.root / "bus/pci/devices/0000:00:04.0/resource0").chmod(0o600)
+    rc, out, _ = info(capsys, "--sysfs-root", root(two))
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["#", "ADDRESS", "KIND", "SIZE", "VECTORS", "DRIVER", "IOMMU", "ID"]
+    expected_id = "3" if os.geteuid() == 0 else "-"
+    assert lines[1].split() == ["0", "0000:00:04.0", "doorbell", "1M", "2", "-", "-", expected_id]
+    assert lines[2].split() == ["1", "0000:00:05.0", "plain", "1M", "-", "-", "-", "-"]
+    assert len(lines) == 3
+
+
+def test_info_json_and_selection(two: FakeSysfs, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = info(capsys, "--sysfs-root", root(two), "--json", "00:05.0")
+    assert rc == 0
+    assert json.loads(out) == [
+        {
+            "index": 1,
+            "address": "0000:00:05.0",
+            "kind": "plain",
+            "size": 1 << 20,
+            "vectors": None,
+            "driver": None,
+            "iommu_group": None,
+            "id": None,
+        }
+    ]
+
+
+def test_info_unknown_device(two: FakeSysfs, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = info(capsys, "--sysfs-root", root(two), "7")
+    assert rc == 1
+    assert out == ""
+    assert "no ivshmem device with index 7" in err
+
+
+def test_info_without_devices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = info(capsys, "--sysfs-root", str(tmp_path))
+    assert rc == 0
+    assert out == ""
+    assert "no ivshmem devices under" in err

@@ -16,7 +16,7 @@ device bound to vfio-pci — receives MSI-X doorbells through VFIO. The result i
 from __future__ import annotations
 
 from ._bind import bind_vfio_pci, unbind_vfio_pci
-from ._endpoint import PciEndpoint, PeersSource, open_pci
+from ._endpoint import PciEndpoint, PeersSource, open_pci, read_ivposition
 from ._errors import (
     BarError,
     DevicePermissionError,
@@ -56,6 +56,7 @@ __all__ = [
     "find_devices",
     "normalize_address",
     "open_pci",
+    "read_ivposition",
     "select_device",
     "unbind_vfio_pci",
 ]

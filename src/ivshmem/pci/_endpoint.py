@@ -48,7 +48,7 @@ from ._vfio import (
     VfioDevice,
 )
 
-__all__ = ["PciEndpoint", "PeersSource", "open_pci"]
+__all__ = ["PciEndpoint", "PeersSource", "open_pci", "read_ivposition"]
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +372,20 @@ def _open_resource(dev: IvshmemDevice, index: int, wc: bool, size: int) -> BarMa
         raise BarError(f"{dev.describe()}: mapping {path} failed: {err.strerror or err}") from err
     finally:
         os.close(fd)  # the mapping keeps what it needs
+
+
+def read_ivposition(device: IvshmemDevice) -> int:
+    """Read IVPosition through sysfs without opening the whole device (needs root; fails
+    with DriverBoundError while a VFIO user holds the device)."""
+    _check_bars(device)
+    bar0 = device.bar(0)
+    assert bar0 is not None
+    mapping = _open_resource(device, 0, False, bar0.size)
+    registers = MappedRegisters(mapping)
+    try:
+        return registers.ivposition()
+    finally:
+        registers.close()
 
 
 def _open_sysfs(dev: IvshmemDevice, write_combining: bool, id: int | None) -> PciEndpoint:
