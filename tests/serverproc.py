@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -29,6 +32,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from ivshmem.protocol import (
+    MESSAGE_SIZE,
+    ClientState,
+    Decoder,
+    OwnVector,
+    PeerLeft,
+    PeerVector,
+    SharedMemoryReceived,
+)
 
 _BACKING_FLAGS = ("-M", "-m", "--file", "--memfd")
 
@@ -255,3 +268,155 @@ class ServerProcess:
                 f"the server's fd count stayed at {self.fd_count()}, not {expected}: "
                 f"{self.fds()}\n{self.log()}"
             ) from None
+
+
+class RawPeer:
+    """A minimal ivshmem client over a real socket, built on :mod:`ivshmem.protocol` only.
+
+    For tests and benchmarks of the server: it decodes every message with
+    :class:`~ivshmem.protocol.Decoder` and :class:`~ivshmem.protocol.ClientState` and, unless
+    ``keep_fds``, closes each received fd at once (so thousands of peers cost no fds here).
+    With ``keep_fds`` it keeps ``shm_fd``, ``own_fds`` and ``peer_fds`` for ringing.
+    """
+
+    def __init__(self, socket_path: str, keep_fds: bool = False, blocking: bool = False) -> None:
+        self.state = ClientState()
+        self.decoder = Decoder()
+        self.keep_fds = keep_fds
+        self.events: list[Any] = []
+        self.messages = 0
+        self.eof = False
+        self.shm_fd: int | None = None
+        self.own_fds: list[int] = []
+        self.peer_fds: dict[int, list[int]] = {}
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(socket_path)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.setblocking(blocking)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def id(self) -> int | None:
+        return self.state.peer_id
+
+    @property
+    def peers(self) -> dict[int, int]:
+        """Vector counts of the other peers, as this client knows them."""
+        return self.state.peers
+
+    def pump(self, limit: int = 1 << 30) -> int:
+        """Read the messages available now (up to ``limit``); return how many. Sets ``eof``."""
+        count = 0
+        space = socket.CMSG_SPACE(4)
+        while count < limit and not self.eof:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(
+                    MESSAGE_SIZE - self.decoder.pending, space
+                )
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionResetError:
+                self.eof = True
+                break
+            fds: list[int] = []
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(
+                        struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+                    )
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                self.eof = True
+                break
+            message = self.decoder.feed(data, fds)
+            if message is None:
+                continue
+            count += 1
+            self.messages += 1
+            for event in self.state.receive(*message):
+                self._take(event)
+        return count
+
+    def _take(self, event: Any) -> None:
+        self.events.append(event)
+        fd = getattr(event, "fd", None)
+        if fd is None:
+            if isinstance(event, PeerLeft) and self.keep_fds:
+                for old in self.peer_fds.pop(event.peer, []):
+                    os.close(old)
+            return
+        if not self.keep_fds:
+            os.close(fd)
+        elif isinstance(event, SharedMemoryReceived):
+            self.shm_fd = fd
+        elif isinstance(event, OwnVector):
+            self.own_fds.append(fd)
+        elif isinstance(event, PeerVector):
+            self.peer_fds.setdefault(event.peer, []).append(fd)
+
+    def complete(self, others: set[int] | frozenset[int], vectors: int) -> bool:
+        """Whether this client has its own ``vectors`` and exactly ``others`` with all theirs."""
+        st = self.state
+        return (
+            st.state == st.CONNECTED
+            and st.own_vectors == vectors
+            and set(st.peers) == set(others)
+            and all(n == vectors for n in st.peers.values())
+        )
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Pump until ``predicate()``; AssertionError on timeout or EOF first."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.eof:
+                raise AssertionError("the server closed the connection")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"timed out: peer {self.id} state {self.state.state!r}, peers "
+                    f"{self.state.peers}, own vectors {self.state.own_vectors}"
+                )
+            select.select([self.sock], [], [], min(remaining, 0.5))
+            self.pump()
+
+    def wait_eof(self, timeout: float = 10.0) -> None:
+        self.wait(lambda: self.eof, timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.decoder.close()
+        fds = [self.shm_fd] if self.shm_fd is not None else []
+        fds += self.own_fds + [fd for group in self.peer_fds.values() for fd in group]
+        self.shm_fd, self.own_fds, self.peer_fds = None, [], {}
+        for fd in fds:
+            os.close(fd)
+
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pump_all(
+    peers: Sequence[RawPeer], predicate: Callable[[], bool], timeout: float = 60.0
+) -> None:
+    """Read from many peers (epoll) until ``predicate()``; AssertionError on timeout."""
+    with selectors.DefaultSelector() as sel:
+        for peer in peers:
+            sel.register(peer.sock, selectors.EVENT_READ, peer)
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting for the peers' handshakes")
+            for key, _mask in sel.select(0.5):
+                peer = key.data
+                peer.pump(256)
+                if peer.eof:
+                    sel.unregister(peer.sock)
