@@ -279,7 +279,7 @@ def test_notify_without_root_knows_only_the_register_limit(fake: FakeSysfs) -> N
 def test_sysfs_doorbell_endpoint_cannot_wait(fake: FakeSysfs) -> None:
     fake.add_device("0000:00:04.0")
     with open_pci(sysfs_root=root(fake)) as ep:
-        hint = "opened without interrupts.*interrupts=True, bind_vfio=True"
+        hint = "without interrupts, because: .*vfio-pci driver is not loaded"
         with pytest.raises(DoorbellUnavailableError, match=hint):
             ep.wait(timeout=0)
         with pytest.raises(DoorbellUnavailableError, match=hint):
@@ -600,3 +600,20 @@ def test_info_without_devices(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert rc == 0
     assert out == ""
     assert "no ivshmem devices under" in err
+
+
+def test_auto_falls_back_to_sysfs_and_wait_says_why(fake: FakeSysfs) -> None:
+    fake.add_driver("vfio-pci")
+    fake.add_device("0000:00:04.0")  # no IOMMU group
+    with open_pci(bind_vfio=True, sysfs_root=root(fake)) as ep:
+        assert not ep.interrupts
+        ep.memory[0] = 1
+        with pytest.raises(DoorbellUnavailableError, match=r"because: .*no IOMMU group"):
+            ep.wait(timeout=0)
+
+
+def test_interrupts_false_says_how_to_get_them(fake: FakeSysfs) -> None:
+    fake.add_device("0000:00:04.0")
+    with open_pci(interrupts=False, sysfs_root=root(fake)) as ep:
+        with pytest.raises(DoorbellUnavailableError, match=r"interrupts=False: .*VFIO"):
+            ep.wait(timeout=0)

@@ -20,7 +20,13 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from ..endpoint import EventfdEndpoint
-from ..errors import DoorbellUnavailableError, PeersUnknownError, UnknownVectorError, UsageError
+from ..errors import (
+    DeviceError,
+    DoorbellUnavailableError,
+    PeersUnknownError,
+    UnknownVectorError,
+    UsageError,
+)
 from ..memory import format_size
 from ._bind import VFIO_PCI, bind_vfio_pci, check_vfio_ready
 from ._errors import (
@@ -70,6 +76,7 @@ class PciEndpoint(EventfdEndpoint):
         vfio: VfioDevice | None = None,
         eventfds: Sequence[int] = (),
         max_vector: int = MAX_VECTORS,
+        no_irq_reason: str | None = None,
     ) -> None:
         # Takes ownership of everything passed in.
         self._device = device
@@ -80,6 +87,7 @@ class PciEndpoint(EventfdEndpoint):
         self._id = id
         self._max_vector = max_vector
         self._peers_source: PeersSource | None = None
+        self._no_irq_reason = no_irq_reason
         self._closed = False
         self._how = f"vfio vectors={len(self._eventfds)}" if self._eventfds else "sysfs"
 
@@ -163,11 +171,16 @@ class PciEndpoint(EventfdEndpoint):
                 "an ivshmem-plain device has no interrupts: use -device ivshmem-doorbell with "
                 "an ivshmem server to receive doorbells"
             )
+        elif self._no_irq_reason is not None:
+            return DoorbellUnavailableError(
+                "cannot wait for doorbells: the device was mapped through sysfs, without "
+                f"interrupts, because: {self._no_irq_reason}"
+            )
         else:
             how = (
-                "it was opened without interrupts (through sysfs): open it with "
-                "ivshmem.open_pci(..., interrupts=True, bind_vfio=True) as root in a guest "
-                "with an IOMMU, so MSI-X arrives through VFIO"
+                "it was opened with interrupts=False: to receive doorbells open it with "
+                "interrupts=True (and bind_vfio=True, as root, in a guest with an IOMMU) so "
+                "MSI-X arrives through VFIO"
             )
         return DoorbellUnavailableError(f"{dev.describe()}: cannot wait for doorbells: {how}")
 
@@ -260,29 +273,41 @@ def open_pci(
     if vectors is not None and (isinstance(vectors, bool) or vectors < 1):
         raise UsageError(f"vectors must be a positive number, not {vectors!r}")
     dev = select_device(find_devices(sysfs_root), device, sysfs_root)
-    if not dev.doorbell and interrupts is True:
-        raise InterruptsUnavailableError(
-            f"{dev.describe()} has no interrupts (no MSI-X): use -device ivshmem-doorbell "
-            "with an ivshmem server, or open it with interrupts=False"
-        )
-    use_vfio = interrupts is True or (
-        interrupts == "auto" and dev.doorbell and (dev.driver == VFIO_PCI or bind_vfio)
-    )
-    if use_vfio and dev.driver != VFIO_PCI:
-        if bind_vfio:
-            dev = bind_vfio_pci(dev)
-        else:
-            check_vfio_ready(dev)  # a missing module or IOMMU is the more useful news
-            raise DriverBoundError(
-                f"{dev.describe()} is bound to {dev.driver or 'no driver'}, not {VFIO_PCI}, "
-                "so its interrupts cannot be received: open it with bind_vfio=True (as root), "
-                f"or bind it: echo {VFIO_PCI} > {dev.file('driver_override')}; "
-                f"echo {dev.address} > /sys/bus/pci/drivers_probe",
-                dev.driver,
+    if not dev.doorbell:
+        if interrupts is True:
+            raise InterruptsUnavailableError(
+                f"{dev.describe()} has no interrupts (no MSI-X): use -device ivshmem-doorbell "
+                "with an ivshmem server, or open it with interrupts=False"
             )
-    if use_vfio:
-        return _open_vfio(dev, dev_root, write_combining, vectors, id)
-    return _open_sysfs(dev, write_combining, id)
+        return _open_sysfs(dev, write_combining, id, None)
+    if interrupts is False:
+        return _open_sysfs(dev, write_combining, id, None)
+    try:
+        dev = _prepare_vfio(dev, bind_vfio)
+    except DeviceError as err:
+        if interrupts is True:
+            raise
+        # "auto": without VFIO the device is still usable (memory, notify); wait() will say
+        # why it cannot receive.
+        log.info("%s: no interrupts, mapping through sysfs: %s", dev.describe(), err)
+        return _open_sysfs(dev, write_combining, id, str(err))
+    return _open_vfio(dev, dev_root, write_combining, vectors, id)
+
+
+def _prepare_vfio(dev: IvshmemDevice, bind_vfio: bool) -> IvshmemDevice:
+    """The device, bound to vfio-pci (binding it if allowed), or the error saying why not."""
+    if dev.driver == VFIO_PCI:
+        return dev
+    if bind_vfio:
+        return bind_vfio_pci(dev)
+    check_vfio_ready(dev)  # a missing module or IOMMU is the more useful news
+    raise DriverBoundError(
+        f"{dev.describe()} is bound to {dev.driver or 'no driver'}, not {VFIO_PCI}, so its "
+        "interrupts cannot be received: open it with bind_vfio=True (as root), or bind it: "
+        f"echo {VFIO_PCI} > {dev.file('driver_override')}; "
+        f"echo {dev.address} > /sys/bus/pci/drivers_probe",
+        dev.driver,
+    )
 
 
 def _check_bars(dev: IvshmemDevice) -> None:
@@ -388,7 +413,9 @@ def read_ivposition(device: IvshmemDevice) -> int:
         registers.close()
 
 
-def _open_sysfs(dev: IvshmemDevice, write_combining: bool, id: int | None) -> PciEndpoint:
+def _open_sysfs(
+    dev: IvshmemDevice, write_combining: bool, id: int | None, no_irq_reason: str | None
+) -> PciEndpoint:
     _check_bars(dev)
     bar0, bar2 = dev.bar(0), dev.bar(2)
     assert bar0 is not None and bar2 is not None
@@ -409,6 +436,7 @@ def _open_sysfs(dev: IvshmemDevice, write_combining: bool, id: int | None) -> Pc
         shared,
         id=peer_id,
         max_vector=dev.msix_vectors or MAX_VECTORS,
+        no_irq_reason=no_irq_reason,
     )
 
 

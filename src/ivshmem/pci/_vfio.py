@@ -156,6 +156,7 @@ class VfioDevice:
     def __init__(self, device: IvshmemDevice, dev_root: str = "/dev") -> None:
         self.device = device
         self._fds: list[_Fd] = []  # container, group, device: closed in reverse order
+        self._device_holder: _Fd | None = None
         self._irqs_enabled = False
         self._saved_command: int | None = None
         try:
@@ -272,7 +273,8 @@ class VfioDevice:
         # (fcntl.ioctl returns a copy of an immutable one instead of the result).
         address = ctypes.create_string_buffer(dev.address.encode("ascii"))
         fd = self._ioctl(group, VFIO_GROUP_GET_DEVICE_FD, address, "getting the VFIO device fd")
-        self._fds.append(_Fd(fd))
+        self._device_holder = _Fd(fd)
+        self._fds.append(self._device_holder)
         self._device_fd = fd
 
         info = _DeviceInfo(argsz=ctypes.sizeof(_DeviceInfo))
@@ -395,7 +397,7 @@ class VfioDevice:
         process that reopens the device clean). Idempotent; the first error is raised after
         everything was released."""
         first: BaseException | None = None
-        if self._fds and self._fds[-1].fd >= 0 and len(self._fds) == 3:
+        if self._device_holder is not None and self._device_holder.fd >= 0:
             try:
                 self.disable_msix()
             except VfioError as err:
