@@ -1,0 +1,1103 @@
+"""Host peers: a host process as a first-class peer of the VMs on an ivshmem server.
+
+:func:`connect` (or :func:`connect_async`) opens the server's Unix socket, takes the handshake
+and returns a :class:`Peer`, an :class:`~ivshmem.endpoint.Endpoint` with its own peer id, the
+whole region mapped read-write, and doorbells to and from every other peer (host processes and
+QEMU guests alike)::
+
+    with ivshmem.connect("/tmp/ivshmem_socket") as peer:
+        peer.memory[0:5] = b"hello"
+        for other in peer.peers:
+            peer.notify(other, vector=0)
+        vector = peer.wait(timeout=1.0)
+
+How this module deals with the protocol's gaps (see :mod:`ivshmem.protocol`):
+
+* **End of the handshake.** The protocol has no end-of-handshake marker: the server sends the
+  existing peers' vectors and then ours, and says nothing more. :func:`connect` stops when
+  ``vectors`` own vectors have arrived if the caller gave that number; otherwise, when peers
+  exist, when we have as many vectors as they have (a server gives every peer the same count,
+  and our own vectors come after all of theirs); otherwise (we are alone) when the server has
+  been quiet for :data:`HANDSHAKE_QUIET` seconds. Own vectors that arrive later are still taken
+  (``vectors`` grows), so a slow server costs nothing but that wait. Pass ``vectors=`` to skip
+  the quiet period.
+* **Keeping membership current without a thread.** Join and leave messages are read from the
+  socket whenever the peer is used: ``peers`` and :meth:`Peer.service` read everything pending
+  (never blocking); :meth:`Peer.wait` and :meth:`Peer.wait_async` watch the socket beside the
+  vector eventfds; :meth:`Peer.notify` reads pending messages when it does not know the peer or
+  vector yet (a new peer's vectors arrive one message each). An application that waits on
+  :meth:`Peer.fileno` in its own event loop should also watch :attr:`Peer.server_fd` and call
+  :meth:`Peer.service` when it is readable, or the server queues the announcements for it.
+* **Losing the server.** When the server goes away (its socket reaches EOF or breaks), every
+  doorbell fd is closed and ``peers``, ``notify``, ``wait`` raise
+  :class:`~ivshmem.errors.ConnectionLostError`; ``memory``, ``id`` and ``size`` stay usable
+  until :meth:`Peer.close`. ``notify`` to a peer already known does not look at the socket, so
+  it may still succeed (harmlessly) until something reads the EOF.
+* **Reconnecting** (``reconnect=True``, opt-in). The server's peer table and eventfds die with
+  it, so after a restart everyone has a new id and new doorbells. The peer keeps trying to
+  reconnect (with back-off) whenever it is used; meanwhile ``peers`` is empty, ``notify`` raises
+  ConnectionLostError, ``wait`` keeps waiting. Once back, ``id`` and the fds of
+  :meth:`Peer.fileno` have changed and :attr:`Peer.on_reconnect` is called. If the server's
+  region is the same object as before (a named backing, ``-M NAME`` or a file, which a restarted
+  server reopens), the mapping and every view of it are kept and so is the content; otherwise
+  (a memfd server) the new region is mapped and ``memory`` returns a new view.
+  QEMU guests cannot do this (a limit of the protocol and of QEMU's device): the device reads
+  the handshake once, while the VM starts, and a later shared-memory message is an error to
+  it, so a guest keeps its memory but loses its doorbells and membership when the server
+  restarts. For guests: keep the server up (run it as a service), and if it must restart,
+  restart the VMs too or hot-plug a fresh ``ivshmem-doorbell`` device with a new chardev.
+
+Threads: one Peer may be used from several threads (a lock orders server messages and
+protects doorbell fds from being closed under a ``notify``), but :meth:`Peer.close` must not
+race a ``wait`` in another thread. ``wait`` consumes the eventfd counts: only one consumer per
+vector.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import os
+import select
+import socket
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .endpoint import EventfdEndpoint
+from .errors import (
+    ClosedError,
+    ConnectionLostError,
+    DoorbellUnavailableError,
+    IvshmemError,
+    ProtocolError,
+    UnknownPeerError,
+    UnknownVectorError,
+    UsageError,
+)
+from .memory import Mapping, format_size
+from .protocol import (
+    MAX_VECTORS,
+    MESSAGE_SIZE,
+    ClientState,
+    OwnVector,
+    PeerLeft,
+    PeerVector,
+    SharedMemoryReceived,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "HANDSHAKE_QUIET",
+    "HandshakeTimeoutError",
+    "Peer",
+    "Reconnected",
+    "ServerUnavailableError",
+    "connect",
+    "connect_async",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds :func:`connect` waits for the handshake by default.
+DEFAULT_TIMEOUT = 5.0
+#: Seconds of silence after which a handshake with no other peer (and no ``vectors=``) ends.
+HANDSHAKE_QUIET = 0.05
+#: Reconnection back-off: first retry, growth factor, longest wait between attempts (seconds).
+RECONNECT_FIRST = 0.05
+RECONNECT_MAX = 1.0
+
+#: Ringing = writing the native 8-byte integer 1 to the peer's eventfd.
+_ONE = (1).to_bytes(8, sys.byteorder)
+_FD_SIZE = array.array("i").itemsize
+# Room for several fds so that a server attaching more than one to a message is caught (the
+# Decoder refuses it) instead of the kernel silently dropping the extras (MSG_CTRUNC).
+_ANCILLARY_SPACE = socket.CMSG_SPACE(4 * _FD_SIZE)
+_RECV_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_EVENTFD_LINK = "anon_inode:[eventfd]"
+
+
+class ServerUnavailableError(ConnectionLostError):
+    """No ivshmem server accepts connections at the socket path (or we may not connect)."""
+
+
+class HandshakeTimeoutError(IvshmemError, TimeoutError):
+    """The server accepted the connection but did not complete the handshake in time."""
+
+
+@dataclass(frozen=True)
+class Reconnected:
+    """What :attr:`Peer.on_reconnect` is told after the peer reconnected to a restarted server.
+
+    ``memory_kept`` is True when the new server shares the same region object (named backing),
+    so the old mapping, its views and its content are still the shared memory."""
+
+    old_id: int
+    new_id: int
+    memory_kept: bool
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class _ServerClosed(Exception):
+    """The server closed its end of the socket (EOF)."""
+
+    def __init__(self) -> None:
+        super().__init__("the server closed the connection")
+
+
+class _Connection:
+    """One connection to a server: the socket, the protocol state and every fd received on it.
+
+    It owns each fd from the moment ``recvmsg`` returns it: the shared-memory fd until
+    :meth:`take_shm`, the eventfds until :meth:`close`.
+    """
+
+    def __init__(self, sock: socket.socket, path: str, vectors: int | None) -> None:
+        from .protocol import Decoder
+
+        self.sock = sock
+        self.path = path
+        self.expected_vectors = vectors
+        self.decoder = Decoder()
+        self.state = ClientState(MAX_VECTORS if vectors is None else vectors)
+        self.messages = 0
+        self.shm_fd: int | None = None
+        #: Our vector eventfds, in vector order.
+        self.own: list[int] = []
+        #: Each other peer's doorbell eventfds, in vector order.
+        self.ring: dict[int, list[int]] = {}
+
+    @property
+    def peer_id(self) -> int:
+        assert self.state.peer_id is not None
+        return self.state.peer_id
+
+    def read_message(self) -> tuple[int, int | None] | None:
+        """One whole message if the socket has it now, else None (a partial one is kept)."""
+        while True:
+            want = MESSAGE_SIZE - self.decoder.pending
+            try:
+                data, ancdata, flags, _ = self.sock.recvmsg(want, _ANCILLARY_SPACE, _RECV_FLAGS)
+            except BlockingIOError:
+                return None
+            except OSError as err:
+                raise ConnectionLostError(
+                    f"the connection to the ivshmem server at {self.path} broke: {err}"
+                ) from err
+            fds = _received_fds(ancdata)
+            if flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    _close_quietly(fd)
+                raise ProtocolError(
+                    "the server attached more fds to one message than the protocol allows (1)"
+                )
+            if not data:
+                for fd in fds:  # cannot happen (fds come with data), but never leak
+                    _close_quietly(fd)
+                raise _ServerClosed
+            message = self.decoder.feed(data, fds)
+            if message is not None:
+                self.messages += 1
+                return message
+
+    def apply(self, value: int, fd: int | None) -> list[tuple[str, int]]:
+        """Take one message; return the membership changes it causes, as (what, peer)."""
+        changes: list[tuple[str, int]] = []
+        try:
+            events = self.state.receive(value, fd)
+        except ProtocolError as err:
+            if self.expected_vectors is not None and "vectors" in str(err):
+                raise ProtocolError(
+                    f"{err} (connect() was told to expect {self.expected_vectors} vector(s): "
+                    f"is the server running with -n {self.expected_vectors}?)"
+                ) from err
+            raise
+        for event in events:
+            if isinstance(event, PeerVector):
+                self._check_eventfd(event.fd, f"peer {event.peer} vector {event.vector}")
+                self.ring.setdefault(event.peer, []).append(event.fd)
+                if event.vector == 0:
+                    changes.append(("joined", event.peer))
+            elif isinstance(event, OwnVector):
+                self._check_eventfd(event.fd, f"own vector {event.vector}")
+                self.own.append(event.fd)
+                changes.append(("own-vector", event.vector))
+            elif isinstance(event, PeerLeft):
+                for old in self.ring.pop(event.peer, ()):
+                    _close_quietly(old)
+                changes.append(("left", event.peer))
+            elif isinstance(event, SharedMemoryReceived):
+                self.shm_fd = event.fd
+        return changes
+
+    @staticmethod
+    def _check_eventfd(fd: int, what: str) -> None:
+        # Trust argument: notify() writes 8 bytes to these fds and wait() reads 8 from them. A
+        # server handing us some other kind of fd (a file, a socket) would make us write into it,
+        # so each one is checked once, when it arrives. Without /proc we cannot tell; accept.
+        try:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return
+        if kind != _EVENTFD_LINK:
+            _close_quietly(fd)
+            raise ProtocolError(f"the fd the server sent for {what} is not an eventfd ({kind})")
+
+    def take_shm(self) -> int:
+        fd, self.shm_fd = self.shm_fd, None
+        assert fd is not None
+        return fd
+
+    def close(self) -> None:
+        self.sock.close()
+        self.decoder.close()
+        if self.shm_fd is not None:
+            _close_quietly(self.take_shm())
+        own, self.own = self.own, []
+        for fd in own:
+            _close_quietly(fd)
+        ring, self.ring = self.ring, {}
+        for fds in ring.values():
+            for fd in fds:
+                _close_quietly(fd)
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[: len(data) - len(data) % _FD_SIZE]))
+    return fds
+
+
+# --------------------------------------------------------------------------------------------
+# Opening a connection and taking the handshake
+
+
+def _open_socket(path: str, timeout: float | None) -> socket.socket:
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise UsageError(f"socket path must be a path, not {type(path).__name__}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(path))
+        sock.setblocking(False)
+    except BaseException as err:
+        sock.close()
+        raise _connect_error(str(path), err) from err
+    return sock
+
+
+def _connect_error(path: str, err: BaseException) -> BaseException:
+    if isinstance(err, FileNotFoundError):
+        return ServerUnavailableError(
+            f"no ivshmem server socket at {path}: start one (ivshmem-server -S {path}) or pass "
+            "the path it listens on"
+        )
+    if isinstance(err, ConnectionRefusedError):
+        return ServerUnavailableError(
+            f"{path} exists but no ivshmem server listens on it (left over from a server that "
+            "stopped?): start the server"
+        )
+    if isinstance(err, PermissionError):
+        return ServerUnavailableError(
+            f"no permission to connect to {path}: the server's socket mode or group does not "
+            "admit this user"
+        )
+    if isinstance(err, (TimeoutError, socket.timeout)):
+        return HandshakeTimeoutError(f"connecting to {path} timed out: the server is not accepting")
+    if isinstance(err, OSError) and "too long" in str(err):
+        return UsageError(f"socket path {path!r} is too long for a Unix socket (108 bytes max)")
+    if isinstance(err, OSError):
+        return ServerUnavailableError(f"cannot connect to {path}: {err.strerror or err}")
+    return err
+
+
+class _Handshake:
+    """Drives a :class:`_Connection` through the handshake; I/O-free apart from non-blocking
+    reads, so a blocking and an asyncio driver share it."""
+
+    def __init__(self, conn: _Connection, timeout: float | None, quiet: float) -> None:
+        self.conn = conn
+        self.quiet = quiet
+        now = time.monotonic()
+        self.deadline = None if timeout is None else now + timeout
+        self.timeout = timeout
+        self.last = now
+
+    def _complete(self) -> bool | None:
+        """True when done, False when more is needed, None when only silence can tell."""
+        conn = self.conn
+        if conn.state.state != ClientState.CONNECTED:
+            return False
+        own = len(conn.own)
+        if conn.expected_vectors is not None:
+            return own >= conn.expected_vectors
+        if conn.state.peers:
+            # Our own vectors come after every existing peer's, and a server gives every peer
+            # the same number: once ours start, theirs tell how many to expect.
+            return own > 0 and own >= max(conn.state.peers.values())
+        return None
+
+    def step(self) -> float | None:
+        """Read what is there; return None when the handshake is complete, else how long to
+        wait for the socket to become readable before calling again."""
+        while True:
+            try:
+                message = self.conn.read_message()
+            except _ServerClosed:
+                raise self._closed_error() from None
+            if message is None:
+                break
+            self.conn.apply(*message)
+            self.last = time.monotonic()
+            if self._complete():
+                return None  # what follows belongs to the session (joins, leaves)
+        done = self._complete()
+        now = time.monotonic()
+        if done:
+            return None
+        if done is None and now - self.last >= self.quiet:
+            return None
+        if self.deadline is not None and now >= self.deadline:
+            raise self._timeout_error()
+        wait = None if self.deadline is None else self.deadline - now
+        if done is None:
+            rest = self.quiet - (now - self.last)
+            wait = rest if wait is None else min(wait, rest)
+        return wait
+
+    def _closed_error(self) -> IvshmemError:
+        conn = self.conn
+        if conn.messages == 0 and not conn.decoder.pending:
+            return ConnectionLostError(
+                f"the ivshmem server at {conn.path} closed the connection before the handshake "
+                "(it may refuse this user or be shutting down: see its log)"
+            )
+        return ProtocolError(
+            f"the ivshmem server at {conn.path} closed the connection in the middle of the "
+            f"handshake ({conn.state.state}, after {conn.messages} message(s))"
+        )
+
+    def _timeout_error(self) -> HandshakeTimeoutError:
+        conn = self.conn
+        if conn.state.state != ClientState.CONNECTED:
+            where = conn.state.state
+        elif conn.expected_vectors is not None:
+            where = (
+                f"{len(conn.own)} of the {conn.expected_vectors} own vector(s) expected arrived: "
+                f"is the server running with -n {conn.expected_vectors}?"
+            )
+        else:
+            where = f"{len(conn.own)} own vector(s) arrived"
+        return HandshakeTimeoutError(
+            f"the ivshmem server at {conn.path} did not complete the handshake within "
+            f"{self.timeout} s ({where})"
+        )
+
+
+def _handshake_sync(
+    path: str, timeout: float | None, vectors: int | None, quiet: float
+) -> _Connection:
+    start = time.monotonic()
+    sock = _open_socket(path, timeout)
+    conn = _Connection(sock, path, vectors)
+    try:
+        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        handshake = _Handshake(conn, remaining, quiet)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        while (wait := handshake.step()) is not None:
+            poller.poll(None if wait is None else max(0, int(wait * 1000) + 1))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+async def _handshake_async(
+    path: str, timeout: float | None, vectors: int | None, quiet: float
+) -> _Connection:
+    loop = asyncio.get_running_loop()
+    start = time.monotonic()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, os.fspath(path)), timeout)
+    except BaseException as err:
+        sock.close()
+        if isinstance(err, asyncio.CancelledError):
+            raise
+        raise _connect_error(str(path), err) from err
+    conn = _Connection(sock, path, vectors)
+    try:
+        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        handshake = _Handshake(conn, remaining, quiet)
+        while (wait := handshake.step()) is not None:
+            await _readable(loop, sock.fileno(), wait)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float | None) -> None:
+    """Return when ``fd`` is readable or ``timeout`` seconds passed."""
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await asyncio.wait_for(fut, timeout)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
+
+
+class _Region:
+    """The mapping of the server's shared memory and what identifies the object behind it."""
+
+    def __init__(self, fd: int) -> None:
+        """Map the region behind ``fd`` (always closed here: the mapping keeps the memory)."""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ProtocolError(
+                    "the fd the server sent as shared memory is not a memory object or file"
+                )
+            if st.st_size <= 0:
+                raise ProtocolError(
+                    "the shared memory the server sent is empty (size 0): check the server's -l"
+                )
+            try:
+                self.mapping = Mapping(fd, st.st_size)
+            except UsageError as err:
+                raise ProtocolError(f"cannot map the shared memory the server sent: {err}") from err
+            self.key = (st.st_dev, st.st_ino, st.st_size)
+        finally:
+            _close_quietly(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# The peer
+
+
+_Poller = tuple["select.poll", dict[int, int], int]
+
+
+class Peer(EventfdEndpoint):
+    """A host process connected to an ivshmem server as one of its peers.
+
+    Made by :func:`connect` / :func:`connect_async`. Callbacks (``None`` by default; exceptions
+    they raise propagate to the call that processed the server message):
+
+    * ``on_peer_joined(peer_id)`` when a peer's first vector arrives (its further vectors may
+      still be on the way; :meth:`notify` waits for them);
+    * ``on_peer_left(peer_id)`` when a peer leaves (or, with ``reconnect=True``, when the
+      server is lost: every known peer is reported as left);
+    * ``on_reconnect(Reconnected)`` after a reconnection; then every peer of the new server is
+      reported through ``on_peer_joined``.
+    """
+
+    on_peer_joined: Callable[[int], Any] | None
+    on_peer_left: Callable[[int], Any] | None
+    on_reconnect: Callable[[Reconnected], Any] | None
+
+    def __init__(
+        self,
+        conn: _Connection,
+        region: _Region,
+        *,
+        timeout: float | None,
+        vectors: int | None,
+        reconnect: bool,
+        quiet: float,
+    ) -> None:
+        # Private: use connect(). Takes over ``conn`` and ``region``.
+        self.on_peer_joined = None
+        self.on_peer_left = None
+        self.on_reconnect = None
+        self._path = conn.path
+        self._timeout = timeout
+        self._expected_vectors = vectors
+        self._reconnect = reconnect
+        self._quiet = quiet
+        self._lock = threading.Lock()
+        self._region: _Region | None = region
+        self._closed = False
+        self._lost: BaseException | None = None
+        self._retry_at = 0.0
+        self._retry_wait = RECONNECT_FIRST
+        self._last_vectors = 0
+        self._pollers: dict[int | None, _Poller] = {}
+        # wait_async registrations, shared by every coroutine waiting on the same fd: the event
+        # loop allows one reader callback per fd.
+        self._async: dict[int, tuple[asyncio.AbstractEventLoop, set[asyncio.Future[None]]]] = {}
+        self._install(conn)
+
+    # -- connection state ------------------------------------------------------------------
+
+    def _install(self, conn: _Connection) -> None:
+        self._conn: _Connection | None = conn
+        self._id = conn.peer_id
+        # The hot paths (notify, wait) read these directly: the lists and dict are the
+        # connection's own, updated in place as messages arrive.
+        self._own = conn.own
+        self._ring = conn.ring
+        self._last_vectors = len(conn.own)
+        self._pollers = {}
+
+    def _lose(self, err: BaseException) -> list[tuple[str, int]]:
+        """The connection is gone: release it. Caller holds the lock."""
+        conn, self._conn = self._conn, None
+        changes: list[tuple[str, int]] = []
+        self._drop_async_watches()
+        if conn is not None:
+            if self._reconnect:
+                changes = [("left", p) for p in sorted(conn.ring)]
+            conn.close()
+        self._own = []
+        self._ring = {}
+        self._pollers = {}
+        if self._reconnect:
+            log.warning("lost the ivshmem server at %s (%s); reconnecting", self._path, err)
+            self._retry_at = time.monotonic()
+            self._retry_wait = RECONNECT_FIRST
+        else:
+            self._lost = err
+        return changes
+
+    def _lost_error(self) -> ConnectionLostError:
+        if self._reconnect:
+            return ConnectionLostError(
+                f"not connected to the ivshmem server at {self._path} (reconnecting)"
+            )
+        cause = self._lost
+        if isinstance(cause, _ServerClosed):
+            what = "closed the connection"
+        elif isinstance(cause, ProtocolError):
+            what = f"broke the protocol ({cause})"
+        else:
+            what = f"connection broke ({cause})"
+        err = ConnectionLostError(
+            f"the ivshmem server at {self._path} {what}: doorbells and membership are gone; "
+            "the memory stays mapped until close(). Connect again (or use reconnect=True)"
+        )
+        err.__cause__ = cause
+        return err
+
+    def _check_usable(self) -> None:
+        """Raise ClosedError / ConnectionLostError if doorbells cannot be used."""
+        if self._closed:
+            raise ClosedError("the peer is closed")
+        if self._conn is None:
+            raise self._lost_error()
+
+    def _drain(self) -> list[tuple[str, int]]:
+        """Apply every message the server has sent so far. Caller holds the lock."""
+        conn = self._conn
+        if conn is None:
+            return []
+        changes: list[tuple[str, int]] = []
+        try:
+            while (message := conn.read_message()) is not None:
+                changes.extend(conn.apply(*message))
+        except (_ServerClosed, ConnectionLostError, ProtocolError) as err:
+            changes.extend(self._lose(err))
+            return changes
+        if any(what == "own-vector" for what, _ in changes):
+            self._pollers = {}  # a late own vector: the wait sets must include it
+            self._last_vectors = len(conn.own)
+        return changes
+
+    def _dispatch(self, changes: list[tuple[str, int]]) -> None:
+        for what, peer in changes:
+            if what == "joined":
+                log.debug("peer %d joined", peer)
+                if self.on_peer_joined is not None:
+                    self.on_peer_joined(peer)
+            elif what == "left":
+                log.debug("peer %d left", peer)
+                if self.on_peer_left is not None:
+                    self.on_peer_left(peer)
+
+    def service(self) -> None:
+        """Process every message the server has sent so far (never blocks), and with
+        ``reconnect=True`` try to reconnect if due. Raises ConnectionLostError once the server
+        is gone (without ``reconnect``), ClosedError after :meth:`close`."""
+        if self._closed:
+            raise ClosedError("the peer is closed")
+        with self._lock:
+            changes = self._drain()
+        self._dispatch(changes)
+        if self._conn is None:
+            if not self._reconnect:
+                raise self._lost_error()
+            self._reconnect_sync()
+
+    # -- reconnection ----------------------------------------------------------------------
+
+    def _reconnect_due(self) -> bool:
+        return not self._closed and self._conn is None and time.monotonic() >= self._retry_at
+
+    def _reconnect_failed(self, err: BaseException) -> None:
+        log.debug("reconnecting to %s failed: %s", self._path, err)
+        self._retry_at = time.monotonic() + self._retry_wait
+        self._retry_wait = min(self._retry_wait * 2, RECONNECT_MAX)
+
+    def _reconnect_sync(self) -> None:
+        if not self._reconnect_due():
+            return
+        try:
+            conn = _handshake_sync(self._path, self._timeout, self._expected_vectors, self._quiet)
+        except IvshmemError as err:
+            self._reconnect_failed(err)
+            return
+        self._adopt(conn)
+
+    async def _reconnect_async(self) -> None:
+        if not self._reconnect_due():
+            return
+        try:
+            conn = await _handshake_async(
+                self._path, self._timeout, self._expected_vectors, self._quiet
+            )
+        except IvshmemError as err:
+            self._reconnect_failed(err)
+            return
+        self._adopt(conn)
+
+    def _adopt(self, conn: _Connection) -> None:
+        """Install a new connection after a reconnect (the handshake is done)."""
+        old = self._region
+        try:
+            shm_fd = conn.take_shm()
+            try:
+                st = os.fstat(shm_fd)
+            except OSError:
+                _close_quietly(shm_fd)
+                raise
+            kept = old is not None and old.key == (st.st_dev, st.st_ino, st.st_size)
+            if kept:
+                _close_quietly(shm_fd)
+                region = old
+            else:
+                region = _Region(shm_fd)
+        except BaseException as err:
+            conn.close()
+            if isinstance(err, (IvshmemError, OSError)):
+                self._reconnect_failed(err)
+                return
+            raise
+        with self._lock:
+            if self._closed:
+                conn.close()
+                if region is not old and region is not None:
+                    region.mapping.close()
+                return
+            if not kept and old is not None:
+                old.mapping.close()
+            self._region = region
+            old_id = self._id
+            self._install(conn)
+        info = Reconnected(old_id, self._id, kept)
+        log.info(
+            "reconnected to %s as peer %d (was %d); memory %s",
+            self._path,
+            self._id,
+            old_id,
+            "kept" if kept else "replaced (the server has a new region)",
+        )
+        if self.on_reconnect is not None:
+            self.on_reconnect(info)
+        self._dispatch([("joined", p) for p in sorted(conn.ring)])
+
+    def _reconnect_sleep(self) -> float:
+        return max(0.0, self._retry_at - time.monotonic())
+
+    # -- the Endpoint contract -------------------------------------------------------------
+
+    @property
+    def id(self) -> int:
+        """Our peer id (it changes when the peer reconnects to a restarted server)."""
+        return self._id
+
+    @property
+    def size(self) -> int:
+        return self._mapped().size
+
+    @property
+    def memory(self) -> memoryview:
+        return self._mapped().memory
+
+    def _mapped(self) -> Mapping:
+        region = self._region
+        if region is None or self._closed:
+            raise ClosedError("the peer is closed")
+        return region.mapping
+
+    @property
+    def vectors(self) -> int:
+        """How many vectors we receive on (the last known count while reconnecting)."""
+        return len(self._own) if self._conn is not None else self._last_vectors
+
+    @property
+    def peers(self) -> frozenset[int]:
+        """Ids of the other peers connected to the server now (reads pending server messages
+        first). Empty while reconnecting."""
+        self.service()
+        return frozenset(self._ring)
+
+    @property
+    def connected(self) -> bool:
+        """True while the server connection is up."""
+        return self._conn is not None and not self._closed
+
+    @property
+    def socket_path(self) -> str:
+        return self._path
+
+    @property
+    def server_fd(self) -> int:
+        """The server socket's fd: readable when the server has news; call :meth:`service`."""
+        self._check_usable()
+        assert self._conn is not None
+        return self._conn.sock.fileno()
+
+    def vectors_of(self, peer: int) -> int:
+        """How many vectors of ``peer`` we can ring."""
+        self.service()
+        fds = self._ring.get(peer)
+        if fds is None:
+            raise UnknownPeerError(peer, frozenset(self._ring))
+        return len(fds)
+
+    def notify(self, peer: int, vector: int = 0) -> None:
+        """Ring vector ``vector`` of ``peer``."""
+        with self._lock:
+            fds = self._ring.get(peer)
+            if fds is not None and 0 <= vector < len(fds):
+                # Under the lock: a leave processed by another thread cannot close this fd (and
+                # let its number be reused for something else) between lookup and write.
+                _ring(fds[vector])
+                return
+        self._notify_slow(peer, vector)
+
+    def _notify_slow(self, peer: int, vector: int) -> None:
+        # The peer or vector is not known (yet): read what the server sent meanwhile, since a
+        # new peer's vectors arrive one message each, then decide.
+        self._check_usable()
+        self.service()
+        with self._lock:
+            self._check_usable()
+            fds = self._ring.get(peer)
+            if fds is None:
+                raise UnknownPeerError(peer, frozenset(self._ring))
+            if not 0 <= vector < len(fds):
+                raise UnknownVectorError(vector, len(fds), peer)
+            _ring(fds[vector])
+
+    def _own_fds(self) -> list[int]:
+        return self._own
+
+    def _extra_fds(self) -> tuple[int, ...]:
+        conn = self._conn
+        return () if conn is None else (conn.sock.fileno(),)
+
+    def _on_extra(self, fd: int) -> None:
+        self.service()
+
+    def fileno(self, vector: int = 0) -> int:
+        """The eventfd of our vector ``vector`` (changes when the peer reconnects)."""
+        self._check_usable()
+        self._check_vector(vector)
+        return self._own[vector]
+
+    def _poller(self, vector: int | None) -> _Poller:
+        """A poll set (cached until the fds change) of the wanted vector(s) and the socket."""
+        poller = self._pollers.get(vector)
+        if poller is not None:
+            return poller
+        self._check_usable()
+        assert self._conn is not None
+        own = self._own
+        if vector is None:
+            if not own:
+                raise DoorbellUnavailableError(
+                    "the server gave this peer no vectors, so there is nothing to wait on"
+                )
+            wanted = dict((fd, v) for v, fd in enumerate(own))
+        else:
+            self._check_vector(vector)
+            wanted = {own[vector]: vector}
+        p = select.poll()
+        for fd in wanted:
+            p.register(fd, select.POLLIN)
+        sock_fd = self._conn.sock.fileno()
+        p.register(sock_fd, select.POLLIN)
+        poller = (p, wanted, sock_fd)
+        self._pollers[vector] = poller
+        return poller
+
+    def wait(self, vector: int | None = None, timeout: float | None = None) -> int | None:
+        """Block until one of our vectors (or ``vector``) is rung; return its number, or None
+        after ``timeout`` seconds. Server messages are processed meanwhile. When several vectors
+        are pending the lowest is returned first."""
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            if self._conn is None and self._reconnect and not self._closed:
+                self._reconnect_sync()
+                if self._conn is None:
+                    if vector is not None:
+                        self._check_vector(vector)
+                    pause = self._reconnect_sleep()
+                    if deadline is not None:
+                        pause = min(pause, deadline - time.monotonic())
+                        if pause <= 0:
+                            return None
+                    time.sleep(pause)
+                    continue
+            p, wanted, sock_fd = self._poller(vector)
+            if deadline is None:
+                ms = -1
+            else:
+                ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+            try:
+                events = p.poll(ms)
+            except RuntimeError:
+                # Another thread is in poll() on this cached set: use a private one.
+                self._pollers.pop(vector, None)
+                continue
+            best = -1
+            best_fd = -1
+            server = False
+            for fd, _ in events:
+                v = wanted.get(fd)
+                if v is None:
+                    server = fd == sock_fd
+                elif best < 0 or v < best:
+                    best, best_fd = v, fd
+            if server:
+                # Serve the socket before answering, so that a busy doorbell cannot starve
+                # membership updates. The set may change (reconnect, late vector): start over.
+                self.service()
+                if self._pollers.get(vector) is not (p, wanted, sock_fd):
+                    continue
+            if best >= 0:
+                try:
+                    os.eventfd_read(best_fd)
+                except BlockingIOError:
+                    pass  # someone else consumed it (the fd may be shared with a selector)
+                else:
+                    return best
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    async def wait_async(
+        self, vector: int | None = None, timeout: float | None = None
+    ) -> int | None:
+        """Asyncio variant of :meth:`wait` (uses ``add_reader`` on the vector fds and the
+        socket for the duration of the call: do not register them yourself meanwhile)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            if self._conn is None and self._reconnect and not self._closed:
+                await self._reconnect_async()
+                if self._conn is None:
+                    if vector is not None:
+                        self._check_vector(vector)
+                    pause = self._reconnect_sleep()
+                    if deadline is not None:
+                        pause = min(pause, deadline - time.monotonic())
+                        if pause <= 0:
+                            return None
+                    await asyncio.sleep(pause)
+                    continue
+            # Anything already pending (and the socket) is handled without touching the loop.
+            found = self.wait(vector, 0)
+            if found is not None:
+                return found
+            if self._conn is None:
+                continue
+            _, wanted, sock_fd = self._poller(vector)
+            fut: asyncio.Future[None] = loop.create_future()
+            watched: list[int] = []
+            try:
+                for fd in (*wanted, sock_fd):
+                    self._watch(loop, fd, fut)
+                    watched.append(fd)
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    await asyncio.wait_for(fut, remaining)
+                except asyncio.TimeoutError:
+                    return None
+            finally:
+                for fd in watched:
+                    self._unwatch(fd, fut)
+            # Loop: the non-blocking wait at the top consumes the count (or serves the socket).
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, fd: int, fut: asyncio.Future[None]) -> None:
+        entry = self._async.get(fd)
+        if entry is None:
+            loop.add_reader(fd, self._wake, fd)
+            entry = self._async[fd] = (loop, set())
+        elif entry[0] is not loop:
+            raise UsageError("wait_async() on one Peer from two event loops at once")
+        entry[1].add(fut)
+
+    def _unwatch(self, fd: int, fut: asyncio.Future[None]) -> None:
+        entry = self._async.get(fd)
+        if entry is None:
+            return  # dropped already (the fds changed)
+        entry[1].discard(fut)
+        if not entry[1]:
+            del self._async[fd]
+            entry[0].remove_reader(fd)
+
+    def _wake(self, fd: int) -> None:
+        entry = self._async.get(fd)
+        for fut in entry[1] if entry is not None else ():
+            if not fut.done():
+                fut.set_result(None)
+
+    def _drop_async_watches(self) -> None:
+        """Unregister every wait_async reader before its fd is closed (a closed fd left in an
+        event loop's selector breaks the next registration of the same number) and wake the
+        waiters so they start over with the new fds."""
+        watches, self._async = self._async, {}
+        for fd, (loop, futures) in watches.items():
+            loop.remove_reader(fd)
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(None)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Disconnect from the server and release every fd and the mapping. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._drop_async_watches()
+            conn, self._conn = self._conn, None
+            region, self._region = self._region, None
+            self._own = []
+            self._ring = {}
+            self._pollers = {}
+        if conn is not None:
+            conn.close()
+        if region is not None:
+            region.mapping.close()
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __repr__(self) -> str:
+        if self._closed:
+            state = "closed"
+        elif self._conn is None:
+            state = "reconnecting" if self._reconnect else "lost"
+        else:
+            state = f"{len(self._ring)} other peer(s)"
+        size = format_size(self._region.mapping.size) if self._region is not None else "-"
+        return f"<Peer id={self._id} {self._path} size={size} vectors={self.vectors} {state}>"
+
+
+def _ring(fd: int) -> None:
+    try:
+        os.write(fd, _ONE)
+    except BlockingIOError:
+        # A non-blocking eventfd whose counter is at its maximum: the peer has rings pending
+        # already and will wake up; nothing is lost by dropping ours.
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _check_args(vectors: int | None, timeout: float | None) -> None:
+    if vectors is not None and (
+        isinstance(vectors, bool) or not isinstance(vectors, int) or not 1 <= vectors <= MAX_VECTORS
+    ):
+        raise UsageError(f"vectors must be a number 1..{MAX_VECTORS} (or None), not {vectors!r}")
+    if timeout is not None and not timeout > 0:
+        raise UsageError(f"timeout must be a positive number of seconds (or None), not {timeout!r}")
+
+
+def connect(
+    socket_path: str | os.PathLike[str] = "/tmp/ivshmem_socket",
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    vectors: int | None = None,
+    reconnect: bool = False,
+) -> Peer:
+    """Connect to the ivshmem server at ``socket_path`` and return the :class:`Peer`.
+
+    ``timeout`` bounds connecting plus the handshake (None: no bound). ``vectors`` is how many
+    own vectors to expect (the server's ``-n``); without it the count is learned as described in
+    this module's docstring, which for the first peer means waiting :data:`HANDSHAKE_QUIET`
+    seconds. ``reconnect=True`` makes the peer reconnect when the server restarts.
+
+    Raises ServerUnavailableError (nobody listens), HandshakeTimeoutError, ConnectionLostError
+    (the server closed before the handshake, e.g. refusing us), ProtocolError (the server broke
+    the protocol; every fd received is closed).
+    """
+    _check_args(vectors, timeout)
+    path = os.fspath(socket_path)
+    conn = _handshake_sync(path, timeout, vectors, HANDSHAKE_QUIET)
+    return _make_peer(conn, timeout, vectors, reconnect)
+
+
+async def connect_async(
+    socket_path: str | os.PathLike[str] = "/tmp/ivshmem_socket",
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    vectors: int | None = None,
+    reconnect: bool = False,
+) -> Peer:
+    """Asyncio variant of :func:`connect` (the handshake does not block the event loop)."""
+    _check_args(vectors, timeout)
+    path = os.fspath(socket_path)
+    conn = await _handshake_async(path, timeout, vectors, HANDSHAKE_QUIET)
+    return _make_peer(conn, timeout, vectors, reconnect)
+
+
+def _make_peer(
+    conn: _Connection, timeout: float | None, vectors: int | None, reconnect: bool
+) -> Peer:
+    try:
+        region = _Region(conn.take_shm())
+    except BaseException:
+        conn.close()
+        raise
+    peer = Peer(
+        conn,
+        region,
+        timeout=timeout,
+        vectors=vectors,
+        reconnect=reconnect,
+        quiet=HANDSHAKE_QUIET,
+    )
+    log.debug("connected to %s: %r", conn.path, peer)
+    return peer
