@@ -1,0 +1,478 @@
+"""One running guest: its QEMU command line, its process, the threads that read its channels,
+and the result it leaves.
+
+A guest has four channels to the host:
+
+* ``ttyS0``, the kernel console: boot noise, written by QEMU to ``console.log`` in the guest's
+  job directory and read only when the guest is gone (it is for debugging failures);
+* ``ttyS1``, the program's stdout and stderr, through a pipe: echoed live, line by line;
+* ``ttyS2``, the control channel of the guest's init (``start UPTIME``, ``exit N``,
+  ``error MESSAGE``), through a pipe: this is how the exit status comes back;
+* QEMU's own stdout and stderr (``could not connect to the server`` and the like).
+
+QEMU gets the pipes' write ends as inherited fds that its ``file`` chardev opens through
+``/proc/self/fd/N`` (7.2 refuses a pipe in ``/dev/fdset``). Reading them needs no polling: each
+reader thread sees EOF when QEMU exits.
+
+QEMU is always killed and reaped: by :meth:`Guest.wait` at its deadline, by :meth:`Guest.kill`,
+by the watchdog timer when nobody waits, by the :class:`~ivshmem.lab.Lab` that owns it on
+close, and by the kernel (``PR_SET_PDEATHSIG``) if this whole process dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from ..memory import format_size, is_power_of_two, parse_size
+from .errors import GuestError, GuestTimeoutError, LabSetupError, LabUsageError
+
+__all__ = ["Doorbell", "Guest", "GuestResult", "PlainRegion"]
+
+# Lines kept from the console and QEMU's log in error messages.
+_TAIL_LINES = 15
+
+
+@dataclass(frozen=True)
+class Doorbell:
+    """An ``ivshmem-doorbell`` device connected to a server's Unix socket."""
+
+    socket: str | os.PathLike[str]
+    vectors: int = 1
+
+
+@dataclass(frozen=True)
+class PlainRegion:
+    """An ``ivshmem-plain`` device over a shared file (e.g. under ``/dev/shm``); ``size`` is the
+    file's size when not given, and must be a power of two (it becomes a PCI BAR)."""
+
+    path: str | os.PathLike[str]
+    size: int | str | None = None
+
+
+Device = Doorbell | PlainRegion
+
+
+def _escape(value: str) -> str:
+    """A value inside a QEMU ``key=value,...`` option: commas are doubled."""
+    return value.replace(",", ",,")
+
+
+def device_arguments(devices: Sequence[Device]) -> list[str]:
+    """QEMU arguments for ``devices``, validated (socket present, size a power of two)."""
+    args: list[str] = []
+    for i, device in enumerate(devices):
+        ident = f"ivshmem{i}"
+        if isinstance(device, Doorbell):
+            path = os.fspath(device.socket)
+            if not Path(path).is_socket():
+                raise LabUsageError(
+                    f"no ivshmem server socket at {path}: start the server first "
+                    f"(ivshmem-server -F -S {path} ...)"
+                )
+            if isinstance(device.vectors, bool) or not 1 <= device.vectors <= 1024:
+                raise LabUsageError(f"vectors must be 1..1024, got {device.vectors!r}")
+            args += ["-chardev", f"socket,id={ident},path={_escape(path)}"]
+            args += ["-device", f"ivshmem-doorbell,chardev={ident},vectors={device.vectors}"]
+        elif isinstance(device, PlainRegion):
+            path = os.fspath(device.path)
+            size = _plain_size(path, device.size)
+            args += [
+                "-object",
+                f"memory-backend-file,id={ident},share=on,mem-path={_escape(path)},size={size}",
+            ]
+            args += ["-device", f"ivshmem-plain,memdev={ident}"]
+        else:
+            raise LabUsageError(f"not an ivshmem device description: {device!r}")
+    return args
+
+
+def _plain_size(path: str, size: int | str | None) -> int:
+    if size is None:
+        try:
+            actual = os.stat(path).st_size
+        except FileNotFoundError as err:
+            raise LabUsageError(
+                f"shared file {path} does not exist: create it, or give a size"
+            ) from err
+        if actual == 0:
+            raise LabUsageError(f"shared file {path} is empty: give it a size first")
+        size = actual
+    value = parse_size(size)
+    if not is_power_of_two(value):
+        raise LabUsageError(
+            f"ivshmem-plain region {path} is {value} bytes; its size becomes a PCI BAR and "
+            f"must be a power of two (e.g. {format_size(1 << value.bit_length())})"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class GuestResult:
+    """What one guest left behind."""
+
+    name: str
+    #: The program's exit status (128+N if killed by signal N); None if it never finished.
+    returncode: int | None
+    #: The program's stdout and stderr, merged as on a terminal.
+    output: str
+    #: The kernel console (boot messages, init's complaints).
+    console: str
+    #: QEMU's own messages.
+    qemu_log: str
+    #: Why the program did not run to the end, if it did not.
+    error: str | None
+    timed_out: bool
+    #: Seconds from starting QEMU to the program starting (None if it never started).
+    boot_seconds: float | None
+    #: Seconds the program ran (None if it did not finish).
+    program_seconds: float | None
+    #: Seconds from starting QEMU to QEMU exiting.
+    wall_seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def describe(self) -> str:
+        """A multi-line explanation for error messages: status, then the logs' tails."""
+        if self.timed_out:
+            head = f"guest {self.name} timed out after {self.wall_seconds:.1f} s and was killed"
+        elif self.returncode is None:
+            head = f"guest {self.name} failed: {self.error or 'it stopped before its program'}"
+        else:
+            head = f"guest {self.name}: program exited with status {self.returncode}"
+        parts = [head]
+        for label, text in (
+            ("program output", self.output),
+            ("QEMU", self.qemu_log),
+            ("console", self.console),
+        ):
+            lines = text.strip().splitlines()[-_TAIL_LINES:]
+            if lines:
+                parts.append(f"--- {label} (last lines) ---\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+    def check(self) -> GuestResult:
+        """Return self if the program exited with status 0, else raise :class:`GuestError`."""
+        if not self.ok:
+            raise GuestError(self.describe(), self)
+        return self
+
+
+# PR_SET_PDEATHSIG (linux/prctl.h): the kernel kills QEMU when the thread that forked it
+# ends. Guests are therefore forked from one long-lived thread per Lab (see lab.py), never from
+# a caller's short-lived thread.
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec: keep it tiny
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn_qemu(argv: Sequence[str], pass_fds: Sequence[int]) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            pass_fds=tuple(pass_fds),
+            start_new_session=True,  # Ctrl-C reaches us, and we decide QEMU's fate
+            preexec_fn=_die_with_parent,
+        )
+    except OSError as err:
+        raise LabSetupError(f"cannot start {argv[0]}: {err.strerror}") from err
+
+
+class _Output:
+    """Accumulates one pipe's bytes; optionally echoes complete lines with a prefix."""
+
+    def __init__(
+        self, echo: IO[str] | None, prefix: str, lock: threading.Lock, changed: threading.Condition
+    ) -> None:
+        self._echo = echo
+        self._prefix = prefix
+        self._echo_lock = lock
+        self._changed = changed
+        self._data = bytearray()
+        self._echoed = 0
+
+    def feed(self, chunk: bytes) -> None:
+        with self._changed:
+            self._data.extend(chunk)
+            self._changed.notify_all()
+        if self._echo is not None:
+            end = self._data.rfind(b"\n") + 1
+            if end > self._echoed:
+                self._write(bytes(self._data[self._echoed : end]))
+                self._echoed = end
+
+    def finish(self) -> None:
+        if self._echo is not None and self._echoed < len(self._data):
+            self._write(bytes(self._data[self._echoed :]) + b"\n")
+            self._echoed = len(self._data)
+
+    def _write(self, block: bytes) -> None:
+        assert self._echo is not None
+        text = block.decode("utf-8", "replace")
+        if self._prefix:
+            text = "".join(self._prefix + line for line in text.splitlines(keepends=True))
+        with self._echo_lock, contextlib.suppress(OSError, ValueError):
+            self._echo.write(text)
+            self._echo.flush()
+
+    def text(self) -> str:
+        with self._changed:
+            return self._data.decode("utf-8", "replace")
+
+
+_ECHO_LOCK = threading.Lock()
+
+
+class Guest:
+    """A running guest. Created by :meth:`ivshmem.lab.Lab.start`; use :meth:`wait` for its
+    :class:`GuestResult`."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Callable[[int, int], Sequence[str]],
+        job_dir: Path,
+        spawn: Callable[[Sequence[str], Sequence[int]], subprocess.Popen[bytes]],
+        *,
+        timeout: float | None,
+        echo: IO[str] | None,
+        prefix: str,
+    ) -> None:
+        self.name = name
+        self.job_dir = job_dir
+        self._changed = threading.Condition()
+        self._output = _Output(echo, prefix, _ECHO_LOCK, self._changed)
+        self._qemu_log = _Output(None, "", _ECHO_LOCK, threading.Condition())
+        self._returncode: int | None = None
+        self._error: str | None = None
+        self._timed_out = False
+        self._started_at: float | None = None
+        self._ended_at: float | None = None
+        self._result: GuestResult | None = None
+        self._lock = threading.Lock()
+
+        out_r, out_w = os.pipe()
+        ctl_r, ctl_w = os.pipe()
+        try:
+            #: QEMU's command line (``command(output_fd, control_fd)``)
+            self.argv: tuple[str, ...] = tuple(command(out_w, ctl_w))
+            self._t0 = time.monotonic()
+            self._proc = spawn(self.argv, (out_w, ctl_w))
+        except BaseException:
+            for fd in (out_r, out_w, ctl_r, ctl_w):
+                os.close(fd)
+            raise
+        # Only QEMU holds the write ends now, so each reader sees EOF when QEMU exits.
+        os.close(out_w)
+        os.close(ctl_w)
+        self.pid = self._proc.pid
+        assert self._proc.stdout is not None
+        self._threads = [
+            threading.Thread(target=self._pump, args=(out_r, self._output.feed), daemon=True),
+            threading.Thread(target=self._read_control, args=(ctl_r,), daemon=True),
+            threading.Thread(
+                target=self._pump,
+                args=(os.dup(self._proc.stdout.fileno()), self._qemu_log.feed),
+                daemon=True,
+            ),
+        ]
+        self._proc.stdout.close()
+        for thread in self._threads:
+            thread.start()
+        self._watchdog: threading.Timer | None = None
+        if timeout is not None:
+            self._watchdog = threading.Timer(timeout, self._expire)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    # -- reader threads ---------------------------------------------------------------------
+
+    @staticmethod
+    def _pump(fd: int, sink: Callable[[bytes], None]) -> None:
+        try:
+            while chunk := os.read(fd, 65536):
+                sink(chunk)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _read_control(self, fd: int) -> None:
+        buffer = b""
+
+        def handle(line: str) -> None:
+            word, _, rest = line.strip().partition(" ")
+            with self._changed:
+                if word == "start":
+                    self._started_at = time.monotonic()
+                elif word == "exit":
+                    self._ended_at = time.monotonic()
+                    with contextlib.suppress(ValueError):
+                        self._returncode = int(rest)
+                elif word == "error":
+                    self._error = rest
+                self._changed.notify_all()
+
+        def feed(chunk: bytes) -> None:
+            nonlocal buffer
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                handle(line.decode("utf-8", "replace"))
+
+        self._pump(fd, feed)
+        if buffer:
+            handle(buffer.decode("utf-8", "replace"))
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._proc.poll() is None
+
+    @property
+    def output(self) -> str:
+        """The program's output so far."""
+        return self._output.text()
+
+    @property
+    def boot_seconds(self) -> float | None:
+        """Seconds from starting QEMU to the program starting, once it has started."""
+        with self._changed:
+            return None if self._started_at is None else self._started_at - self._t0
+
+    def wait_for_output(self, text: str, timeout: float) -> str:
+        """Block until the program's output contains ``text``; return the output so far.
+
+        Raises :class:`GuestError` if the guest ends first and :class:`GuestTimeoutError`
+        (killing the guest) if ``timeout`` passes: for host code that must not act before the
+        guest is ready.
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                current = self._output.text()
+                if text in current:
+                    return current
+                if self._proc.poll() is not None and not self._threads[0].is_alive():
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                # Woken by new output; the short cap notices QEMU exiting without output.
+                self._changed.wait(min(remaining, 0.2))
+        if self._proc.poll() is None:
+            self._expire()
+            self._proc.wait()
+            result = self._finish()
+            raise GuestTimeoutError(
+                f"guest {self.name} did not print {text!r} within {timeout} s\n{result.describe()}",
+                result,
+            )
+        self._proc.wait()
+        result = self._finish()
+        raise GuestError(
+            f"guest {self.name} ended before printing {text!r}\n{result.describe()}", result
+        )
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def _expire(self) -> None:
+        if self._proc.poll() is None:
+            self._timed_out = True
+            self.kill()
+
+    def kill(self) -> None:
+        """Kill QEMU now (the guest gets no chance to clean up: it is throw-away)."""
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+
+    def wait(self, timeout: float | None = None) -> GuestResult:
+        """Wait for the guest to power off and return its result.
+
+        After ``timeout`` seconds (or the deadline given to ``start``) the guest is killed and
+        :class:`GuestTimeoutError` raised. :class:`GuestError` means the program never ran to
+        its end (QEMU refused to start, init failed, the kernel crashed); a program that ran
+        and failed is a normal result: see :meth:`GuestResult.check`.
+        """
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._expire()
+            self._proc.wait()
+        result = self._finish()
+        if result.timed_out:
+            raise GuestTimeoutError(result.describe(), result)
+        if result.returncode is None:
+            raise GuestError(result.describe(), result)
+        return result
+
+    def _finish(self) -> GuestResult:
+        with self._lock:
+            if self._result is not None:
+                return self._result
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            wall = time.monotonic() - self._t0
+            for thread in self._threads:
+                thread.join(10.0)
+            self._output.finish()
+            try:
+                console = (self.job_dir / "console.log").read_bytes().decode("utf-8", "replace")
+            except OSError:
+                console = ""
+            qemu_log = self._qemu_log.text()
+            error = self._error
+            if self._returncode is None and error is None and not self._timed_out:
+                status = self._proc.returncode
+                error = (
+                    f"QEMU exited with status {status} before the program finished"
+                    if status
+                    else "the guest powered off before its program finished"
+                )
+            self._result = GuestResult(
+                name=self.name,
+                returncode=None if self._timed_out else self._returncode,
+                output=self._output.text(),
+                console=console,
+                qemu_log=qemu_log,
+                error=error,
+                timed_out=self._timed_out,
+                boot_seconds=self.boot_seconds,
+                program_seconds=(
+                    self._ended_at - self._started_at
+                    if self._ended_at is not None and self._started_at is not None
+                    else None
+                ),
+                wall_seconds=wall,
+            )
+            return self._result
+
+    def close(self) -> None:
+        """Kill (if still running) and reap QEMU, and stop the reader threads."""
+        self.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(30)
+        self._finish()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else f"exited ({self._proc.returncode})"
+        return f"<Guest {self.name} pid={self.pid} {state}>"
