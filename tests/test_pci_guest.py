@@ -41,7 +41,7 @@ def report(output: str, tag: str) -> dict[str, Any]:
 VFIO_GUEST = r"""
 import asyncio, json, os, sys
 from ivshmem.cli.main import main as cli
-from ivshmem.pci import find_devices, open_pci
+from ivshmem.pci import DriverBoundError, find_devices, open_pci
 from ivshmem.pci._mmio import FdRegisters
 from ivshmem.pci._vfio import VFIO_PCI_BAR0_REGION_INDEX
 
@@ -59,11 +59,18 @@ for vector in (1, 0):
 # BAR0 read through the VFIO fd (pread), as for a BAR0 vfio-pci will not mmap.
 info = ep._vfio.region_info(VFIO_PCI_BAR0_REGION_INDEX, "BAR0")
 pread_id = FdRegisters(ep._vfio.fd, info.offset).ivposition()
+# While VFIO holds the BARs, sysfs refuses to map them (CONFIG_IO_STRICT_DEVMEM).
+try:
+    open_pci(interrupts=False)
+    sysfs_while_open = "opened"
+except DriverBoundError as err:
+    sysfs_while_open = str(err)
 text = f"guest {ep.id} was here".encode()
 ep.memory[4096:4096 + len(text)] = text
 print("READY " + json.dumps({
     "before": before, "driver": bound.driver, "id": ep.id, "size": ep.size,
     "vectors": ep.vectors, "self": self_rings, "pread_id": pread_id,
+    "sysfs_while_open": sysfs_while_open,
     "fds": [ep.fileno(0), ep.fileno(1)], "repr": repr(ep),
 }) + "\nREADY-END", flush=True)
 ep.notify(0, 1)  # the host peer has id 0
@@ -112,6 +119,10 @@ def test_vfio_doorbells_between_guest_and_host(qemu_binary: str, short_tmp: Path
         assert ready["pread_id"] == guest_id
         assert len(set(ready["fds"])) == 2
         assert "vfio vectors=2" in ready["repr"]
+        assert (
+            "a VFIO user (this process or another) has the device open"
+            in (ready["sysfs_while_open"])
+        )
 
         # guest -> host, and the guest's bytes are in the host's mapping.
         assert host.wait(1, timeout=60) == 1

@@ -388,6 +388,26 @@ def _open_resource(dev: IvshmemDevice, index: int, wc: bool, size: int) -> BarMa
                 "means kernel lockdown (secure boot) forbids BAR access from user space"
             ) from err
         if err.errno == errno.EINVAL and dev.driver is not None:
+            # With CONFIG_IO_STRICT_DEVMEM (Debian's default) sysfs will not map a BAR that
+            # a driver has claimed; vfio-pci claims them while a VFIO user has the device open.
+            if dev.driver == VFIO_PCI:
+                hint = (
+                    "a VFIO user (this process or another) has the device open and holds its "
+                    "BARs: use that endpoint, or close it first"
+                )
+            else:
+                hint = f"driver {dev.driver} claims it: unbind that driver first"
+            raise DriverBoundError(
+                f"{dev.describe()}: the kernel refused to map {path} (EINVAL): {hint}",
+                dev.driver,
+            ) from err
+        raise BarError(f"{dev.describe()}: mapping {path} failed: {err}") from err
+        if err.errno == errno.EPERM:
+            raise DevicePermissionError(
+                f"{dev.describe()}: the kernel refused to map {path} (EPERM): as root this "
+                "means kernel lockdown (secure boot) forbids BAR access from user space"
+            ) from err
+        if err.errno == errno.EINVAL and dev.driver is not None:
             raise DriverBoundError(
                 f"{dev.describe()}: the kernel refused to map {path} (EINVAL) because driver "
                 f"{dev.driver} claims the BAR: open it with interrupts=True (through VFIO) if "
