@@ -614,6 +614,8 @@ def test_auto_falls_back_to_sysfs_and_wait_says_why(fake: FakeSysfs) -> None:
 
 def test_interrupts_false_says_how_to_get_them(fake: FakeSysfs) -> None:
     fake.add_device("0000:00:04.0")
-    with open_pci(interrupts=False, sysfs_root=root(fake)) as ep:
-        with pytest.raises(DoorbellUnavailableError, match=r"interrupts=False: .*VFIO"):
-            ep.wait(timeout=0)
+    with (
+        open_pci(interrupts=False, sysfs_root=root(fake)) as ep,
+        pytest.raises(DoorbellUnavailableError, match=r"interrupts=False: .*VFIO"),
+    ):
+        ep.wait(timeout=0)

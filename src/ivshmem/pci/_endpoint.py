@@ -256,14 +256,15 @@ def open_pci(
     ivshmem devices in address order (``0``, or ``"0"``), or None for the only one.
 
     ``interrupts``: ``True`` receives doorbells through VFIO (doorbell devices only; the
-    device must be bound to vfio-pci, or ``bind_vfio=True``); ``False`` maps the BARs through
-    sysfs (no ``wait``); ``"auto"`` uses VFIO for a doorbell device that is bound to vfio-pci
-    or may be bound (``bind_vfio=True``), sysfs otherwise.
+    device must be bound to vfio-pci, or ``bind_vfio=True``) and raises when that cannot be
+    done; ``False`` maps the BARs through sysfs (no ``wait``); ``"auto"`` (the default) tries
+    VFIO for a doorbell device and falls back to sysfs when VFIO cannot be used (not bound
+    and ``bind_vfio`` not given, no IOMMU, no modules…): ``wait`` then says why.
 
     ``bind_vfio``: bind the device to vfio-pci first (root; it stays bound after close).
     ``write_combining``: map BAR2 from sysfs ``resource2_wc`` (faster bulk writes; order
     matters only against the doorbell, which drains the write-combining buffers).
-    ``vectors``: how many MSI-X vectors to enable (default: all the device has).
+    ``vectors``: how many MSI-X vectors to enable through VFIO (default: all it has).
     ``id``: the peer id of an ivshmem-plain device (it has no server to assign one);
     for a doorbell device it may only repeat IVPosition.
     ``sysfs_root``/``dev_root``: where sysfs and /dev are (tests use fake trees).
