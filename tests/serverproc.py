@@ -149,13 +149,17 @@ class ServerProcess:
         if "--status-socket" not in self.extra_args:
             self.status()
 
-    def stop(self, check: bool | None = None, timeout: float = 20.0) -> int:
-        """SIGTERM and wait; with ``check``, assert exit status 0 and the socket removed."""
+    def stop(
+        self, check: bool | None = None, timeout: float = 20.0, send_signal: bool = True
+    ) -> int:
+        """SIGTERM (unless ``send_signal`` is false: the test signalled the server itself) and
+        wait; with ``check``, assert exit status 0 and the socket removed."""
         proc = self.proc
         if proc is None:
             raise RuntimeError("the server was not started")
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            if send_signal:
+                proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -513,6 +513,8 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._accept_paused = False
+        #: Accepted clients waiting for fds to create their eventfds.
+        self._parked: deque[tuple[socket.socket, tuple[int, int, int]]] = deque()
         self._backoff = _BACKOFF_MIN
         self._started = time.monotonic()
         self._counters = _Counters()
@@ -738,14 +740,26 @@ class Server:
             await self._stopping.wait()
         finally:
             sd_notify("STOPPING=1")
+            # Close while our handlers are still installed: a second SIGTERM during
+            # shutdown then changes nothing instead of killing a half-closed server.
+            self.close()
             for signum in installed:
                 loop.remove_signal_handler(signum)
-            self.close()
 
     def stop(self) -> None:
-        """Ask :meth:`serve` to finish (from the loop's thread)."""
-        if self._stopping is not None:
-            self._stopping.set()
+        """Ask :meth:`serve` to finish; safe to call from any thread."""
+        loop, stopping = self._loop, self._stopping
+        if loop is None or stopping is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            stopping.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(stopping.set)
 
     def _on_signal(self, signum: int) -> None:
         log.info("received signal %d: shutting down", signum)
@@ -762,6 +776,8 @@ class Server:
             log.info("closing %d client connection(s)", len(self._clients))
         for client in list(self._clients.values()):
             self._drop(client, announce=False)
+        while self._parked:
+            self._parked.popleft()[0].close()
         self._dirty.clear()
         for task in list(self._tasks.status):
             task.cancel()
@@ -801,6 +817,8 @@ class Server:
         if listener is None:
             return
         for _ in range(_ACCEPT_BURST):
+            if self._accept_paused:
+                return
             try:
                 conn, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -844,9 +862,16 @@ class Server:
 
     def _resume_accepting(self) -> None:
         self._accept_paused = False
-        if self._listener is not None and self._loop is not None and not self._closed:
-            self._loop.add_reader(self._listener.fileno(), self._on_accept)
-            self._on_accept()
+        if self._listener is None or self._loop is None or self._closed:
+            return
+        while self._parked:
+            conn, creds = self._parked.popleft()
+            if not self._join(conn, creds):
+                # _join parked it again at the back; put it back in front to keep order.
+                self._parked.appendleft(self._parked.pop())
+                return
+        self._loop.add_reader(self._listener.fileno(), self._on_accept)
+        self._on_accept()
 
     def _allowed(self, conn: socket.socket, uid: int, gid: int) -> bool:
         cfg = self.config
@@ -874,27 +899,42 @@ class Server:
             log.warning("refused client pid %d uid %d gid %d: not in the allow-list", pid, uid, gid)
             conn.close()
             return
+        self._join(conn, creds)
+
+    def _join(self, conn: socket.socket, creds: tuple[int, int, int]) -> bool:
+        """Make an accepted, allowed connection a peer. Returns False if it had to be parked
+        because the fd limit is reached (it joins when fds are free again)."""
+        assert self._table is not None and self._loop is not None
+        pid, uid, _gid = creds
         holders: list[SharedFd] = []
         try:
             for _ in range(self.config.vectors):
                 holders.append(SharedFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)))
             peer = self._table.allocate_id()
-        except (OSError, TableFullError) as err:
+        except OSError as err:
+            for holder in holders:
+                holder.release()
+            if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                # Out of fds in the middle of a handshake: keep the accepted connection
+                # waiting (it costs one fd, already spent) and stop accepting until fds
+                # are free, rather than turning a transient limit into a failed client.
+                self._parked.append((conn, creds))
+                log.warning(
+                    "client pid %d waits: cannot create its eventfds (%s)", pid, err.strerror
+                )
+                self._pause_accepting(err)
+                return False
+            conn.close()
+            self._counters.clients_refused += 1
+            log.warning("cannot serve client pid %d: cannot create eventfds: %s", pid, err)
+            return True
+        except TableFullError as err:
             for holder in holders:
                 holder.release()
             conn.close()
             self._counters.clients_refused += 1
-            if isinstance(err, OSError):
-                log.warning(
-                    "cannot serve client pid %d: cannot create its eventfds: %s",
-                    pid,
-                    err.strerror,
-                )
-                if err.errno in (errno.EMFILE, errno.ENFILE):
-                    self._pause_accepting(err)
-            else:
-                log.warning("cannot serve client pid %d: %s", pid, err)
-            return
+            log.warning("cannot serve client pid %d: %s", pid, err)
+            return True
         client = _Client(conn, peer, creds)
         self._clients[peer] = client
         # The table's entry owns the holders' first reference from here on.
@@ -910,6 +950,7 @@ class Server:
         )
         self._dispatch(sends)
         self._notify_observers("on_join", peer)
+        return True
 
     # -- sending ------------------------------------------------------------------------
 
@@ -1099,7 +1140,12 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                log.warning("status socket: accept failed: %s", err.strerror)
+                log.warning(
+                    "status socket: accept failed: %s; retrying in %.1f s", err.strerror, 0.5
+                )
+                # A level-triggered reader on a backlog we cannot accept from would spin.
+                self._loop.remove_reader(listener.fileno())
+                self._loop.call_later(0.5, self._resume_status)
                 return
             self._counters.status_queries += 1
             try:
@@ -1112,6 +1158,10 @@ class Server:
             task = self._loop.create_task(self._send_status(conn, body))
             self._tasks.status.add(task)
             task.add_done_callback(self._tasks.status.discard)
+
+    def _resume_status(self) -> None:
+        if self._status_listener is not None and self._loop is not None and not self._closed:
+            self._loop.add_reader(self._status_listener.fileno(), self._on_status_accept)
 
     async def _send_status(self, conn: socket.socket, body: bytes) -> None:
         assert self._loop is not None

@@ -17,6 +17,7 @@ import json
 import logging
 import logging.handlers
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -297,6 +298,10 @@ def _remove_pidfile(path: str) -> None:
 def _serve(server: Server, config: ServerConfig) -> int:
     try:
         run(server)
+        # Shut down already: a repeated SIGTERM/SIGINT must not turn a clean exit into a
+        # death by signal in the last moments.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     finally:
         if config.pidfile:
             _remove_pidfile(config.pidfile)

@@ -1,0 +1,650 @@
+"""ivshmem-server as a real process, with real sockets, eventfds and shared memory.
+
+Clients are :class:`serverproc.RawPeer` (protocol.Decoder + ClientState over a socket), so a
+failure here is the server's. After clients come and go, the server's open fd count must be
+back at its baseline (``/proc/PID/fd``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from serverproc import RawPeer, ServerProcess, pump_all
+
+from ivshmem.server import Server, ServerConfig, query_status, sd_notify
+
+SERVER = [sys.executable, "-m", "ivshmem.cli.server"]
+
+
+def ring(sender: RawPeer, peer: int, vector: int) -> None:
+    os.eventfd_write(sender.peer_fds[peer][vector], 1)
+
+
+def rung(receiver: RawPeer, vector: int, timeout: float = 5.0) -> bool:
+    fd = receiver.own_fds[vector]
+    ready, _, _ = select.select([fd], [], [], timeout)
+    if not ready:
+        return False
+    return os.eventfd_read(fd) >= 1
+
+
+def connect_all(path: str, count: int, keep_fds: bool = False) -> list[RawPeer]:
+    return [RawPeer(path, keep_fds=keep_fds) for _ in range(count)]
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SERVER, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def shm_name() -> Iterator[str]:
+    name = f"ivshmem-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"/dev/shm/{name}")
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol, end to end
+
+
+def test_handshake_membership_doorbells_and_memory(short_tmp: Path) -> None:
+    with ServerProcess(short_tmp, size="1M", vectors=2) as server:
+        baseline = server.fd_count()
+        a = RawPeer(server.socket_path, keep_fds=True)
+        a.wait(lambda: a.complete(set(), 2))
+        b = RawPeer(server.socket_path, keep_fds=True)
+        c = RawPeer(server.socket_path, keep_fds=True)
+        for peer in (a, b, c):
+            peer.wait(lambda p=peer: p.complete({0, 1, 2} - {p.id}, 2))  # type: ignore[misc]
+        assert (a.id, b.id, c.id) == (0, 1, 2)
+        assert server.peer_ids() == [0, 1, 2]
+
+        # Ringing a peer's vector through the fd the server handed out reaches that peer.
+        ring(a, 1, 1)
+        assert rung(b, 1)
+        ring(c, 0, 0)
+        assert rung(a, 0)
+
+        # Everyone got the same memory, of the requested size.
+        assert a.shm_fd is not None and b.shm_fd is not None
+        assert os.fstat(a.shm_fd).st_size == 1 << 20
+        with mmap.mmap(a.shm_fd, 1 << 20) as ma, mmap.mmap(b.shm_fd, 1 << 20) as mb:
+            ma[4096:4101] = b"hello"
+            assert mb[4096:4101] == b"hello"
+
+        b.close()
+        a.wait(lambda: set(a.peers) == {2})
+        c.wait(lambda: set(c.peers) == {0})
+        d = RawPeer(server.socket_path)
+        d.wait(lambda: d.complete({0, 2}, 2))
+        assert d.id == 3  # monotonic: the id of a departed peer is not reused at once
+        for peer in (a, c, d):
+            peer.close()
+        server.wait_for_fd_count(baseline)
+        assert "peer 1 (pid" in server.log() and "left" in server.log()
+
+
+def test_200_peers_with_4_vectors_all_complete(short_tmp: Path) -> None:
+    with ServerProcess(short_tmp, vectors=4) as server:
+        baseline = server.fd_count()
+        peers = connect_all(server.socket_path, 200)
+        try:
+            ids = set(range(200))
+            pump_all(
+                peers,
+                lambda: all(p.id is not None and p.complete(ids - {p.id}, 4) for p in peers),
+            )
+            assert sorted(p.id for p in peers) == sorted(ids)
+            counters = server.status()["counters"]
+            assert counters["peers"] == 200
+            # 3 fixed + 4 own + 4 per other peer, for every peer.
+            assert counters["messages_sent"] == sum(3 + 4 + 4 * 199 for _ in peers)
+        finally:
+            for peer in peers:
+                peer.close()
+        server.wait_for_fd_count(baseline)
+
+
+def test_status_reports_peers_queues_and_counters(short_tmp: Path) -> None:
+    with ServerProcess(short_tmp, size="64K", vectors=3) as server:
+        with RawPeer(server.socket_path) as a, RawPeer(server.socket_path) as b:
+            for p in (a, b):
+                p.wait(lambda p=p: p.complete({0, 1} - {p.id}, 3))  # type: ignore[misc]
+            status = server.status()
+            assert status["server"]["pid"] == server.pid
+            assert status["server"]["socket"] == server.socket_path
+            assert status["shared_memory"] == {"backing": "memfd", "path": None, "size": 65536}
+            assert status["vectors"] == 3
+            assert [(p["id"], p["pid"], p["queued"]) for p in status["peers"]] == [
+                (0, os.getpid(), 0),
+                (1, os.getpid(), 0),
+            ]
+            assert status["peers"][0]["sent"] == 3 + 3 + 3  # fixed, own, b's join
+            assert status["counters"]["joins"] == 2
+            assert status["counters"]["clients_refused"] == 0
+        server.wait_until(lambda: server.status()["counters"]["leaves"] == 2, what="leaves")
+        # The CLI prints the same document.
+        result = run_cli("-S", server.socket_path, "--status")
+        assert result.returncode == 0, result.stderr
+        assert '"leaves": 2' in result.stdout
+        assert query_status(server.status_path)["counters"]["peers"] == 0
+
+
+def test_ids_wrap_past_65535_skipping_ids_in_use(short_tmp: Path) -> None:
+    with ServerProcess(short_tmp, extra_args=["--first-id", "65534"]) as server:
+        a, b = RawPeer(server.socket_path), RawPeer(server.socket_path)
+        a.wait(lambda: a.id is not None)
+        b.wait(lambda: b.id is not None)
+        c = RawPeer(server.socket_path)
+        c.wait(lambda: c.complete({65534, 65535}, 1))
+        assert (a.id, b.id, c.id) == (65534, 65535, 0)
+        a.close()
+        d = RawPeer(server.socket_path)
+        d.wait(lambda: d.complete({65535, 0}, 1))
+        assert d.id == 1
+        for p in (b, c, d):
+            p.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Misbehaving clients
+
+
+def test_client_sending_bytes_is_disconnected_and_others_see_it_leave(short_tmp: Path) -> None:
+    with ServerProcess(short_tmp) as server:
+        baseline = server.fd_count()
+        good = RawPeer(server.socket_path)
+        bad = RawPeer(server.socket_path)
+        good.wait(lambda: good.complete({1}, 1))
+        bad.sock.send(b"hello server")
+        bad.wait_eof()
+        good.wait(lambda: good.complete(set(), 1))
+        bad.close()
+        good.close()
+        server.wait_for_fd_count(baseline)
+        assert "sent data, which ivshmem clients never do" in server.log()
+        assert server.status()["counters"]["clients_sent_data"] == 1
+
+
+def test_connect_then_close_at_once_does_not_hurt(short_tmp: Path) -> None:
+    with ServerProcess(short_tmp, vectors=2) as server:
+        baseline = server.fd_count()
+        survivor = RawPeer(server.socket_path)
+        for _ in range(50):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(server.socket_path)
+            sock.close()
+        # Each quick client joined and left: the survivor saw balanced joins and leaves.
+        server.wait_until(lambda: server.status()["counters"]["leaves"] == 50, what="leaves")
+        survivor.wait(lambda: survivor.complete(set(), 2))
+        late = RawPeer(server.socket_path)
+        late.wait(lambda: late.complete({survivor.id}, 2))  # type: ignore[arg-type]
+        survivor.close()
+        late.close()
+        server.wait_for_fd_count(baseline)
+
+
+def test_client_that_never_reads_gets_everything_once_it_does(short_tmp: Path) -> None:
+    """Far more messages than a socket buffer holds (QEMU's server loses them from ~278):
+    queued, none lost, delivered in order when the client finally reads."""
+    with ServerProcess(short_tmp, vectors=4) as server:
+        sleeper = RawPeer(server.socket_path)
+        cycles = 300  # 300 joins x 4 vectors + 300 leaves = 1500 messages
+        for _ in range(cycles):
+            with RawPeer(server.socket_path) as visitor:
+                visitor.wait(lambda v=visitor: v.state.own_vectors == 4)  # type: ignore[misc]
+        server.wait_until(lambda: server.status()["counters"]["leaves"] == cycles, what="leaves")
+        queued = server.status()["peers"][0]["queued"]
+        assert queued > 0, "the test did not outrun the socket buffer"
+        sleeper.wait(lambda: sleeper.messages == 3 + 4 + cycles * 5, timeout=30)
+        assert sleeper.complete(set(), 4)
+        assert server.status()["peers"][0]["queued"] == 0
+        sleeper.close()
+
+
+def test_client_past_the_queue_bound_is_disconnected_with_a_reason(short_tmp: Path) -> None:
+    with ServerProcess(short_tmp, vectors=4, extra_args=["--max-queue", "40"]) as server:
+        baseline = server.fd_count()
+        sleeper = RawPeer(server.socket_path)
+        reader = RawPeer(server.socket_path)
+        reader.wait(lambda: reader.complete({0}, 4))
+        for _ in range(300):
+            with RawPeer(server.socket_path) as visitor:
+                visitor.wait(lambda v=visitor: v.state.own_vectors == 4)  # type: ignore[misc]
+            if server.status()["counters"]["slow_clients_dropped"]:
+                break
+        assert server.status()["counters"]["slow_clients_dropped"] == 1
+        assert "is not reading" in server.log() and "--max-queue 40" in server.log()
+        # The reader, which kept up, lost nothing and saw the sleeper leave.
+        reader.wait(lambda: reader.complete(set(), 4))
+        # The sleeper gets what was in its socket buffer, then EOF -- no protocol error.
+        sleeper.wait_eof()
+        sleeper.close()
+        reader.close()
+        server.wait_for_fd_count(baseline)
+
+
+def test_fd_limit_reached_mid_handshake_parks_clients_until_fds_free(short_tmp: Path) -> None:
+    import resource
+
+    with ServerProcess(short_tmp, vectors=4) as server:
+        baseline = server.fd_count()
+        first = RawPeer(server.socket_path)
+        first.wait(lambda: first.complete(set(), 4))
+        # Room for one more socket and 2 of its 4 eventfds: the next handshake runs out.
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (baseline + 5 + 3, 20000))
+        try:
+            waiting = RawPeer(server.socket_path)
+            server.wait_until(lambda: "waits: cannot create its eventfds" in server.log())
+            assert server.alive and first.complete(set(), 4)
+            first.close()  # frees 5 fds: the waiting client can have its eventfds now
+            waiting.wait(lambda: waiting.complete(set(), 4))
+        finally:
+            resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (20000, 20000))
+        later = RawPeer(server.socket_path)
+        later.wait(lambda: later.complete({waiting.id}, 4))  # type: ignore[arg-type]
+        waiting.close()
+        later.close()
+        server.wait_for_fd_count(baseline)
+
+
+def test_emfile_on_accept_backs_off_and_recovers(short_tmp: Path) -> None:
+    import resource
+
+    with ServerProcess(short_tmp, vectors=1) as server:
+        baseline = server.fd_count()
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (baseline, 20000))
+        try:
+            blocked = RawPeer(server.socket_path)  # sits in the backlog: accept() gets EMFILE
+            server.wait_until(lambda: "cannot accept clients" in server.log(), what="EMFILE")
+        finally:
+            resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (20000, 20000))
+        blocked.wait(lambda: blocked.complete(set(), 1))
+        blocked.close()
+        server.wait_for_fd_count(baseline)
+
+
+# --------------------------------------------------------------------------------------------
+# Shutdown
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_shuts_down_cleanly_and_tells_peers(short_tmp: Path, signum: int) -> None:
+    pidfile = short_tmp / "server.pid"
+    server = ServerProcess(short_tmp, extra_args=["-p", str(pidfile)]).start()
+    peers = connect_all(server.socket_path, 3)
+    pump_all(peers, lambda: all(p.complete({0, 1, 2} - {p.id}, 1) for p in peers))  # type: ignore[operator]
+    assert pidfile.read_text().strip() == str(server.pid)
+    assert server.proc is not None
+    server.proc.send_signal(signum)
+    for peer in peers:
+        peer.wait_eof()  # closing their sockets is how peers learn the server went away
+        peer.close()
+    assert server.stop(send_signal=False) == 0
+    assert not os.path.exists(server.socket_path)
+    assert not os.path.exists(server.status_path)
+    assert not pidfile.exists()
+    assert any("STOPPING=1" in n for n in server.notifications)
+
+
+def test_sd_notify_ready_carries_mainpid(short_tmp: Path) -> None:
+    with ServerProcess(short_tmp) as server:
+        ready = [n for n in server.notifications if "READY=1" in n]
+        assert ready and f"MAINPID={server.pid}" in ready[0]
+
+
+def test_sd_notify_abstract_socket_and_absence(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"ivshmem-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert sd_notify("READY=1")
+        assert listener.recv(100) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not sd_notify("READY=1")
+
+
+# --------------------------------------------------------------------------------------------
+# Backings and sizes
+
+
+def test_size_is_rounded_up_to_a_power_of_two_with_a_log_line(short_tmp: Path) -> None:
+    with (
+        ServerProcess(short_tmp, size="3M") as server,
+        RawPeer(server.socket_path, keep_fds=True) as peer,
+    ):
+        peer.wait(lambda: peer.shm_fd is not None)
+        assert peer.shm_fd is not None
+        assert os.fstat(peer.shm_fd).st_size == 4 << 20
+        assert "rounded up to 4M" in server.log()
+
+
+def test_64_gib_region(short_tmp: Path) -> None:
+    with (
+        ServerProcess(short_tmp, size="64G") as server,
+        RawPeer(server.socket_path, keep_fds=True) as peer,
+    ):
+        peer.wait(lambda: peer.shm_fd is not None)
+        assert peer.shm_fd is not None
+        assert os.fstat(peer.shm_fd).st_size == 64 << 30
+        with mmap.mmap(peer.shm_fd, 64 << 30) as region:  # sparse: costs no memory
+            region[(64 << 30) - 1] = 7
+            assert region[(64 << 30) - 1] == 7
+
+
+def test_posix_backing_is_private_and_keeps_content_across_restarts(
+    short_tmp: Path, shm_name: str
+) -> None:
+    path = f"/dev/shm/{shm_name}"
+    with (
+        ServerProcess(short_tmp, size="64K", extra_args=["-M", shm_name]) as server,
+        RawPeer(server.socket_path, keep_fds=True) as peer,
+    ):
+        peer.wait(lambda: peer.shm_fd is not None)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(server.socket_path).st_mode) == 0o600
+        assert peer.shm_fd is not None
+        with mmap.mmap(peer.shm_fd, 65536) as region:
+            region[100:105] = b"kept!"
+    assert os.path.exists(path)  # like QEMU's server, the object outlives it
+    with (
+        ServerProcess(short_tmp, size="64K", extra_args=["-M", shm_name]) as server,
+        RawPeer(server.socket_path, keep_fds=True) as peer,
+    ):
+        peer.wait(lambda: peer.shm_fd is not None)
+        assert peer.shm_fd is not None
+        with mmap.mmap(peer.shm_fd, 65536) as region:
+            assert region[100:105] == b"kept!"
+
+
+def test_file_backing_keeps_content_and_mode_option(short_tmp: Path) -> None:
+    backing = short_tmp / "region"
+    args = ["--file", str(backing), "--mode", "640"]
+    for expected in (b"\0\0\0\0", b"data"):
+        with (
+            ServerProcess(short_tmp, size="4K", extra_args=args) as server,
+            RawPeer(server.socket_path, keep_fds=True) as peer,
+        ):
+            peer.wait(lambda p=peer: p.shm_fd is not None)  # type: ignore[misc]
+            assert stat.S_IMODE(backing.stat().st_mode) == 0o640
+            assert stat.S_IMODE(os.stat(server.socket_path).st_mode) == 0o640
+            assert peer.shm_fd is not None
+            with mmap.mmap(peer.shm_fd, 4096) as region:
+                assert region[:4] == expected
+                region[:4] = b"data"
+
+
+def test_directory_backing_leaves_no_file(short_tmp: Path) -> None:
+    directory = short_tmp / "mem"
+    directory.mkdir()
+    with (
+        ServerProcess(short_tmp, extra_args=["-m", str(directory)]) as server,
+        RawPeer(server.socket_path, keep_fds=True) as peer,
+    ):
+        peer.wait(lambda: peer.shm_fd is not None)
+        assert list(directory.iterdir()) == []  # created unlinked, like QEMU's -m
+
+
+# --------------------------------------------------------------------------------------------
+# Bad arguments and environments
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-l", "0"], "size '0' must be greater than zero"),
+        (["-l", "four"], "cannot parse size 'four'"),
+        (["-l", "2P"], "cannot parse size '2P'"),
+        (["-n", "0"], "0 vectors per peer is out of range 1..256"),
+        (["-n", "257"], "257 vectors per peer is out of range 1..256"),
+        (["-n", "x"], "cannot parse 'x'"),
+        (["-M", "a/b"], "invalid shared-memory name 'a/b'"),
+        (["-M", ".."], "invalid shared-memory name '..'"),
+        (["--mode", "999"], "not an octal mode"),
+        (["--group", "no-such-group-ivshmem"], "unknown group"),
+        (["--allow-uid", "no-such-user-ivshmem"], "unknown user"),
+    ],
+)
+def test_bad_arguments_exit_non_zero_with_a_clear_message(
+    short_tmp: Path, args: list[str], message: str
+) -> None:
+    result = run_cli("-F", "-S", str(short_tmp / "s"), *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (short_tmp / "s").exists()
+
+
+def test_socket_path_too_long(short_tmp: Path) -> None:
+    result = run_cli("-F", "--memfd", "-S", str(short_tmp / ("x" * 120)))
+    assert result.returncode == 2
+    assert "longer than 107 bytes" in result.stderr
+
+
+def test_socket_of_a_live_server_is_refused(short_tmp: Path) -> None:
+    with ServerProcess(short_tmp) as server, RawPeer(server.socket_path) as peer:
+        peer.wait(lambda: peer.complete(set(), 1))
+        result = run_cli("-F", "--memfd", "-S", server.socket_path, "--status-socket", "")
+        assert result.returncode == 1
+        assert "is in use by a running server" in result.stderr
+        # Checking did not disturb the live server: no phantom peer came and went.
+        assert server.status()["counters"]["joins"] == 1
+        peer.pump()
+        assert not peer.eof and peer.messages == 4
+
+
+def test_stale_socket_is_removed_and_reported(short_tmp: Path) -> None:
+    path = short_tmp / "ivshmem.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: what a crashed server leaves
+    with ServerProcess(short_tmp) as server, RawPeer(server.socket_path) as peer:
+        peer.wait(lambda: peer.complete(set(), 1))
+        assert "removed stale socket" in server.log()
+
+
+def test_non_socket_file_at_socket_path_is_not_removed(short_tmp: Path) -> None:
+    path = short_tmp / "precious"
+    path.write_text("data")
+    result = run_cli("-F", "--memfd", "-S", str(path))
+    assert result.returncode == 1
+    assert "exists and is not a socket" in result.stderr
+    assert path.read_text() == "data"
+
+
+def test_socket_directory_not_writable(short_tmp: Path) -> None:
+    directory = short_tmp / "ro"
+    directory.mkdir()
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+    else:
+        # root writes anywhere permissions allow nothing: use a read-only filesystem instead.
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "ivshmem-test", str(directory)],
+            capture_output=True,
+        )
+        if mounted.returncode != 0:
+            pytest.skip("running as root and cannot mount a read-only tmpfs")
+    try:
+        result = run_cli("-F", "--memfd", "-S", str(directory / "s"))
+        assert result.returncode == 1
+        assert "is not writable" in result.stderr
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_unwritable_memory_directory(short_tmp: Path) -> None:
+    result = run_cli("-F", "-S", str(short_tmp / "s"), "-m", str(short_tmp / "missing"))
+    assert result.returncode == 1
+    assert "is not a directory" in result.stderr
+    assert not (short_tmp / "s").exists()  # the socket made before the failure is gone
+
+
+# --------------------------------------------------------------------------------------------
+# Daemon mode
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, f"daemon {pid} did not exit"
+        time.sleep(0.02)
+
+
+def test_daemon_mode(short_tmp: Path) -> None:
+    sock, pidfile = short_tmp / "d.sock", short_tmp / "d.pid"
+    result = run_cli("-S", str(sock), "--memfd", "-p", str(pidfile))
+    assert result.returncode == 0, result.stderr
+    pid = int(pidfile.read_text())
+    try:
+        assert pid != os.getpid()
+        assert os.getsid(pid) != pid  # double fork: not a session leader, no terminal
+        assert os.getsid(pid) != os.getsid(0)  # but out of our session
+        for fd in (0, 1, 2):
+            assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
+        with RawPeer(str(sock)) as peer:
+            peer.wait(lambda: peer.complete(set(), 1))
+        # A second daemon on the same socket reports the error on this terminal.
+        again = run_cli("-S", str(sock), "--memfd", "-p", str(short_tmp / "other.pid"))
+        assert again.returncode == 1
+        assert "is in use by a running server" in again.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        _wait_gone(pid)
+    assert not sock.exists() and not pidfile.exists()
+
+
+def test_daemon_startup_error_reaches_the_terminal(short_tmp: Path) -> None:
+    result = run_cli(
+        "-S", str(short_tmp / "d.sock"), "-m", str(short_tmp / "nope"), "-p", str(short_tmp / "p")
+    )
+    assert result.returncode == 1
+    assert "is not a directory" in result.stderr
+    assert not (short_tmp / "d.sock").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Access control
+
+
+def _connect_as(uid: int, gid: int, path: str) -> str:
+    """Fork, drop to uid/gid, connect, and report what the server did: 'served' or 'closed'."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(path)
+                data = sock.recv(8)
+            os.write(write_end, b"served" if data else b"closed")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        answer = reader.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+def test_allow_list_refuses_other_users(short_tmp: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as other users")
+    short_tmp.chmod(0o755)
+    extra = ["--mode", "666", "--allow-uid", "65533", "--allow-gid", "65532"]
+    with ServerProcess(short_tmp, extra_args=extra) as server:
+        assert _connect_as(65534, 65534, server.socket_path) == "closed"
+        assert _connect_as(65533, 65534, server.socket_path) == "served"
+        assert _connect_as(65534, 65532, server.socket_path) == "served"
+        with RawPeer(server.socket_path) as own:  # the server's own user is always allowed
+            own.wait(lambda: own.complete(set(), 1))
+        status = server.status()
+        assert status["counters"]["clients_refused"] == 1
+        assert "refused client" in server.log() and "uid 65534" in server.log()
+
+
+def test_socket_group_and_default_group_mode(short_tmp: Path) -> None:
+    with ServerProcess(short_tmp, extra_args=["--group", "65532"]) as server:
+        st = os.stat(server.socket_path)
+        assert st.st_gid == 65532
+        assert stat.S_IMODE(st.st_mode) == 0o660
+
+
+# --------------------------------------------------------------------------------------------
+# In-process server: the membership observer hook
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, frozenset[int]]] = []
+
+    def on_join(self, server: Server, peer: int) -> None:
+        self.seen.append(("join", peer, server.peers))
+        for other in server.peers - {peer}:
+            server.ring(other, 1)  # a "membership vector", as the channel layer will ring
+
+    def on_leave(self, server: Server, peer: int) -> None:
+        self.seen.append(("leave", peer, server.peers))
+
+
+def test_membership_observers_and_ring(short_tmp: Path) -> None:
+    config = ServerConfig(socket_path=str(short_tmp / "s"), backing="memfd", size=4096, vectors=2)
+    server = Server(config)
+    recorder = Recorder()
+    server.observers.append(recorder)
+    server.open()
+    from ivshmem.server import run
+
+    thread = threading.Thread(target=run, args=(server,))
+    thread.start()
+    try:
+        a = RawPeer(config.socket_path, keep_fds=True)
+        a.wait(lambda: a.complete(set(), 2))
+        b = RawPeer(config.socket_path, keep_fds=True)
+        b.wait(lambda: b.complete({0}, 2))
+        a.wait(lambda: a.complete({1}, 2))
+        assert rung(a, 1)  # rung by the observer when b joined
+        b.close()
+        a.wait(lambda: a.complete(set(), 2))
+        a.close()
+        deadline = time.monotonic() + 10
+        while len(recorder.seen) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert recorder.seen == [
+            ("join", 0, frozenset({0})),
+            ("join", 1, frozenset({0, 1})),
+            ("leave", 1, frozenset({0})),
+            ("leave", 0, frozenset()),
+        ]
+    finally:
+        server.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert not os.path.exists(config.socket_path)
