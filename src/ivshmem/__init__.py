@@ -15,6 +15,8 @@ from .errors import (
     UsageError,
 )
 from .memory import SharedMemory, parse_size
+from .pci import PciEndpoint, open_pci
+from .peer import Peer, connect, connect_async
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,8 @@ __all__ = [
     "DoorbellUnavailableError",
     "Endpoint",
     "IvshmemError",
+    "PciEndpoint",
+    "Peer",
     "PeersUnknownError",
     "ProtocolError",
     "RegionEndpoint",
@@ -34,6 +38,9 @@ __all__ = [
     "UnknownVectorError",
     "UsageError",
     "__version__",
+    "connect",
+    "connect_async",
+    "open_pci",
     "open_region",
     "parse_size",
 ]

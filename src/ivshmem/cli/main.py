@@ -16,7 +16,7 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES = (
     "ivshmem.cli.server",
     "ivshmem.cli.client",
-    "ivshmem.cli.demo",
+    "ivshmem.demo",
     "ivshmem.cli.lab",
     "ivshmem.cli.bench",
     "ivshmem.cli.info",

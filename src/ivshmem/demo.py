@@ -1,0 +1,293 @@
+"""The demo behind ``ivshmem demo`` (the README's first command).
+
+It starts a real ``ivshmem-server``, then shows, step by step:
+
+1. host peers: this process and a second host process get ids from the server, write
+   greetings into the shared region and ring each other's doorbells;
+2. when QEMU can run here: two throw-away guests (the VM lab) join the same server, open the
+   ivshmem PCI device with the pure-Python VFIO driver, and doorbells go guest->guest,
+   guest->host and host->guest, with the bytes each wrote seen by all three, and a measured
+   host<->guest round trip.
+
+The region is used with a tiny layout of the demo's own: a roster at offset 0 (who takes part)
+and one 256-byte slot per peer id from :data:`SLOTS`. A doorbell here always means "look at the
+memory": wake-ups of one vector may merge, so the demo never counts them, it re-reads slots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .endpoint import Endpoint
+from .errors import IvshmemError
+from .peer import connect
+
+SLOTS = 4096
+SLOT_SIZE = 256
+ROSTER = struct.Struct("<4H")  # host id, guest A id, guest B id, round trips
+VECTORS = 2
+ROUND_TRIPS = 200
+
+
+def _slot(ep: Endpoint, peer: int) -> memoryview:
+    start = SLOTS + peer * SLOT_SIZE
+    return ep.memory[start : start + SLOT_SIZE]
+
+
+def write_slot(ep: Endpoint, peer: int, text: str) -> None:
+    data = text.encode()[: SLOT_SIZE - 1]
+    slot = _slot(ep, peer)
+    slot[: len(data)] = data
+    slot[len(data)] = 0
+
+
+def read_slot(ep: Endpoint, peer: int) -> str:
+    raw = bytes(_slot(ep, peer))
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+@contextmanager
+def running_server(directory: str, size: str = "4M", vectors: int = VECTORS) -> Iterator[str]:
+    """Run ``ivshmem-server`` in the foreground as a child; yield its socket path."""
+    sock = os.path.join(directory, "ivshmem.sock")
+    cmd = [sys.executable, "-m", "ivshmem.cli.server", "-F", "-S", sock, "-l", size]
+    cmd += ["-n", str(vectors), "--memfd"]
+    log_path = os.path.join(directory, "server.log")
+    log = open(log_path, "w")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    failed = True
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock):
+            if proc.poll() is not None:
+                raise IvshmemError(f"ivshmem-server exited with status {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise IvshmemError("ivshmem-server did not create its socket in 15 s")
+            time.sleep(0.02)
+        yield sock
+        failed = False
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        if failed or proc.returncode != 0:
+            with open(log_path) as f:
+                print(f"--- ivshmem-server's log ---\n{f.read()}---", file=sys.stderr)
+
+
+# -- part 1: host peers ----------------------------------------------------------------------
+
+
+def _host_worker(sock: str, host_id: int) -> None:
+    """The second host process: greet, ring the first peer, wait for its answer."""
+    with connect(sock, vectors=VECTORS) as peer:
+        write_slot(peer, peer.id, f"hello from host process {os.getpid()} (peer {peer.id})")
+        peer.notify(host_id, 0)
+        if peer.wait(1, timeout=10) is None:
+            raise SystemExit("host worker: no answer on vector 1")
+        say(f"  peer {peer.id} read: {read_slot(peer, host_id)!r}")
+
+
+def host_part(sock: str) -> None:
+    say("\n== host peers ==")
+    with connect(sock, vectors=VECTORS) as me:
+        say(f"  this process is peer {me.id}; region {me.size >> 20} MiB, {me.vectors} vectors")
+        write_slot(me, me.id, f"hello from the first host process (peer {me.id})")
+        ctx = multiprocessing.get_context("spawn")
+        worker = ctx.Process(target=_host_worker, args=(sock, me.id))
+        worker.start()
+        try:
+            if me.wait(0, timeout=15) is None:
+                raise IvshmemError("the second host process never rang")
+            (other,) = me.peers
+            say(f"  peer {other} joined and rang vector 0; its slot says: {read_slot(me, other)!r}")
+            me.notify(other, 1)
+            worker.join(15)
+            if worker.exitcode != 0:
+                raise IvshmemError(f"the second host process failed ({worker.exitcode})")
+            me.service()
+            say(f"  peer {other} left; peers now: {sorted(me.peers)}")
+        finally:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+
+
+# -- part 2: guests --------------------------------------------------------------------------
+
+
+def guest_main() -> int:
+    """Runs inside each lab guest: the guest side of part 2."""
+    from .pci import open_pci
+
+    with open_pci(interrupts=True, bind_vfio=True) as dev:
+        me = dev.id
+        print(f"guest: I am peer {me} (IVPosition), BAR2 {dev.size >> 20} MiB", flush=True)
+        # Only now, with MSI-X enabled through VFIO, can rings reach us: QEMU drops a ring
+        # to a vector that is not enabled. So say "ready" in memory, and the host waits for it.
+        write_slot(dev, me, "ready")
+        if dev.wait(0, timeout=120) is None:  # host says go: the roster is written
+            print("guest: the host never said go", flush=True)
+            return 1
+        host, a, b, trips = ROSTER.unpack_from(dev.memory, 0)
+        other = b if me == a else a
+        write_slot(dev, me, f"hello from guest peer {me}")
+        dev.notify(other, 1)  # guest -> guest
+        if dev.wait(1, timeout=60) is None:
+            print("guest: the other guest never rang", flush=True)
+            return 1
+        print(f"guest {me}: guest {other} rang me; its slot says {read_slot(dev, other)!r}")
+        print(f"guest {me}: the host's slot says {read_slot(dev, host)!r}", flush=True)
+        write_slot(dev, me, f"hello from guest peer {me}; I read guest {other}'s slot")
+        dev.notify(host, 0)  # guest -> host
+        for _ in range(trips):  # round trips: host rings 0, we answer on its vector 1
+            if dev.wait(0, timeout=60) is None:
+                print("guest: round trip stalled", flush=True)
+                return 1
+            dev.notify(host, 1)
+    return 0
+
+
+def guest_part(sock: str, lab_timeout: float) -> None:
+    from .lab import Lab
+
+    say("\n== two guests and a host peer ==")
+    say("  booting two throw-away VMs (QEMU, software emulation; ~10-20 s)...")
+    with connect(sock, vectors=VECTORS) as host, Lab(iommu=True) as lab:
+        before = set(host.peers)
+        write_slot(host, host.id, f"hello from host peer {host.id}")
+        guests = [
+            lab.start(
+                module="ivshmem.demo",
+                args=["guest"],
+                name=name,
+                server_socket=sock,
+                vectors=VECTORS,
+                timeout=lab_timeout,
+                echo=sys.stdout,
+                prefix=f"  [{name}] ",
+            )
+            for name in ("vm-a", "vm-b")
+        ]
+        deadline = time.monotonic() + lab_timeout
+        while len(host.peers - before) < 2:
+            if time.monotonic() > deadline:
+                raise IvshmemError("the guests did not join the server in time")
+            host.wait(timeout=0.2)
+        a, b = sorted(host.peers - before)
+        say(f"  guests joined as peers {a} and {b}; host is peer {host.id}")
+        # QEMU joins the server when it starts, long before the guest's driver has enabled
+        # MSI-X, and a ring before that is dropped: wait until each guest says "ready".
+        while any(read_slot(host, g) != "ready" for g in (a, b)):
+            if time.monotonic() > deadline:
+                raise IvshmemError("the guests did not open their ivshmem devices in time")
+            time.sleep(0.05)
+        say("  both guests opened the device with VFIO (MSI-X on)")
+        ROSTER.pack_into(host.memory, 0, host.id, a, b, ROUND_TRIPS)
+        host.notify(a, 0)  # host -> guest
+        host.notify(b, 0)
+        done: set[int] = set()
+        while done != {a, b}:
+            if host.wait(0, timeout=max(0.1, deadline - time.monotonic())) is None:
+                raise IvshmemError("the guests did not ring the host")
+            done = {g for g in (a, b) if "I read guest" in read_slot(host, g)}
+        for g in (a, b):
+            say(f"  host read guest {g}'s slot: {read_slot(host, g)!r}")
+        for g in (a, b):
+            times = []
+            for _ in range(ROUND_TRIPS):
+                start = time.perf_counter()
+                host.notify(g, 0)
+                if host.wait(1, timeout=30) is None:
+                    raise IvshmemError(f"round trip with guest {g} stalled")
+                times.append(time.perf_counter() - start)
+            say(
+                f"  host <-> guest {g} doorbell round trip: median "
+                f"{statistics.median(times) * 1e6:.0f} us over {ROUND_TRIPS} "
+                "(guests run under software emulation)"
+            )
+        results = [guest.wait() for guest in guests]
+        for guest, result in zip(guests, results, strict=True):
+            if result.returncode != 0:
+                raise IvshmemError(f"guest {guest.name} exited with {result.returncode}")
+        host.service()
+        say(f"  guests powered off; host sees peers {sorted(host.peers)} left")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "role", None) == "guest":
+        return guest_main()
+    directory = tempfile.mkdtemp(prefix="ivshmem-demo-")
+    try:
+        with running_server(directory) as sock:
+            say(f"ivshmem-server is running: socket {sock}, 4 MiB memfd region, 2 vectors")
+            host_part(sock)
+            vms = not args.no_vms and shutil.which("qemu-system-x86_64") is not None
+            if vms:
+                guest_part(sock, args.timeout)
+            else:
+                reason = "--no-vms" if args.no_vms else "qemu-system-x86_64 is not installed"
+                say(f"\n(skipping the guest part: {reason})")
+        say("\nserver stopped; demo finished cleanly")
+        return 0
+    except IvshmemError as err:
+        print(f"demo failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ivshmem.demo")
+    _arguments(parser)
+    return parser
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("role", nargs="?", choices=["guest"], help=argparse.SUPPRESS)
+    parser.add_argument("--no-vms", action="store_true", help="only the host part")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds the guest part may take"
+    )
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "demo",
+        help="run a server, host peers and two guests ringing each other",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    _arguments(parser)
+    parser.set_defaults(func=run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
