@@ -102,6 +102,7 @@ _MAX_SOCKET_PATH = 107
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _CREDS = struct.Struct("3i")
 _FD = struct.Struct("i")
+_MSG_NOSIGNAL = socket.MSG_NOSIGNAL
 _ACCEPT_BURST = 64
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 1.0
@@ -126,17 +127,27 @@ class SharedFd:
     possibly reused) number is never handed to the kernel again.
     """
 
-    __slots__ = ("_close", "_fd", "_refs")
+    __slots__ = ("_ancillary", "_close", "_fd", "_refs")
 
     def __init__(self, fd: int, close: Callable[[int], None] = os.close) -> None:
         self._fd = fd
         self._refs = 1
         self._close = close
+        self._ancillary: list[tuple[int, int, bytes]] | None = None
 
     def fileno(self) -> int:
         if self._fd < 0:
             raise ClosedError("this fd was already closed")
         return self._fd
+
+    def ancillary(self) -> list[tuple[int, int, bytes]]:
+        """The SCM_RIGHTS control message for ``sendmsg`` (built once: this is the hot path
+        of every handshake)."""
+        if self._fd < 0:
+            raise ClosedError("this fd was already closed")
+        if self._ancillary is None:
+            self._ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(self._fd))]
+        return self._ancillary
 
     @property
     def closed(self) -> bool:
@@ -158,6 +169,7 @@ class SharedFd:
         self._refs -= 1
         if self._refs == 0:
             fd, self._fd = self._fd, -1
+            self._ancillary = None
             with contextlib.suppress(OSError):
                 self._close(fd)
 
@@ -1018,15 +1030,11 @@ class Server:
                 value, holder = queue[0]
                 data = encode(value)
                 if holder is None:
-                    n = sock.send(data, socket.MSG_NOSIGNAL)
+                    n = sock.send(data, _MSG_NOSIGNAL)
                 else:
-                    # The queued reference keeps the fd open: fileno() cannot be a closed or
-                    # reused number here.
-                    n = sock.sendmsg(
-                        [data],
-                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(holder.fileno()))],
-                        socket.MSG_NOSIGNAL,
-                    )
+                    # The queued reference keeps the fd open: its number cannot be a closed
+                    # or reused one here.
+                    n = sock.sendmsg([data], holder.ancillary(), _MSG_NOSIGNAL)
                 queue.popleft()
                 if holder is not None:
                     holder.release()
