@@ -829,3 +829,98 @@ def test_churn_leaks_no_fds_and_no_memory(short_tmp: Path) -> None:
         assert growth < 1024, f"server RSS grew by {growth} KiB over 600 connect/disconnect cycles"
         assert server.status()["counters"]["joins"] == 801
         survivor.close()
+
+
+# --------------------------------------------------------------------------------------------
+# contrib/: the service files
+
+
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
+
+
+def _unit_command(instance: str, socket_path: str) -> list[str]:
+    """ExecStart= of the unit for ``instance``, expanded as systemd would with the unit's
+    defaults, but with this checkout's server and a socket in the test's directory."""
+    import shlex
+
+    text = (CONTRIB / "ivshmem-server@.service").read_text()
+    env: dict[str, str] = {}
+    exec_start = ""
+    for line in text.splitlines():
+        if line.startswith("Environment="):
+            for item in shlex.split(line.partition("=")[2]):
+                key, _, value = item.partition("=")
+                env[key] = value
+        elif line.startswith("ExecStart="):
+            exec_start = line.partition("=")[2]
+    env["IVSHMEM_GROUP"] = str(os.getgid())  # the unit's kvm may not exist here
+    words = []
+    for word in shlex.split(exec_start.replace("%i", instance)):
+        if word.startswith("${"):
+            words.append(env[word[2:-1]])
+        elif word.startswith("$"):
+            words.extend(env[word[1:]].split())
+        else:
+            words.append(word)
+    assert words[0] == "/usr/bin/ivshmem-server" and "-F" in words
+    words[words.index("-S") + 1] = socket_path
+    return [*SERVER, *words[1:]]
+
+
+def test_systemd_unit_command_line_serves_and_notifies(short_tmp: Path) -> None:
+    instance = f"test-{uuid.uuid4().hex[:8]}"
+    command = _unit_command(instance, str(short_tmp / "unit.sock"))
+
+    class UnitServer(ServerProcess):
+        def command(self) -> list[str]:
+            return command
+
+    try:
+        with (
+            UnitServer(short_tmp, name="unit.sock") as server,
+            RawPeer(server.socket_path, keep_fds=True) as peer,
+        ):
+            peer.wait(lambda: peer.complete(set(), 1))
+            assert peer.shm_fd is not None
+            assert os.fstat(peer.shm_fd).st_size == 64 << 20
+            assert stat.S_IMODE(os.stat(server.socket_path).st_mode) == 0o660
+            assert server.status()["shared_memory"]["path"] == f"/dev/shm/ivshmem-{instance}"
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/dev/shm/ivshmem-{instance}")
+
+
+def test_systemd_unit_verifies(short_tmp: Path) -> None:
+    import shutil
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    server = Path(sys.executable).parent / "ivshmem-server"
+    unit = short_tmp / "ivshmem-server@test.service"
+    text = (CONTRIB / "ivshmem-server@.service").read_text()
+    unit.write_text(text.replace("/usr/bin/ivshmem-server", str(server)))
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ""
+
+
+def test_tmpfiles_rule_makes_the_socket_directory(short_tmp: Path) -> None:
+    import shutil
+
+    tmpfiles = shutil.which("systemd-tmpfiles")
+    if tmpfiles is None:
+        pytest.skip("systemd-tmpfiles is not installed")
+    root = short_tmp / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("ivshmem:x:990:990::/nonexistent:/usr/sbin/nologin\n")
+    (root / "etc" / "group").write_text("kvm:x:991:ivshmem\nivshmem:x:990:\n")
+    rule = CONTRIB / "ivshmem-server.tmpfiles"
+    result = subprocess.run(
+        [tmpfiles, "--create", f"--root={root}", str(rule)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    st = (root / "run" / "ivshmem").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 990, 991)
