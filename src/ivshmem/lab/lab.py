@@ -65,7 +65,11 @@ def _visible_in_guest(path: str) -> bool:
 def _sweep_stale_dirs(parent: Path) -> None:
     """Remove job directories left by lab processes that were killed (SIGKILL skips every
     cleanup). Their names carry the owner's pid; only our own user's are touched."""
-    for path in parent.glob("ivshmem-lab-*-*"):
+    try:
+        candidates = list(parent.glob("ivshmem-lab-*-*"))
+    except OSError:
+        return
+    for path in candidates:
         pid_text = path.name.split("-")[2]
         if not pid_text.isdigit() or int(pid_text) == os.getpid():
             continue
@@ -160,6 +164,7 @@ class Lab:
         self._spawner: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
         self._closed = False
+        _sweep_stale_dirs(Path(tempfile.gettempdir()))
         with _LIVE_LOCK:
             _LIVE_LABS.add(self)
 
@@ -175,7 +180,6 @@ class Lab:
     def _job_root(self) -> Path:
         if self._tmp is None:
             parent = Path(tempfile.gettempdir())
-            _sweep_stale_dirs(parent)
             self._tmp = Path(tempfile.mkdtemp(prefix=f"ivshmem-lab-{os.getpid()}-", dir=parent))
             text = str(self._tmp)
             if not text.isprintable() or any(c.isspace() for c in text):
