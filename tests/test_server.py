@@ -924,3 +924,21 @@ def test_tmpfiles_rule_makes_the_socket_directory(short_tmp: Path) -> None:
     assert result.returncode == 0, result.stderr
     st = (root / "run" / "ivshmem").stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 990, 991)
+
+
+def test_umbrella_command_runs_the_server(short_tmp: Path) -> None:
+    class Umbrella(ServerProcess):
+        def command(self) -> list[str]:
+            words = super().command()
+            module = words.index("ivshmem.cli.server")
+            return [*words[:module], "ivshmem.cli.main", "server", *words[module + 1 :]]
+
+    with Umbrella(short_tmp, vectors=2) as server, RawPeer(server.socket_path) as peer:
+        peer.wait(lambda: peer.complete(set(), 2))
+    help_text = subprocess.run(
+        [sys.executable, "-m", "ivshmem.cli.main", "server", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "-S PATH" in help_text and "--status-socket" in help_text

@@ -532,6 +532,7 @@ class Server:
         self._counters = _Counters()
         self._tasks = _Tasks()
         self._closed = False
+        self._stop_requested = False
         #: (st_dev, st_ino) of each socket file we bound, to remove only our own at exit.
         self._bound: dict[str, tuple[int, int]] = {}
         self.size = 0
@@ -643,10 +644,22 @@ class Server:
     def _set_file_permissions(self, shm: SharedMemory) -> None:
         cfg = self.config
         try:
-            if cfg.group is not None:
+            st = os.fstat(shm.fd)
+            if cfg.group is not None and st.st_gid != cfg.group:
                 os.fchown(shm.fd, -1, cfg.group)
-            if stat.S_IMODE(os.fstat(shm.fd).st_mode) != cfg.mode:
+            if stat.S_IMODE(st.st_mode) != cfg.mode:
                 os.fchmod(shm.fd, cfg.mode)
+        except PermissionError as err:
+            # Someone else's existing object that we may read and write (as QEMU's server
+            # would use it): serve it, but say that its permissions are not ours to set.
+            log.warning(
+                "shared memory %s belongs to uid %d: cannot set its group/mode (%s); it keeps "
+                "mode %o",
+                shm.path,
+                st.st_uid,
+                err.strerror,
+                stat.S_IMODE(st.st_mode),
+            )
         except OSError as err:
             raise ServerConfigError(
                 f"cannot set group/mode of shared memory {shm.path!r}: {err.strerror}"
@@ -736,6 +749,8 @@ class Server:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stopping = asyncio.Event()
+        if self._stop_requested:
+            self._stopping.set()
         installed: list[signal.Signals] = []
         try:
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -762,6 +777,7 @@ class Server:
         """Ask :meth:`serve` to finish; safe to call from any thread."""
         loop, stopping = self._loop, self._stopping
         if loop is None or stopping is None:
+            self._stop_requested = True  # serve() has not started yet: it returns at once
             return
         try:
             running = asyncio.get_running_loop()
@@ -906,6 +922,7 @@ class Server:
             conn.close()
             return
         pid, uid, gid = creds
+        log.debug("connection from pid %d uid %d gid %d", pid, uid, gid)
         if not self._allowed(conn, uid, gid):
             self._counters.clients_refused += 1
             log.warning("refused client pid %d uid %d gid %d: not in the allow-list", pid, uid, gid)
@@ -1044,14 +1061,21 @@ class Server:
                     client.partial = data[n:]
         except (BlockingIOError, InterruptedError):
             if not client.writing and self._loop is not None:
+                log.debug(
+                    "%s: socket full, %d message(s) wait in its queue",
+                    client.describe(),
+                    len(queue),
+                )
                 client.writing = True
                 self._loop.add_writer(client.fd, self._on_writable, client)
             return
         except OSError as err:
-            if err.errno == errno.ETOOMANYREFS:
-                # Too many fds in flight for this (unprivileged) user: the kernel counts fds
-                # sitting in all receive queues against RLIMIT_NOFILE. They drain as clients
-                # read; retry shortly rather than dropping anything.
+            if err.errno in (errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM):
+                # Transient, and not this client's fault. ETOOMANYREFS: too many fds in
+                # flight for this (unprivileged) user -- the kernel counts fds sitting in
+                # every receive queue against RLIMIT_NOFILE, and they drain as clients read.
+                # ENOBUFS/ENOMEM: memory pressure. Retry shortly rather than drop anything.
+                log.debug("%s: sending deferred: %s", client.describe(), err.strerror)
                 if self._loop is not None and not client.writing:
                     self._loop.call_later(_INFLIGHT_RETRY, self._retry_flush, client)
                 return
