@@ -14,6 +14,8 @@ a datagram socket in ``tmpdir``; probing the socket with a connect would make th
 a phantom peer and shift every later peer id. Its log goes to ``tmpdir/server.log``
 (``.log()``). On exit the server gets SIGTERM, and the helper asserts a clean exit (status 0)
 and that the socket file is gone -- unless the ``with`` block raised, or ``check=False``.
+The server gets SIGTERM if the process (strictly: the thread) that started it dies, so a
+test killed by a timeout leaves no server behind.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ from ivshmem.protocol import (
 )
 
 _BACKING_FLAGS = ("-M", "-m", "--file", "--memfd")
+_PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the test process dies, so a test killed
+    by a timeout (or by hand) never leaves a server running."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class ServerProcess:
@@ -100,7 +112,12 @@ class ServerProcess:
             env.setdefault("PYTHONUNBUFFERED", "1")
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
-                    self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
+                    self.command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    preexec_fn=_die_with_parent,
                 )
             deadline = time.monotonic() + self.start_timeout
             while True:
