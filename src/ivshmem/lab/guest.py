@@ -21,6 +21,7 @@ close, and by the kernel (``PR_SET_PDEATHSIG``) if this whole process dies.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from ..memory import format_size, is_power_of_two, parse_size
+from ..memory import format_size, is_power_of_two, parse_size, round_up_power_of_two
 from .errors import GuestError, GuestTimeoutError, LabSetupError, LabUsageError
 
 __all__ = ["Doorbell", "Guest", "GuestResult", "PlainRegion"]
@@ -111,7 +112,7 @@ def _plain_size(path: str, size: int | str | None) -> int:
     if not is_power_of_two(value):
         raise LabUsageError(
             f"ivshmem-plain region {path} is {value} bytes; its size becomes a PCI BAR and "
-            f"must be a power of two (e.g. {format_size(1 << value.bit_length())})"
+            f"must be a power of two (e.g. {format_size(round_up_power_of_two(max(value, 4096)))})"
         )
     return value
 
@@ -424,6 +425,15 @@ class Guest:
         if result.returncode is None:
             raise GuestError(result.describe(), result)
         return result
+
+    async def wait_async(self, timeout: float | None = None) -> GuestResult:
+        """:meth:`wait` for asyncio code (in a worker thread; the event loop keeps running)."""
+        return await asyncio.to_thread(self.wait, timeout)
+
+    @property
+    def result(self) -> GuestResult | None:
+        """The result once the guest has been waited for (or closed), else None."""
+        return self._result
 
     def _finish(self) -> GuestResult:
         with self._lock:

@@ -19,13 +19,14 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from ..memory import parse_size
 from .assets import Assets, prepare
@@ -194,7 +195,7 @@ class Lab:
                 )
         return self._tmp
 
-    def _spawn(self, argv: Sequence[str], fds: Sequence[int]) -> object:
+    def _spawn(self, argv: Sequence[str], fds: Sequence[int]) -> subprocess.Popen[bytes]:
         # Forked from one thread that lives as long as the lab: QEMU's PR_SET_PDEATHSIG
         # fires when the forking *thread* ends, so it must not be a caller's short-lived one.
         if self._spawner is None:
@@ -202,6 +203,13 @@ class Lab:
         return self._spawner.submit(spawn_qemu, argv, fds).result()
 
     # -- guests ----------------------------------------------------------------------------
+
+    def _next_name(self) -> str:
+        with self._lock:
+            index = len(self._guests)
+            while f"g{index}" in self._names:
+                index += 1
+            return f"g{index}"
 
     @property
     def guests(self) -> list[Guest]:
@@ -258,7 +266,7 @@ class Lab:
             if self._closed:
                 raise LabUsageError("this lab is closed; create a new Lab")
             assets = self.prepare()
-            guest_name = name if name is not None else f"g{len(self._guests)}"
+            guest_name = name if name is not None else self._next_name()
             if not _NAME_RE.match(guest_name) or guest_name in self._names:
                 raise LabUsageError(
                     f"guest name {guest_name!r} is taken or not 1-32 letters, digits, ._-"
@@ -309,7 +317,7 @@ class Lab:
                 guest_name,
                 command,
                 job,
-                self._spawn,  # type: ignore[arg-type]
+                self._spawn,
                 timeout=timeout,
                 echo=echo,
                 prefix=prefix,
@@ -325,7 +333,7 @@ class Lab:
         n: int = 1,
         timeout: float | None = None,
         echo: IO[str] | None = None,
-        **options: object,
+        **options: Any,
     ) -> list[GuestResult]:
         """Boot ``n`` guests running the same program, wait for all, return their results.
 
@@ -338,7 +346,7 @@ class Lab:
         guests: list[Guest] = []
         try:
             for _ in range(n):
-                name = f"g{len(self._guests)}"
+                name = self._next_name()
                 guests.append(
                     self.start(
                         program,
@@ -347,7 +355,7 @@ class Lab:
                         timeout=timeout,
                         echo=echo,
                         prefix=f"[{name}] " if n > 1 else "",
-                        **options,  # type: ignore[arg-type]
+                        **options,
                     )
                 )
             return [guest.wait() for guest in guests]
@@ -494,7 +502,7 @@ def run_guests(
     iommu: bool = False,
     memory: int | str = "256M",
     extra_args: Sequence[str] = (),
-    **options: object,
+    **options: Any,
 ) -> list[GuestResult]:
     """One-shot: a :class:`Lab` that runs ``n`` guests and is gone afterwards.
 
