@@ -521,19 +521,13 @@ def test_guests_die_with_a_killed_host_process(assets: Assets) -> None:
 
 @pytest.mark.lab
 @pytest.mark.timeout(180)
-def test_run_guests_with_several_guests_and_a_guest_that_cannot_start(
-    assets: Assets, short_tmp: Path
-) -> None:
-    results = run_guests(
+def test_run_guests_and_a_guest_that_cannot_start(assets: Assets, short_tmp: Path) -> None:
+    [result] = run_guests(
         code="import os, sys\nprint(os.environ['IVSHMEM_LAB_GUEST'])\nsys.exit(int(sys.argv[1]))",
         args=["5"],
-        n=2,
         timeout=GUEST_TIMEOUT,
     )
-    assert [(r.name, r.returncode, r.output) for r in results] == [
-        ("g0", 5, "g0\n"),
-        ("g1", 5, "g1\n"),
-    ]
+    assert (result.name, result.returncode, result.output) == ("g0", 5, "g0\n")
     # A "server" that speaks the wrong protocol version: QEMU refuses to start and says why;
     # the lab reports that as a GuestError carrying QEMU's message.
     path = str(short_tmp / "wrong.sock")
@@ -551,6 +545,32 @@ def test_run_guests_with_several_guests_and_a_guest_that_cannot_start(
     assert result.returncode is None and not result.timed_out
     assert "server sent version 1, expecting 0" in result.qemu_log
     assert "QEMU exited with status 1" in str(caught.value)
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(180)
+def test_cli_run_streams_prefixed_output_and_exits_with_the_guest_status(
+    assets: Assets, short_tmp: Path
+) -> None:
+    region = short_tmp / "region"
+    with open(region, "wb") as f:
+        f.truncate(64 << 10)
+    program = short_tmp / "prog.py"
+    program.write_text(
+        FIND_DEVICE
+        + "import sys\n"
+        + "size = len(map_bar(find_ivshmem(), 2))\n"
+        + "print('guest', os.environ['IVSHMEM_LAB_GUEST'], sys.argv[1:], size)\n"
+        + "sys.exit(4)\n"
+    )
+    done = lab_cli("run", "-n", "2", "--plain", str(region), str(program), "x", "--flag")
+    assert done.returncode == 4, done.stderr
+    assert sorted(done.stdout.splitlines()) == [
+        "[g0] guest g0 ['x', '--flag'] 65536",
+        "[g1] guest g1 ['x', '--flag'] 65536",
+    ]
+    assert re.search(r"g0 exited with status 4 \(boot [0-9.]+ s, program [0-9.]+ s\)", done.stderr)
+    assert re.search(r"g1 exited with status 4 ", done.stderr)
 
 
 def lab_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
