@@ -10,6 +10,19 @@ Per guest the lab writes a job directory (inside the lab's temporary directory, 
 guest through the host-root share) holding ``run.sh``, the command to run with its argv, env and
 working directory quoted for the shell, and ``modules``, extra kernel modules to load. Nothing
 per-run is baked into the initramfs, so one cached initramfs serves every guest.
+
+Inside the guest
+    The program runs as root with the guest's own /proc, /sys, /dev (devpts, a tmpfs on
+    /dev/shm); every other path shows the host's files, and writes stay in guest RAM.
+    ``IVSHMEM_LAB_GUEST`` holds the guest's name (``g0``, ``g1`` …). A static busybox is at
+    ``/run/ivshmem-lab/busybox`` (``busybox ip addr add …`` configures a NIC given with
+    ``extra_args`` and ``modules=["virtio_net"]``, e.g. two guests joined by
+    ``-netdev stream,id=n0,server=on|off,addr.type=unix,addr.path=SOCK`` and
+    ``-device virtio-net-pci,netdev=n0,mac=…``).
+
+Trust
+    A guest can read every host file QEMU's user can read (never write them). The lab is for
+    running your own programs in test VMs, not for confining untrusted code.
 """
 
 from __future__ import annotations
