@@ -528,6 +528,7 @@ class Server:
         #: Accepted clients waiting for fds to create their eventfds.
         self._parked: deque[tuple[socket.socket, tuple[int, int, int]]] = deque()
         self._backoff = _BACKOFF_MIN
+        self._starved = False  # in a shortage of fds (warned about once)
         self._started = time.monotonic()
         self._counters = _Counters()
         self._tasks = _Tasks()
@@ -862,7 +863,6 @@ class Server:
                 log.error("accept failed: %s; continuing", err)
                 self._pause_accepting(err)
                 return
-            self._backoff = _BACKOFF_MIN
             try:
                 self._admit(conn)
             except Exception:
@@ -875,7 +875,9 @@ class Server:
         if loop is None or self._listener is None or self._accept_paused:
             return
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        log.warning(
+        # Warn once per shortage, not at every retry of a server that sits at its limit.
+        log.log(
+            logging.DEBUG if self._starved else logging.WARNING,
             "cannot accept clients: %s (%d fds open, limit %d); pausing accept for %.2f s, "
             "waiting clients stay in the backlog",
             err.strerror,
@@ -883,10 +885,18 @@ class Server:
             soft,
             self._backoff,
         )
+        self._starved = True
         loop.remove_reader(self._listener.fileno())
         self._accept_paused = True
         loop.call_later(self._backoff, self._resume_accepting)
         self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+
+    def _relieved(self) -> None:
+        """An fd could be had again: end the shortage (and its back-off)."""
+        self._backoff = _BACKOFF_MIN
+        if self._starved:
+            self._starved = False
+            log.info("file descriptors are available again: serving new clients")
 
     def _resume_accepting(self) -> None:
         self._accept_paused = False
@@ -948,8 +958,11 @@ class Server:
                 # waiting (it costs one fd, already spent) and stop accepting until fds
                 # are free, rather than turning a transient limit into a failed client.
                 self._parked.append((conn, creds))
-                log.warning(
-                    "client pid %d waits: cannot create its eventfds (%s)", pid, err.strerror
+                log.log(
+                    logging.DEBUG if self._starved else logging.WARNING,
+                    "client pid %d waits: cannot create its eventfds (%s)",
+                    pid,
+                    err.strerror,
                 )
                 self._pause_accepting(err)
                 return False
@@ -964,6 +977,7 @@ class Server:
             self._counters.clients_refused += 1
             log.warning("cannot serve client pid %d: %s", pid, err)
             return True
+        self._relieved()
         client = _Client(conn, peer, creds)
         self._clients[peer] = client
         # The table's entry owns the holders' first reference from here on.
