@@ -454,9 +454,10 @@ class Lab:
             "-no-reboot",
         ]
         if self.iommu:
-            # The IOMMU must exist before the devices it translates for. Interrupt remapping
-            # is what vfio_iommu_type1 insists on before it lets a device's MSI-X be set up;
-            # under TCG it needs no split irqchip (that is a KVM matter).
+            # The IOMMU must exist before the devices it translates for. Without interrupt
+            # remapping VFIO_SET_IOMMU fails with EPERM (vfio_iommu_type1 would need
+            # allow_unsafe_interrupts). intremap=on is QEMU's default under TCG anyway; it is
+            # spelled out so that it stays on, and needs no split irqchip (a KVM matter).
             argv += ["-device", "intel-iommu,intremap=on"]
         argv += [
             "-kernel",
