@@ -13,7 +13,11 @@ and rings back, the parent waits. Measured in the same run, repetitions interlea
 * **peer, base wait** (``--base-wait``): the same, with the parent waiting through
   :meth:`ivshmem.endpoint.EventfdEndpoint.wait` instead of the Peer's own ``wait``.
 
-Prints the median round trip of each and the ratio peer/raw (target: at most 1.2).
+Prints the median round trip of each and the ratio peer/raw (target: at most 1.2). The raw
+variant is a floor no ivshmem doorbell reaches: the eventfds a server hands out are O_NONBLOCK
+for every holder (the flag belongs to the shared open file description; our server creates them
+so and QEMU sets it on every eventfd it receives), so a waiter must poll() before it reads, and
+a host peer must watch the server socket meanwhile anyway. "raw poll+read" is that floor.
 ``--pin`` puts parent and child on different CPUs (both variants alike).
 
     .venv/bin/python benchmarks/bench_doorbell.py --rounds 20000 --repeats 7
@@ -76,8 +80,9 @@ class RawPair:
     """A child process echoing on a pair of bare eventfds (blocking read, or poll + read)."""
 
     def __init__(self, total: int, cpu: int | None, poll: bool = False) -> None:
-        self.ping = os.eventfd(0)
-        self.pong = os.eventfd(0)
+        flags = os.EFD_NONBLOCK if poll else 0  # as a server's eventfds are
+        self.ping = os.eventfd(0, flags)
+        self.pong = os.eventfd(0, flags)
         self.idle = os.eventfd(0)  # never rung: stands for the server socket
         self.poll = poll
         self.child = _FORK.Process(
@@ -235,6 +240,10 @@ def measure(rounds: int, repeats: int, pin: bool, base_wait: bool) -> dict[str, 
         "all_us": {k: [round(v * 1e6, 3) for v in values] for k, values in results.items()},
         "ratio_peer_to_raw": medians["peer"] / medians["raw"],
         "ratio_peer_to_raw_poll": medians["peer"] / medians["raw_poll"],
+        # Under load from other processes medians wander; the fastest repetition of each is
+        # the steadier comparison of what the code costs.
+        "min_ratio_peer_to_raw": min(results["peer"]) / min(results["raw"]),
+        "min_ratio_peer_to_raw_poll": min(results["peer"]) / min(results["raw_poll"]),
     }
 
 
@@ -269,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     ratio = result["ratio_peer_to_raw"]
     verdict = "within" if ratio <= 1.2 else "above"
     print(f"  ratio peer/raw                {ratio:8.2f}x  ({verdict} the 1.2x target)")
-    print(f"  ratio peer/raw poll+read      {result['ratio_peer_to_raw_poll']:8.2f}x")
+    print(
+        f"  ratio peer/raw poll+read      {result['ratio_peer_to_raw_poll']:8.2f}x  "
+        f"(of the fastest repetitions: peer/raw {result['min_ratio_peer_to_raw']:.2f}x, "
+        f"peer/raw poll+read {result['min_ratio_peer_to_raw_poll']:.2f}x)"
+    )
     return 0
 
 

@@ -25,7 +25,8 @@ How this module deals with the protocol's gaps (see :mod:`ivshmem.protocol`):
   socket whenever the peer is used: ``peers`` and :meth:`Peer.service` read everything pending
   (never blocking); :meth:`Peer.wait` and :meth:`Peer.wait_async` watch the socket beside the
   vector eventfds; :meth:`Peer.notify` reads pending messages when it does not know the peer or
-  vector yet (a new peer's vectors arrive one message each). An application that waits on
+  vector yet, and waits up to :data:`JOIN_GRACE` seconds for the rest of a joining peer's
+  vectors (they arrive one message each). An application that waits on
   :meth:`Peer.fileno` in its own event loop should also watch :attr:`Peer.server_fd` and call
   :meth:`Peer.service` when it is readable, or the server queues the announcements for it.
 * **Losing the server.** When the server goes away (its socket reaches EOF or breaks), every
@@ -84,6 +85,7 @@ from .protocol import (
     MAX_VECTORS,
     MESSAGE_SIZE,
     ClientState,
+    Decoder,
     OwnVector,
     PeerLeft,
     PeerVector,
@@ -93,6 +95,7 @@ from .protocol import (
 __all__ = [
     "DEFAULT_TIMEOUT",
     "HANDSHAKE_QUIET",
+    "JOIN_GRACE",
     "HandshakeTimeoutError",
     "Peer",
     "Reconnected",
@@ -107,6 +110,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 5.0
 #: Seconds of silence after which a handshake with no other peer (and no ``vectors=``) ends.
 HANDSHAKE_QUIET = 0.05
+#: Longest :meth:`Peer.notify` waits for the rest of a joining peer's vectors to arrive.
+JOIN_GRACE = 1.0
 #: Reconnection back-off: first retry, growth factor, longest wait between attempts (seconds).
 RECONNECT_FIRST = 0.05
 RECONNECT_MAX = 1.0
@@ -165,8 +170,6 @@ class _Connection:
     """
 
     def __init__(self, sock: socket.socket, path: str, vectors: int | None) -> None:
-        from .protocol import Decoder
-
         self.sock = sock
         self.path = path
         self.expected_vectors = vectors
@@ -498,7 +501,8 @@ class _Region:
 # The peer
 
 
-_Poller = tuple["select.poll", dict[int, int], int]
+# A cached poll set: its bound poll() method, {eventfd: vector}, and the server socket's fd.
+_Poller = tuple[Callable[..., list[tuple[int, int]]], dict[int, int], int]
 
 
 class Peer(EventfdEndpoint):
@@ -544,6 +548,7 @@ class Peer(EventfdEndpoint):
         self._lost: BaseException | None = None
         self._retry_at = 0.0
         self._retry_wait = RECONNECT_FIRST
+        self._reconnecting = False
         self._last_vectors = 0
         self._pollers: dict[int | None, _Poller] = {}
         # wait_async registrations, shared by every coroutine waiting on the same fd: the event
@@ -654,12 +659,24 @@ class Peer(EventfdEndpoint):
     # -- reconnection ----------------------------------------------------------------------
 
     def _reconnect_due(self) -> bool:
-        return not self._closed and self._conn is None and time.monotonic() >= self._retry_at
+        """Claim the next reconnection attempt if one is due (one attempt at a time: two
+        threads reconnecting at once would make two connections and leak one)."""
+        with self._lock:
+            if (
+                self._closed
+                or self._conn is not None
+                or self._reconnecting
+                or time.monotonic() < self._retry_at
+            ):
+                return False
+            self._reconnecting = True
+            return True
 
     def _reconnect_failed(self, err: BaseException) -> None:
         log.debug("reconnecting to %s failed: %s", self._path, err)
         self._retry_at = time.monotonic() + self._retry_wait
         self._retry_wait = min(self._retry_wait * 2, RECONNECT_MAX)
+        self._reconnecting = False
 
     def _reconnect_sync(self) -> None:
         if not self._reconnect_due():
@@ -669,6 +686,9 @@ class Peer(EventfdEndpoint):
         except IvshmemError as err:
             self._reconnect_failed(err)
             return
+        except BaseException:
+            self._reconnecting = False
+            raise
         self._adopt(conn)
 
     async def _reconnect_async(self) -> None:
@@ -681,6 +701,9 @@ class Peer(EventfdEndpoint):
         except IvshmemError as err:
             self._reconnect_failed(err)
             return
+        except BaseException:  # cancelled: the next wait tries again
+            self._reconnecting = False
+            raise
         self._adopt(conn)
 
     def _adopt(self, conn: _Connection) -> None:
@@ -704,8 +727,10 @@ class Peer(EventfdEndpoint):
             if isinstance(err, (IvshmemError, OSError)):
                 self._reconnect_failed(err)
                 return
+            self._reconnecting = False
             raise
         with self._lock:
+            self._reconnecting = False
             if self._closed:
                 conn.close()
                 if region is not old and region is not None:
@@ -809,18 +834,32 @@ class Peer(EventfdEndpoint):
         self._notify_slow(peer, vector)
 
     def _notify_slow(self, peer: int, vector: int) -> None:
-        # The peer or vector is not known (yet): read what the server sent meanwhile, since a
-        # new peer's vectors arrive one message each, then decide.
+        # The peer or vector is not known (yet): read what the server sent meanwhile. A new
+        # peer's vectors arrive one message each, and the server may still be writing them: a
+        # known peer with fewer vectors than we have (a server gives every peer the same count)
+        # is still joining, so wait for the rest, briefly.
         self._check_usable()
         self.service()
-        with self._lock:
-            self._check_usable()
-            fds = self._ring.get(peer)
-            if fds is None:
-                raise UnknownPeerError(peer, frozenset(self._ring))
-            if not 0 <= vector < len(fds):
-                raise UnknownVectorError(vector, len(fds), peer)
-            _ring(fds[vector])
+        deadline = time.monotonic() + JOIN_GRACE
+        while True:
+            with self._lock:
+                self._check_usable()
+                assert self._conn is not None
+                fds = self._ring.get(peer)
+                if fds is None:
+                    raise UnknownPeerError(peer, frozenset(self._ring))
+                if 0 <= vector < len(fds):
+                    _ring(fds[vector])
+                    return
+                joining = len(fds) <= vector < len(self._own)
+                sock_fd = self._conn.sock.fileno()
+                left = deadline - time.monotonic()
+                if not joining or left <= 0:
+                    raise UnknownVectorError(vector, len(fds), peer)
+            poller = select.poll()
+            poller.register(sock_fd, select.POLLIN)
+            poller.poll(max(1, int(left * 1000)))
+            self.service()
 
     def _own_fds(self) -> list[int]:
         return self._own
@@ -860,7 +899,7 @@ class Peer(EventfdEndpoint):
             p.register(fd, select.POLLIN)
         sock_fd = self._conn.sock.fileno()
         p.register(sock_fd, select.POLLIN)
-        poller = (p, wanted, sock_fd)
+        poller = (p.poll, wanted, sock_fd)
         self._pollers[vector] = poller
         return poller
 
@@ -868,15 +907,23 @@ class Peer(EventfdEndpoint):
         """Block until one of our vectors (or ``vector``) is rung; return its number, or None
         after ``timeout`` seconds. Server messages are processed meanwhile. When several vectors
         are pending the lowest is returned first."""
-        if timeout is None:
-            # The doorbell hot path: a cached poll set, one blocking poll(), one read. Anything
-            # else (socket news, several vectors ready, no cached set yet) takes the full loop.
-            cached = self._pollers.get(vector)
-            if cached is not None:
-                try:
-                    events = cached[0].poll()
-                except RuntimeError:  # another thread is polling this set
-                    events = []
+        # The doorbell hot path: a cached poll set, one poll(), one read. Anything else (socket
+        # news, several vectors ready, no cached set yet) takes the full loop. A blocking read()
+        # alone would be cheaper, but it is not available: O_NONBLOCK is a flag of the open file
+        # description, which every holder of an eventfd shares, and our server creates them
+        # non-blocking while QEMU sets it on every eventfd it receives. It would also leave the
+        # server socket (joins, leaves, the server going away) unwatched.
+        cached = self._pollers.get(vector)
+        if cached is not None:
+            # poll() counts whole milliseconds: round a timeout up, never down to "block".
+            ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+            try:
+                events = cached[0](ms)
+            except RuntimeError:  # another thread is polling this set
+                events = None
+            if events is not None:
+                if not events:
+                    return None  # timed out (poll() itself retries after EINTR)
                 if len(events) == 1:
                     fd = events[0][0]
                     found = cached[1].get(fd)
@@ -904,13 +951,14 @@ class Peer(EventfdEndpoint):
                             return None
                     time.sleep(pause)
                     continue
-            p, wanted, sock_fd = self._poller(vector)
+            cached = self._poller(vector)
+            poll, wanted, sock_fd = cached
             if deadline is None:
                 ms = -1
             else:
                 ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
             try:
-                events = p.poll(ms)
+                events = poll(ms)
             except RuntimeError:
                 # Another thread is in poll() on this cached set: use a private one.
                 self._pollers.pop(vector, None)
@@ -928,7 +976,7 @@ class Peer(EventfdEndpoint):
                 # Serve the socket before answering, so that a busy doorbell cannot starve
                 # membership updates. The set may change (reconnect, late vector): start over.
                 self.service()
-                if self._pollers.get(vector) is not (p, wanted, sock_fd):
+                if self._pollers.get(vector) is not cached:
                     continue
             if best >= 0:
                 try:
