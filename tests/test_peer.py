@@ -570,6 +570,17 @@ def test_close_releases_everything_and_is_idempotent(server: ServerProcess) -> N
     server.wait_until(lambda: server.peer_ids() == [], what="the server to drop both peers")
 
 
+def test_a_peer_dropped_without_close_releases_everything(server: ServerProcess) -> None:
+    before_fds, before_maps = open_fds(), shm_mappings()
+    peer = connect(server.socket_path, vectors=VECTORS)
+    assert open_fds() != before_fds
+    with pytest.warns(ResourceWarning, match="unclosed <Peer"):
+        del peer
+        gc.collect()
+    assert open_fds() == before_fds
+    assert shm_mappings() == before_maps
+
+
 def test_server_going_away_keeps_the_memory(short_tmp: Path) -> None:
     server = ServerProcess(short_tmp, size="1M", vectors=VECTORS, check=False).start()
     before_fds = open_fds()

@@ -65,6 +65,7 @@ import socket
 import stat
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -1091,6 +1092,12 @@ class Peer(EventfdEndpoint):
 
     def __enter__(self) -> Peer:
         return self
+
+    def __del__(self) -> None:
+        # A peer dropped without close() must not leak its fds; say so, as sockets do.
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            self.close()
 
     def __repr__(self) -> str:
         if self._closed:
