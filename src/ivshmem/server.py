@@ -26,9 +26,13 @@ Clients never send anything on the ivshmem socket, so the status query lives on 
 socket (``status_socket``): connecting to it returns one JSON document (see
 :meth:`Server.status`) and EOF. :func:`query_status` is the client side.
 
+With ``format_region`` the server keeps the membership table of the channel layout
+(:mod:`ivshmem.channel`) in the region: a peer is listed before its handshake is sent (so it
+finds itself there at once) and unlisted when it leaves, also at shutdown; with
+``membership_vector`` every other peer is rung on that vector after each join or leave has
+been announced. Guests, which cannot learn membership from the device, read the table.
 Membership observers (:class:`MembershipObserver`) are told about every join and leave after
-the announcements are queued; the channel layer uses this to keep a membership table in a
-formatted region and to ring a membership vector (:meth:`Server.ring`).
+the announcements are queued, for anything else that wants to follow membership.
 """
 
 from __future__ import annotations
@@ -51,17 +55,21 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import __version__
 from .errors import ClosedError, IvshmemError, ServerConfigError, UsageError
 from .memory import (
+    Mapping,
     SharedMemory,
     format_size,
     round_up_power_of_two,
     validate_shm_name,
 )
 from .protocol import MAX_PEER_ID, MAX_VECTORS, PeerTable, Send, TableFullError, encode
+
+if TYPE_CHECKING:
+    from .channel import MembershipWriter
 
 __all__ = [
     "BACKINGS",
@@ -206,6 +214,13 @@ class ServerConfig:
     #: Where id allocation starts (0 like QEMU; other values exist to test wrap-around).
     first_id: int = 0
     pidfile: str | None = None
+    #: Keep a membership table in the region (``ivshmem.channel`` layout): the region is
+    #: formatted at start unless it already is (a restarted server with a named backing).
+    format_region: bool = False
+    #: Membership slots when the region is formatted here.
+    max_peers: int = 16
+    #: With ``format_region``: ring this vector on every peer when one joins or leaves.
+    membership_vector: int | None = None
 
     def validate(self) -> None:
         if self.backing not in BACKINGS:
@@ -237,6 +252,16 @@ class ServerConfig:
                 )
         if self.status_socket is not None and self.status_socket == self.socket_path:
             raise ServerConfigError("the status socket must differ from the ivshmem socket")
+        if self.membership_vector is not None:
+            if not self.format_region:
+                raise ServerConfigError(
+                    "a membership vector needs the membership table: add --format"
+                )
+            if not 0 <= self.membership_vector < self.vectors:
+                raise ServerConfigError(
+                    f"membership vector {self.membership_vector} does not exist: peers have "
+                    f"{self.vectors} vector(s), numbered 0..{self.vectors - 1} (raise -n)"
+                )
 
 
 def parse_uid(text: str) -> int:
@@ -537,6 +562,9 @@ class Server:
         #: (st_dev, st_ino) of each socket file we bound, to remove only our own at exit.
         self._bound: dict[str, tuple[int, int]] = {}
         self.size = 0
+        #: With ``format_region``: the server's mapping of the region and its table writer.
+        self._region_map: Mapping | None = None
+        self._membership: MembershipWriter | None = None
 
     # -- setup --------------------------------------------------------------------------
 
@@ -557,6 +585,8 @@ class Server:
             if cfg.status_socket is not None:
                 self._status_listener = self._listen(cfg.status_socket, 16)
             self._open_shm()
+            if cfg.format_region:
+                self._open_membership()
         except BaseException:
             self.close()
             raise
@@ -570,6 +600,38 @@ class Server:
             cfg.vectors,
             cfg.socket_path,
         )
+
+    def _open_membership(self) -> None:
+        """Map the region and take the membership table's writer role, formatting the
+        region first unless it already carries the layout (kept across a restart)."""
+        from .channel import MembershipWriter, format_region, is_formatted
+
+        assert self._shm is not None
+        self._region_map = self._shm.map()
+        memory = self._region_map.memory
+        if is_formatted(memory):
+            log.info("the region is already formatted: keeping its layout and content")
+        else:
+            format_region(memory, max_peers=self.config.max_peers)
+            log.info("formatted the region for %d peers", self.config.max_peers)
+        self._membership = MembershipWriter(memory)
+
+    def _membership_joined(self, peer: int) -> None:
+        if self._membership is None:
+            return
+        try:
+            self._membership.joined(peer, self.config.vectors)
+        except IvshmemError as err:  # e.g. every slot taken: the peer still gets doorbells
+            log.warning("peer %d is not in the membership table: %s", peer, err)
+
+    def _membership_changed(self, peer: int) -> None:
+        """Ring the membership vector of every peer but ``peer`` (who joined or left)."""
+        vector = self.config.membership_vector
+        if vector is None or self._table is None:
+            return
+        for other in list(self._table):
+            if other != peer:
+                self.ring(other, vector)
 
     def _listen(self, path: str, backlog: int) -> socket.socket:
         sock = _listen(path, self.config.mode, self.config.group, backlog)
@@ -734,6 +796,13 @@ class Server:
                 "accept_errors": c.accept_errors,
                 "status_queries": c.status_queries,
             },
+            "membership": None
+            if self._membership is None
+            else {
+                "generation": self._membership.generation,
+                "listed": sorted(self._membership.peers),
+                "vector": cfg.membership_vector,
+            },
             "limits": {
                 "max_queue": cfg.max_queue,
                 "open_fds": _open_fd_count(),
@@ -823,6 +892,10 @@ class Server:
                 self._remove_socket_file(path)
             listener.close()
         self._listener = self._status_listener = None
+        self._membership = None
+        if self._region_map is not None:
+            self._region_map.close()
+            self._region_map = None
         if self._shm_ref is not None:
             self._shm_ref.release()  # the server's reference; queued ones are gone already
             self._shm_ref = None
@@ -991,7 +1064,11 @@ class Server:
             uid,
             len(self._clients),
         )
+        # Listed in the membership table before it is sent anything, so a peer that looks at
+        # the table right after its handshake finds itself there.
+        self._membership_joined(peer)
         self._dispatch(sends)
+        self._membership_changed(peer)
         self._notify_observers("on_join", peer)
         return True
 
@@ -1163,8 +1240,13 @@ class Server:
         for holder in fds:
             holder.release()
         self._counters.leaves += 1
+        if self._membership is not None:
+            # Also at shutdown (announce=False): the table must not list peers of a server
+            # that is gone.
+            self._membership.left(client.peer)
         if announce:
             self._dispatch(sends)
+            self._membership_changed(client.peer)
             self._notify_observers("on_leave", client.peer)
 
     def _notify_observers(self, method: str, peer: int) -> None:

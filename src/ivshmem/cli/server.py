@@ -161,6 +161,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"first peer id to hand out, 0..{MAX_PEER_ID} (default 0 like QEMU; for tests "
         "of id wrap-around)",
     )
+    layout = parser.add_argument_group("membership table (ivshmem.channel region layout)")
+    layout.add_argument(
+        "--format",
+        dest="format_region",
+        action="store_true",
+        help="format the region for channels unless it already is, and keep its membership "
+        "table (which peers are present; guests read it, as the device cannot tell them)",
+    )
+    layout.add_argument(
+        "--max-peers",
+        metavar="N",
+        type=int,
+        default=16,
+        help="membership slots (peers that can have channels) when formatting (default 16)",
+    )
+    layout.add_argument(
+        "--membership-vector",
+        metavar="V",
+        type=int,
+        default=None,
+        help="ring vector V of every peer when a peer joins or leaves (needs --format)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +264,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         status_socket=status_socket,
         max_queue=args.max_queue,
         first_id=args.first_id,
+        format_region=args.format_region,
+        max_peers=args.max_peers,
+        membership_vector=args.membership_vector,
         pidfile=os.path.abspath(pidfile) if pidfile else None,
     )
     config.validate()
