@@ -351,7 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ivshmem-client",
-        description="Connect to an ivshmem server as a host peer: ring and receive doorbells, "
+        description="Connect to an ivshmem server as a host peer: ring and receive doorbells,\n"
         "read and write the shared memory (QEMU's ivshmem-client commands, and more).",
         epilog=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
