@@ -1,0 +1,255 @@
+"""This project's channels (:mod:`ivshmem.channel`), in two modes:
+
+* **spinning**: two :func:`ivshmem.open_region` endpoints (ids 0 and 1) on one memfd region,
+  formatted with a static membership table; both ends wait by spinning on the ring's index
+  word (``spin=inf``), with no system call per message.
+* **blocking**: two host peers (:func:`ivshmem.connect`) of a real ``ivshmem-server`` started
+  for the measurement; both ends block on their doorbell eventfd at once when there is
+  nothing to do (``spin=0`` by default, configurable), and a sender rings only when the
+  receiver says in the region that it sleeps.
+
+Messages go zero-copy both ways: the producer ``reserve()``s room in the ring, stamps it and
+``commit()``s; the consumer checks ``recv_view()`` in place and ``release()``s it. In the copy
+variant the producer writes the whole payload and the consumer copies it out before checking.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from ..harness import BenchError, Link, Stamp, Transport
+
+__all__ = ["ChannelBlocking", "ChannelSpinning"]
+
+_counter = itertools.count()
+_NAME = "bench"
+#: Record header the ring adds to every message (ring.HEADER).
+_RECORD_HEADER = 8
+_PAGE = 4096
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def ring_capacity(payload: int, depth: int) -> int:
+    """Ring bytes for the common queue budget; a message may use at most half the ring."""
+    return max(_pow2(depth * payload), _pow2(2 * (payload + _RECORD_HEADER)), 4096)
+
+
+def region_size(capacity: int) -> int:
+    """A power of two (the server requires it) with room for two peers' arenas, each holding
+    one channel of ``capacity`` bytes, plus the header and membership pages."""
+    return _pow2(2 * (capacity + 4 * _PAGE) + 8 * _PAGE)
+
+
+class _ChannelLink(Link):
+    def __init__(
+        self,
+        endpoint: Any,
+        kind: str,
+        side: int,
+        capacity: int,
+        spin: float,
+        stamp: Stamp,
+        copy: bool,
+    ) -> None:
+        from ...channel import Receiver, Sender
+
+        self._endpoint = endpoint
+        self._stamp = stamp
+        self._size = stamp.size
+        self._copy = copy
+        self._src = stamp.template()
+        self._dst = bytearray(stamp.size)
+        other = 1 - endpoint.id
+        wants_rx = kind == "rtt" or side == 1
+        wants_tx = kind == "rtt" or side == 0
+        self._rx: Any = None
+        self._tx: Any = None
+        # Receivers first: a Sender waits for the other side's Receiver to exist, so two sides
+        # that both started with their Sender would wait for each other.
+        if wants_rx:
+            self._rx = Receiver(
+                endpoint, _NAME, sender=other, capacity=capacity, spin=spin, timeout=30
+            )
+        if wants_tx:
+            self._tx = Sender(endpoint, _NAME, receiver=other, spin=spin, timeout=30)
+
+    def send(self, seq: int) -> None:
+        tx = self._tx
+        view = tx.reserve(self._size)
+        if self._copy:
+            view[:] = self._src
+        self._stamp.stamp(view, seq)
+        tx.commit()
+
+    def recv(self) -> int:
+        rx = self._rx
+        view = rx.recv_view()
+        if self._copy:
+            self._dst[:] = view
+            seq = self._stamp.check(self._dst)
+        else:
+            seq = self._stamp.check(view)
+        rx.release()
+        return seq
+
+    def close(self) -> None:
+        for end in (self._tx, self._rx):
+            if end is not None:
+                end.close()
+        self._tx = self._rx = None
+        self._endpoint.close()
+
+
+class ChannelSpinning(Transport):
+    key = "ivshmem_spin"
+    label = "ivshmem channel (spinning)"
+    zero_copy = True
+    notes = (
+        "two open_region() endpoints on one formatted memfd region (static membership), "
+        "Sender/Receiver with spin=inf; reserve/stamp/commit, recv_view/check/release"
+    )
+
+    def prepare(self) -> None:
+        from ...channel import format_region
+        from ...endpoint import open_region
+        from ...memory import SharedMemory
+
+        self.capacity = ring_capacity(self.payload, self.depth)
+        self._shm = SharedMemory.memfd(region_size(self.capacity), "ivshmem-bench")
+        # The children inherit the memfd across fork and map it themselves.
+        os.set_inheritable(self._shm.fd, True)
+        with open_region(self._shm.fd) as ep:
+            format_region(ep, max_peers=2, peers=[0, 1])
+
+    def open(self, side: int) -> _ChannelLink:
+        from ...endpoint import open_region
+
+        ep = open_region(self._shm.fd, id=side)
+        try:
+            return _ChannelLink(
+                ep, self.kind, side, self.capacity, float("inf"), self.stamp, self.copy
+            )
+        except BaseException:
+            ep.close()
+            raise
+
+    def cleanup(self) -> None:
+        self._shm.close()
+
+
+class ChannelBlocking(Transport):
+    key = "ivshmem_block"
+    label = "ivshmem channel (blocking)"
+    zero_copy = True
+    notes = (
+        "two host peers connect()ed to a fresh ivshmem-server (1 vector, region in /dev/shm "
+        "formatted with a static membership table), Sender/Receiver with spin=0: sleep on the "
+        "doorbell eventfd whenever there is nothing to do"
+    )
+
+    def prepare(self) -> None:
+        from ...channel import format_region
+        from ...endpoint import open_region
+
+        self.capacity = ring_capacity(self.payload, self.depth)
+        size = region_size(self.capacity)
+        n = next(_counter)
+        self._shm_name = f"ivshmem-bench-{os.getpid()}-{n}"
+        self._socket = os.path.join(self.ctx.tmpdir, f"server-{n}.sock")
+        self._log = os.path.join(self.ctx.tmpdir, f"server-{n}.log")
+        self._server: subprocess.Popen[bytes] | None = None
+        # Format before the server starts: it keeps the content of an existing -M object, and
+        # the two peers it will hand out ids 0 and 1 to are then already in the table.
+        with open_region(f"shm:{self._shm_name}", size=size) as ep:
+            format_region(ep, max_peers=2, peers={0: 1, 1: 1})
+        self._server = _start_server(self._socket, self._shm_name, size, self._log)
+
+    def open(self, side: int) -> _ChannelLink:
+        from ...peer import connect
+
+        ep = connect(self._socket, vectors=1, timeout=30)
+        try:
+            other = 1 - ep.id
+            if ep.id not in (0, 1):
+                raise BenchError(f"expected peer id 0 or 1 from a fresh server, got {ep.id}")
+            deadline = time.monotonic() + 30
+            while other not in ep.peers:  # reading peers takes the server's join messages
+                if time.monotonic() > deadline:
+                    raise BenchError(f"peer {other} did not join the server within 30 s")
+                time.sleep(0.002)
+            spin = float(self.ctx.options.get("block_spin", 0.0))
+            return _ChannelLink(ep, self.kind, side, self.capacity, spin, self.stamp, self.copy)
+        except BaseException:
+            ep.close()
+            raise
+
+    def cleanup(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        try:
+            os.unlink(os.path.join("/dev/shm", self._shm_name))
+        except FileNotFoundError:
+            pass
+
+
+def _start_server(sock: str, shm_name: str, size: int, log_path: str) -> subprocess.Popen[bytes]:
+    """``ivshmem-server`` in the foreground; ready when it says READY=1 over sd_notify (a probe
+    connection would make it admit a phantom peer and shift the ids)."""
+    notify_path = sock + ".notify"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(0.1)
+    env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "ivshmem.cli.server",
+        "-F",
+        "-S",
+        sock,
+        "-M",
+        shm_name,
+        "-l",
+        str(size),
+        "-n",
+        "1",
+        "--status-socket",
+        "",
+    ]
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if b"READY=1" in notify.recv(4096):
+                    return proc
+            except TimeoutError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                with open(log_path, errors="replace") as f:
+                    text = f.read()
+                raise BenchError(
+                    f"ivshmem-server did not start (status {proc.returncode}):\n{text}"
+                )
+    finally:
+        notify.close()
+        os.unlink(notify_path)
