@@ -1,0 +1,851 @@
+"""Channels: named, one-way message streams between two peers, over any endpoint.
+
+A channel is identified by ``(name, sender id, receiver id)`` and lives in the receiver's
+arena (see ``layout.py``). The receiver creates it (``Receiver(...)``), the sender finds it
+(``Sender(...)`` waits until it exists); the same name used in the other direction is another
+channel, which is what :class:`Duplex` pairs up.
+
+**Waiting.** Every blocking call first spins for ``spin`` seconds re-reading one shared word
+(the lowest latency, costs a core), then blocks:
+
+* on an endpoint with doorbells (a host peer connected to a server, a guest device through
+  VFIO), it stores an odd "waiting" number in its own line, fences, re-checks the ring, and
+  only then sleeps on its vector's eventfd. The other side, after publishing, fences and
+  loads that word; it rings only when the word is odd and new. Both fences are needed (the
+  Dekker argument in ``_ordering.py``), and together they guarantee no lost wake-up: either
+  the sleeper's re-check sees the new data, or the publisher's load sees the odd word.
+  A busy stream therefore costs no system call at all.
+* on a plain region (:class:`~ivshmem.RegionEndpoint`, no doorbell) there is nothing to sleep
+  on, so it polls: sleeps that double from 50 microseconds up to ``poll_interval``. Its
+  waiting word stays even, so the sender never tries to ring it.
+
+While blocked, liveness of the other peer is checked every ``liveness_interval`` seconds, and
+at once when the ``membership_vector`` is rung: ``endpoint.peers`` where the endpoint knows
+them (a host peer), else the region's membership table when a server keeps it. A peer that
+left ends the wait with :class:`PeerGoneError` (a receiver first gets every message already
+in the ring). On a plain region with a static table nobody can tell, and waits simply go on
+until their timeout.
+
+Give each channel that blocks concurrently in one process its own vector when you can:
+two threads sleeping on one eventfd can take each other's wake-up (each then only notices
+its data at the next liveness check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import select
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..endpoint import Endpoint
+from ..errors import DoorbellUnavailableError, PeersUnknownError, UsageError
+from ._ordering import _acquire, _release, check_platform
+from .errors import (
+    ChannelClosedError,
+    ChannelCorrupted,
+    ChannelTimeout,
+    PeerGoneError,
+)
+from .layout import (
+    CHANNEL_NAME_MAX,
+    ChannelEntry,
+    Membership,
+    Region,
+    allocate_channel,
+    find_channel,
+    read_arena,
+)
+from .ring import (
+    CTRL_SIZE,
+    FLAG_CLOSED,
+    KIND_ARRAY,
+    MIN_CAPACITY,
+    NO_VECTOR,
+    R_FLAGS,
+    R_TAIL,
+    R_VECTOR,
+    R_WAIT,
+    S_FLAGS,
+    S_HEAD,
+    S_VECTOR,
+    S_WAIT,
+    RingReceiver,
+    RingSender,
+    init_area,
+)
+
+__all__ = ["DEFAULT_CAPACITY", "Duplex", "Receiver", "Sender"]
+
+DEFAULT_CAPACITY = 1 << 16
+MAX_CAPACITY = 1 << 32  # the record length field is 32 bits; payloads are at most half
+DEFAULT_SPIN = 50e-6
+DEFAULT_LIVENESS_INTERVAL = 0.1
+DEFAULT_POLL_INTERVAL = 0.001
+_FIRST_POLL_SLEEP = 50e-6
+_TIME_CHECK_EVERY = 64  # spin iterations between clock reads
+
+# Open ends in this process, so the same end of a channel cannot be opened twice (two writers
+# of one word would break the single-writer argument). Keyed by region format id, offset, role.
+_open_ends: set[tuple[int, int, str]] = set()
+
+
+def _label(name: str, sender: int, receiver: int) -> str:
+    return f"{name} ({sender}->{receiver})"
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    return time.monotonic() + max(0.0, timeout)
+
+
+class _End:
+    """Waiting, doorbells and liveness: what a Sender and a Receiver share.
+
+    ``_q`` (the area's word view) and ``name`` come from the ring class this is mixed with.
+    """
+
+    _q: memoryview
+    name: str
+
+    def _setup(
+        self,
+        endpoint: Endpoint,
+        region: Region,
+        peer: int,
+        vector: int | None,
+        membership_vector: int | None,
+        spin: float,
+        liveness_interval: float,
+        poll_interval: float,
+        role: str,
+        key: tuple[int, int, str],
+        my_wait: int,
+    ) -> None:
+        if spin < 0 or liveness_interval <= 0 or poll_interval <= 0:
+            raise UsageError("spin must be >= 0 and the intervals > 0")
+        self.endpoint = endpoint
+        self.region = region
+        self.peer = peer
+        self.spin = spin
+        self.liveness_interval = liveness_interval
+        self.poll_interval = poll_interval
+        self._membership = Membership(region)
+        self._role = role
+        self._key = key
+        # Continue from our own word's last value so that every "waiting" number we ever
+        # store is new: the other side rings once per new odd number, and a number it has
+        # already rung for (left by an earlier object on this end) would be skipped.
+        old = self._q[my_wait]
+        self._wait_seq = (old & ~1) + 2 if old < 1 << 62 else 0
+        self._q[my_wait] = self._wait_seq
+        self._closed = False
+        self._doorbell = endpoint.vectors > 0
+        self._poller: Any = None
+        self._fds: tuple[int, ...] = ()
+        self.vector: int | None = None
+        self.membership_vector = membership_vector
+        if self._doorbell:
+            v = 0 if vector is None else vector
+            if not 0 <= v < endpoint.vectors:
+                raise UsageError(f"vector {v} is outside this endpoint's 0..{endpoint.vectors - 1}")
+            self.vector = v
+            fds = [endpoint.fileno(v)]
+            if membership_vector is not None and membership_vector != v:
+                fds.append(endpoint.fileno(membership_vector))
+            # Our own poll object on the eventfds (not endpoint.wait(), which builds one per
+            # call): this is the blocking round trip's hot path. Only for non-blocking fds,
+            # so a wake-up taken by someone else between poll and read cannot hang us.
+            if all(not os.get_blocking(fd) for fd in fds):
+                self._poller = select.poll()
+                for fd in fds:
+                    self._poller.register(fd, select.POLLIN)
+                self._fds = tuple(fds)
+        elif vector is not None:
+            raise DoorbellUnavailableError(
+                f"{endpoint!r} has no doorbell, so vector={vector} cannot be used: a plain "
+                "region polls; leave vector out"
+            )
+
+    # -- liveness ------------------------------------------------------------------------
+
+    def peer_alive(self) -> bool | None:
+        """True/False when it can be known whether the other peer is still here, else None."""
+        ep = self.endpoint
+        if self._doorbell:
+            try:
+                # Let an endpoint that learns about peers from its server socket read it
+                # (EventfdEndpoint services that socket inside wait). A doorbell taken here
+                # is harmless: every caller re-checks the ring right after.
+                ep.wait(self.vector, timeout=0)
+            except Exception:  # probing must not mask the real state, checked just below
+                pass
+        try:
+            return self.peer in ep.peers
+        except PeersUnknownError:
+            pass
+        snap = self._membership.snapshot()
+        if not snap.live:
+            return None
+        return self.peer in snap.peers
+
+    def _check_peer(self) -> None:
+        if self.peer_alive() is False:
+            raise PeerGoneError(self.name, self.peer)
+
+    # -- blocking machinery --------------------------------------------------------------
+
+    def _ring_peer(self, vector: int) -> None:
+        """Ring the other peer on the vector it advertised (validated: it is its word)."""
+        if vector == NO_VECTOR or not self._doorbell:
+            return
+        if vector > 0xFFFF:
+            raise ChannelCorrupted(self.name, "vector", f"peer advertises vector {vector}")
+        try:
+            self.endpoint.notify(self.peer, vector)
+        except DoorbellUnavailableError:
+            pass
+        except UsageError as err:  # unknown peer or vector: it left, or its word lies
+            if self.peer_alive() is False:
+                raise PeerGoneError(self.name, self.peer) from err
+            raise ChannelCorrupted(
+                self.name, "vector", f"cannot ring peer {self.peer} vector {vector}: {err}"
+            ) from err
+
+    def _block(
+        self,
+        changed: Callable[[], bool],
+        my_wait: int,
+        other_closed: Callable[[], bool],
+        deadline: float | None,
+    ) -> None:
+        """Return once ``changed()`` is true (the other side moved). Raises ChannelTimeout
+        at the (monotonic) ``deadline``, PeerGoneError, or ChannelClosedError when
+        ``other_closed()`` says so. Callers compute the deadline once per call, so a peer
+        that makes ``changed()`` flicker cannot extend a timeout."""
+        now = time.monotonic()
+        q = self._q
+        # 1. Spin: the fastest reaction, one shared load per turn.
+        if self.spin > 0:
+            spin_end = now + self.spin
+            next_live = now + self.liveness_interval
+            i = 0
+            while True:
+                if changed():
+                    return
+                i += 1
+                if i % _TIME_CHECK_EVERY == 0:
+                    now = time.monotonic()
+                    if now >= spin_end:
+                        break
+                    if deadline is not None and now >= deadline:
+                        raise ChannelTimeout(f"channel {self.name!r}: timed out")
+                    if now >= next_live:  # only reached with a long (or infinite) spin
+                        if other_closed():
+                            raise ChannelClosedError(f"channel {self.name!r}: peer closed it")
+                        self._check_peer()
+                        next_live = now + self.liveness_interval
+        # 2. Block (doorbell) or poll (plain region).
+        next_live = time.monotonic()  # check liveness as soon as we stop spinning
+        sleep = _FIRST_POLL_SLEEP
+        try:
+            while True:
+                if self._doorbell:
+                    self._wait_seq += 2
+                    q[my_wait] = self._wait_seq | 1  # "I am about to sleep"
+                    _acquire()  # StoreLoad fence (_ordering.py, point 3)
+                    _release()
+                if changed():
+                    return
+                now = time.monotonic()
+                if now >= next_live:
+                    if other_closed():
+                        raise ChannelClosedError(f"channel {self.name!r}: peer closed it")
+                    self._check_peer()
+                    if changed():  # the probe may have consumed a doorbell
+                        return
+                    now = time.monotonic()
+                    next_live = now + self.liveness_interval
+                if deadline is not None and now >= deadline:
+                    raise ChannelTimeout(f"channel {self.name!r}: timed out")
+                limit = next_live if deadline is None else min(deadline, next_live)
+                if self._doorbell:
+                    self._sleep_on_doorbell(limit - now)
+                else:
+                    time.sleep(min(sleep, limit - now))
+                    sleep = min(sleep * 2, self.poll_interval)
+        finally:
+            if self._doorbell:
+                q[my_wait] = self._wait_seq + 2  # even: not waiting
+                self._wait_seq += 2
+
+    def _sleep_on_doorbell(self, seconds: float) -> None:
+        if self._poller is None:
+            self.endpoint.wait(self.vector, timeout=max(0.0, seconds))
+            return
+        events = self._poller.poll(max(0, int(seconds * 1000 + 0.999)))
+        for fd, _ in events:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                pass
+            if fd != self._fds[0]:  # the membership vector: re-check liveness now
+                self._check_peer()
+
+    async def _block_async(
+        self,
+        changed: Callable[[], bool],
+        my_wait: int,
+        other_closed: Callable[[], bool],
+        deadline: float | None,
+    ) -> None:
+        """Asyncio twin of :meth:`_block` (no spinning: that would stall the event loop)."""
+        q = self._q
+        next_live = time.monotonic()
+        sleep = _FIRST_POLL_SLEEP
+        try:
+            while True:
+                if self._doorbell:
+                    self._wait_seq += 2
+                    q[my_wait] = self._wait_seq | 1
+                    _acquire()
+                    _release()
+                if changed():
+                    return
+                now = time.monotonic()
+                if now >= next_live:
+                    if other_closed():
+                        raise ChannelClosedError(f"channel {self.name!r}: peer closed it")
+                    self._check_peer()
+                    if changed():
+                        return
+                    now = time.monotonic()
+                    next_live = now + self.liveness_interval
+                if deadline is not None and now >= deadline:
+                    raise ChannelTimeout(f"channel {self.name!r}: timed out")
+                limit = next_live if deadline is None else min(deadline, next_live)
+                if self._doorbell:
+                    await self.endpoint.wait_async(self.vector, timeout=max(0.0, limit - now))
+                else:
+                    await asyncio.sleep(min(sleep, limit - now))
+                    sleep = min(sleep * 2, self.poll_interval)
+        finally:
+            if self._doorbell:
+                q[my_wait] = self._wait_seq + 2
+                self._wait_seq += 2
+
+    def _forget(self) -> None:
+        _open_ends.discard(self._key)
+
+
+def _claim(key: tuple[int, int, str], label: str) -> None:
+    if key in _open_ends:
+        raise UsageError(
+            f"the {key[2]} end of channel {label} is already open in this process: share "
+            "that object (with your own locking between threads) instead of opening it twice"
+        )
+    _open_ends.add(key)
+
+
+def _own_slot(region: Region, endpoint: Endpoint, deadline: float | None) -> int:
+    """This peer's membership slot, waiting for the server to list it."""
+    me = endpoint.id
+    membership = Membership(region)
+    while True:
+        entry = membership.snapshot().entries.get(me)
+        if entry is not None:
+            return entry.slot
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ChannelTimeout(
+                f"peer {me} is not in the region's membership table: the server lists peers "
+                "when they connect (if it formats the region), and a plain region lists the "
+                "peers given to format_region(peers=...)"
+            )
+        time.sleep(0.005)
+
+
+class Receiver(RingReceiver, _End):
+    """The receiving end of channel ``name`` from peer ``sender``; creates it if needed.
+
+    Usage::
+
+        rx = Receiver(endpoint, "frames", sender=1)
+        data = rx.recv()                      # bytes, copied out
+        view = rx.recv_view(); ...; rx.release()   # zero copy, valid until release()
+        arr = rx.recv_array()                 # numpy view, valid until release()
+        msg = await rx.recv_async()
+
+    ``capacity`` (a power of two, bytes of ring; the largest message is half of it) only
+    matters when the channel is created. ``spin`` seconds of spinning precede blocking
+    (``float('inf')``: spin only, never sleep).
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        name: str,
+        sender: int,
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        vector: int | None = None,
+        membership_vector: int | None = None,
+        spin: float = DEFAULT_SPIN,
+        timeout: float | None = 10.0,
+        liveness_interval: float = DEFAULT_LIVENESS_INTERVAL,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+    ) -> None:
+        check_platform()
+        if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or capacity & (capacity - 1):
+            raise UsageError(
+                f"capacity {capacity} must be a power of two within {MIN_CAPACITY}..{MAX_CAPACITY}"
+            )
+        if len(name.encode()) > CHANNEL_NAME_MAX:
+            raise UsageError(f"channel name {name!r} is longer than {CHANNEL_NAME_MAX} bytes")
+        region = Region(endpoint)
+        me = endpoint.id
+        label = _label(name, sender, me)
+        slot = _own_slot(region, endpoint, _deadline(timeout))
+        entry = allocate_channel(
+            region, slot, me, name, sender, me, CTRL_SIZE + capacity, init_area
+        )
+        key = (region.format_id, entry.offset, "receiving")
+        _claim(key, label)
+        try:
+            area = region.memory[entry.offset : entry.offset + entry.size]
+            RingReceiver.__init__(self, area, label)
+            self._setup(
+                endpoint, region, sender, vector, membership_vector, spin,
+                liveness_interval, poll_interval, "receiving", key, R_WAIT,
+            )  # fmt: skip
+            q = self._q
+            q[R_VECTOR] = NO_VECTOR if self.vector is None else self.vector
+            q[R_FLAGS] = 0
+        except BaseException:
+            _open_ends.discard(key)
+            raise
+        self.channel = name
+        self.sender = sender
+        weakref.finalize(self, _open_ends.discard, key)
+
+    # -- readiness ------------------------------------------------------------------------
+
+    def _has_data(self) -> bool:
+        return self._tail != self._head or self._q[S_HEAD] != self._tail
+
+    def _sender_closed(self) -> bool:
+        return bool(self._q[S_FLAGS] & FLAG_CLOSED) and not self._has_data()
+
+    def _wait_data(self, deadline: float | None) -> None:
+        if self._closed:
+            raise ChannelClosedError(f"channel {self.name!r} is closed")
+        if self._tail != self._released and not self._views:
+            self.release()  # lazily kept space goes back before we wait (the sender may need it)
+        self._block(self._has_data, R_WAIT, self._sender_closed, deadline)
+
+    # -- blocking API -----------------------------------------------------------------------
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        """The next message as bytes. Raises ChannelTimeout, PeerGoneError (after the ring
+        is drained), ChannelClosedError (the sender closed it and all was received)."""
+        data = self.try_recv()
+        deadline = _deadline(timeout)
+        while data is None:
+            self._wait_data(deadline)
+            data = self.try_recv()
+        return data
+
+    def recv_view(self, timeout: float | None = None) -> memoryview:
+        """The next message as a read-only view into shared memory (no copy), valid until
+        :meth:`release`."""
+        view = self.try_recv_view()
+        deadline = _deadline(timeout)
+        while view is None:
+            self._wait_data(deadline)
+            view = self.try_recv_view()
+        return view
+
+    def recv_many(self, max_messages: int = 1024, timeout: float | None = None) -> list[bytes]:
+        """At least one message (waiting for it), then whatever else is already there, up to
+        ``max_messages``; the space is given back once, at the end (batching)."""
+        out = [self.recv_view(timeout)]
+        while len(out) < max_messages:
+            view = self.try_recv_view()
+            if view is None:
+                break
+            out.append(view)
+        result = [bytes(v) for v in out]
+        self.release()
+        return result
+
+    def recv_array(self, timeout: float | None = None, *, copy: bool = False) -> Any:
+        """The next array message as a numpy array over shared memory (read-only, valid until
+        :meth:`release`), or a private copy with ``copy=True`` (released at once)."""
+        view = self.try_recv_view(KIND_ARRAY)
+        deadline = _deadline(timeout)
+        while view is None:
+            self._wait_data(deadline)
+            view = self.try_recv_view(KIND_ARRAY)
+        array = _decode_array(view, self.name)
+        if copy:
+            array = array.copy()
+            self.release()
+        return array
+
+    async def recv_async(self, timeout: float | None = None) -> bytes:
+        data = self.try_recv()
+        deadline = _deadline(timeout)
+        while data is None:
+            await self._block_async(self._has_data, R_WAIT, self._sender_closed, deadline)
+            data = self.try_recv()
+        return data
+
+    async def recv_view_async(self, timeout: float | None = None) -> memoryview:
+        view = self.try_recv_view()
+        deadline = _deadline(timeout)
+        while view is None:
+            await self._block_async(self._has_data, R_WAIT, self._sender_closed, deadline)
+            view = self.try_recv_view()
+        return view
+
+    async def recv_array_async(self, timeout: float | None = None, *, copy: bool = False) -> Any:
+        view = self.try_recv_view(KIND_ARRAY)
+        deadline = _deadline(timeout)
+        while view is None:
+            await self._block_async(self._has_data, R_WAIT, self._sender_closed, deadline)
+            view = self.try_recv_view(KIND_ARRAY)
+        array = _decode_array(view, self.name)
+        if copy:
+            array = array.copy()
+            self.release()
+        return array
+
+    def _wake_sender(self, vector: int) -> None:
+        self._ring_peer(vector)
+
+    def close(self) -> None:
+        """Release everything, tell the sender (its blocked sends end), forget the end."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.release()
+            self._q[R_FLAGS] = FLAG_CLOSED
+        finally:
+            self._forget()
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Receiver {self.name} capacity={self.capacity}>"
+
+
+class Sender(RingSender, _End):
+    """The sending end of channel ``name`` to peer ``receiver``; waits (up to ``timeout``)
+    for the receiver to create it.
+
+    Usage::
+
+        tx = Sender(endpoint, "frames", receiver=2)
+        tx.send(b"hello")                      # copy in, publish, ring if the receiver sleeps
+        buf = tx.reserve(4096); fill(buf); tx.commit()      # zero copy
+        for m in batch: tx.send(m, flush=False)
+        tx.flush()                             # one index store, at most one doorbell
+        tx.send_array(np.arange(10))
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        name: str,
+        receiver: int,
+        *,
+        vector: int | None = None,
+        membership_vector: int | None = None,
+        spin: float = DEFAULT_SPIN,
+        timeout: float | None = 10.0,
+        liveness_interval: float = DEFAULT_LIVENESS_INTERVAL,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+    ) -> None:
+        check_platform()
+        region = Region(endpoint)
+        me = endpoint.id
+        label = _label(name, me, receiver)
+        entry = _find_remote(region, name, me, receiver, _deadline(timeout), label)
+        key = (region.format_id, entry.offset, "sending")
+        _claim(key, label)
+        try:
+            area = region.memory[entry.offset : entry.offset + entry.size]
+            RingSender.__init__(self, area, label)
+            self._setup(
+                endpoint, region, receiver, vector, membership_vector, spin,
+                liveness_interval, poll_interval, "sending", key, S_WAIT,
+            )  # fmt: skip
+            q = self._q
+            q[S_VECTOR] = NO_VECTOR if self.vector is None else self.vector
+            q[S_FLAGS] = 0
+        except BaseException:
+            _open_ends.discard(key)
+            raise
+        self.channel = name
+        self.receiver = receiver
+        weakref.finalize(self, _open_ends.discard, key)
+
+    def _tail_moved(self) -> bool:
+        return self._q[R_TAIL] != self._tail
+
+    def _receiver_closed(self) -> bool:
+        return bool(self._q[R_FLAGS] & FLAG_CLOSED)
+
+    def _wait_room(self, deadline: float | None) -> None:
+        if self._closed:
+            raise ChannelClosedError(f"channel {self.name!r} is closed")
+        self.flush()  # what is committed must be visible, or the receiver cannot make room
+        if self._receiver_closed():
+            raise ChannelClosedError(f"channel {self.name!r}: the receiver closed it")
+        self._block(self._tail_moved, S_WAIT, self._receiver_closed, deadline)
+
+    def send(
+        self, data: bytes | bytearray | memoryview, timeout: float | None = None,
+        flush: bool = True,
+    ) -> None:  # fmt: skip
+        """Copy ``data`` in as one message (waiting for room). ``flush=False`` defers
+        publishing to :meth:`flush`, for batches."""
+        if not self.try_send(data, flush):
+            deadline = _deadline(timeout)
+            self._wait_room(deadline)
+            while not self.try_send(data, flush):
+                self._wait_room(deadline)
+
+    def send_many(self, messages: Iterable[bytes], timeout: float | None = None) -> None:
+        """Send every message, publishing once at the end (and when the ring fills)."""
+        for m in messages:
+            self.send(m, timeout, flush=False)
+        self.flush()
+
+    async def send_async(self, data: bytes | bytearray | memoryview,
+                         timeout: float | None = None) -> None:  # fmt: skip
+        deadline = _deadline(timeout)
+        while not self.try_send(data):
+            self.flush()
+            await self._block_async(self._tail_moved, S_WAIT, self._receiver_closed, deadline)
+
+    def reserve(self, n: int, timeout: float | None = None) -> memoryview:
+        """A writable view of ``n`` bytes inside the ring (zero copy); fill it, then
+        :meth:`commit` (or :meth:`cancel`)."""
+        view = self.try_reserve(n)
+        deadline = _deadline(timeout)
+        while view is None:
+            self._wait_room(deadline)
+            view = self.try_reserve(n)
+        return view
+
+    def reserve_array(self, shape: int | tuple[int, ...], dtype: Any = "f8",
+                      timeout: float | None = None) -> Any:  # fmt: skip
+        """A numpy array of ``shape``/``dtype`` living in the ring; fill it, then
+        :meth:`commit`. The receiver gets it with ``recv_array``."""
+        np = _numpy()
+        dt = _check_dtype(np.dtype(dtype))
+        dims = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+        header = _encode_array_header(dt, dims)
+        nbytes = dt.itemsize * _product(dims)
+        view = self.try_reserve(len(header) + nbytes, KIND_ARRAY)
+        deadline = _deadline(timeout)
+        while view is None:
+            self._wait_room(deadline)
+            view = self.try_reserve(len(header) + nbytes, KIND_ARRAY)
+        view[: len(header)] = header
+        if nbytes == 0:
+            return np.empty(dims, dt)
+        return np.frombuffer(view, dt, _product(dims), len(header)).reshape(dims)
+
+    def send_array(self, array: Any, timeout: float | None = None, flush: bool = True) -> None:
+        """Send a numpy array: one copy, straight into the ring (dtype and shape travel in a
+        small header)."""
+        np = _numpy()
+        a = np.asarray(array)
+        out = self.reserve_array(a.shape, a.dtype, timeout)
+        try:
+            if a.size:
+                np.copyto(out, a, casting="no")
+        except BaseException:
+            self.cancel()
+            raise
+        del out
+        self.commit(flush=flush)
+
+    def _wake_receiver(self, vector: int) -> None:
+        self._ring_peer(vector)
+
+    def close(self) -> None:
+        """Publish what is committed, mark the channel closed (the receiver gets
+        ChannelClosedError once it has read everything), forget the end."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.cancel()
+            self.flush()
+            q = self._q
+            q[S_FLAGS] = FLAG_CLOSED
+            _acquire()
+            _release()
+            wait = q[R_WAIT]
+            if wait & 1:  # wake a sleeping receiver so it sees the close now
+                self._ring_peer(q[R_VECTOR])
+        finally:
+            self._forget()
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Sender {self.name} capacity={self.capacity}>"
+
+
+def _find_remote(
+    region: Region, name: str, me: int, receiver: int, deadline: float | None, label: str
+) -> ChannelEntry:
+    """Wait until the receiver is listed and has created the channel; return its entry."""
+    membership = Membership(region)
+    sleep = 0.001
+    while True:
+        peer = membership.snapshot().entries.get(receiver)
+        if peer is not None:
+            arena = read_arena(region, peer.slot)
+            if arena.owner == receiver:
+                entry = find_channel(region, peer.slot, name, me, receiver)
+                if entry is not None:
+                    return entry
+        if deadline is not None and time.monotonic() >= deadline:
+            where = "is not listed in the membership table" if peer is None else (
+                "has not created it (it must open a Receiver)"
+            )  # fmt: skip
+            raise ChannelTimeout(f"channel {label}: peer {receiver} {where}")
+        time.sleep(sleep)
+        sleep = min(sleep * 2, 0.05)
+
+
+class Duplex:
+    """Both directions between this endpoint and ``peer`` under one name: a Receiver for
+    ``(name, peer -> me)`` and a Sender for ``(name, me -> peer)``. Good for request/reply and
+    ping-pong. Keyword arguments go to both ends (``capacity`` to the receiver only)."""
+
+    def __init__(self, endpoint: Endpoint, name: str, peer: int, *,
+                 capacity: int = DEFAULT_CAPACITY, timeout: float | None = 10.0,
+                 **options: Any) -> None:  # fmt: skip
+        self.rx = Receiver(endpoint, name, peer, capacity=capacity, timeout=timeout, **options)
+        try:
+            self.tx = Sender(endpoint, name, peer, timeout=timeout, **options)
+        except BaseException:
+            self.rx.close()
+            raise
+
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        self.tx.send(data, timeout)
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        return self.rx.recv(timeout)
+
+    def close(self) -> None:
+        try:
+            self.tx.close()
+        finally:
+            self.rx.close()
+
+    def __enter__(self) -> Duplex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- arrays -----------------------------------------------------------------------------------
+#
+# Payload of an array message:  u8 ndim | u8 len(dtype.str) | dtype.str (<= 14 ASCII bytes) |
+# ndim x u64 shape | padding to 16 | data (C order). The header comes from shared memory too,
+# so the receiver copies it once, checks every field, and only builds plain numeric dtypes
+# (never object dtypes: their bytes would be taken as pointers).
+
+_MAX_NDIM = 32
+_DTYPE_RE = re.compile(r"^[<>|][biufcmMSUV]\d{1,6}(\[\w{1,8}\])?$")
+
+
+def _numpy() -> Any:
+    try:
+        import numpy as np
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise UsageError("numpy is not installed: pip install 'ivshmem[numpy]'") from err
+    return np
+
+
+def _product(dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _check_dtype(dt: Any) -> Any:
+    if dt.hasobject or dt.fields is not None or dt.subdtype is not None or dt.itemsize == 0:
+        raise UsageError(f"dtype {dt} cannot travel: only plain numeric/bytes dtypes can")
+    if not _DTYPE_RE.match(dt.str):
+        raise UsageError(f"dtype {dt} ({dt.str!r}) cannot travel over a channel")
+    return dt
+
+
+def _encode_array_header(dt: Any, dims: tuple[int, ...]) -> bytes:
+    if len(dims) > _MAX_NDIM or any(d < 0 for d in dims):
+        raise UsageError(f"shape {dims} is not sendable (at most {_MAX_NDIM} dimensions)")
+    code: bytes = dt.str.encode("ascii")
+    head: bytes = bytes([len(dims), len(code)]) + code.ljust(14, b"\0")
+    head += b"".join(d.to_bytes(8, "little") for d in dims)
+    return head.ljust((len(head) + 15) & ~15, b"\0")
+
+
+def _decode_array(view: memoryview, channel: str) -> Any:
+    np = _numpy()
+    n = len(view)
+    if n < 16:
+        raise ChannelCorrupted(channel, "array header", f"payload of {n} bytes is too short")
+    fixed = bytes(view[:16])
+    ndim, code_len = fixed[0], fixed[1]
+    if ndim > _MAX_NDIM or not 1 <= code_len <= 14:
+        raise ChannelCorrupted(channel, "array header", f"ndim {ndim}, dtype length {code_len}")
+    offset = (16 + 8 * ndim + 15) & ~15
+    if offset > n:
+        raise ChannelCorrupted(channel, "array header", "shape runs past the payload")
+    try:
+        code = fixed[2 : 2 + code_len].decode("ascii")
+    except UnicodeDecodeError:
+        code = "?"
+    if not _DTYPE_RE.match(code):
+        raise ChannelCorrupted(channel, "array dtype", f"{code!r} is not an allowed dtype")
+    try:
+        dt = np.dtype(code)
+    except TypeError as err:
+        raise ChannelCorrupted(channel, "array dtype", f"{code!r}: {err}") from err
+    if dt.hasobject or dt.fields is not None or dt.itemsize == 0:
+        raise ChannelCorrupted(channel, "array dtype", f"{code!r} is not a plain dtype")
+    shape_bytes = bytes(view[16 : 16 + 8 * ndim])
+    dims = tuple(int.from_bytes(shape_bytes[i : i + 8], "little") for i in range(0, 8 * ndim, 8))
+    count = _product(dims)
+    if count * dt.itemsize != n - offset:
+        raise ChannelCorrupted(
+            channel, "array shape", f"{dims} of {code} needs {count * dt.itemsize} bytes, "
+            f"the message carries {n - offset}",
+        )  # fmt: skip
+    if count == 0:
+        return np.empty(dims, dt)
+    return np.frombuffer(view, dt, count, offset).reshape(dims)

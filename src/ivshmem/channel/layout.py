@@ -1,0 +1,725 @@
+"""The region layout: a self-describing header, the membership table and per-peer arenas.
+
+A formatted region looks like this (every offset page-aligned, every control word 8-byte
+aligned; all integers little-endian)::
+
+    offset 0          header page: magic, layout version, sizes, directory of allocations
+    PAGE              membership table: seqlock word, writer kind, one 16-byte slot per peer
+    ...               user allocations named at format time (format_region(allocations=...))
+    arenas_offset     max_peers arenas of arena_size bytes; arena k belongs to the peer in
+                      membership slot k and holds the channels that peer receives on
+
+**Who writes what.** Python has no atomic read-modify-write on shared memory, so the layout is
+built so that every field has exactly one writer at any time, and a mutual-exclusion protocol is
+never needed:
+
+* Header page, directory, user-allocation bounds: only :func:`format_region`, which is an
+  explicit act done while nobody uses the region. It clears the magic first and writes it
+  last, so a concurrent reader sees either "not formatted" or a complete header (stores are
+  ordered on x86-64: see ``_ordering.py``).
+* Membership table: only the *membership writer* (:class:`MembershipWriter`): the ivshmem
+  server for a live table, or :func:`format_region` for a static one on a plain region. Readers
+  use the seqlock described at :class:`Membership`.
+* Arena k's header (owner, epoch) and the reset of its allocation counters: the membership
+  writer, only while slot k is free, before it publishes slot k (so a peer that sees itself in
+  the table finds a clean arena).
+* Arena k's allocation counters and channel directory: only the peer that owns slot k, and
+  only after it has seen itself in the table. Allocation inside a process is serialised by a
+  process-wide lock (several threads may open channels), and only one process has a given
+  peer id.
+
+Why per-peer arenas rather than one pool with an allocation lock: a shared bump pointer needs
+compare-and-swap (a dependency such as ``atomics``, whose wheels stop at Python 3.11), and a
+lock held by a peer that dies stays held. And QEMU's server gives a reconnecting VM a new id,
+so channels keyed by ids would leak a global pool slot by slot; an arena is recycled whole when
+its owner leaves and the slot is given to someone else.
+
+**Trust.** Every value read from the region is read once into a private variable (the header,
+arena directory and membership table are copied out with one ``bytes()`` each and parsed from
+the copy) and validated before use; failures raise :class:`NotFormattedError` (no or foreign
+header) or :class:`RegionCorrupted` (naming the field).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..endpoint import Endpoint
+from ..errors import UsageError
+from ._ordering import check_platform
+from .errors import NotFormattedError, RegionCorrupted, RegionFullError
+
+__all__ = [
+    "LAYOUT_VERSION",
+    "MAGIC",
+    "PAGE",
+    "ChannelEntry",
+    "Membership",
+    "MembershipSnapshot",
+    "MembershipWriter",
+    "PeerEntry",
+    "Region",
+    "format_region",
+    "is_formatted",
+]
+
+PAGE = 4096
+MAGIC = b"IVSHREGN"
+LAYOUT_VERSION = 1
+
+#: Most peers a region can be formatted for (the membership table and arenas scale with it).
+MAX_PEERS_LIMIT = 1024
+#: Highest vector count a membership slot may claim (QEMU caps devices at 64; leave room).
+MAX_VECTORS = 1024
+MAX_PEER_ID = 0xFFFF
+EMPTY = 0xFFFFFFFF  # a free membership slot's peer field
+NO_OWNER = 0xFFFFFFFFFFFFFFFF  # a free arena's owner field
+
+# Header (offset 0): magic, version, header_size, region_size, format_id, max_peers,
+# directory count, membership offset and size, arenas offset, arena size, flags.
+_HEADER = struct.Struct("<8sIIQQIIQQQQQ")
+_DIR_OFFSET = 128
+_DIR_ENTRY = struct.Struct("<40sQQII")  # name, offset, size, kind, reserved: 64 bytes
+_DIR_ENTRY_SIZE = 64
+MAX_ALLOCATIONS = (PAGE - _DIR_OFFSET) // _DIR_ENTRY_SIZE  # 62
+_KIND_MEMBERSHIP, _KIND_ARENAS, _KIND_USER = 1, 2, 3
+_NAME_MAX = 40
+
+# Membership table: word 0 seqlock, word 1 writer kind, word 2 max_peers; slots from byte 64.
+_M_SEQ, _M_KIND, _M_MAXPEERS = 0, 1, 2
+_M_SLOTS = 64
+_SLOT = struct.Struct("<IIQ")  # peer id (EMPTY if free), vectors, generation at join
+_SLOT_SIZE = 16
+
+#: Kinds of membership writer recorded in the table.
+WRITER_NONE, WRITER_STATIC, WRITER_SERVER = 0, 1, 2
+_WRITER_NAMES = {WRITER_NONE: "none", WRITER_STATIC: "static", WRITER_SERVER: "server"}
+
+# Arena header (first page of every arena): owner, epoch, entry count, bytes used; then the
+# channel directory from byte 64: 63 entries of 64 bytes. Channel areas start at PAGE.
+_A_OWNER, _A_EPOCH, _A_COUNT, _A_USED = 0, 1, 2, 3
+_A_ENTRIES = 64
+_ARENA_ENTRY = struct.Struct("<32sIIQQQ")  # name, sender, receiver, offset, size, state
+_ARENA_ENTRY_SIZE = 64
+MAX_CHANNELS_PER_ARENA = (PAGE - _A_ENTRIES) // _ARENA_ENTRY_SIZE  # 63
+CHANNEL_NAME_MAX = 32
+_STATE_LIVE = 1
+
+
+def _round_up(n: int, unit: int) -> int:
+    return (n + unit - 1) // unit * unit
+
+
+def _as_memory(target: Endpoint | memoryview | bytearray | Any) -> memoryview:
+    """The writable byte view of a region given as an endpoint or any writable buffer."""
+    mem = target.memory if isinstance(target, Endpoint) else memoryview(target)
+    if mem.readonly:
+        raise UsageError("the region must be writable")
+    if mem.format != "B" or mem.ndim != 1:
+        mem = mem.cast("B")
+    return mem
+
+
+def _encode_name(name: str, limit: int, what: str) -> bytes:
+    raw = name.encode("utf-8")
+    if not raw or len(raw) > limit or b"\0" in raw:
+        raise UsageError(
+            f"{what} name {name!r} must be 1..{limit} bytes of UTF-8 without NUL characters"
+        )
+    return raw
+
+
+def _decode_name(raw: bytes, where: str, field: str) -> str:
+    text = raw.split(b"\0", 1)[0]
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RegionCorrupted(where, field, "name is not UTF-8") from err
+
+
+# -- the header ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Header:
+    region_size: int
+    format_id: int
+    max_peers: int
+    membership_offset: int
+    membership_size: int
+    arenas_offset: int
+    arena_size: int
+    allocations: Mapping[str, tuple[int, int]]
+
+
+def is_formatted(target: Endpoint | memoryview | Any) -> bool:
+    """True when the region starts with this layout's magic (it may still be corrupt)."""
+    mem = _as_memory(target)
+    return len(mem) >= PAGE and bytes(mem[0:8]) == MAGIC
+
+
+def _parse_header(mem: memoryview) -> _Header:
+    size = len(mem)
+    if size < PAGE:
+        raise NotFormattedError(f"the region is {size} bytes, too small to hold a layout header")
+    page = bytes(mem[0:PAGE])  # read once; everything below parses the private copy
+    (magic, version, header_size, region_size, format_id, max_peers, dir_count,
+     m_off, m_size, a_off, a_size, _flags) = _HEADER.unpack_from(page, 0)  # fmt: skip
+    if magic != MAGIC:
+        raise NotFormattedError(
+            "the region is not formatted for channels (no layout header at offset 0): format "
+            "it with ivshmem.channel.format_region() or start the server with its format option"
+        )
+    if version != LAYOUT_VERSION:
+        raise NotFormattedError(
+            f"the region uses layout version {version}, this library understands version "
+            f"{LAYOUT_VERSION}: format it again, or use matching library versions everywhere"
+        )
+    where = "region header"
+    if header_size != PAGE:
+        raise RegionCorrupted(where, "header_size", f"{header_size}, expected {PAGE}")
+    if region_size != size:
+        raise NotFormattedError(
+            f"the region was formatted for {region_size} bytes but is {size} bytes now "
+            "(it was resized): format it again"
+        )
+    if not 1 <= max_peers <= MAX_PEERS_LIMIT:
+        raise RegionCorrupted(where, "max_peers", f"{max_peers} is outside 1..{MAX_PEERS_LIMIT}")
+    if not 0 <= dir_count <= MAX_ALLOCATIONS:
+        raise RegionCorrupted(where, "dir_count", f"{dir_count} > {MAX_ALLOCATIONS}")
+
+    def check_extent(field: str, off: int, length: int, minimum: int) -> None:
+        if off % PAGE or length % PAGE or length < minimum or off < PAGE or off + length > size:
+            raise RegionCorrupted(
+                where, field, f"extent {off}+{length} is misaligned or outside the region"
+            )
+
+    check_extent("membership", m_off, m_size, _membership_bytes(max_peers))
+    if a_size < 2 * PAGE:
+        raise RegionCorrupted(where, "arena_size", f"{a_size} is below two pages")
+    check_extent("arenas", a_off, a_size * max_peers, 2 * PAGE)
+    allocations: dict[str, tuple[int, int]] = {}
+    extents = [(m_off, m_size), (a_off, a_size * max_peers)]
+    for i in range(dir_count):
+        raw, off, length, kind, _ = _DIR_ENTRY.unpack_from(page, _DIR_OFFSET + i * 64)
+        field = f"directory[{i}]"
+        name = _decode_name(raw, where, field)
+        if kind == _KIND_USER:
+            check_extent(field, off, length, PAGE)
+            if not name or name in allocations:
+                raise RegionCorrupted(where, field, f"empty or duplicate name {name!r}")
+            allocations[name] = (off, length)
+            extents.append((off, length))
+        elif kind == _KIND_MEMBERSHIP:
+            if (off, length) != (m_off, m_size):
+                raise RegionCorrupted(where, field, "membership entry disagrees with header")
+        elif kind == _KIND_ARENAS:
+            if (off, length) != (a_off, a_size * max_peers):
+                raise RegionCorrupted(where, field, "arenas entry disagrees with header")
+        else:
+            raise RegionCorrupted(where, field, f"unknown allocation kind {kind}")
+    extents.sort()
+    for (o1, l1), (o2, _) in itertools.pairwise(extents):
+        if o1 + l1 > o2:
+            raise RegionCorrupted(where, "directory", f"allocations at {o1} and {o2} overlap")
+    return _Header(size, format_id, max_peers, m_off, m_size, a_off, a_size, allocations)
+
+
+def _membership_bytes(max_peers: int) -> int:
+    return _round_up(_M_SLOTS + _SLOT_SIZE * max_peers, PAGE)
+
+
+class Region:
+    """A formatted region, attached: the parsed, validated header (a private copy).
+
+    ``Region(endpoint_or_buffer)`` raises :class:`NotFormattedError` for an unformatted,
+    resized or foreign region and :class:`RegionCorrupted` for an impossible header.
+    """
+
+    def __init__(self, target: Endpoint | memoryview | Any) -> None:
+        check_platform()
+        self.memory = _as_memory(target)
+        self._header = _parse_header(self.memory)
+
+    @property
+    def size(self) -> int:
+        return self._header.region_size
+
+    @property
+    def format_id(self) -> int:
+        """Random number chosen at format time: differs after every (re)format."""
+        return self._header.format_id
+
+    @property
+    def max_peers(self) -> int:
+        return self._header.max_peers
+
+    @property
+    def arena_size(self) -> int:
+        return self._header.arena_size
+
+    @property
+    def allocations(self) -> Mapping[str, tuple[int, int]]:
+        """User allocations by name: ``{name: (offset, size)}``."""
+        return self._header.allocations
+
+    def allocation(self, name: str) -> memoryview:
+        """The memory of the user allocation ``name`` made at format time."""
+        try:
+            off, length = self._header.allocations[name]
+        except KeyError:
+            raise UsageError(
+                f"the region has no allocation named {name!r}; it has "
+                f"{sorted(self._header.allocations) or 'none'}"
+            ) from None
+        return self.memory[off : off + length]
+
+    @property
+    def membership(self) -> Membership:
+        return Membership(self)
+
+    def arena_offset(self, slot: int) -> int:
+        if not 0 <= slot < self._header.max_peers:
+            raise UsageError(f"slot {slot} is outside 0..{self._header.max_peers - 1}")
+        return self._header.arenas_offset + slot * self._header.arena_size
+
+    def __repr__(self) -> str:
+        h = self._header
+        return (
+            f"<Region {h.region_size} bytes, {h.max_peers} peer slots of "
+            f"{h.arena_size} bytes, allocations {sorted(h.allocations)}>"
+        )
+
+
+def _region(target: Region | Endpoint | memoryview | Any) -> Region:
+    return target if isinstance(target, Region) else Region(target)
+
+
+def format_region(
+    target: Endpoint | memoryview | Any,
+    *,
+    max_peers: int = 16,
+    peers: Mapping[int, int] | Iterable[int] | None = None,
+    allocations: Mapping[str, int] | None = None,
+) -> Region:
+    """Write a fresh layout over the whole region and return it attached.
+
+    Everything previously in the header, the membership table, the user allocations and the
+    arena headers is lost; do it before peers start using channels. ``max_peers`` membership
+    slots (each with an arena of ``(size - tables) / max_peers`` bytes) are created.
+    ``peers`` makes a *static* membership table for a plain region with no server: the peer
+    ids (or ``{id: vectors}``) that will use it. With a server, leave it out: the server keeps
+    the table (:class:`MembershipWriter`). ``allocations`` reserves named, zeroed, page-aligned
+    blocks (``{name: size}``), found again with :meth:`Region.allocation`.
+    """
+    check_platform()
+    mem = _as_memory(target)
+    size = len(mem)
+    if not 1 <= max_peers <= MAX_PEERS_LIMIT:
+        raise UsageError(f"max_peers {max_peers} must be within 1..{MAX_PEERS_LIMIT}")
+    user = dict(allocations or {})
+    if len(user) > MAX_ALLOCATIONS - 2:
+        raise UsageError(f"at most {MAX_ALLOCATIONS - 2} named allocations fit the directory")
+    m_off = PAGE
+    m_size = _membership_bytes(max_peers)
+    cursor = m_off + m_size
+    placed: list[tuple[bytes, int, int]] = []
+    for name, length in user.items():
+        if not isinstance(length, int) or length <= 0:
+            raise UsageError(f"allocation {name!r} needs a positive size in bytes")
+        raw = _encode_name(name, _NAME_MAX, "allocation")
+        rounded = _round_up(length, PAGE)
+        placed.append((raw, cursor, rounded))
+        cursor += rounded
+    a_off = cursor
+    arena = (size - a_off) // max_peers // PAGE * PAGE if size > a_off else 0
+    if arena < 2 * PAGE:
+        need = a_off + 2 * PAGE * max_peers
+        raise UsageError(
+            f"a region of {size} bytes is too small for {max_peers} peer slots and the "
+            f"requested allocations: it needs at least {need} bytes (or fewer max_peers)"
+        )
+    static = _static_peers(peers)
+    if len(static) > max_peers:
+        raise UsageError(f"{len(static)} static peers do not fit {max_peers} slots")
+
+    mem[0:8] = bytes(8)  # unpublish first: readers now see "not formatted" until the end
+    mem[8:PAGE] = bytes(PAGE - 8)
+    mem[m_off : m_off + m_size] = bytes(m_size)
+    for _, off, length in placed:
+        mem[off : off + length] = bytes(length)
+    for slot in range(max_peers):
+        base = a_off + slot * arena
+        mem[base : base + PAGE] = bytes(PAGE)
+        struct.pack_into("<Q", mem, base, NO_OWNER)
+    entries = [(b"membership", m_off, m_size, _KIND_MEMBERSHIP)]
+    entries.append((b"arenas", a_off, arena * max_peers, _KIND_ARENAS))
+    entries.extend((raw, off, length, _KIND_USER) for raw, off, length in placed)
+    for i, (raw, off, length, kind) in enumerate(entries):
+        _DIR_ENTRY.pack_into(mem, _DIR_OFFSET + i * 64, raw, off, length, kind, 0)
+    format_id = int.from_bytes(os.urandom(8), "little")
+    # Everything but the magic, which is the publishing store: ordered after all the stores
+    # above by x86-64 TSO (see _ordering.py).
+    _HEADER.pack_into(
+        mem, 0, bytes(8), LAYOUT_VERSION, PAGE, size, format_id, max_peers, len(entries),
+        m_off, m_size, a_off, arena, 0,
+    )  # fmt: skip
+    header = _Header(size, format_id, max_peers, m_off, m_size, a_off, arena, {})
+    writer = _TableWriter(mem, header, WRITER_STATIC if static else WRITER_NONE, start_seq=0)
+    for peer, vectors in static.items():
+        writer.joined(peer, vectors)
+    mem[0:8] = MAGIC
+    return Region(mem)
+
+
+def _static_peers(peers: Mapping[int, int] | Iterable[int] | None) -> dict[int, int]:
+    if peers is None:
+        return {}
+    table = dict(peers) if isinstance(peers, Mapping) else dict.fromkeys(peers, 0)
+    for peer, vectors in table.items():
+        _check_peer(peer)
+        if not 0 <= vectors <= MAX_VECTORS:
+            raise UsageError(f"peer {peer}: vector count {vectors} is outside 0..{MAX_VECTORS}")
+    return table
+
+
+def _check_peer(peer: int) -> None:
+    if not isinstance(peer, int) or not 0 <= peer <= MAX_PEER_ID:
+        raise UsageError(f"peer id {peer!r} is outside 0..{MAX_PEER_ID}")
+
+
+# -- membership -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    """One present peer as the membership table lists it."""
+
+    peer: int
+    slot: int
+    vectors: int
+    joined: int  # the generation at which it joined
+
+
+@dataclass(frozen=True)
+class MembershipSnapshot:
+    """A consistent copy of the membership table."""
+
+    generation: int
+    writer: str  # "none" (nobody keeps the table), "static", or "server"
+    entries: Mapping[int, PeerEntry]
+
+    @property
+    def peers(self) -> frozenset[int]:
+        return frozenset(self.entries)
+
+    @property
+    def live(self) -> bool:
+        """True when a server keeps the table current, so absence means "left"."""
+        return self.writer == "server"
+
+
+class _TableWriter:
+    """The writing half of the membership table, used by MembershipWriter and format_region.
+
+    The writer keeps the table privately and only ever *writes* the shared copy, so a peer
+    that scribbles over the table cannot steer the server: its next update overwrites the
+    slot it touches, and readers validate whatever they find.
+    """
+
+    def __init__(self, mem: memoryview, header: _Header, kind: int, start_seq: int) -> None:
+        self._mem = mem
+        self._h = header
+        self._base = header.membership_offset
+        self._words = mem[self._base : self._base + _M_SLOTS].cast("Q")
+        self._slots: list[PeerEntry | None] = [None] * header.max_peers
+        self._seq = start_seq + (start_seq & 1)
+        self._next = 0
+        self._lock = threading.Lock()  # the server may call from several threads
+        self._words[_M_SEQ] = self._seq + 1
+        blank = _SLOT.pack(EMPTY, 0, 0)
+        for slot in range(header.max_peers):
+            off = self._base + _M_SLOTS + slot * _SLOT_SIZE
+            mem[off : off + _SLOT_SIZE] = blank
+        self._words[_M_KIND] = kind
+        self._words[_M_MAXPEERS] = header.max_peers
+        self._seq += 2
+        self._words[_M_SEQ] = self._seq
+
+    @property
+    def generation(self) -> int:
+        return self._seq // 2
+
+    @property
+    def peers(self) -> frozenset[int]:
+        return frozenset(e.peer for e in self._slots if e is not None)
+
+    def _publish_slot(self, slot: int, entry: PeerEntry | None) -> None:
+        # Seqlock write: odd sequence, the slot, even sequence. The three stores reach memory
+        # in this order (TSO), which is what Membership.snapshot relies on.
+        self._words[_M_SEQ] = self._seq + 1
+        off = self._base + _M_SLOTS + slot * _SLOT_SIZE
+        if entry is None:
+            self._mem[off : off + _SLOT_SIZE] = _SLOT.pack(EMPTY, 0, 0)
+        else:
+            self._mem[off : off + _SLOT_SIZE] = _SLOT.pack(entry.peer, entry.vectors, entry.joined)
+        self._seq += 2
+        self._words[_M_SEQ] = self._seq
+        self._slots[slot] = entry
+
+    def joined(self, peer: int, vectors: int) -> int:
+        _check_peer(peer)
+        if not 0 <= vectors <= MAX_VECTORS:
+            raise UsageError(f"vector count {vectors} is outside 0..{MAX_VECTORS}")
+        with self._lock:
+            if any(e is not None and e.peer == peer for e in self._slots):
+                raise UsageError(f"peer {peer} is already in the membership table")
+            n = self._h.max_peers
+            # Round-robin from the last slot handed out: a freed slot (and its arena) is
+            # reused as late as possible, which gives peers of the old owner time to notice.
+            for i in range(n):
+                slot = (self._next + i) % n
+                if self._slots[slot] is None:
+                    break
+            else:
+                raise RegionFullError(
+                    f"the membership table is full ({n} slots): peer {peer} is not listed and "
+                    "cannot receive on channels; format the region with more max_peers"
+                )
+            self._next = (slot + 1) % n
+            generation = self._seq // 2 + 1
+            # Reset the arena before publishing the slot: nobody owns it now (the slot is
+            # free), and the new owner starts writing only after it sees itself listed.
+            arena = self._h.arenas_offset + slot * self._h.arena_size
+            struct.pack_into("<QQQQ", self._mem, arena, peer, generation, 0, 0)
+            self._publish_slot(slot, PeerEntry(peer, slot, vectors, generation))
+            return slot
+
+    def left(self, peer: int) -> bool:
+        with self._lock:
+            for slot, entry in enumerate(self._slots):
+                if entry is not None and entry.peer == peer:
+                    self._publish_slot(slot, None)
+                    return True
+            return False
+
+
+class MembershipWriter:
+    """The server's handle on the membership table; the table's only writer.
+
+    Create it once the region is formatted (it clears the table: nobody is connected yet),
+    then call :meth:`joined` when a peer connects - before sending it its id, so that the
+    peer finds itself listed - and :meth:`left` when it disconnects. Never run two writers
+    (two servers) on one region.
+    """
+
+    def __init__(self, target: Region | Endpoint | memoryview | Any) -> None:
+        region = _region(target)
+        words = region.memory[region._header.membership_offset :][:_M_SLOTS].cast("Q")
+        # Continue the generation count of a previous writer (a restarted server), so that a
+        # reader that cached a generation sees a change; an absurd value restarts from zero.
+        old = words[_M_SEQ]
+        start = old if old < 1 << 62 else 0
+        self._table = _TableWriter(region.memory, region._header, WRITER_SERVER, start)
+
+    @property
+    def generation(self) -> int:
+        return self._table.generation
+
+    @property
+    def peers(self) -> frozenset[int]:
+        return self._table.peers
+
+    def joined(self, peer: int, vectors: int) -> int:
+        """List ``peer`` with its vector count; returns its slot. Raises RegionFullError
+        when every slot is taken (the peer can still ring doorbells, but has no arena)."""
+        return self._table.joined(peer, vectors)
+
+    def left(self, peer: int) -> bool:
+        """Remove ``peer``; False if it was not listed."""
+        return self._table.left(peer)
+
+
+class Membership:
+    """Reads the membership table with a seqlock, from any process or guest.
+
+    Seqlock argument (x86-64, see ``_ordering.py``): the writer stores an odd sequence, then
+    the slot, then the next even sequence; stores reach memory in that order. A reader loads
+    the sequence, copies the whole table (loads), and loads the sequence again; loads are not
+    reordered with loads. If both sequence loads return the same even value, no write
+    overlapped the copy, so the copy is one consistent state. An odd or changed value means
+    a write was in progress: retry. Retries are bounded in time, so a peer that keeps the
+    word odd on purpose produces :class:`RegionCorrupted`, not a hang.
+    """
+
+    def __init__(self, target: Region | Endpoint | memoryview | Any) -> None:
+        self.region = _region(target)
+        h = self.region._header
+        self._max = h.max_peers
+        self._table = self.region.memory[
+            h.membership_offset : h.membership_offset + h.membership_size
+        ]
+        self._words = self._table[:_M_SLOTS].cast("Q")
+        self._end = _M_SLOTS + _SLOT_SIZE * h.max_peers
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a peer joins or leaves (one load; no consistency needed)."""
+        return (self._words[_M_SEQ] + 1) // 2
+
+    def snapshot(self, patience: float = 0.5) -> MembershipSnapshot:
+        deadline = time.monotonic() + patience
+        words, table, end = self._words, self._table, self._end
+        tries = 0
+        while True:
+            s1 = words[_M_SEQ]
+            if not s1 & 1:
+                copy = bytes(table[:end])
+                if words[_M_SEQ] == s1:
+                    return self._parse(s1, copy)
+            tries += 1
+            if tries > 64:
+                if time.monotonic() > deadline:
+                    raise RegionCorrupted(
+                        "membership table",
+                        "seq",
+                        f"never stable for {patience}s: a writer is stuck or the word is "
+                        "being scribbled",
+                    )
+                time.sleep(0.0001)
+
+    def _parse(self, seq: int, copy: bytes) -> MembershipSnapshot:
+        where = "membership table"
+        kind, max_peers = struct.unpack_from("<QQ", copy, 8)
+        if kind not in _WRITER_NAMES:
+            raise RegionCorrupted(where, "writer", f"unknown writer kind {kind}")
+        if max_peers != self._max:
+            raise RegionCorrupted(where, "max_peers", f"{max_peers} != header's {self._max}")
+        entries: dict[int, PeerEntry] = {}
+        for slot in range(self._max):
+            peer, vectors, joined = _SLOT.unpack_from(copy, _M_SLOTS + slot * _SLOT_SIZE)
+            if peer == EMPTY:
+                continue
+            field = f"slot[{slot}]"
+            if peer > MAX_PEER_ID or vectors > MAX_VECTORS:
+                raise RegionCorrupted(where, field, f"peer {peer} / vectors {vectors}")
+            if peer in entries:
+                raise RegionCorrupted(where, field, f"peer {peer} is listed twice")
+            entries[peer] = PeerEntry(peer, slot, vectors, joined)
+        return MembershipSnapshot(seq // 2, _WRITER_NAMES[kind], entries)
+
+    def peers(self) -> frozenset[int]:
+        """Ids of the peers the table lists now."""
+        return self.snapshot().peers
+
+
+# -- arenas: the channel directory of one peer ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChannelEntry:
+    """A channel as its receiver's arena directory lists it (offsets are region offsets)."""
+
+    name: str
+    sender: int
+    receiver: int
+    offset: int
+    size: int
+    index: int
+
+
+@dataclass(frozen=True)
+class _ArenaState:
+    owner: int
+    epoch: int
+    used: int
+    entries: tuple[ChannelEntry, ...]
+
+
+def read_arena(region: Region, slot: int) -> _ArenaState:
+    """Copy arena ``slot``'s header page once and validate it (any peer may read)."""
+    base = region.arena_offset(slot)
+    limit = region.arena_size
+    page = bytes(region.memory[base : base + PAGE])
+    owner, epoch, count, used = struct.unpack_from("<QQQQ", page, 0)
+    where = f"arena {slot}"
+    if count > MAX_CHANNELS_PER_ARENA:
+        raise RegionCorrupted(where, "count", f"{count} > {MAX_CHANNELS_PER_ARENA}")
+    if used % PAGE or used > limit - PAGE:
+        raise RegionCorrupted(where, "used", f"{used} is misaligned or beyond the arena")
+    entries = []
+    for i in range(count):
+        raw, sender, receiver, off, length, state = _ARENA_ENTRY.unpack_from(
+            page, _A_ENTRIES + i * _ARENA_ENTRY_SIZE
+        )
+        field = f"entry[{i}]"
+        name = _decode_name(raw, where, field)
+        if state != _STATE_LIVE or sender > MAX_PEER_ID or receiver > MAX_PEER_ID:
+            raise RegionCorrupted(where, field, "bad state or peer id")
+        if off % PAGE or off < PAGE or length < PAGE or off + length > PAGE + used:
+            raise RegionCorrupted(where, field, f"extent {off}+{length} outside the used space")
+        entries.append(ChannelEntry(name, sender, receiver, base + off, length, i))
+    return _ArenaState(owner, epoch, used, tuple(entries))
+
+
+def find_channel(
+    region: Region, slot: int, name: str, sender: int, receiver: int
+) -> ChannelEntry | None:
+    for entry in read_arena(region, slot).entries:
+        if (entry.name, entry.sender, entry.receiver) == (name, sender, receiver):
+            return entry
+    return None
+
+
+_alloc_lock = threading.Lock()  # one allocator per process per arena: serialise threads
+
+
+def allocate_channel(
+    region: Region, slot: int, owner: int, name: str, sender: int, receiver: int, size: int,
+    init: Any,
+) -> ChannelEntry:  # fmt: skip
+    """Create (or find) channel ``name`` from ``sender`` in arena ``slot``, owned by ``owner``.
+
+    Only the arena's owner calls this. ``init(area)`` initialises the channel's memory before
+    the entry is published; publication is the store of the new entry count, ordered after
+    the entry and the area by TSO.
+    """
+    raw = _encode_name(name, CHANNEL_NAME_MAX, "channel")
+    with _alloc_lock:
+        state = read_arena(region, slot)
+        if state.owner != owner:
+            raise RegionCorrupted(
+                f"arena {slot}", "owner", f"{state.owner}, but the table gives it to {owner}"
+            )
+        for entry in state.entries:
+            if (entry.name, entry.sender, entry.receiver) == (name, sender, receiver):
+                return entry
+        count = len(state.entries)
+        if count >= MAX_CHANNELS_PER_ARENA:
+            raise RegionFullError(
+                f"peer {owner} already receives on {count} channels, the most one arena lists"
+            )
+        rounded = _round_up(size, PAGE)
+        off = PAGE + state.used
+        if off + rounded > region.arena_size:
+            raise RegionFullError(
+                f"channel {name!r} needs {rounded} bytes but peer {owner}'s arena has "
+                f"{region.arena_size - off} left: use a smaller capacity, or format the region "
+                "bigger or with fewer max_peers"
+            )
+        base = region.arena_offset(slot)
+        mem = region.memory
+        init(mem[base + off : base + off + size])
+        entry_off = base + _A_ENTRIES + count * _ARENA_ENTRY_SIZE
+        _ARENA_ENTRY.pack_into(mem, entry_off, raw, sender, receiver, off, size, _STATE_LIVE)
+        words = mem[base : base + 32].cast("Q")
+        words[_A_USED] = state.used + rounded
+        words[_A_COUNT] = count + 1  # the publishing store
+        return ChannelEntry(name, sender, receiver, base + off, size, count)

@@ -1,0 +1,476 @@
+"""A single-producer, single-consumer ring of variable-size records in one channel's area.
+
+This module knows nothing of endpoints, doorbells or names beyond the label it puts in error
+messages: it is the memory discipline, kept apart so it can be tested against a hostile writer
+in isolation. ``channel.py`` adds waiting, doorbells, liveness and the user API.
+
+Area layout (the area is exactly the channel's allocation; the ring never indexes outside
+it, because every view it holds is a slice of that area)::
+
+    0    sender line     head, wait, vector, flags        written by the sender only
+    128  receiver line   tail, wait, vector, flags        written by the receiver only
+    256  data            capacity bytes (a power of two) written by the sender only
+
+The lines are 128 bytes apart, not 64, because Intel's adjacent-line prefetcher pulls cache
+lines in pairs and would otherwise bounce the sender's and receiver's words together.
+
+``head`` and ``tail`` are free-running byte counters (2**64 bytes never wrap in practice); the
+position in the data is ``counter & (capacity - 1)``. A record is an 8-byte header word
+(``length | kind << 32``) followed by the payload, padded to 8 bytes. A record never wraps
+around the end: when it does not fit before the end, the sender writes a WRAP header and
+starts again at 0. So a payload is always contiguous and can be handed out as one
+memoryview or numpy array.
+
+**Trust.** Each side keeps private copies of the counters it writes (``_head`` for the
+sender, ``_tail`` for the receiver) and never reads its own counters back from shared memory
+(except once, validated, when it re-attaches). The other side's counter is read once per poll
+into a local, checked (8-aligned, within ``capacity`` of our own counter, not moving backward),
+and only then used; every record header is read once and checked against the private bounds
+before its payload is sliced. Anything impossible raises :class:`ChannelCorrupted` naming the
+field, and the ring stays broken. Loops over records are bounded (one WRAP per record).
+Payload bytes themselves can change under a reader at any time: ``recv()`` copies them out
+once; a zero-copy view shows whatever the sender (or an attacker) writes, so check the data
+you rely on after copying it.
+"""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from ._ordering import _acquire, _release
+from .errors import ChannelCorrupted
+
+__all__ = [
+    "CTRL_SIZE",
+    "KIND_ARRAY",
+    "KIND_DATA",
+    "KIND_WRAP",
+    "MIN_CAPACITY",
+    "RingReceiver",
+    "RingSender",
+    "area_size_for",
+    "init_area",
+    "max_payload",
+]
+
+CTRL_SIZE = 256
+MIN_CAPACITY = 256
+HEADER = 8
+
+# Word indices (8-byte words) into the area.
+S_HEAD, S_WAIT, S_VECTOR, S_FLAGS = 0, 1, 2, 3
+R_TAIL, R_WAIT, R_VECTOR, R_FLAGS = 16, 17, 18, 19
+_DATA_WORD = CTRL_SIZE // 8
+
+KIND_DATA, KIND_ARRAY, KIND_WRAP = 1, 2, 3
+_KIND_SHIFT = 32
+_LEN_MASK = 0xFFFFFFFF
+_DATA_BITS = KIND_DATA << _KIND_SHIFT
+_WRAP_WORD = KIND_WRAP << _KIND_SHIFT
+
+FLAG_CLOSED = 1
+#: A vector word meaning "I do not block on a doorbell, never ring me".
+NO_VECTOR = 0xFFFFFFFFFFFFFFFF
+
+
+def area_size_for(capacity: int) -> int:
+    if capacity < MIN_CAPACITY or capacity & (capacity - 1):
+        raise UsageError(f"capacity {capacity} must be a power of two >= {MIN_CAPACITY}")
+    return CTRL_SIZE + capacity
+
+
+def max_payload(capacity: int) -> int:
+    """The largest payload that always fits: half the ring (a record never wraps, so a bigger
+    one could wait forever for a lucky position), minus its header."""
+    return capacity // 2 - HEADER
+
+
+def init_area(area: memoryview) -> None:
+    """Zero the control lines of a fresh channel area (done by its creator, before the
+    directory entry that publishes it)."""
+    area[0:CTRL_SIZE] = bytes(CTRL_SIZE)
+    words = area[0:CTRL_SIZE].cast("Q")
+    words[S_VECTOR] = NO_VECTOR
+    words[R_VECTOR] = NO_VECTOR
+
+
+class _Ring:
+    """What both ends share: the views, the capacity, the broken state."""
+
+    def __init__(self, area: memoryview, name: str) -> None:
+        self.name = name
+        size = len(area)
+        capacity = size - CTRL_SIZE
+        if capacity < MIN_CAPACITY or capacity & (capacity - 1):
+            raise ChannelCorrupted(name, "size", f"area of {size} bytes is not 256 + 2**k")
+        self.capacity = capacity
+        self._mask = capacity - 1
+        self._area = area
+        self._q = area.cast("Q")
+        self._data = area[CTRL_SIZE:]
+        self._broken: ChannelCorrupted | None = None
+
+    def _corrupt(self, field: str, detail: str) -> ChannelCorrupted:
+        err = ChannelCorrupted(self.name, field, detail)
+        self._broken = err
+        self._on_broken()
+        return err
+
+    def _on_broken(self) -> None:
+        """Steer the fast paths into the slow ones, which raise."""
+
+    def _check_broken(self) -> None:
+        if self._broken is not None:
+            raise ChannelCorrupted(self.name, self._broken.field, "channel is broken: see above")
+
+
+class RingSender(_Ring):
+    """The sending end: writes data, the sender line; reads only ``tail`` and the receiver's
+    wait/vector words."""
+
+    def __init__(self, area: memoryview, name: str) -> None:
+        super().__init__(area, name)
+        q = self._q
+        head = q[S_HEAD]  # our own word, left by an earlier sender object: validate it
+        tail = q[R_TAIL]
+        if head & 7 or tail & 7 or not 0 <= head - tail <= self.capacity:
+            raise self._corrupt("head/tail", f"head {head} and tail {tail} are inconsistent")
+        self._head = head  # private: the only copy we trust
+        self._tail = tail  # last validated tail
+        self._published = head
+        self._notified = 0  # receiver wait word we last rang for
+        self._resv: tuple[int, int, int, int] | None = None  # (pos, skip, length, kind)
+        self._resv_view: memoryview | None = None
+        # Biggest record the fast path takes; -1 while broken or reserving (-> slow path).
+        self._limit = self.capacity >> 1
+
+    def _on_broken(self) -> None:
+        self._limit = -1
+
+    # -- space ---------------------------------------------------------------------------
+
+    def _read_tail(self) -> int:
+        """Read and validate the receiver's tail once."""
+        tail = self._q[R_TAIL]
+        if tail & 7 or tail < self._tail or tail > self._head:
+            raise self._corrupt(
+                "tail", f"{tail} (previous {self._tail}, head {self._head}) moved impossibly"
+            )
+        self._tail = tail
+        return tail
+
+    def _place(self, need: int) -> tuple[int, int] | None:
+        """Where a record of ``need`` bytes goes: (pos, skip) or None if no room yet."""
+        head = self._head
+        pos = head & self._mask
+        cap = self.capacity
+        skip = cap - pos if pos + need > cap else 0
+        total = skip + need
+        if head + total - self._tail > cap and head + total - self._read_tail() > cap:
+            return None
+        return (0, skip) if skip else (pos, 0)
+
+    def _check_size(self, n: int) -> int:
+        if n < 0 or n > (self.capacity >> 1) - HEADER:
+            raise UsageError(
+                f"channel {self.name!r}: a {n}-byte message does not fit; the most is "
+                f"{(self.capacity >> 1) - HEADER} bytes (half the capacity of {self.capacity})"
+            )
+        return (n + 15) & ~7
+
+    # -- writing -------------------------------------------------------------------------
+
+    def try_send(self, data: bytes | bytearray | memoryview, flush: bool = True) -> bool:
+        """Copy ``data`` in as one message if there is room now; False otherwise.
+
+        This is the hot path: locals instead of attributes, one slice copy, one header store,
+        and (with ``flush``) one index store, one fence and one load of the receiver's wait
+        word. Everything unusual (wrap, full ring, too big, broken, reservation open) goes to
+        ``_slow_place``, reached because ``_limit`` is -1 in those states."""
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        n = len(data)
+        need = (n + 15) & -8
+        head = self._head
+        pos = head & self._mask
+        cap = self.capacity
+        if need > self._limit or pos + need > cap or head + need - self._tail > cap:
+            placed = self._slow_place(n)
+            if placed is None:
+                return False
+            head, pos = placed
+        q = self._q
+        self._data[pos + HEADER : pos + HEADER + n] = data
+        q[_DATA_WORD + (pos >> 3)] = n | _DATA_BITS
+        head += need
+        self._head = head
+        if flush:
+            q[S_HEAD] = head  # publish: the payload and header stores above come first (TSO)
+            self._published = head
+            _acquire()  # StoreLoad fence before reading the receiver's wait word
+            _release()
+            wait = q[R_WAIT]
+            if wait & 1 and wait != self._notified:
+                self._notified = wait
+                self._wake_receiver(q[R_VECTOR])
+        return True
+
+    def _slow_place(self, n: int) -> tuple[int, int] | None:
+        """For try_send: check the state and size, and find room (writing a WRAP marker if
+        the record goes to the start); returns (head after any wrap, position) or None."""
+        self._check_broken()
+        if self._resv is not None:
+            raise UsageError(f"channel {self.name!r}: commit() the reservation first")
+        need = self._check_size(n)
+        place = self._place(need)
+        if place is None:
+            return None
+        pos, skip = place
+        head = self._head
+        if skip:
+            self._q[_DATA_WORD + ((head & self._mask) >> 3)] = _WRAP_WORD
+            head += skip
+            self._head = head
+        return head, pos
+
+    def try_reserve(self, n: int, kind: int = KIND_DATA) -> memoryview | None:
+        """A writable view of ``n`` bytes in the ring, or None if there is no room now."""
+        self._check_broken()
+        if self._resv is not None:
+            raise UsageError(f"channel {self.name!r}: commit() the previous reservation first")
+        need = self._check_size(n)
+        place = self._place(need)
+        if place is None:
+            return None
+        pos, skip = place
+        self._resv = (pos, skip, n, kind)
+        self._limit = -1
+        view = self._data[pos + HEADER : pos + HEADER + n]
+        self._resv_view = view
+        return view
+
+    def commit(self, n: int | None = None, *, flush: bool = True) -> None:
+        """Make the reserved bytes (or their first ``n``) one message; with ``flush=False``
+        it is published by a later :meth:`flush` (batching: one index store, one check)."""
+        resv = self._resv
+        if resv is None:
+            raise UsageError(f"channel {self.name!r}: nothing reserved to commit")
+        pos, skip, reserved, kind = resv
+        length = reserved if n is None else n
+        if not 0 <= length <= reserved:
+            raise UsageError(f"commit({n}) is outside the reserved 0..{reserved} bytes")
+        head = self._head
+        if skip:
+            self._q[_DATA_WORD + ((head & self._mask) >> 3)] = _WRAP_WORD
+        self._q[_DATA_WORD + (pos >> 3)] = length | (kind << _KIND_SHIFT)
+        self._head = head + skip + ((length + 15) & ~7)
+        self._resv = None
+        self._limit = self.capacity >> 1
+        view, self._resv_view = self._resv_view, None
+        if view is not None:
+            try:
+                view.release()  # later writes through a kept view now fail loudly
+            except BufferError:
+                pass  # exported (e.g. to numpy): cannot be revoked
+        if flush:
+            self.flush()
+
+    def cancel(self) -> None:
+        """Drop the current reservation; nothing is sent."""
+        self._resv = None
+        if self._broken is None:
+            self._limit = self.capacity >> 1
+        view, self._resv_view = self._resv_view, None
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:
+                pass
+
+    def flush(self) -> None:
+        """Publish every committed message with one index store, then ring the receiver if
+        (and only if) it is blocked. The fence sits between our head store and our load of
+        the receiver's wait word (_ordering.py, point 3)."""
+        head = self._head
+        if head == self._published:
+            return
+        q = self._q
+        q[S_HEAD] = head  # the publishing store: payloads and headers were stored before it
+        self._published = head
+        _acquire()
+        _release()
+        wait = q[R_WAIT]
+        if wait & 1 and wait != self._notified:
+            self._notified = wait
+            self._wake_receiver(q[R_VECTOR])
+
+    def _wake_receiver(self, vector: int) -> None:
+        """Ring the receiver's doorbell; the ring itself has none (channel.py overrides)."""
+
+    @property
+    def pending(self) -> int:
+        """Bytes committed but not yet published by flush()."""
+        return self._head - self._published
+
+
+class RingReceiver(_Ring):
+    """The receiving end: writes the receiver line; reads head, records and payloads."""
+
+    def __init__(self, area: memoryview, name: str) -> None:
+        super().__init__(area, name)
+        q = self._q
+        tail = q[R_TAIL]  # our own word from an earlier receiver object: validate it
+        head = q[S_HEAD]
+        if head & 7 or tail & 7 or not 0 <= head - tail <= self.capacity:
+            raise self._corrupt("head/tail", f"head {head} and tail {tail} are inconsistent")
+        self._tail = tail  # consumed (private, trusted)
+        self._released = tail  # published to the sender
+        self._head = tail  # last validated head: records in [_tail, _head) are known to exist
+        self._views: list[memoryview] = []
+        self._notified = 0
+        # recv() gives space back lazily, every eighth of the ring and whenever the ring is
+        # found empty: fewer fences and fewer cache-line transfers of the tail to the sender.
+        self._release_every = self.capacity >> 3
+
+    def _on_broken(self) -> None:
+        self._head = getattr(self, "_tail", 0)  # fast path now goes to _read_head, which raises
+
+    def _read_head(self) -> int:
+        """Read and validate the sender's head once; returns it (maybe == tail: empty)."""
+        if self._broken is not None:
+            self._check_broken()
+        head = self._q[S_HEAD]
+        if head != self._head:
+            if head & 7 or head < self._head or head - self._released > self.capacity:
+                raise self._corrupt(
+                    "head", f"{head} (previous {self._head}, tail {self._released}) is impossible"
+                )
+            self._head = head
+        return head
+
+    def _next(self) -> tuple[int, int, int] | None:
+        """The next record as (kind, payload offset in data, length), or None if the ring is
+        empty. Does not consume it. Validates everything it uses."""
+        if self._broken is not None:
+            self._check_broken()
+        tail = self._tail
+        if tail == self._head and self._read_head() == tail:
+            return None
+        q = self._q
+        pos = tail & self._mask
+        word = q[_DATA_WORD + (pos >> 3)]
+        kind = word >> _KIND_SHIFT
+        if kind == KIND_WRAP:
+            # Bounded: at most one WRAP per record, and it must be followed by one at 0.
+            skip = self.capacity - pos
+            if pos == 0 or skip >= self._head - tail:
+                raise self._corrupt("record", f"WRAP at {pos} with {self._head - tail} available")
+            tail += skip
+            self._tail = tail
+            pos = 0
+            word = q[_DATA_WORD]
+            kind = word >> _KIND_SHIFT
+        n = word & _LEN_MASK
+        need = (n + 15) & ~7
+        if (
+            (kind != KIND_DATA and kind != KIND_ARRAY)
+            or need > self._head - tail
+            or pos + need > self.capacity
+        ):
+            raise self._corrupt(
+                "record",
+                f"header {word:#x} at {pos}: kind {kind}, length {n}, "
+                f"{self._head - tail} bytes available",
+            )
+        return kind, pos + HEADER, n
+
+    def try_recv(self) -> bytes | None:
+        """The next message's bytes (copied out once), or None if the ring is empty.
+
+        The hot path: one load of the head (only when the known records are used up), one
+        load of the record header, checks on private values, one copy. Anything unusual
+        (WRAP, array, corrupt, broken) goes through :meth:`_next`."""
+        tail = self._tail
+        if tail == self._head and self._read_head() == tail:
+            if tail != self._released and not self._views:
+                self.release()  # empty: give everything back before the caller waits
+            return None
+        pos = tail & self._mask
+        word = self._q[_DATA_WORD + (pos >> 3)]
+        n = word & _LEN_MASK
+        need = (n + 15) & -8
+        if (
+            word >> _KIND_SHIFT != KIND_DATA
+            or need > self._head - tail
+            or pos + need > self.capacity
+        ):
+            rec = self._next()  # re-reads and validates, raising on corruption
+            if rec is None:  # pragma: no cover - _head only grows, so a record is there
+                return None
+            kind, start, n = rec
+            if kind != KIND_DATA:
+                self._unexpected(kind, KIND_DATA)
+            tail = self._tail
+            need = (n + 15) & -8
+            pos = start - HEADER
+        data = bytes(self._data[pos + HEADER : pos + HEADER + n])
+        tail += need
+        self._tail = tail
+        if tail - self._released >= self._release_every and not self._views:
+            self.release()
+        return data
+
+    def try_recv_view(self, kind: int = KIND_DATA) -> memoryview | None:
+        """The next message as a read-only view into the ring (zero copy), or None. The view
+        stays valid until :meth:`release`, which frees every view handed out so far."""
+        rec = self._next()
+        if rec is None:
+            return None
+        got, start, n = rec
+        if got != kind:
+            self._unexpected(got, kind)
+        view = self._data[start : start + n].toreadonly()
+        self._views.append(view)
+        self._tail += (n + 15) & ~7
+        return view
+
+    def _unexpected(self, got: int, wanted: int) -> None:
+        from .errors import UnexpectedMessageError
+
+        names = {KIND_DATA: "bytes", KIND_ARRAY: "array"}
+        raise UnexpectedMessageError(
+            f"channel {self.name!r}: the next message is {names.get(got, got)}, not "
+            f"{names.get(wanted, wanted)}; receive it with the matching call"
+        )
+
+    def release(self) -> None:
+        """Give back the space of every message received so far (revoking views handed out),
+        and ring the sender if it is blocked waiting for space."""
+        views = self._views
+        if views:
+            for view in views:
+                try:
+                    view.release()
+                except BufferError:
+                    pass  # exported (numpy array): cannot be revoked; the caller promised
+            views.clear()
+        tail = self._tail
+        if tail == self._released:
+            return
+        q = self._q
+        q[R_TAIL] = tail
+        self._released = tail
+        _acquire()  # StoreLoad fence: tail store before the load of the sender's wait word
+        _release()
+        wait = q[S_WAIT]
+        if wait & 1 and wait != self._notified:
+            self._notified = wait
+            self._wake_sender(q[S_VECTOR])
+
+    def _wake_sender(self, vector: int) -> None:
+        """Ring the sender's doorbell (channel.py overrides)."""
+
+    @property
+    def available(self) -> int:
+        """Bytes published by the sender and not yet received (reads head once)."""
+        self._check_broken()
+        return self._read_head() - self._tail
