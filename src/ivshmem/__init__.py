@@ -16,7 +16,14 @@ from .errors import (
 )
 from .memory import SharedMemory, parse_size
 from .pci import PciEndpoint, open_pci
-from .peer import Peer, connect, connect_async
+from .peer import (
+    HandshakeTimeoutError,
+    Peer,
+    Reconnected,
+    ServerUnavailableError,
+    connect,
+    connect_async,
+)
 
 __version__ = "0.1.0"
 
@@ -26,13 +33,16 @@ __all__ = [
     "DeviceError",
     "DoorbellUnavailableError",
     "Endpoint",
+    "HandshakeTimeoutError",
     "IvshmemError",
     "PciEndpoint",
     "Peer",
     "PeersUnknownError",
     "ProtocolError",
+    "Reconnected",
     "RegionEndpoint",
     "ServerConfigError",
+    "ServerUnavailableError",
     "SharedMemory",
     "UnknownPeerError",
     "UnknownVectorError",

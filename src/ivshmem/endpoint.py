@@ -17,16 +17,19 @@ import os
 import select
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import (
     ClosedError,
     DoorbellUnavailableError,
     UnknownVectorError,
+    UsageError,
 )
 from .memory import Mapping, SharedMemory
 
 __all__ = ["Endpoint", "EventfdEndpoint", "RegionEndpoint", "open_region"]
+
+_E = TypeVar("_E", bound="Endpoint")
 
 
 class Endpoint(abc.ABC):
@@ -104,12 +107,10 @@ class Endpoint(abc.ABC):
         try:
             import numpy as np
         except ImportError as err:  # pragma: no cover - depends on the environment
-            from .errors import UsageError
-
             raise UsageError("numpy is not installed: pip install 'ivshmem[numpy]'") from err
         return np.frombuffer(self.memory, dtype=dtype, count=count, offset=offset)
 
-    def __enter__(self) -> Endpoint:
+    def __enter__(self: _E) -> _E:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -164,28 +165,53 @@ class EventfdEndpoint(Endpoint):
             return False
         return True
 
+    def _poll_set(self, vector: int | None) -> tuple[Any, dict[int, int], frozenset[int]]:
+        """A poll set of the wanted vector fds and the extra fds, cached per ``vector``:
+        building one costs more than the doorbell itself. Call :meth:`_fds_changed` whenever
+        the fds change (a closed and reused fd number must never stay registered)."""
+        cache: dict[int | None, tuple[Any, dict[int, int], frozenset[int]]]
+        cache = self.__dict__.setdefault("_poll_sets", {})
+        cached = cache.get(vector)
+        if cached is None:
+            wanted = {fd: v for v, fd in self._candidates(vector)}
+            extras = frozenset(self._extra_fds())
+            poller = select.poll()  # poll, not select(): fds above 1023 are normal
+            for fd in (*wanted, *extras):
+                poller.register(fd, select.POLLIN)
+            cached = cache[vector] = (poller.poll, wanted, extras)
+        return cached
+
+    def _fds_changed(self) -> None:
+        """Forget cached poll sets and wake every async waiter, so they start over."""
+        self.__dict__["_poll_sets"] = {}
+        watches = self.__dict__.get("_async_watches", {})
+        self.__dict__["_async_watches"] = {}
+        for fd, (loop, futures) in watches.items():
+            loop.remove_reader(fd)
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(None)
+
     def wait(self, vector: int | None = None, timeout: float | None = None) -> int | None:
-        candidates = self._candidates(vector)
+        self._check_open()
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-        poller = select.poll()
-        by_fd = {}
-        for v, fd in candidates:
-            poller.register(fd, select.POLLIN)
-            by_fd[fd] = v
-        extras = set(self._extra_fds())
-        for fd in extras:
-            poller.register(fd, select.POLLIN)
         while True:
+            poll, wanted, extras = self._poll_set(vector)
             if deadline is None:
-                ms = None
-            else:
+                ms = -1
+            else:  # poll() counts whole milliseconds: round up, never down to "block"
                 ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-            events = poller.poll(ms)
+            try:
+                events = poll(ms)
+            except RuntimeError:  # another thread polls this cached set: use a fresh one
+                self.__dict__.get("_poll_sets", {}).pop(vector, None)
+                continue
             for fd, _ in events:
                 if fd in extras:
                     self._on_extra(fd)
                     self._check_open()
-            for v, fd in sorted((by_fd[fd], fd) for fd, _ in events if fd in by_fd):
+            ready = sorted((wanted[fd], fd) for fd, _ in events if fd in wanted)
+            for v, fd in ready:
                 if self._consume(fd):
                     return v
             if deadline is not None and time.monotonic() >= deadline:
@@ -194,47 +220,56 @@ class EventfdEndpoint(Endpoint):
     async def wait_async(
         self, vector: int | None = None, timeout: float | None = None
     ) -> int | None:
-        candidates = self._candidates(vector)
-        # Fast path: something already pending.
-        for v, fd in candidates:
-            if _readable(fd) and self._consume(fd):
-                return v
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
-        registered: list[int] = []
-
-        def on_ready(v: int, fd: int) -> None:
-            if not fut.done() and self._consume(fd):
-                fut.set_result(v)
-
-        def on_extra(fd: int) -> None:
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            found = self.wait(vector, 0)  # consumes anything pending, serves the extra fds
+            if found is not None:
+                return found
+            _, wanted, extras = self._poll_set(vector)
+            fut: asyncio.Future[None] = loop.create_future()
+            watched: list[int] = []
             try:
-                self._on_extra(fd)
-                self._check_open()
-            except BaseException as exc:  # surfaced to the awaiting task
-                if not fut.done():
-                    fut.set_exception(exc)
+                for fd in (*wanted, *extras):
+                    self._watch(loop, fd, fut)
+                    watched.append(fd)
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    await asyncio.wait_for(fut, remaining)
+                except asyncio.TimeoutError:
+                    return None
+            finally:
+                for fd in watched:
+                    self._unwatch(fd, fut)
 
-        try:
-            for v, fd in candidates:
-                loop.add_reader(fd, on_ready, v, fd)
-                registered.append(fd)
-            for fd in self._extra_fds():
-                loop.add_reader(fd, on_extra, fd)
-                registered.append(fd)
-            try:
-                return await asyncio.wait_for(fut, timeout)
-            except asyncio.TimeoutError:
-                return None
-        finally:
-            for fd in registered:
-                loop.remove_reader(fd)
+    # One add_reader per fd, shared by every coroutine waiting on it: two add_reader calls on
+    # one fd replace each other, and the first waiter to finish would remove the other's.
 
+    def _watch(self, loop: asyncio.AbstractEventLoop, fd: int, fut: asyncio.Future[None]) -> None:
+        watches = self.__dict__.setdefault("_async_watches", {})
+        entry = watches.get(fd)
+        if entry is None:
+            loop.add_reader(fd, self._wake, fd)
+            entry = watches[fd] = (loop, set())
+        elif entry[0] is not loop:
+            raise UsageError(f"wait_async() on {self!r} from two event loops at once")
+        entry[1].add(fut)
 
-def _readable(fd: int) -> bool:
-    p = select.poll()  # poll, not select(): fds above 1023 are normal for a busy process
-    p.register(fd, select.POLLIN)
-    return bool(p.poll(0))
+    def _unwatch(self, fd: int, fut: asyncio.Future[None]) -> None:
+        watches = self.__dict__.get("_async_watches", {})
+        entry = watches.get(fd)
+        if entry is None:
+            return  # dropped already (the fds changed)
+        entry[1].discard(fut)
+        if not entry[1]:
+            del watches[fd]
+            entry[0].remove_reader(fd)
+
+    def _wake(self, fd: int) -> None:
+        entry = self.__dict__.get("_async_watches", {}).get(fd)
+        for fut in entry[1] if entry is not None else ():
+            if not fut.done():
+                fut.set_result(None)
 
 
 class RegionEndpoint(Endpoint):
@@ -247,8 +282,6 @@ class RegionEndpoint(Endpoint):
     def __init__(self, shm: SharedMemory, id: int = 0) -> None:
         if not 0 <= id <= 0xFFFF:
             shm.close()
-            from .errors import UsageError
-
             raise UsageError(f"peer id {id} is out of range 0..65535")
         self._shm = shm
         try:

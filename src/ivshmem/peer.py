@@ -552,9 +552,6 @@ class Peer(EventfdEndpoint):
         self._reconnecting = False
         self._last_vectors = 0
         self._pollers: dict[int | None, _Poller] = {}
-        # wait_async registrations, shared by every coroutine waiting on the same fd: the event
-        # loop allows one reader callback per fd.
-        self._async: dict[int, tuple[asyncio.AbstractEventLoop, set[asyncio.Future[None]]]] = {}
         self._install(conn)
 
     # -- connection state ------------------------------------------------------------------
@@ -1032,40 +1029,11 @@ class Peer(EventfdEndpoint):
                     self._unwatch(fd, fut)
             # Loop: the non-blocking wait at the top consumes the count (or serves the socket).
 
-    def _watch(self, loop: asyncio.AbstractEventLoop, fd: int, fut: asyncio.Future[None]) -> None:
-        entry = self._async.get(fd)
-        if entry is None:
-            loop.add_reader(fd, self._wake, fd)
-            entry = self._async[fd] = (loop, set())
-        elif entry[0] is not loop:
-            raise UsageError("wait_async() on one Peer from two event loops at once")
-        entry[1].add(fut)
-
-    def _unwatch(self, fd: int, fut: asyncio.Future[None]) -> None:
-        entry = self._async.get(fd)
-        if entry is None:
-            return  # dropped already (the fds changed)
-        entry[1].discard(fut)
-        if not entry[1]:
-            del self._async[fd]
-            entry[0].remove_reader(fd)
-
-    def _wake(self, fd: int) -> None:
-        entry = self._async.get(fd)
-        for fut in entry[1] if entry is not None else ():
-            if not fut.done():
-                fut.set_result(None)
-
     def _drop_async_watches(self) -> None:
         """Unregister every wait_async reader before its fd is closed (a closed fd left in an
         event loop's selector breaks the next registration of the same number) and wake the
         waiters so they start over with the new fds."""
-        watches, self._async = self._async, {}
-        for fd, (loop, futures) in watches.items():
-            loop.remove_reader(fd)
-            for fut in futures:
-                if not fut.done():
-                    fut.set_result(None)
+        self._fds_changed()
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -210,6 +210,7 @@ class PciEndpoint(EventfdEndpoint):
         if self._closed:
             return
         self._closed = True
+        self._fds_changed()  # unregister async readers and cached poll sets before fds go
         first: BaseException | None = None
         steps: list[Callable[[], None]] = [self._registers.close, self._shared.close]
         if self._vfio is not None:
