@@ -250,8 +250,9 @@ class _End:
                             raise ChannelClosedError(f"channel {self.name!r}: peer closed it")
                         self._check_peer()
                         next_live = now + self.liveness_interval
-        # 2. Block (doorbell) or poll (plain region).
-        next_live = time.monotonic()  # check liveness as soon as we stop spinning
+        # 2. Block (doorbell) or poll (plain region). Liveness is first probed one interval
+        # in: probing costs system calls, and most waits end long before.
+        next_live = time.monotonic() + self.liveness_interval
         sleep = _FIRST_POLL_SLEEP
         try:
             while True:
@@ -306,7 +307,7 @@ class _End:
     ) -> None:
         """Asyncio twin of :meth:`_block` (no spinning: that would stall the event loop)."""
         q = self._q
-        next_live = time.monotonic()
+        next_live = time.monotonic() + self.liveness_interval
         sleep = _FIRST_POLL_SLEEP
         try:
             while True:

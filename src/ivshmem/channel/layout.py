@@ -110,6 +110,8 @@ _ARENA_ENTRY = struct.Struct("<32sIIQQQ")  # name, sender, receiver, offset, siz
 _ARENA_ENTRY_SIZE = 64
 MAX_CHANNELS_PER_ARENA = (PAGE - _A_ENTRIES) // _ARENA_ENTRY_SIZE  # 63
 CHANNEL_NAME_MAX = 32
+#: Smallest channel area (ring.CTRL_SIZE + ring.MIN_CAPACITY).
+MIN_AREA = 512
 _STATE_LIVE = 1
 
 
@@ -663,7 +665,7 @@ def read_arena(region: Region, slot: int) -> _ArenaState:
         name = _decode_name(raw, where, field)
         if state != _STATE_LIVE or sender > MAX_PEER_ID or receiver > MAX_PEER_ID:
             raise RegionCorrupted(where, field, "bad state or peer id")
-        if off % PAGE or off < PAGE or length < PAGE or off + length > PAGE + used:
+        if off % PAGE or off < PAGE or length < MIN_AREA or off + length > PAGE + used:
             raise RegionCorrupted(where, field, f"extent {off}+{length} outside the used space")
         entries.append(ChannelEntry(name, sender, receiver, base + off, length, i))
     return _ArenaState(owner, epoch, used, tuple(entries))
@@ -692,6 +694,8 @@ def allocate_channel(
     the entry and the area by TSO.
     """
     raw = _encode_name(name, CHANNEL_NAME_MAX, "channel")
+    if size < MIN_AREA:
+        raise UsageError(f"a channel area needs at least {MIN_AREA} bytes, not {size}")
     with _alloc_lock:
         state = read_arena(region, slot)
         if state.owner != owner:

@@ -234,14 +234,20 @@ class RingSender(_Ring):
 
     def try_reserve(self, n: int, kind: int = KIND_DATA) -> memoryview | None:
         """A writable view of ``n`` bytes in the ring, or None if there is no room now."""
-        self._check_broken()
-        if self._resv is not None:
-            raise UsageError(f"channel {self.name!r}: commit() the previous reservation first")
-        need = self._check_size(n)
-        place = self._place(need)
-        if place is None:
-            return None
-        pos, skip = place
+        need = (n + 15) & -8
+        head = self._head
+        pos = head & self._mask
+        cap = self.capacity
+        skip = 0
+        if need > self._limit or pos + need > cap or head + need - self._tail > cap or n < 0:
+            self._check_broken()
+            if self._resv is not None:
+                raise UsageError(f"channel {self.name!r}: commit() the reservation first")
+            need = self._check_size(n)
+            place = self._place(need)
+            if place is None:
+                return None
+            pos, skip = place
         self._resv = (pos, skip, n, kind)
         self._limit = -1
         view = self._data[pos + HEADER : pos + HEADER + n]

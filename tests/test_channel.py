@@ -1,0 +1,548 @@
+"""Channels over real shared memory: in one process, across processes, with and without a
+doorbell.
+
+The doorbell endpoint below is real: eventfds created here and inherited by forked children,
+rung with ``os.eventfd_write`` exactly as a host peer rings a peer (the fds come from a
+table made by the test instead of an ivshmem server, which other modules test). Its peers
+are unknown to it, like a guest's, so liveness comes from the region's membership table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ivshmem
+from ivshmem.channel import (
+    ChannelClosedError,
+    ChannelTimeout,
+    Duplex,
+    MembershipWriter,
+    PeerGoneError,
+    Receiver,
+    Sender,
+    UnexpectedMessageError,
+    format_region,
+)
+from ivshmem.channel import ring as ringmod
+from ivshmem.endpoint import EventfdEndpoint
+from ivshmem.errors import DoorbellUnavailableError, PeersUnknownError, UsageError
+
+SIZE = 4 << 20
+FORK = multiprocessing.get_context("fork")
+SPAWN = multiprocessing.get_context("spawn")
+
+
+class DoorbellEndpoint(EventfdEndpoint):
+    """A region plus real eventfd doorbells: ``table[peer][vector]`` is the eventfd that rings
+    ``peer``'s ``vector``. Peers are unknown (as for a guest): liveness is the table's."""
+
+    def __init__(self, path: str, id: int, table: dict[int, Sequence[int]]) -> None:
+        self._region = ivshmem.open_region(path, id=id)
+        self._table = table
+        self._id = id
+
+    @property
+    def id(self) -> int:
+        return self._id
+
+    @property
+    def size(self) -> int:
+        return self._region.size
+
+    @property
+    def memory(self) -> memoryview:
+        return self._region.memory
+
+    @property
+    def vectors(self) -> int:
+        return len(self._table[self._id])
+
+    @property
+    def peers(self) -> frozenset[int]:
+        raise PeersUnknownError("a guest-like endpoint: read the membership table")
+
+    def notify(self, peer: int, vector: int = 0) -> None:
+        os.eventfd_write(self._table[peer][vector], 1)
+
+    def _own_fds(self) -> Sequence[int]:
+        return self._table[self._id]
+
+    @property
+    def closed(self) -> bool:
+        return self._region.closed
+
+    def close(self) -> None:
+        self._region.close()
+
+
+@pytest.fixture
+def path(short_tmp: Path) -> str:
+    p = str(short_tmp / "region")
+    with ivshmem.open_region(p, id=0, size=SIZE):
+        pass
+    return p
+
+
+@pytest.fixture
+def doorbells() -> Iterator[dict[int, Sequence[int]]]:
+    """Two vectors for each of peers 1 and 2."""
+    table = {
+        peer: [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)] for peer in (1, 2)
+    }
+    yield table
+    for fds in table.values():
+        for fd in fds:
+            os.close(fd)
+
+
+def _plain(path: str, peer: int) -> ivshmem.RegionEndpoint:
+    return ivshmem.open_region(path, id=peer)
+
+
+@pytest.fixture
+def pair(path: str) -> Iterator[tuple[ivshmem.RegionEndpoint, ivshmem.RegionEndpoint]]:
+    """Peers 1 and 2 on a plain region with a static membership table."""
+    with _plain(path, 1) as a, _plain(path, 2) as b:
+        format_region(a, max_peers=4, peers=[1, 2])
+        yield a, b
+
+
+def _payload(i: int, size: int) -> bytes:
+    return (i.to_bytes(4, "little") * (size // 4 + 1))[:size]
+
+
+def _finish(proc: Any, timeout: float = 60) -> None:
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        pytest.fail("child process hung")
+    assert proc.exitcode == 0, f"child failed with exit code {proc.exitcode}"
+
+
+# -- one process ------------------------------------------------------------------------------
+
+
+def test_bytes_in_order_with_wraparound(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    rx = Receiver(b, "wrap", sender=1, capacity=1024)
+    tx = Sender(a, "wrap", receiver=2)
+    rng = random.Random(4)
+    sent: list[bytes] = []
+    got: list[bytes] = []
+    for i in range(3000):
+        if rng.random() < 0.55:
+            msg = _payload(i, rng.choice([0, 1, 7, 8, 63, 200, rng.randrange(504)]))
+            if tx.try_send(msg):
+                sent.append(msg)
+        else:
+            m = rx.try_recv()
+            if m is not None:
+                got.append(m)
+    while (m := rx.try_recv()) is not None:
+        got.append(m)
+    assert got == sent
+    assert len(sent) > 1000
+    rx.close()
+    tx.close()
+
+
+def test_too_big_message_says_the_limit(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    Receiver(b, "small", sender=1, capacity=1024)
+    tx = Sender(a, "small", receiver=2)
+    tx.send(bytes(504))
+    with pytest.raises(UsageError, match="the most is 504 bytes"):
+        tx.send(bytes(505))
+    with pytest.raises(UsageError, match="power of two"):
+        Receiver(b, "odd", sender=1, capacity=1000)
+
+
+def test_views_are_zero_copy_and_revoked_on_release(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    rx = Receiver(b, "views", sender=1)
+    tx = Sender(a, "views", receiver=2)
+    buf = tx.reserve(5)
+    buf[:] = b"hello"
+    tx.commit()
+    tx.send(b"world")
+    v1 = rx.recv_view()
+    v2 = rx.recv_view()
+    assert v1.readonly and bytes(v1) == b"hello" and bytes(v2) == b"world"
+    # The view is the shared memory itself: the sender's bytes show through without a copy.
+    assert v1.obj is not None
+    rx.release()
+    with pytest.raises(ValueError):
+        bytes(v1)
+    with pytest.raises(ValueError):
+        buf[0] = 1  # the sender's reservation view is revoked by commit()
+
+
+def test_partial_commit_cancel_and_batching(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    rx = Receiver(b, "batch", sender=1)
+    tx = Sender(a, "batch", receiver=2)
+    view = tx.reserve(100)
+    view[:3] = b"abc"
+    tx.commit(3, flush=False)
+    tx.reserve(10)
+    with pytest.raises(UsageError, match="commit"):
+        tx.send(b"x")
+    tx.cancel()
+    tx.send(b"d", flush=False)
+    tx.send_many([b"e", b"f"], timeout=1)
+    assert rx.recv_many() == [b"abc", b"d", b"e", b"f"]
+    tx.send(b"g", flush=False)
+    assert tx.pending and rx.try_recv() is None  # not published until flush()
+    tx.flush()
+    assert rx.recv(timeout=1) == b"g"
+    with pytest.raises(UsageError, match="nothing reserved"):
+        tx.commit()
+
+
+def test_arrays_without_copies(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    rx = Receiver(b, "arrays", sender=1, capacity=1 << 16)
+    tx = Sender(a, "arrays", receiver=2)
+    samples = [
+        np.arange(12, dtype="<f8").reshape(3, 4),
+        np.arange(10, dtype=">i2")[::2],  # non-contiguous, big-endian
+        np.array(3.5),  # 0-d
+        np.zeros((0, 5), "u1"),
+        np.array([True, False]),
+        np.array([1 + 2j], "c16"),
+        np.array(["2024-01-01"], "datetime64[ns]"),
+        np.array([b"ab", b"c"], "S2"),
+    ]
+    for arr in samples:
+        tx.send_array(arr)
+    for arr in samples:
+        got = rx.recv_array(timeout=1)
+        assert got.dtype == arr.dtype and got.shape == arr.shape
+        assert np.array_equal(got, arr)
+        if got.size:
+            assert not got.flags.writeable  # a read-only window on the ring
+        del got
+        rx.release()
+    # Zero copy on the sending side too: fill the array in the ring, then commit.
+    out = tx.reserve_array((2, 3), "f4")
+    out[:] = 7
+    del out
+    tx.commit()
+    copy = rx.recv_array(copy=True)
+    assert copy.flags.writeable and np.array_equal(copy, np.full((2, 3), 7, "f4"))
+    with pytest.raises(UsageError, match="cannot travel"):
+        tx.send_array(np.array([object()]))
+    tx.send(b"not an array")
+    with pytest.raises(UnexpectedMessageError, match="is bytes, not array"):
+        rx.recv_array()
+    assert rx.recv() == b"not an array"  # left in place for the matching call
+
+
+def test_one_end_cannot_be_opened_twice(pair: tuple[Any, Any]) -> None:
+    _, b = pair
+    rx = Receiver(b, "once", sender=1)
+    with pytest.raises(UsageError, match="already open"):
+        Receiver(b, "once", sender=1)
+    rx.close()
+    Receiver(b, "once", sender=1).close()  # reopened after close
+
+
+def test_reopened_receiver_continues(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    rx = Receiver(b, "re", sender=1)
+    tx = Sender(a, "re", receiver=2)
+    tx.send(b"1")
+    tx.send(b"2")
+    assert rx.recv() == b"1"
+    rx.close()
+    tx.send(b"3")
+    rx = Receiver(b, "re", sender=1)
+    assert [rx.recv(), rx.recv()] == [b"2", b"3"]
+
+
+def test_sender_waits_for_the_receiver_then_times_out(pair: tuple[Any, Any]) -> None:
+    a, _ = pair
+    with pytest.raises(ChannelTimeout, match="has not created it"):
+        Sender(a, "nobody", receiver=2, timeout=0.05)
+    with pytest.raises(ChannelTimeout, match="not listed"):
+        Sender(a, "nobody", receiver=3, timeout=0.05)
+
+
+def test_receiver_not_in_table_times_out(path: str) -> None:
+    with _plain(path, 5) as ep:
+        format_region(ep, peers=[1])
+        with pytest.raises(ChannelTimeout, match="peer 5 is not in the region's membership"):
+            Receiver(ep, "x", sender=1, timeout=0.05)
+
+
+def test_plain_region_refuses_a_vector(pair: tuple[Any, Any]) -> None:
+    _, b = pair
+    with pytest.raises(DoorbellUnavailableError, match="plain region polls"):
+        Receiver(b, "v", sender=1, vector=0)
+
+
+def test_timeouts_and_close(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    rx = Receiver(b, "close", sender=1, capacity=1024, spin=0)
+    tx = Sender(a, "close", receiver=2, spin=0)
+    with pytest.raises(ChannelTimeout):
+        rx.recv(timeout=0.02)
+    for _ in range(2):
+        tx.send(bytes(500))
+    with pytest.raises(ChannelTimeout):
+        tx.send(bytes(500), timeout=0.02)  # ring full
+    tx.close()
+    assert len(rx.recv()) == 500 and len(rx.recv()) == 500  # everything sent arrives first
+    with pytest.raises(ChannelClosedError):
+        rx.recv(timeout=1)
+    # The other way round: a receiver that closes ends a sender blocked on a full ring.
+    rx2 = Receiver(b, "close2", sender=1, capacity=1024, spin=0)
+    tx2 = Sender(a, "close2", receiver=2, spin=0, liveness_interval=0.01)
+    tx2.send(bytes(500))
+    tx2.send(bytes(500))
+    rx2.close()
+    with pytest.raises(ChannelClosedError, match="receiver closed"):
+        tx2.send(bytes(500), timeout=5)
+
+
+def test_duplex_request_reply_in_threads(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    errors: list[BaseException] = []
+
+    def server() -> None:
+        try:
+            with Duplex(b, "rpc", peer=1) as d:
+                for _ in range(200):
+                    d.send(d.recv(timeout=10)[::-1])
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    t = threading.Thread(target=server)
+    t.start()
+    with Duplex(a, "rpc", peer=2) as d:
+        for i in range(200):
+            d.send(b"%d-abc" % i)
+            assert d.recv(timeout=10) == (b"%d-abc" % i)[::-1]
+    t.join(10)
+    assert not errors
+
+
+# -- across processes ----------------------------------------------------------------------
+
+N_STREAM = 20000
+
+
+def _stream_sender(path: str, count: int) -> None:
+    with _plain(path, 1) as ep:
+        tx = Sender(ep, "stream", receiver=2, timeout=20)
+        rng = random.Random(7)
+        for i in range(count):
+            tx.send(_payload(i, rng.randrange(300)), timeout=20)
+        tx.close()
+
+
+def test_stream_between_processes_plain_region(pair: tuple[Any, Any], path: str) -> None:
+    """The receiver here, the sender in a spawned interpreter; no doorbell: polling waits."""
+    _, b = pair
+    rx = Receiver(b, "stream", sender=1, capacity=4096)
+    child = SPAWN.Process(target=_stream_sender, args=(path, N_STREAM))
+    child.start()
+    try:
+        rng = random.Random(7)
+        for i in range(N_STREAM):
+            assert rx.recv(timeout=20) == _payload(i, rng.randrange(300))
+        with pytest.raises(ChannelClosedError):
+            rx.recv(timeout=20)
+    finally:
+        _finish(child)
+
+
+def _array_receiver(path: str, count: int) -> None:
+    with _plain(path, 2) as ep:
+        rx = Receiver(ep, "arrays", sender=1, capacity=1 << 18)
+        for i in range(count):
+            arr = rx.recv_array(timeout=20)
+            assert arr.shape == (i % 5 + 1, 100)
+            assert np.array_equal(arr, np.full(arr.shape, i, "f8"))
+            del arr
+            rx.release()
+
+
+def test_arrays_between_processes(pair: tuple[Any, Any], path: str) -> None:
+    a, _ = pair
+    child = FORK.Process(target=_array_receiver, args=(path, 300))
+    child.start()
+    try:
+        tx = Sender(a, "arrays", receiver=2, timeout=20)
+        for i in range(300):
+            tx.send_array(np.full((i % 5 + 1, 100), i, "f8"), timeout=20)
+    finally:
+        _finish(child)
+
+
+def _doorbell_echo(path: str, table: dict[int, Sequence[int]], rounds: int, spin: float) -> None:
+    with DoorbellEndpoint(path, 2, table) as ep:
+        with Duplex(ep, "echo", peer=1, spin=spin, timeout=20) as d:
+            for _ in range(rounds):
+                d.send(d.recv(timeout=20))
+
+
+@pytest.mark.parametrize("spin", [0.0, 1e-4])
+def test_doorbell_ping_pong_between_processes(
+    path: str, doorbells: dict[int, Sequence[int]], spin: float
+) -> None:
+    with DoorbellEndpoint(path, 1, doorbells) as ep:
+        format_region(ep, max_peers=4, peers={1: 2, 2: 2})
+        child = FORK.Process(target=_doorbell_echo, args=(path, doorbells, 300, spin))
+        child.start()
+        try:
+            with Duplex(ep, "echo", peer=2, spin=spin, timeout=20) as d:
+                for i in range(300):
+                    d.send(b"ping %d" % i)
+                    assert d.recv(timeout=20) == b"ping %d" % i
+        finally:
+            _finish(child)
+
+
+def test_no_doorbell_unless_the_receiver_sleeps(
+    path: str, doorbells: dict[int, Sequence[int]]
+) -> None:
+    with DoorbellEndpoint(path, 1, doorbells) as a, DoorbellEndpoint(path, 2, doorbells) as b:
+        format_region(a, max_peers=4, peers={1: 2, 2: 2})
+        rx = Receiver(b, "quiet", sender=1, vector=1, spin=0)
+        tx = Sender(a, "quiet", receiver=2)
+        for i in range(100):
+            tx.send(b"%d" % i)
+        with pytest.raises(BlockingIOError):  # the receiver never slept: nobody rang it
+            os.eventfd_read(doorbells[2][1])
+        assert len(rx.recv_many(1000)) == 100
+        # Now it sleeps: one send rings it exactly once, on the vector it asked for.
+        got: list[bytes] = []
+        t = threading.Thread(target=lambda: got.append(rx.recv(timeout=10)))
+        t.start()
+        deadline = time.monotonic() + 10
+        while not rx._q[ringmod.R_WAIT] & 1:  # until it has announced that it sleeps
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        tx.send(b"wake")
+        t.join(10)
+        assert got == [b"wake"]
+
+
+def _block_forever(path: str, table: dict[int, Sequence[int]] | None, result: Any) -> None:
+    ep: Any = DoorbellEndpoint(path, 2, table) if table else _plain(path, 2)
+    try:
+        rx = Receiver(
+            ep, "gone", sender=1, spin=0, liveness_interval=0.05, timeout=20,
+            membership_vector=1 if table else None,
+        )  # fmt: skip
+        result.send("ready")
+        try:
+            rx.recv(timeout=30)
+            result.send("received?!")
+        except PeerGoneError as err:
+            result.send(f"gone {err.peer}")
+    finally:
+        ep.close()
+
+
+@pytest.mark.parametrize("doorbell", [False, True])
+def test_peer_that_leaves_ends_a_blocked_receive(
+    path: str, doorbells: dict[int, Sequence[int]], doorbell: bool
+) -> None:
+    with _plain(path, 0) as server:
+        format_region(server, max_peers=4)
+        writer = MembershipWriter(server)  # this test plays the server
+        writer.joined(1, 2)
+        writer.joined(2, 2)
+        mine, theirs = FORK.Pipe()
+        child = FORK.Process(
+            target=_block_forever, args=(path, doorbells if doorbell else None, theirs)
+        )
+        child.start()
+        try:
+            assert mine.poll(20) and mine.recv() == "ready"
+            writer.left(1)
+            if doorbell:
+                os.eventfd_write(doorbells[2][1], 1)  # the server's membership ring
+            assert mine.poll(20) and mine.recv() == "gone 1"
+        finally:
+            _finish(child)
+
+
+def test_sender_blocked_on_a_full_ring_sees_the_receiver_leave(path: str) -> None:
+    with _plain(path, 0) as server, _plain(path, 1) as a, _plain(path, 2) as b:
+        format_region(server, max_peers=4)
+        writer = MembershipWriter(server)
+        writer.joined(1, 0)
+        writer.joined(2, 0)
+        Receiver(b, "full", sender=1, capacity=1024)
+        tx = Sender(a, "full", receiver=2, spin=0, liveness_interval=0.02)
+        tx.send(bytes(500))
+        tx.send(bytes(500))
+        writer.left(2)
+        with pytest.raises(PeerGoneError, match="peer 2 left"):
+            tx.send(bytes(500), timeout=10)
+
+
+def _async_sender(path: str, table: dict[int, Sequence[int]], count: int) -> None:
+    with DoorbellEndpoint(path, 1, table) as ep:
+        tx = Sender(ep, "async", receiver=2, timeout=20)
+        for i in range(count):
+            tx.send(b"%d" % i)
+            if i % 50 == 0:
+                time.sleep(0.002)  # let the receiver go to sleep now and then
+        tx.close()
+
+
+def test_async_receive(path: str, doorbells: dict[int, Sequence[int]]) -> None:
+    with DoorbellEndpoint(path, 2, doorbells) as ep:
+        format_region(ep, max_peers=4, peers={1: 2, 2: 2})
+        rx = Receiver(ep, "async", sender=1)
+        child = FORK.Process(target=_async_sender, args=(path, doorbells, 500))
+        child.start()
+
+        async def consume() -> list[bytes]:
+            out = []
+            try:
+                while True:
+                    out.append(await rx.recv_async(timeout=20))
+            except ChannelClosedError:
+                return out
+
+        try:
+            got = asyncio.run(consume())
+            assert got == [b"%d" % i for i in range(500)]
+        finally:
+            _finish(child)
+
+
+def test_async_on_a_plain_region_polls(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    rx = Receiver(b, "apoll", sender=1)
+    tx = Sender(a, "apoll", receiver=2)
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, tx.send, b"later")
+        return await rx.recv_async(timeout=10)
+
+    assert asyncio.run(main()) == b"later"
+
+    async def timeout() -> None:
+        await rx.recv_async(timeout=0.01)
+
+    with pytest.raises(ChannelTimeout):
+        asyncio.run(timeout())

@@ -1,0 +1,306 @@
+"""The region layout: header, directory, membership table and arenas, on real shared memory."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ivshmem
+from ivshmem.channel import (
+    Membership,
+    MembershipWriter,
+    NotFormattedError,
+    Region,
+    RegionCorrupted,
+    RegionFullError,
+    UnsupportedPlatformError,
+    format_region,
+    is_formatted,
+    layout,
+)
+from ivshmem.channel._ordering import check_platform, machine_is_supported
+from ivshmem.errors import UsageError
+
+SIZE = 1 << 20
+
+
+@pytest.fixture
+def region_path(short_tmp: Path) -> Iterator[str]:
+    path = str(short_tmp / "region")
+    yield path
+
+
+@pytest.fixture
+def ep(region_path: str) -> Iterator[ivshmem.RegionEndpoint]:
+    with ivshmem.open_region(region_path, id=0, size=SIZE) as endpoint:
+        yield endpoint
+
+
+def test_format_then_attach_from_another_mapping(
+    ep: ivshmem.RegionEndpoint, region_path: str
+) -> None:
+    region = format_region(ep, max_peers=4, allocations={"counter": 100, "table": 5000})
+    assert region.max_peers == 4
+    assert region.allocations["counter"][1] == 4096
+    assert region.allocations["table"][1] == 8192
+    with ivshmem.open_region(region_path, id=1) as other:
+        again = Region(other)
+        assert again.format_id == region.format_id
+        assert again.arena_size == region.arena_size
+        assert again.allocations == region.allocations
+        # A user allocation is the same memory in both mappings.
+        again.allocation("counter")[0:4] = b"abcd"
+        assert bytes(region.allocation("counter")[0:4]) == b"abcd"
+        with pytest.raises(UsageError, match="no allocation named 'nope'"):
+            again.allocation("nope")
+    assert is_formatted(ep)
+
+
+def test_reformat_changes_identity_and_clears(ep: ivshmem.RegionEndpoint) -> None:
+    first = format_region(ep, allocations={"a": 10})
+    first.allocation("a")[0] = 7
+    second = format_region(ep, allocations={"a": 10})
+    assert second.format_id != first.format_id
+    assert second.allocation("a")[0] == 0
+
+
+def test_unformatted_region_is_a_clear_error(ep: ivshmem.RegionEndpoint) -> None:
+    assert not is_formatted(ep)
+    with pytest.raises(NotFormattedError, match="not formatted for channels"):
+        Region(ep)
+    with pytest.raises(NotFormattedError):
+        Membership(ep)
+
+
+def test_other_layout_version_is_refused(ep: ivshmem.RegionEndpoint) -> None:
+    format_region(ep)
+    struct.pack_into("<I", ep.memory, 8, layout.LAYOUT_VERSION + 1)
+    with pytest.raises(NotFormattedError, match="layout version 2"):
+        Region(ep)
+
+
+def test_resized_region_is_refused(ep: ivshmem.RegionEndpoint, region_path: str) -> None:
+    format_region(ep)
+    os.truncate(region_path, 2 * SIZE)
+    with ivshmem.open_region(region_path, id=1) as bigger:
+        with pytest.raises(NotFormattedError, match="resized"):
+            Region(bigger)
+
+
+def test_region_too_small_says_what_it_needs() -> None:
+    buf = bytearray(8 * 4096)
+    with pytest.raises(UsageError, match="too small for 16 peer slots"):
+        format_region(buf)
+    region = format_region(buf, max_peers=2)
+    assert region.arena_size == 3 * 4096
+
+
+def test_bad_arguments() -> None:
+    buf = bytearray(SIZE)
+    with pytest.raises(UsageError, match="max_peers"):
+        format_region(buf, max_peers=0)
+    with pytest.raises(UsageError, match="peer id 70000"):
+        format_region(buf, peers=[70000])
+    with pytest.raises(UsageError, match="allocation name"):
+        format_region(buf, allocations={"x" * 41: 1})
+    with pytest.raises(UsageError, match="must be writable"):
+        format_region(bytes(SIZE))
+
+
+def test_non_x86_64_is_refused() -> None:
+    assert machine_is_supported("x86_64") and machine_is_supported("AMD64")
+    assert not machine_is_supported("aarch64")
+    with pytest.raises(UnsupportedPlatformError, match="'aarch64'"):
+        check_platform("aarch64")
+
+
+# -- membership -------------------------------------------------------------------------------
+
+
+def test_static_membership(ep: ivshmem.RegionEndpoint) -> None:
+    format_region(ep, max_peers=4, peers={3: 2, 9: 0})
+    snap = Membership(ep).snapshot()
+    assert snap.writer == "static" and not snap.live
+    assert snap.peers == {3, 9}
+    assert snap.entries[3].vectors == 2
+    assert {e.slot for e in snap.entries.values()} == {0, 1}
+
+
+def test_unmanaged_table_is_empty(ep: ivshmem.RegionEndpoint) -> None:
+    format_region(ep)
+    snap = Membership(ep).snapshot()
+    assert snap.writer == "none" and snap.peers == frozenset()
+
+
+def test_writer_joins_and_leaves(ep: ivshmem.RegionEndpoint, region_path: str) -> None:
+    format_region(ep, max_peers=3)
+    writer = MembershipWriter(ep)
+    with ivshmem.open_region(region_path, id=5) as guest:
+        reader = Membership(guest)
+        g0 = reader.generation
+        assert writer.joined(0, 1) == 0
+        assert writer.joined(1, 4) == 1
+        assert reader.peers() == {0, 1}
+        assert reader.snapshot().live
+        assert reader.generation == g0 + 2
+        assert writer.left(0) and not writer.left(0)
+        assert reader.peers() == {1}
+        # Slots are reused round-robin: the freed slot 0 comes after slot 2.
+        assert writer.joined(2, 1) == 2
+        assert writer.joined(3, 1) == 0
+        with pytest.raises(RegionFullError, match="membership table is full"):
+            writer.joined(4, 1)
+        with pytest.raises(UsageError, match="already"):
+            writer.joined(3, 1)
+        assert reader.peers() == {1, 2, 3} == writer.peers
+        # The arena of a slot is reset and handed to its new owner before it is listed.
+        arena = layout.read_arena(reader.region, 0)
+        assert arena.owner == 3 and arena.entries == ()
+
+
+def test_restarted_writer_continues_the_generation(ep: ivshmem.RegionEndpoint) -> None:
+    format_region(ep)
+    first = MembershipWriter(ep)
+    first.joined(7, 1)
+    g = Membership(ep).generation
+    second = MembershipWriter(ep)  # a restarted server: nobody is connected any more
+    assert Membership(ep).peers() == frozenset()
+    assert second.generation > g
+
+
+def _churn(path: str, rounds: int) -> None:
+    """A server that keeps peers joining and leaving; vectors always equal peer % 5 + 1."""
+    with ivshmem.open_region(path, id=0) as endpoint:
+        writer = MembershipWriter(endpoint)
+        for i in range(rounds):
+            peer = 100 + i % 50
+            writer.joined(peer, peer % 5 + 1)
+            if i >= 3:
+                writer.left(100 + (i - 3) % 50)
+
+
+def test_seqlock_snapshots_are_consistent_across_processes(
+    ep: ivshmem.RegionEndpoint, region_path: str
+) -> None:
+    format_region(ep, max_peers=8)
+    MembershipWriter(ep)  # so the table is live before the child starts
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_churn, args=(region_path, 20000))
+    child.start()
+    reader = Membership(ep)
+    last = -1
+    seen = 0
+    try:
+        while child.is_alive() or seen == 0:
+            snap = reader.snapshot()
+            assert snap.generation >= last
+            last = snap.generation
+            assert len(snap.entries) <= 4
+            for entry in snap.entries.values():
+                assert entry.vectors == entry.peer % 5 + 1  # never a torn slot
+            seen += 1
+    finally:
+        child.join(30)
+    assert child.exitcode == 0
+    assert seen > 0
+
+
+def test_stuck_seqlock_is_reported_not_waited_for(ep: ivshmem.RegionEndpoint) -> None:
+    region = format_region(ep)
+    words = ep.memory[4096 : 4096 + 8].cast("Q")
+    words[0] = 12345  # odd: "a write is in progress", forever
+    with pytest.raises(RegionCorrupted, match="seq"):
+        Membership(region).snapshot(patience=0.05)
+
+
+# -- arenas --------------------------------------------------------------------------------
+
+
+def test_arena_allocation_and_limits(ep: ivshmem.RegionEndpoint) -> None:
+    region = format_region(ep, max_peers=2, peers=[0, 1])
+    inits: list[int] = []
+
+    def init(area: memoryview) -> None:
+        inits.append(len(area))
+
+    a = layout.allocate_channel(region, 0, 0, "a", 1, 0, 4096 + 256, init)
+    again = layout.allocate_channel(region, 0, 0, "a", 1, 0, 4096 + 256, init)
+    assert a == again and inits == [4352]  # found, not made twice
+    b = layout.allocate_channel(region, 0, 0, "a", 2, 0, 512, init)  # other sender: other channel
+    assert b.offset >= a.offset + 8192
+    assert layout.find_channel(region, 0, "a", 2, 0) == b
+    assert layout.find_channel(region, 1, "a", 2, 0) is None
+    with pytest.raises(RegionFullError, match="arena has"):
+        layout.allocate_channel(region, 0, 0, "big", 1, 0, region.arena_size, init)
+    with pytest.raises(RegionCorrupted, match="owner"):
+        layout.allocate_channel(region, 1, 0, "x", 1, 0, 512, init)  # slot 1 belongs to peer 1
+    with pytest.raises(UsageError, match="channel name"):
+        layout.allocate_channel(region, 0, 0, "n" * 33, 1, 0, 512, init)
+
+
+# -- hostile bytes ---------------------------------------------------------------------------
+
+_REGION_ERRORS = (NotFormattedError, RegionCorrupted)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    writes=st.lists(
+        st.tuples(st.integers(0, 4095), st.binary(min_size=1, max_size=16)), min_size=1, max_size=8
+    )
+)
+def test_scribbled_header_gives_only_region_errors(writes: list[tuple[int, bytes]]) -> None:
+    buf = bytearray(64 * 4096)
+    format_region(buf, max_peers=2, peers=[0, 1], allocations={"u": 1})
+    for offset, data in writes:
+        chunk = data[: 4096 - offset]
+        buf[offset : offset + len(chunk)] = chunk
+    try:
+        region = Region(buf)
+    except _REGION_ERRORS:
+        return
+    for off, length in [*region.allocations.values()]:
+        assert off >= 4096 and off + length <= len(buf)
+    try:
+        Membership(region).snapshot(patience=0.01)
+        layout.read_arena(region, 0)
+    except _REGION_ERRORS:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    table=st.lists(st.tuples(st.integers(0, 200), st.binary(min_size=1, max_size=16)), max_size=8),
+    arena=st.lists(st.tuples(st.integers(0, 4095), st.binary(min_size=1, max_size=16)), max_size=8),
+)
+def test_scribbled_membership_and_arena_give_only_region_errors(
+    table: list[tuple[int, bytes]], arena: list[tuple[int, bytes]]
+) -> None:
+    buf = bytearray(64 * 4096)
+    region = format_region(buf, max_peers=4, peers=[0, 1])
+    layout.allocate_channel(region, 0, 0, "c", 1, 0, 4096 + 256, lambda area: None)
+    base = region.arena_offset(0)
+    for offset, data in table:
+        buf[4096 + offset : 4096 + offset + len(data)] = data
+    for offset, data in arena:
+        chunk = data[: 4096 - offset]
+        buf[base + offset : base + offset + len(chunk)] = chunk
+    try:
+        snap = Membership(region).snapshot(patience=0.01)
+        assert all(0 <= e.peer <= 0xFFFF and 0 <= e.slot < 4 for e in snap.entries.values())
+    except RegionCorrupted:
+        pass
+    try:
+        state = layout.read_arena(region, 0)
+    except RegionCorrupted:
+        return
+    for entry in state.entries:
+        assert base + 4096 <= entry.offset
+        assert entry.offset + entry.size <= base + region.arena_size
