@@ -9,7 +9,11 @@ and rings back, the parent waits. Measured in the same run, repetitions interlea
   a second, idle fd before reading -- the floor for a doorbell that, like a host peer, must
   also notice server messages (joins, leaves, the server going away) while it waits;
 * **peer**: two :class:`ivshmem.peer.Peer` s connected to a real ``ivshmem-server`` process,
-  ``notify()`` and ``wait()`` (which also watches the server socket for joins and leaves);
+  ``notify()`` and ``wait()`` (which also watches the server socket for joins and leaves),
+  with the default spin-then-block waiting (``Endpoint.spin``, 50 µs of non-blocking reads
+  before sleeping in poll());
+* **peer, spin=0**: the same peers blocking at once (``wait(spin=0)``), which is what the
+  raw variants do;
 * **peer, base wait** (``--base-wait``): the same, with the parent waiting through
   :meth:`ivshmem.endpoint.EventfdEndpoint.wait` instead of the Peer's own ``wait``.
 
@@ -40,7 +44,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ivshmem.endpoint import EventfdEndpoint
+from ivshmem.endpoint import DEFAULT_SPIN, EventfdEndpoint
 from ivshmem.peer import Peer, connect
 
 _FORK = multiprocessing.get_context("fork")
@@ -112,9 +116,10 @@ class RawPair:
 # -- host peers -------------------------------------------------------------------------------
 
 
-def _peer_child(path: str, total: int, cpu: int | None, pipe: Connection) -> None:
+def _peer_child(path: str, total: int, cpu: int | None, pipe: Connection, spin: float) -> None:
     _pin(cpu)
     with connect(path, vectors=1) as peer:
+        peer.spin = spin
         pipe.send(peer.id)
         parent = pipe.recv()
         notify, wait = peer.notify, peer.wait
@@ -127,14 +132,15 @@ def _peer_child(path: str, total: int, cpu: int | None, pipe: Connection) -> Non
 class PeerPair:
     """A child process echoing through a host peer; the parent holds the other peer."""
 
-    def __init__(self, path: str, total: int, cpu: int | None) -> None:
+    def __init__(self, path: str, total: int, cpu: int | None, spin: float) -> None:
         ours, theirs = _FORK.Pipe()
         # The child is forked before this process connects, so it inherits none of our fds.
-        self.child = _FORK.Process(target=_peer_child, args=(path, total, cpu, theirs))
+        self.child = _FORK.Process(target=_peer_child, args=(path, total, cpu, theirs, spin))
         self.child.start()
         self.pipe = ours
         self.other = ours.recv()
         self.peer: Peer = connect(path, vectors=1)
+        self.peer.spin = spin
         ours.send(self.peer.id)
 
     def run(self, rounds: int, waiter: Callable[..., int | None] | None = None) -> float:
@@ -200,7 +206,7 @@ def measure(rounds: int, repeats: int, pin: bool, base_wait: bool) -> dict[str, 
     parent_cpu, child_cpu = (cpus[0], cpus[1]) if pin and len(cpus) > 1 else (None, None)
     warmup = max(rounds // 10, 100)
     total = warmup + rounds * repeats * (2 if base_wait else 1)
-    results: dict[str, list[float]] = {"raw": [], "raw_poll": [], "peer": []}
+    results: dict[str, list[float]] = {"raw": [], "raw_poll": [], "peer": [], "peer_nospin": []}
     if base_wait:
         results["peer_base_wait"] = []
     with tempfile.TemporaryDirectory(prefix="ivb-", dir="/tmp") as directory:
@@ -209,11 +215,13 @@ def measure(rounds: int, repeats: int, pin: bool, base_wait: bool) -> dict[str, 
             _pin(parent_cpu)
             raw = RawPair(warmup + rounds * repeats, child_cpu)
             raw_poll = RawPair(warmup + rounds * repeats, child_cpu, poll=True)
-            pair = PeerPair(server.path, total, child_cpu)
+            pair = PeerPair(server.path, total, child_cpu, DEFAULT_SPIN)
+            nospin = PeerPair(server.path, warmup + rounds * repeats, child_cpu, 0.0)
             try:
                 raw.run(warmup)
                 raw_poll.run(warmup)
                 pair.run(warmup)
+                nospin.run(warmup)
 
                 def base(vector: int | None = None) -> int | None:
                     return EventfdEndpoint.wait(pair.peer, vector)
@@ -222,12 +230,14 @@ def measure(rounds: int, repeats: int, pin: bool, base_wait: bool) -> dict[str, 
                     results["raw"].append(raw.run(rounds))
                     results["raw_poll"].append(raw_poll.run(rounds))
                     results["peer"].append(pair.run(rounds))
+                    results["peer_nospin"].append(nospin.run(rounds))
                     if base_wait:
                         results["peer_base_wait"].append(pair.run(rounds, base))
             finally:
                 raw.close()
                 raw_poll.close()
                 pair.close()
+                nospin.close()
         finally:
             server.close()
     medians = {name: statistics.median(values) for name, values in results.items()}
@@ -240,6 +250,7 @@ def measure(rounds: int, repeats: int, pin: bool, base_wait: bool) -> dict[str, 
         "all_us": {k: [round(v * 1e6, 3) for v in values] for k, values in results.items()},
         "ratio_peer_to_raw": medians["peer"] / medians["raw"],
         "ratio_peer_to_raw_poll": medians["peer"] / medians["raw_poll"],
+        "ratio_peer_nospin_to_raw": medians["peer_nospin"] / medians["raw"],
         # Under load from other processes medians wander; the fastest repetition of each is
         # the steadier comparison of what the code costs.
         "min_ratio_peer_to_raw": min(results["peer"]) / min(results["raw"]),
@@ -270,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  raw os.eventfd ping-pong      {med['raw']:8.2f} us  (min {low['raw']:.2f})")
     print(f"  raw eventfd, poll() + read    {med['raw_poll']:8.2f} us  (min {low['raw_poll']:.2f})")
     print(f"  ivshmem host peers            {med['peer']:8.2f} us  (min {low['peer']:.2f})")
+    print(
+        f"  host peers, wait(spin=0)      {med['peer_nospin']:8.2f} us  "
+        f"(min {low['peer_nospin']:.2f})"
+    )
     if "peer_base_wait" in med:
         print(
             f"  host peers, base wait()       {med['peer_base_wait']:8.2f} us  "
@@ -278,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = result["ratio_peer_to_raw"]
     verdict = "within" if ratio <= 1.2 else "above"
     print(f"  ratio peer/raw                {ratio:8.2f}x  ({verdict} the 1.2x target)")
+    print(
+        f"  ratio peer(spin=0)/raw        {result['ratio_peer_nospin_to_raw']:8.2f}x  "
+        "(blocking at once, like the raw variants)"
+    )
     print(
         f"  ratio peer/raw poll+read      {result['ratio_peer_to_raw_poll']:8.2f}x  "
         f"(of the fastest repetitions: peer/raw {result['min_ratio_peer_to_raw']:.2f}x, "

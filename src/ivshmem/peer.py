@@ -70,7 +70,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .endpoint import EventfdEndpoint
+from .endpoint import EventfdEndpoint, spin_read
 from .errors import (
     ClosedError,
     ConnectionLostError,
@@ -901,10 +901,13 @@ class Peer(EventfdEndpoint):
         self._pollers[vector] = poller
         return poller
 
-    def wait(self, vector: int | None = None, timeout: float | None = None) -> int | None:
+    def wait(
+        self, vector: int | None = None, timeout: float | None = None, *, spin: float | None = None
+    ) -> int | None:
         """Block until one of our vectors (or ``vector``) is rung; return its number, or None
         after ``timeout`` seconds. Server messages are processed meanwhile. When several vectors
-        are pending the lowest is returned first."""
+        are pending the lowest is returned first. Spins ``spin`` seconds (default
+        :attr:`spin`) before sleeping; see :mod:`ivshmem.endpoint`."""
         # The doorbell hot path: a cached poll set, one poll(), one read. Anything else (socket
         # news, several vectors ready, no cached set yet) takes the full loop. A blocking read()
         # alone would be cheaper, but it is not available: O_NONBLOCK is a flag of the open file
@@ -913,6 +916,12 @@ class Peer(EventfdEndpoint):
         # server socket (joins, leaves, the server going away) unwatched.
         cached = self._pollers.get(vector)
         if cached is not None:
+            budget = self.spin if spin is None else spin
+            if budget > 0 and timeout != 0:
+                # Socket news is not looked at while spinning: the budget is microseconds.
+                found = spin_read(cached[1], budget if timeout is None else min(budget, timeout))
+                if found is not None:
+                    return found
             # poll() counts whole milliseconds: round a timeout up, never down to "block".
             ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
             try:
