@@ -381,6 +381,7 @@ class RingReceiver(_Ring):
             (kind != KIND_DATA and kind != KIND_ARRAY)
             or need > self._head - tail
             or pos + need > self.capacity
+            or need > self.capacity >> 1  # no honest sender writes a record this big
         ):
             raise self._corrupt(
                 "record",
@@ -408,6 +409,7 @@ class RingReceiver(_Ring):
             word >> _KIND_SHIFT != KIND_DATA
             or need > self._head - tail
             or pos + need > self.capacity
+            or need > self.capacity >> 1
         ):
             rec = self._next()  # re-reads and validates, raising on corruption
             if rec is None:  # pragma: no cover - _head only grows, so a record is there
