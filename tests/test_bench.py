@@ -107,7 +107,12 @@ def test_document_structure(doc: dict) -> None:
     assert doc["schema"] == 1
     assert {"cpu_model", "kernel", "python", "versions"} <= set(doc["machine"])
     assert doc["config"]["payloads"] == [64, MIB]
-    assert doc["config"]["pin"] is True
+    assert doc["config"]["pin"] == "auto"
+    for run in doc["runs"]:
+        if run["series"] in ("ivshmem_spin", "ref_spin") and len(os.sched_getaffinity(0)) > 1:
+            assert run["result"]["cpus"] == sorted(os.sched_getaffinity(0))[:2]
+        if run["series"] in ("ivshmem_block", "pipe", "ref_eventfd"):
+            assert run["result"]["cpus"] == [None, None]
     for info in doc["series"].values():
         assert {"label", "notes", "available", "reason"} <= set(info)
     summary = doc["summary"]

@@ -364,7 +364,15 @@ def render_markdown(doc: dict[str, Any], charts: dict[str, str] | None = None) -
 
     add("## How it was measured")
     add("")
-    pin = "pinned to different CPUs (os.sched_setaffinity)" if cfg["pin"] else "not pinned"
+    pin = {
+        "auto": "the two sides of a spinning transport (the spinning channel, iceoryx2, the "
+        "spin-byte reference) pinned to different CPUs with os.sched_setaffinity, blocking "
+        "ones left to the scheduler: spinning sides that share a CPU wait for a scheduler "
+        "tick, while a blocking wake-up is cheaper on the waker's own CPU than as an "
+        "interrupt to the other one",
+        "always": "pinned to different CPUs (os.sched_setaffinity)",
+        "never": "not pinned",
+    }.get(str(cfg["pin"]), str(cfg["pin"]))
     add(f"- Two fresh processes per number (fork), {pin}; the parent only coordinates.")
     add(
         "- Each side's link is opened, then both wait until the transport is connected "
@@ -409,6 +417,23 @@ def render_markdown(doc: dict[str, Any], charts: dict[str, str] | None = None) -
         state = "" if info["available"] else f" — **unavailable**: {info['reason']}"
         add(f"- **{info['label']}** (`{key}`): {info['notes']}{state}")
     add("")
+
+    counted = [
+        (r, side, name, value)
+        for r in doc["runs"]
+        for side, stats in enumerate(r.get("result", {}).get("link_stats", []))
+        for name, value in stats.items()
+        if value
+    ]
+    if counted:
+        add("## Transport events")
+        add("")
+        for r, side, name, value in counted:
+            add(
+                f"- {_label(doc, r['series'])}, {r['kind']} {_payload(r['payload'])} rep "
+                f"{r['rep']}: side {side} {name} {value}"
+            )
+        add("")
 
     failures = [r for r in doc["runs"] if "error" in r]
     if failures:

@@ -81,7 +81,8 @@ class SuiteConfig:
     payloads: tuple[int, ...] = DEFAULT_PAYLOADS
     #: Series keys to run (None: all); "ref_memcpy" selects the copy reference.
     only: frozenset[str] | None = None
-    pin: bool = True
+    #: CPU placement, see harness.pin_cpu: "auto", "always" or "never".
+    pin: str = "auto"
     #: Spin budget (seconds) of the channel in blocking mode.
     block_spin: float = 0.0
 
@@ -288,9 +289,12 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
                     transport = cls(ctx, job.payload, job.kind, job.series.copy)
                     entry["result"] = measure(transport, config.plan)
                     say(f"{what}: {_describe(job, entry['result'])}")
-                except BenchError as err:
-                    entry["error"] = str(err)
-                    say(f"{what}: FAILED {str(err).splitlines()[0]}")
+                except Exception as err:  # one broken transport must not end the run
+                    text = (
+                        str(err) if isinstance(err, BenchError) else f"{type(err).__name__}: {err}"
+                    )
+                    entry["error"] = text
+                    say(f"{what}: FAILED {text.splitlines()[0]}")
                 doc["runs"].append(entry)
     finally:
         for cls in classes:

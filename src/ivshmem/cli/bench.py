@@ -62,10 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--list", action="store_true", help="list the series and exit")
     run.add_argument(
-        "--no-pin",
-        dest="pin",
-        action="store_false",
-        help="do not pin producer and consumer to different CPUs",
+        "--pin",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="pin the two processes to different CPUs: auto (default) does it for spinning "
+        "transports only",
     )
     run.add_argument(
         "--block-spin",

@@ -4,7 +4,8 @@
   formatted with a static membership table; both ends wait by spinning on the ring's index
   word (``spin=inf``), with no system call per message.
 * **blocking**: two host peers (:func:`ivshmem.connect`) of a real ``ivshmem-server`` started
-  for the measurement; both ends block on their doorbell eventfd at once when there is
+  for the measurement (``--memfd --format``: it formats the region and keeps its membership
+  table); both ends block on their doorbell eventfd at once when there is
   nothing to do (``spin=0`` by default, configurable), and a sender rings only when the
   receiver says in the region that it sleeps.
 
@@ -113,6 +114,7 @@ class ChannelSpinning(Transport):
     key = "ivshmem_spin"
     label = "ivshmem channel (spinning)"
     zero_copy = True
+    spins = True
     notes = (
         "two open_region() endpoints on one formatted memfd region (static membership), "
         "Sender/Receiver with spin=inf; reserve/stamp/commit, recv_view/check/release"
@@ -151,27 +153,20 @@ class ChannelBlocking(Transport):
     label = "ivshmem channel (blocking)"
     zero_copy = True
     notes = (
-        "two host peers connect()ed to a fresh ivshmem-server (1 vector, region in /dev/shm "
-        "formatted with a static membership table), Sender/Receiver with spin=0: sleep on the "
+        "two host peers connect()ed to a fresh ivshmem-server (--memfd --format, 1 vector; the "
+        "server keeps the membership table), Sender/Receiver with spin=0: sleep on the "
         "doorbell eventfd whenever there is nothing to do"
     )
 
     def prepare(self) -> None:
-        from ...channel import format_region
-        from ...endpoint import open_region
-
         self.capacity = ring_capacity(self.payload, self.depth)
-        size = region_size(self.capacity)
         n = next(_counter)
-        self._shm_name = f"ivshmem-bench-{os.getpid()}-{n}"
         self._socket = os.path.join(self.ctx.tmpdir, f"server-{n}.sock")
         self._log = os.path.join(self.ctx.tmpdir, f"server-{n}.log")
         self._server: subprocess.Popen[bytes] | None = None
-        # Format before the server starts: it keeps the content of an existing -M object, and
-        # the two peers it will hand out ids 0 and 1 to are then already in the table.
-        with open_region(f"shm:{self._shm_name}", size=size) as ep:
-            format_region(ep, max_peers=2, peers={0: 1, 1: 1})
-        self._server = _start_server(self._socket, self._shm_name, size, self._log)
+        self._server = _start_server(
+            self._socket, region_size(self.capacity), self._log, max_peers=2
+        )
 
     def open(self, side: int) -> _ChannelLink:
         from ...peer import connect
@@ -201,36 +196,20 @@ class ChannelBlocking(Transport):
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-        try:
-            os.unlink(os.path.join("/dev/shm", self._shm_name))
-        except FileNotFoundError:
-            pass
 
 
-def _start_server(sock: str, shm_name: str, size: int, log_path: str) -> subprocess.Popen[bytes]:
-    """``ivshmem-server`` in the foreground; ready when it says READY=1 over sd_notify (a probe
+def _start_server(sock: str, size: int, log_path: str, max_peers: int) -> subprocess.Popen[bytes]:
+    """``ivshmem-server`` in the foreground with a memfd region it formats for channels and
+    whose membership table it keeps; ready when it says READY=1 over sd_notify (a probe
     connection would make it admit a phantom peer and shift the ids)."""
     notify_path = sock + ".notify"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
     notify.settimeout(0.1)
     env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "ivshmem.cli.server",
-        "-F",
-        "-S",
-        sock,
-        "-M",
-        shm_name,
-        "-l",
-        str(size),
-        "-n",
-        "1",
-        "--status-socket",
-        "",
-    ]
+    cmd = [sys.executable, "-m", "ivshmem.cli.server", "-F", "-S", sock, "--memfd"]
+    cmd += ["-l", str(size), "-n", "1", "--status-socket", ""]
+    cmd += ["--format", "--max-peers", str(max_peers)]
     try:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)

@@ -44,6 +44,8 @@ class _IoxLink(Link):
         self._copy = copy
         self._src = stamp.template()
         self._dst = bytearray(stamp.size)
+        #: Messages sent again because send() reported no recipient (see _redeliver).
+        self.retries = 0
         self._node: Any = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
         fwd, back = names
         outgoing = fwd if side == 0 else back
@@ -90,14 +92,34 @@ class _IoxLink(Link):
             time.sleep(0.001)
 
     def send(self, seq: int) -> None:
+        if self._send_once(seq) != 1:
+            self._redeliver(seq)
+
+    def _send_once(self, seq: int) -> int:
         sample = self._pub.loan_slice_uninit(self._size)
         view = sample.payload().as_memory_view().cast("B")
         if self._copy:
             view[:] = self._src
         self._stamp.stamp(view, seq)
         view.release()
-        if sample.assume_init().send() != 1:
-            raise BenchError("iceoryx2: a sample was not delivered to the subscriber")
+        return int(sample.assume_init().send())
+
+    def _redeliver(self, seq: int) -> None:
+        # send() can report 0 recipients although the subscriber is attached and the strategy
+        # is RetryUntilDelivered: the bindings swallow a full receive buffer or used-chunk list
+        # (iceoryx2 issue #1511) and drop the sample. A user who needs every message has to
+        # send it again; the retries are counted and reported.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.retries += 1
+            if self._send_once(seq) == 1:
+                return
+            time.sleep(0)
+        subscribers = self._out_service.dynamic_config.number_of_subscribers
+        raise BenchError(
+            f"iceoryx2: message {seq} was not delivered for 10 s "
+            f"({subscribers} subscriber(s) attached, {self.retries} retries)"
+        )
 
     def recv(self) -> int:
         receive = self._sub.receive
@@ -113,6 +135,9 @@ class _IoxLink(Link):
         view.release()
         sample.delete()
         return seq
+
+    def stats(self) -> dict[str, Any]:
+        return {"resent": self.retries} if self._pub is not None else {}
 
     def close(self) -> None:
         # Children leave through os._exit (multiprocessing), which skips finalisers: drop the
@@ -130,10 +155,11 @@ class Iceoryx2(Transport):
     label = "iceoryx2 (python)"
     requires = ("iceoryx2",)
     zero_copy = True
+    spins = True
     notes = (
         "publish-subscribe of Slice[c_uint8], one service per direction, "
         "RetryUntilDelivered, no safe overflow, subscriber polls receive(); loan_slice_uninit, "
-        "stamp in place, send"
+        "stamp in place, send (sent again when send() reports no recipient: counted as resent)"
     )
     _had_global: ClassVar[bool | None] = None
 
