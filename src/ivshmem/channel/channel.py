@@ -491,7 +491,7 @@ class Receiver(RingReceiver, _End):
         while view is None:
             self._wait_data(deadline)
             view = self.try_recv_view(KIND_ARRAY)
-        array = _decode_array(view, self.name)
+        array = self._decode(view)
         if copy:
             array = array.copy()
             self.release()
@@ -519,11 +519,17 @@ class Receiver(RingReceiver, _End):
         while view is None:
             await self._block_async(self._has_data, R_WAIT, self._sender_closed, deadline)
             view = self.try_recv_view(KIND_ARRAY)
-        array = _decode_array(view, self.name)
+        array = self._decode(view)
         if copy:
             array = array.copy()
             self.release()
         return array
+
+    def _decode(self, view: memoryview) -> Any:
+        try:
+            return _decode_array(view, self.name)
+        except ChannelCorrupted as err:  # a lying array header breaks the channel like any lie
+            raise self._corrupt(err.field, err.detail) from None
 
     def _wake_sender(self, vector: int) -> None:
         self._ring_peer(vector)

@@ -51,6 +51,7 @@ class CorruptedError(ChannelError):
     def __init__(self, where: str, field: str, detail: str) -> None:
         self.where = where
         self.field = field
+        self.detail = detail
         super().__init__(f"{where}: field {field!r} is corrupt: {detail}")
 
 
