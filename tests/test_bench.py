@@ -31,6 +31,8 @@ ALWAYS = [
     "ivshmem_block",
     "ivshmem_spin+copy",
     "ivshmem_block+copy",
+    "ivshmem_spin+bytes",
+    "ivshmem_block+bytes",
     "pipe",
     "mp_pipe",
     "mp_queue",
@@ -137,7 +139,7 @@ def test_markdown_and_charts(doc: dict, tmp_path: Path) -> None:
     text = render_markdown(doc, {"stream": "bench/stream_msgs.png"})
     for key in doc["series"]:
         assert doc["series"][key]["label"] in text
-    assert "## Targets" in text and "| 64 B stream, spinning channel" in text
+    assert "## Targets" in text and "| 64 B stream, spinning channel (zero-copy API)" in text
     assert "![stream](bench/stream_msgs.png)" in text
     charts = write_charts(doc, str(tmp_path))
     if not _installed("matplotlib"):

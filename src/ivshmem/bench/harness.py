@@ -162,17 +162,24 @@ class Transport(abc.ABC):
     kinds: ClassVar[tuple[str, ...]] = ("stream", "rtt")
     #: True when the consumer can read the payload in place (the copy variant then exists).
     zero_copy: ClassVar[bool] = False
+    #: Variants besides the default "": "copy" (zero-copy transports: the producer writes the
+    #: whole payload into the loaned buffer, the consumer copies it out before checking) and
+    #: "bytes" (the transport's plain bytes-in, bytes-out API instead of its zero-copy one).
+    variants: ClassVar[tuple[str, ...]] = ()
     #: True when a side waits by spinning (it then needs a CPU of its own: see pin_cpu).
     spins: ClassVar[bool] = False
     #: One line for the documentation: how the transport is used.
     notes: ClassVar[str] = ""
 
-    def __init__(self, ctx: SuiteContext, payload: int, kind: str, copy: bool = False) -> None:
+    def __init__(self, ctx: SuiteContext, payload: int, kind: str, variant: str = "") -> None:
+        if variant and variant not in self.variants:
+            raise UsageError(f"{self.label} has no variant {variant!r}")
         self.ctx = ctx
         self.payload = payload
         self.kind = kind
+        self.variant = variant
         #: Producer writes the whole payload and consumer copies it out (zero-copy transports).
-        self.copy = copy
+        self.copy = variant == "copy"
         self.stamp = Stamp(payload)
         #: Depth of the transport's queue in messages, from a common byte budget.
         self.depth = queue_depth(payload)

@@ -41,7 +41,8 @@ class Series:
     key: str
     module: str
     cls: str
-    copy: bool = False
+    #: "" (the transport's default use), "copy" or "bytes": see Transport.variants.
+    variant: str = ""
 
     def load(self) -> type[Transport]:
         module = importlib.import_module(f"ivshmem.bench.transports.{self.module}")
@@ -50,22 +51,25 @@ class Series:
 
     def label(self) -> str:
         base = self.load().label
-        return f"{base}, written + copied" if self.copy else base
+        suffix = {"": "", "copy": ", written + copied", "bytes": ", bytes API"}[self.variant]
+        return base + suffix
 
 
 #: Every series, in table order: ours, the stdlib, third parties, then the references.
 SERIES: tuple[Series, ...] = (
     Series("ivshmem_spin", "channel", "ChannelSpinning"),
     Series("ivshmem_block", "channel", "ChannelBlocking"),
-    Series("ivshmem_spin+copy", "channel", "ChannelSpinning", copy=True),
-    Series("ivshmem_block+copy", "channel", "ChannelBlocking", copy=True),
+    Series("ivshmem_spin+bytes", "channel", "ChannelSpinning", "bytes"),
+    Series("ivshmem_block+bytes", "channel", "ChannelBlocking", "bytes"),
+    Series("ivshmem_spin+copy", "channel", "ChannelSpinning", "copy"),
+    Series("ivshmem_block+copy", "channel", "ChannelBlocking", "copy"),
     Series("pipe", "ospipe", "OsPipe"),
     Series("mp_pipe", "mp_pipe", "MpPipe"),
     Series("mp_queue", "mp_queue", "MpQueue"),
     Series("faster_fifo", "fifo", "FasterFifo"),
     Series("zmq_ipc", "zmq_ipc", "ZmqIpc"),
     Series("iceoryx2", "iceoryx", "Iceoryx2"),
-    Series("iceoryx2+copy", "iceoryx", "Iceoryx2", copy=True),
+    Series("iceoryx2+copy", "iceoryx", "Iceoryx2", "copy"),
     Series("ref_eventfd", "references", "EventfdPingPong"),
     Series("ref_spin", "references", "SpinBytePingPong"),
 )
@@ -108,7 +112,7 @@ def plan_jobs(config: SuiteConfig) -> list[Job]:
                 cls = s.load()
                 if kind not in cls.kinds:
                     continue
-                if s.copy and (kind != "stream" or payload != COPY_PAYLOAD):
+                if s.variant == "copy" and (kind != "stream" or payload != COPY_PAYLOAD):
                     continue
                 if s.key.startswith("ref_") and payload != config.payloads[0]:
                     continue  # the ping-pongs carry no payload: once per repetition
@@ -211,7 +215,7 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
         series_info[s.key] = {
             "label": s.label(),
             "transport": cls.key,
-            "copy": s.copy,
+            "variant": s.variant,
             "zero_copy": cls.zero_copy,
             "notes": cls.notes,
             "available": reason is None,
@@ -224,7 +228,7 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
         series_info[MEMCPY] = {
             "label": "memcpy 1 MiB (reference)",
             "transport": MEMCPY,
-            "copy": False,
+            "variant": "",
             "zero_copy": False,
             "notes": "copy 1 MiB within one process: numpy copyto and memoryview slice "
             "assignment, the faster counts; 'hot' copies one buffer again and again (it stays "
@@ -286,7 +290,7 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
                     f"{job.series.key}"
                 )
                 try:
-                    transport = cls(ctx, job.payload, job.kind, job.series.copy)
+                    transport = cls(ctx, job.payload, job.kind, job.series.variant)
                     entry["result"] = measure(transport, config.plan)
                     say(f"{what}: {_describe(job, entry['result'])}")
                 except Exception as err:  # one broken transport must not end the run

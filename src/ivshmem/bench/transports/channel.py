@@ -11,7 +11,9 @@
 
 Messages go zero-copy both ways: the producer ``reserve()``s room in the ring, stamps it and
 ``commit()``s; the consumer checks ``recv_view()`` in place and ``release()``s it. In the copy
-variant the producer writes the whole payload and the consumer copies it out before checking.
+variant the producer writes the whole payload and the consumer copies it out before checking;
+the bytes variant uses the plain API (``send(buffer)``, ``recv() -> bytes``), like the other
+transports' users do.
 """
 
 from __future__ import annotations
@@ -51,22 +53,16 @@ def region_size(capacity: int) -> int:
 
 
 class _ChannelLink(Link):
+    """Zero-copy use: stamp in the reserved room, check the received view in place."""
+
     def __init__(
-        self,
-        endpoint: Any,
-        kind: str,
-        side: int,
-        capacity: int,
-        spin: float,
-        stamp: Stamp,
-        copy: bool,
+        self, endpoint: Any, kind: str, side: int, capacity: int, spin: float, stamp: Stamp
     ) -> None:
         from ...channel import Receiver, Sender
 
         self._endpoint = endpoint
         self._stamp = stamp
         self._size = stamp.size
-        self._copy = copy
         self._src = stamp.template()
         self._dst = bytearray(stamp.size)
         other = 1 - endpoint.id
@@ -86,19 +82,12 @@ class _ChannelLink(Link):
     def send(self, seq: int) -> None:
         tx = self._tx
         view = tx.reserve(self._size)
-        if self._copy:
-            view[:] = self._src
         self._stamp.stamp(view, seq)
         tx.commit()
 
     def recv(self) -> int:
         rx = self._rx
-        view = rx.recv_view()
-        if self._copy:
-            self._dst[:] = view
-            seq = self._stamp.check(self._dst)
-        else:
-            seq = self._stamp.check(view)
+        seq = self._stamp.check(rx.recv_view())
         rx.release()
         return seq
 
@@ -110,11 +99,43 @@ class _ChannelLink(Link):
         self._endpoint.close()
 
 
+class _ChannelCopyLink(_ChannelLink):
+    """Zero-copy API, but the producer writes every byte and the consumer copies it out."""
+
+    def send(self, seq: int) -> None:
+        tx = self._tx
+        view = tx.reserve(self._size)
+        view[:] = self._src
+        self._stamp.stamp(view, seq)
+        tx.commit()
+
+    def recv(self) -> int:
+        rx = self._rx
+        self._dst[:] = rx.recv_view()
+        rx.release()
+        return self._stamp.check(self._dst)
+
+
+class _ChannelBytesLink(_ChannelLink):
+    """The plain API: send() copies a buffer in, recv() returns a bytes copy."""
+
+    def send(self, seq: int) -> None:
+        self._stamp.stamp(self._src, seq)
+        self._tx.send(self._src)
+
+    def recv(self) -> int:
+        return self._stamp.check(self._rx.recv())
+
+
+_LINKS = {"": _ChannelLink, "copy": _ChannelCopyLink, "bytes": _ChannelBytesLink}
+
+
 class ChannelSpinning(Transport):
     key = "ivshmem_spin"
     label = "ivshmem channel (spinning)"
     zero_copy = True
     spins = True
+    variants = ("copy", "bytes")
     notes = (
         "two open_region() endpoints on one formatted memfd region (static membership), "
         "Sender/Receiver with spin=inf; reserve/stamp/commit, recv_view/check/release"
@@ -137,9 +158,8 @@ class ChannelSpinning(Transport):
 
         ep = open_region(self._shm.fd, id=side)
         try:
-            return _ChannelLink(
-                ep, self.kind, side, self.capacity, float("inf"), self.stamp, self.copy
-            )
+            link = _LINKS[self.variant]
+            return link(ep, self.kind, side, self.capacity, float("inf"), self.stamp)
         except BaseException:
             ep.close()
             raise
@@ -152,6 +172,7 @@ class ChannelBlocking(Transport):
     key = "ivshmem_block"
     label = "ivshmem channel (blocking)"
     zero_copy = True
+    variants = ("copy", "bytes")
     notes = (
         "two host peers connect()ed to a fresh ivshmem-server (--memfd --format, 1 vector; the "
         "server keeps the membership table), Sender/Receiver with spin=0: sleep on the "
@@ -182,7 +203,7 @@ class ChannelBlocking(Transport):
                     raise BenchError(f"peer {other} did not join the server within 30 s")
                 time.sleep(0.002)
             spin = float(self.ctx.options.get("block_spin", 0.0))
-            return _ChannelLink(ep, self.kind, side, self.capacity, spin, self.stamp, self.copy)
+            return _LINKS[self.variant](ep, self.kind, side, self.capacity, spin, self.stamp)
         except BaseException:
             ep.close()
             raise

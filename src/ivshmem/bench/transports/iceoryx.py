@@ -156,6 +156,7 @@ class Iceoryx2(Transport):
     requires = ("iceoryx2",)
     zero_copy = True
     spins = True
+    variants = ("copy",)
     notes = (
         "publish-subscribe of Slice[c_uint8], one service per direction, "
         "RetryUntilDelivered, no safe overflow, subscriber polls receive(); loan_slice_uninit, "
