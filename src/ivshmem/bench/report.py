@@ -391,6 +391,29 @@ def render_markdown(doc: dict[str, Any], charts: dict[str, str] | None = None) -
         "(cache-resident); *cold* writes into a 16 MiB ring like a producer filling a channel."
     )
     add("")
+    add("Reading the numbers:")
+    add("")
+    add(
+        "- Both sides of every transport run the same Python loop: one method call per message "
+        "and side plus the two sequence-number stamps. The ping-pong references pay that too, "
+        "so a ratio against them measures the transport's own cost on top of the harness."
+    )
+    add(
+        "- The machine is shared and small (see the load average): a p99 of milliseconds is a "
+        "process that was preempted, not a property of the transport. Compare medians and "
+        "same-run ratios; single repetitions can differ by a factor of two or more."
+    )
+    add(
+        "- libzmq moves messages in its own I/O thread (C++) and batches them onto the socket, "
+        "so its small-message stream is limited by the Python calls on each side rather than "
+        "by a system call per message."
+    )
+    add(
+        "- The zero-copy rows hand over buffers without touching the payload (only its ends are "
+        "stamped and checked): their bytes/s is a rate of handing over, not of copying. The "
+        "*written + copied* and *bytes API* rows move every byte."
+    )
+    add("")
     add("Machine:")
     add("")
     add(f"- CPU: {m.get('cpu_model', '?')}, usable CPUs {m.get('cpus_usable')}")

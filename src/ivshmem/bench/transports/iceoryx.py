@@ -23,6 +23,8 @@ __all__ = ["Iceoryx2"]
 
 _counter = itertools.count()
 _GLOBAL_FILES = "/dev/shm"
+#: iceoryx2's default root directory (its config's global.root-path-unix).
+_ROOT = "/tmp/iceoryx2"
 
 
 def _iox() -> Any:
@@ -163,10 +165,12 @@ class Iceoryx2(Transport):
         "stamp in place, send (sent again when send() reports no recipient: counted as resent)"
     )
     _had_global: ClassVar[bool | None] = None
+    _had_root: ClassVar[bool] = True
 
     @classmethod
     def start(cls, ctx: SuiteContext) -> None:
         cls._had_global = _global_files()
+        cls._had_root = os.path.exists(_ROOT)
 
     @classmethod
     def finish(cls, ctx: SuiteContext) -> None:
@@ -185,6 +189,13 @@ class Iceoryx2(Transport):
                         os.unlink(os.path.join(_GLOBAL_FILES, name))
                     except OSError:
                         pass
+        if not cls._had_root:
+            # Its directory tree, if empty (rmdir refuses otherwise, so no one else's files go).
+            for sub in ("nodes", "services", ""):
+                try:
+                    os.rmdir(os.path.join(_ROOT, sub))
+                except OSError:
+                    pass
         cls._had_global = None
 
     def prepare(self) -> None:
@@ -207,6 +218,6 @@ def _global_files() -> bool:
 
 def _nodes_alive() -> bool:
     try:
-        return bool(os.listdir("/tmp/iceoryx2/nodes"))
+        return bool(os.listdir(os.path.join(_ROOT, "nodes")))
     except OSError:
         return False
