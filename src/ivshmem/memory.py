@@ -247,18 +247,27 @@ class Mapping:
 
     def __init__(self, fd: int, size: int, offset: int = 0) -> None:
         try:
-            self._mmap: mmap.mmap | None = mmap.mmap(
+            mm = mmap.mmap(
                 fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
             )
         except OSError as err:
             raise UsageError(f"cannot map {format_size(size)} of shared memory: {err}") from err
+        self._adopt(mm, size, 0, "the shared memory")
+
+    def _adopt(self, mm: mmap.mmap, size: int, start: int, what: str) -> None:
+        """Take ``mm`` and expose its bytes ``start .. start + size``."""
+        self._mmap: mmap.mmap | None = mm
         self.size = size
-        self._view: memoryview | None = memoryview(self._mmap)
+        self.what = what
+        view = memoryview(mm)
+        self._view: memoryview | None = (
+            view if start == 0 and size == len(mm) else view[start : start + size]
+        )
 
     @property
     def memory(self) -> memoryview:
         if self._view is None:
-            raise ClosedError("the mapping is closed")
+            raise ClosedError(f"the mapping of {self.what} is closed")
         return self._view
 
     @property

@@ -21,6 +21,7 @@ import struct
 import sys
 
 from ..errors import ClosedError, UsageError
+from ..memory import Mapping
 
 __all__ = [
     "DOORBELL",
@@ -63,12 +64,13 @@ def doorbell_value(peer: int, vector: int) -> int:
     return peer << 16 | vector
 
 
-class BarMapping:
+class BarMapping(Mapping):
     """A shared mapping of (the pages holding) one BAR, exposing exactly the BAR's bytes.
 
     ``page_offset`` is where the BAR starts inside the first mapped page: sysfs maps whole
     pages from the page the BAR starts in, and a small BAR such as the 256-byte BAR0 is often
-    not page-aligned in the guest's address space.
+    not page-aligned in the guest's address space. Unlike :class:`~ivshmem.memory.Mapping`,
+    a failing mmap raises the OSError itself: callers turn its errno into device errors.
     """
 
     def __init__(
@@ -77,40 +79,14 @@ class BarMapping:
         # The kernel maps whole pages; the length asked for stays within the file's size,
         # because Python's mmap refuses to map past the end of a regular file, and sysfs
         # resource files are regular files exactly as long as their BAR.
-        length = page_offset + size
-        self._mmap: mmap.mmap | None = mmap.mmap(
-            fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=file_offset
+        mm = mmap.mmap(
+            fd,
+            page_offset + size,
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=file_offset,
         )
-        self.size = size
-        self.what = what
-        self._view: memoryview | None = memoryview(self._mmap)[page_offset : page_offset + size]
-
-    @property
-    def memory(self) -> memoryview:
-        if self._view is None:
-            raise ClosedError(f"the mapping of {self.what} is closed")
-        return self._view
-
-    @property
-    def closed(self) -> bool:
-        return self._view is None
-
-    def close(self) -> None:
-        view, self._view = self._view, None
-        mm, self._mmap = self._mmap, None
-        if view is not None:
-            try:
-                view.release()
-            except BufferError:
-                pass
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                # Views the application still holds (slices, numpy arrays) keep the pages
-                # mapped: unmapping under them would make them fault. The mapping goes when
-                # the last of them does.
-                pass
+        self._adopt(mm, size, page_offset, what)
 
 
 class Registers(abc.ABC):
