@@ -56,15 +56,18 @@ def _installed(module: str) -> bool:
     return True
 
 
-def _shm_names() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(("ivshmem-bench-", "iox2_"))}
+def _leftovers() -> set[str]:
+    """Files a run could leave behind: shared memory, its temporary directory (sockets)."""
+    shm = {f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith(("ivshmem", "iox2_"))}
+    tmp = {f"/tmp/{n}" for n in os.listdir("/tmp") if n.startswith(("ivb-", "iceoryx2"))}
+    return shm | tmp
 
 
 @pytest.fixture(scope="module")
 def doc() -> dict:
     """One suite run over every available series with MESSAGES messages per number."""
     keys = ALWAYS + [k for k, mod in OPTIONAL.items() if _installed(mod)]
-    before = _shm_names()
+    before = _leftovers()
     config = SuiteConfig(
         repetitions=1,
         plan=Plan(warmup=0.0, duration=60.0, max_messages=MESSAGES, slack=60.0),
@@ -72,8 +75,8 @@ def doc() -> dict:
         only=frozenset(keys),
     )
     result = run_suite(config)
-    # Nothing left behind: no region of a blocking-channel server, no iceoryx2 segment.
-    assert _shm_names() <= before
+    # Nothing left behind: no region, no iceoryx2 segment, no socket directory.
+    assert _leftovers() <= before
     return result
 
 

@@ -140,7 +140,7 @@ class SuiteContext:
     #: CPU placement: "auto" pins the two sides of spinning transports to different CPUs and
     #: leaves blocking ones to the scheduler; "always" and "never" do what they say.
     pin: str = "auto"
-    #: Spin budget handed to channels in blocking mode (0 = block at once when empty).
+    #: Transport options, e.g. "block_spin": the blocking channel's spin budget in seconds.
     options: dict[str, Any] = field(default_factory=dict)
 
 
