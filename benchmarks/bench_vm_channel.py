@@ -47,7 +47,7 @@ GUEST_PROGRAM = THIS.parent / "vm_channel_guest.py"
 sys.path.insert(0, str(THIS.parent))
 from vm_channel_guest import RESULT_TAG, TRANSPORTS  # noqa: E402
 
-from ivshmem.lab import GuestResult, Lab  # noqa: E402
+from ivshmem.lab import GuestError, GuestResult, Lab, LabError  # noqa: E402
 from ivshmem.memory import format_size, parse_size  # noqa: E402
 
 TARGET_RATIO = 5.0
@@ -157,7 +157,12 @@ def run_guests(
             )
             if role == "recv":
                 wait_for_socket(netdev_socket, started[role], 30)
-        results = {role: guest.wait() for role, guest in started.items()}
+        results: dict[str, GuestResult] = {}
+        for role, guest in started.items():
+            try:
+                results[role] = guest.wait()
+            except GuestError as err:  # timed out, or never ran its program: err.result says
+                results[role] = err.result
     # A failing receiver makes the sender fail too (a missing acknowledgement, a closed
     # socket, the peer gone from the membership table): show the receiver's story first.
     failed = [r.describe() for r in (results["recv"], results["send"]) if not r.ok]
@@ -381,14 +386,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     # $TMPDIR (default /tmp) holds the server's and the netdev's Unix sockets: keep it short.
     with tempfile.TemporaryDirectory(prefix="ivvm-") as tmp:
-        sender, receiver = run_guests(
-            rows,
-            reps=args.reps,
-            spin=args.spin,
-            timeout=args.timeout,
-            echo=sys.stderr if args.verbose else None,
-            tmp=Path(tmp),
-        )
+        try:
+            sender, receiver = run_guests(
+                rows,
+                reps=args.reps,
+                spin=args.spin,
+                timeout=args.timeout,
+                echo=sys.stderr if args.verbose else None,
+                tmp=Path(tmp),
+            )
+        except LabError as err:  # QEMU or the guest kernel missing: the message says what to do
+            raise SystemExit(f"cannot run the lab: {err}") from err
     rows_out = combine(rows, args.reps, sender, receiver)
     data = report(rows_out, sender, receiver, reps=args.reps, spin=args.spin, load=load)
     if args.json == "-":
