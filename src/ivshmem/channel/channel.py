@@ -87,7 +87,8 @@ DEFAULT_SPIN = 50e-6
 DEFAULT_LIVENESS_INTERVAL = 0.1
 DEFAULT_POLL_INTERVAL = 0.001
 _FIRST_POLL_SLEEP = 50e-6
-_TIME_CHECK_EVERY = 64  # spin iterations between clock reads
+_SPIN_BURST = 256  # spin turns between clock reads
+_BURST = range(_SPIN_BURST)
 
 # Open ends in this process, so the same end of a channel cannot be opened twice (two writers
 # of one word would break the single-writer argument). Keyed by region format id, offset, role.
@@ -219,47 +220,62 @@ class _End:
 
     def _block(
         self,
+        word: int,
+        seen: int,
         changed: Callable[[], bool],
         my_wait: int,
         other_closed: Callable[[], bool],
         deadline: float | None,
     ) -> None:
-        """Return once ``changed()`` is true (the other side moved). Raises ChannelTimeout
-        at the (monotonic) ``deadline``, PeerGoneError, or ChannelClosedError when
-        ``other_closed()`` says so. Callers compute the deadline once per call, so a peer
-        that makes ``changed()`` flicker cannot extend a timeout."""
-        now = time.monotonic()
+        """Return once the other side moved: shared word ``word`` differs from ``seen``, or
+        ``changed()`` (the full test) is true. Raises ChannelTimeout at the (monotonic)
+        ``deadline``, PeerGoneError, or ChannelClosedError when ``other_closed()`` says so.
+        Callers compute the deadline once per call, so a peer that makes the word flicker
+        cannot extend a timeout; every loop here is bounded by the clock."""
         q = self._q
-        # 1. Spin: the fastest reaction, one shared load per turn.
+        # 1. Spin: the fastest reaction. A first burst reads only the one word (no clock, no
+        # calls: a few tens of ns per turn); then the clock is read every _SPIN_BURST turns.
         if self.spin > 0:
+            for _ in _BURST:
+                if q[word] != seen:
+                    return
+            now = time.monotonic()
             spin_end = now + self.spin
             next_live = now + self.liveness_interval
-            i = 0
             while True:
-                if changed():
-                    return
-                i += 1
-                if i % _TIME_CHECK_EVERY == 0:
-                    now = time.monotonic()
-                    if now >= spin_end:
-                        break
-                    if deadline is not None and now >= deadline:
-                        raise ChannelTimeout(f"channel {self.name!r}: timed out")
-                    if now >= next_live:  # only reached with a long (or infinite) spin
-                        if other_closed():
-                            raise ChannelClosedError(f"channel {self.name!r}: peer closed it")
-                        self._check_peer()
-                        next_live = now + self.liveness_interval
+                for _ in _BURST:
+                    if q[word] != seen:
+                        return
+                now = time.monotonic()
+                if now >= spin_end:
+                    break
+                if deadline is not None and now >= deadline:
+                    raise ChannelTimeout(f"channel {self.name!r}: timed out")
+                if now >= next_live:  # only reached with a long (or infinite) spin
+                    if other_closed():
+                        raise ChannelClosedError(f"channel {self.name!r}: peer closed it")
+                    self._check_peer()
+                    next_live = now + self.liveness_interval
+        elif deadline is not None and time.monotonic() >= deadline:
+            raise ChannelTimeout(f"channel {self.name!r}: timed out")
         # 2. Block (doorbell) or poll (plain region). Liveness is first probed one interval
         # in: probing costs system calls, and most waits end long before.
         next_live = time.monotonic() + self.liveness_interval
         sleep = _FIRST_POLL_SLEEP
+        doorbell = self._doorbell
         try:
             while True:
-                if self._doorbell:
+                if doorbell:
+                    # Take any doorbell left from an earlier wake-up *before* announcing: a
+                    # ring that comes after the announcement must stay pending for poll().
+                    # (Reading it here instead of on wake-up keeps a system call off the
+                    # path from wake-up to reply.)
+                    self._drain_doorbell()
+                    # Announce "about to sleep" (a new odd number), fence, then re-check:
+                    # the other side's publish-fence-load pairs with this (_ordering.py, 3).
                     self._wait_seq += 2
-                    q[my_wait] = self._wait_seq | 1  # "I am about to sleep"
-                    _acquire()  # StoreLoad fence (_ordering.py, point 3)
+                    q[my_wait] = self._wait_seq | 1
+                    _acquire()
                     _release()
                 if changed():
                     return
@@ -275,28 +291,39 @@ class _End:
                 if deadline is not None and now >= deadline:
                     raise ChannelTimeout(f"channel {self.name!r}: timed out")
                 limit = next_live if deadline is None else min(deadline, next_live)
-                if self._doorbell:
+                if doorbell:
                     self._sleep_on_doorbell(limit - now)
                 else:
                     time.sleep(min(sleep, limit - now))
                     sleep = min(sleep * 2, self.poll_interval)
+                if changed():  # woken: usually the data is there, no need to re-announce
+                    return
         finally:
-            if self._doorbell:
-                q[my_wait] = self._wait_seq + 2  # even: not waiting
+            if doorbell:
                 self._wait_seq += 2
+                q[my_wait] = self._wait_seq  # even: not waiting
 
     def _sleep_on_doorbell(self, seconds: float) -> None:
+        """Sleep until our vector (or the membership vector) is rung or ``seconds`` pass.
+        The doorbell's count is left for :meth:`_drain_doorbell`; a membership ring is taken
+        at once, and makes us re-check liveness."""
         if self._poller is None:
             self.endpoint.wait(self.vector, timeout=max(0.0, seconds))
             return
-        events = self._poller.poll(max(0, int(seconds * 1000 + 0.999)))
-        for fd, _ in events:
+        for fd, _ in self._poller.poll(max(0, int(seconds * 1000 + 0.999))):
+            if fd != self._fds[0]:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+                self._check_peer()
+
+    def _drain_doorbell(self) -> None:
+        if self._poller is not None:
             try:
-                os.eventfd_read(fd)
+                os.eventfd_read(self._fds[0])
             except BlockingIOError:
                 pass
-            if fd != self._fds[0]:  # the membership vector: re-check liveness now
-                self._check_peer()
 
     async def _block_async(
         self,
@@ -337,8 +364,8 @@ class _End:
                     sleep = min(sleep * 2, self.poll_interval)
         finally:
             if self._doorbell:
-                q[my_wait] = self._wait_seq + 2
                 self._wait_seq += 2
+                q[my_wait] = self._wait_seq
 
     def _forget(self) -> None:
         _open_ends.discard(self._key)
@@ -444,9 +471,8 @@ class Receiver(RingReceiver, _End):
     def _wait_data(self, deadline: float | None) -> None:
         if self._closed:
             raise ChannelClosedError(f"channel {self.name!r} is closed")
-        if self._tail != self._released and not self._views:
-            self.release()  # lazily kept space goes back before we wait (the sender may need it)
-        self._block(self._has_data, R_WAIT, self._sender_closed, deadline)
+        self._publish_tail()  # lazily kept space goes back before we wait (the sender may need it)
+        self._block(S_HEAD, self._tail, self._has_data, R_WAIT, self._sender_closed, deadline)
 
     # -- blocking API -----------------------------------------------------------------------
 
@@ -541,6 +567,7 @@ class Receiver(RingReceiver, _End):
         self._closed = True
         try:
             self.release()
+            self._publish_tail()
             self._q[R_FLAGS] = FLAG_CLOSED
         finally:
             self._forget()
@@ -618,7 +645,7 @@ class Sender(RingSender, _End):
         self.flush()  # what is committed must be visible, or the receiver cannot make room
         if self._receiver_closed():
             raise ChannelClosedError(f"channel {self.name!r}: the receiver closed it")
-        self._block(self._tail_moved, S_WAIT, self._receiver_closed, deadline)
+        self._block(R_TAIL, self._tail, self._tail_moved, S_WAIT, self._receiver_closed, deadline)
 
     def send(
         self, data: bytes | bytearray | memoryview, timeout: float | None = None,
