@@ -7,9 +7,10 @@
 * On a plain shared file formatted by one participant (``--format``), no server.
 * Against a misbehaving peer, played by the test over real channels: each sample notices a
   damaged, lost or repeated message and fails with status 1, saying which message.
-* In the VM lab (marked ``lab``): two guests and host processes on three servers, the same
-  sample code everywhere: ping-pong guest<->host, the counter round host, guest, guest, and a
-  bandwidth stream guest->host. Two boots, in parallel.
+* In the VM lab (marked ``lab``): two guests and host processes on three servers and a plain
+  file, the same sample code everywhere: ping-pong guest<->host, the counter round host,
+  guest, guest, a bandwidth stream guest->host, and ping-pong between an ivshmem-plain device
+  and a host process on its file. Two boots, in parallel.
 """
 
 from __future__ import annotations
@@ -417,76 +418,54 @@ def _guest_code(*runs: tuple[str, list[str]]) -> str:
 
 
 def _run_lab(qemu: str, tmp: Path) -> LabRun:
-    from ivshmem.lab import Doorbell, Lab
+    from ivshmem.lab import Doorbell, Lab, PlainRegion
 
-    guest = ["--endpoint", "pci", "--json", "--timeout", "120"]
+    wait = ["--json", "--timeout", "120"]
+    guest = ["--endpoint", "pci", *wait]
+    count = ["--peers", "3", "--increments", str(INCREMENTS)]
+    region = str(tmp / "plain")
+    plain = ["--endpoint", "plain", "--region", region, "--region-size", "4M", "--id", "7"]
     with (
         ServerProcess(tmp, "4M", 2, ["--format"], name="a.sock") as a,
         ServerProcess(tmp, "4M", 2, ["--format"], name="b.sock") as b,
         ServerProcess(tmp, "16M", 2, ["--format"], name="c.sock") as c,
     ):
         hosts = {
-            "pingpong": Proc(sample_argv("pingpong", "pong", *host_args(a), "--timeout", "120")),
-            "counter": Proc(
-                sample_argv(
-                    "counter",
-                    "--peers",
-                    "3",
-                    "--increments",
-                    str(INCREMENTS),
-                    *host_args(b),
-                    "--timeout",
-                    "120",
-                )
-            ),
-            "bandwidth": Proc(sample_argv("bandwidth", "recv", *host_args(c), "--timeout", "120")),
+            "pingpong": Proc(sample_argv("pingpong", "pong", *host_args(a), *wait)),
+            "counter": Proc(sample_argv("counter", *count, *host_args(b), *wait)),
+            "bandwidth": Proc(sample_argv("bandwidth", "recv", *host_args(c), *wait)),
+            "plain": Proc(sample_argv("pingpong", "pong", *plain, "--format", "3,7", *wait)),
         }
         try:
+            # The plain region's formatter must be done before the guest looks at the file.
+            hosts["plain"].wait_for_stderr("pingpong pong: plain region")
             with Lab(iommu=True, qemu=qemu) as lab:
-                # g1: ping-pong with the host on server a, then the counter on server b.
-                # g2: the counter on server b, then a bandwidth stream to the host on c.
-                # PCI order is the order of the devices, so --device 0/1 picks the server.
+                # PCI order is the order of the devices, so --device N picks the server.
+                # g1: ping-pong with the host (server a), then the counter (server b).
+                # g2: the counter (server b), a bandwidth stream to the host (server c), then
+                #     ping-pong with the host over ivshmem-plain and a file (no server).
                 g1 = lab.start(
                     code=_guest_code(
                         ("pingpong", ["ping", *guest, "--device", "0", "--count", "300"]),
-                        (
-                            "counter",
-                            [
-                                *guest,
-                                "--device",
-                                "1",
-                                "--peers",
-                                "3",
-                                "--increments",
-                                str(INCREMENTS),
-                            ],
-                        ),
+                        ("counter", [*guest, "--device", "1", *count]),
                     ),
                     name="g1",
                     devices=[Doorbell(a.socket_path, 2), Doorbell(b.socket_path, 2)],
                     timeout=LAB_TIMEOUT,
                 )
+                stream = ["--size", "64K", "--count", "200"]
                 g2 = lab.start(
                     code=_guest_code(
-                        (
-                            "counter",
-                            [
-                                *guest,
-                                "--device",
-                                "0",
-                                "--peers",
-                                "3",
-                                "--increments",
-                                str(INCREMENTS),
-                            ],
-                        ),
-                        (
-                            "bandwidth",
-                            ["send", *guest, "--device", "1", "--size", "64K", "--count", "200"],
-                        ),
+                        ("counter", [*guest, "--device", "0", *count]),
+                        ("bandwidth", ["send", *guest, "--device", "1", *stream]),
+                        ("pingpong", ["ping", *guest, "--device", "2", "--id", "3"]),
                     ),
                     name="g2",
-                    devices=[Doorbell(b.socket_path, 2), Doorbell(c.socket_path, 2)],
+                    devices=[
+                        Doorbell(b.socket_path, 2),
+                        Doorbell(c.socket_path, 2),
+                        PlainRegion(region),
+                    ],
                     timeout=LAB_TIMEOUT,
                 )
                 guests = {"g1": g1.wait(LAB_TIMEOUT), "g2": g2.wait(LAB_TIMEOUT)}
@@ -566,3 +545,14 @@ def test_lab_bandwidth_guest_to_host(lab_run: LabRun) -> None:
     assert got["checked_bytes"] == 200 * 65536 == sent["checked_bytes"]
     assert (got["sender"], got["receiver"]) == (sent["id"], got["id"])
     assert got["mb_per_s"] > 0
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(300)
+def test_lab_pingpong_over_ivshmem_plain_and_a_host_file(lab_run: LabRun) -> None:
+    ping = lab_run.results[("g2", "pingpong")]
+    pong = lab_run.results[("host", "plain")]
+    assert "(plain)" in ping["endpoint"] and "polling" in ping["endpoint"]
+    assert "plain region" in pong["endpoint"]
+    assert (ping["id"], ping["peer"], pong["id"], pong["peer"]) == (3, 7, 7, 3)
+    assert ping["checked"] == pong["echoed"] == 1100

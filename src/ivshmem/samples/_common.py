@@ -35,12 +35,15 @@ __all__ = [
     "SampleError",
     "add_common_arguments",
     "attach",
+    "channel_options",
     "describe",
     "discover",
     "emit",
     "given_peers",
     "open_endpoint",
     "percentile",
+    "progress",
+    "report_errors",
     "run_main",
     "size_arg",
 ]
@@ -188,12 +191,14 @@ def run_main(
     name: str,
     configure: Callable[[argparse.ArgumentParser], None],
     run: Callable[[argparse.Namespace], int],
-    description: str,
+    doc: str | None,
     argv: Sequence[str] | None,
 ) -> int:
-    """``python -m ivshmem.samples.NAME``: parse, run, turn errors into messages and status."""
+    """``python -m ivshmem.samples.NAME``: parse, run, turn errors into messages and status.
+    The description is the first paragraph of ``doc`` (the sample module's docstring)."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m ivshmem.samples.{name}", description=description
+        prog=f"python -m ivshmem.samples.{name}",
+        description=(doc or name).strip().split("\n\n")[0],
     )
     configure(parser)
     args = parser.parse_args(argv)
@@ -243,6 +248,11 @@ def open_endpoint(args: argparse.Namespace) -> Endpoint:
                 f"{dev.describe()} is an ivshmem-doorbell device, whose server owns the "
                 "region's layout: start the server with --format instead of --format here"
             )
+        if not dev.doorbell and args.id is None:
+            raise SampleError(
+                f"{dev.describe()} is an ivshmem-plain device: it has no server to hand out "
+                "peer ids, so give this participant's id with --id N (and --format on one)"
+            )
         interrupts = dev.doorbell and not args.no_interrupts
         return open_pci(
             dev.address,
@@ -258,6 +268,12 @@ def open_endpoint(args: argparse.Namespace) -> Endpoint:
             "ids, so every participant names its own (and --format lists them all)"
         )
     return open_region(args.region, id=args.id, size=args.region_size)
+
+
+def _server_keeps(ep: Endpoint) -> bool:
+    """Whether a server formats this endpoint's region (a host peer, a doorbell device)."""
+    device = getattr(ep, "device", None)
+    return getattr(ep, "socket_path", None) is not None or bool(device and device.doorbell)
 
 
 def describe(ep: Endpoint) -> str:
@@ -293,7 +309,7 @@ def attach(ep: Endpoint, args: argparse.Namespace) -> Region:
             region = Region(ep)
             break
         except NotFormattedError as err:
-            if ep.vectors > 0 or getattr(ep, "socket_path", None) is not None:
+            if _server_keeps(ep):
                 raise SampleError(
                     f"{err}. Samples need the server to format the region and keep its "
                     "membership table: start it with --format (e.g. ivshmem-server -F -S SOCK "

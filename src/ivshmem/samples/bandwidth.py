@@ -241,7 +241,7 @@ def _check_stream(rx: Receiver, size: int, count: int, seed: int, timeout: float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(NAME, configure, run, HELP, argv)
+    return run_main(NAME, configure, run, __doc__, argv)
 
 
 if __name__ == "__main__":

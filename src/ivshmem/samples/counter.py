@@ -194,7 +194,7 @@ def _play(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(NAME, configure, run, HELP, argv)
+    return run_main(NAME, configure, run, __doc__, argv)
 
 
 if __name__ == "__main__":

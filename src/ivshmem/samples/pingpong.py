@@ -207,7 +207,7 @@ def _pong(link: Duplex, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(NAME, configure, run, __doc__.split("\n\n")[0] if __doc__ else HELP, argv)
+    return run_main(NAME, configure, run, __doc__, argv)
 
 
 if __name__ == "__main__":
