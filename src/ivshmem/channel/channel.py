@@ -147,6 +147,8 @@ class _End:
         self._q[my_wait] = self._wait_seq
         self._closed = False
         self._doorbell = endpoint.vectors > 0
+        # The first doorbell sleep after opening is capped (see RingSender.flush).
+        self._first_sleep = True
         self._poller: Any = None
         self._fds: tuple[int, ...] = ()
         self.vector: int | None = None
@@ -172,6 +174,13 @@ class _End:
                 f"{endpoint!r} has no doorbell, so vector={vector} cannot be used: a plain "
                 "region polls; leave vector out"
             )
+
+    def _advertised_vector(self) -> int:
+        """The vector the other side should ring: none when we never sleep on a doorbell (a
+        plain region, or an infinite spin), which also spares the other side its fence."""
+        if self.vector is None or self.spin == float("inf"):
+            return NO_VECTOR
+        return self.vector
 
     # -- liveness ------------------------------------------------------------------------
 
@@ -292,6 +301,9 @@ class _End:
                     raise ChannelTimeout(f"channel {self.name!r}: timed out")
                 limit = next_live if deadline is None else min(deadline, next_live)
                 if doorbell:
+                    if self._first_sleep:
+                        self._first_sleep = False
+                        limit = min(limit, now + 0.001)
                     self._sleep_on_doorbell(limit - now)
                 else:
                     time.sleep(min(sleep, limit - now))
@@ -358,6 +370,9 @@ class _End:
                     raise ChannelTimeout(f"channel {self.name!r}: timed out")
                 limit = next_live if deadline is None else min(deadline, next_live)
                 if self._doorbell:
+                    if self._first_sleep:
+                        self._first_sleep = False
+                        limit = min(limit, now + 0.001)
                     await self.endpoint.wait_async(self.vector, timeout=max(0.0, limit - now))
                 else:
                     await asyncio.sleep(min(sleep, limit - now))
@@ -451,7 +466,7 @@ class Receiver(RingReceiver, _End):
                 liveness_interval, poll_interval, "receiving", key, R_WAIT,
             )  # fmt: skip
             q = self._q
-            q[R_VECTOR] = NO_VECTOR if self.vector is None else self.vector
+            q[R_VECTOR] = self._advertised_vector()
             q[R_FLAGS] = 0
         except BaseException:
             _open_ends.discard(key)
@@ -471,7 +486,8 @@ class Receiver(RingReceiver, _End):
     def _wait_data(self, deadline: float | None) -> None:
         if self._closed:
             raise ChannelClosedError(f"channel {self.name!r} is closed")
-        self._publish_tail()  # lazily kept space goes back before we wait (the sender may need it)
+        if self._tail != self._released:
+            self._publish_tail()  # lazily kept space goes back before we wait (the sender may need it)
         self._block(S_HEAD, self._tail, self._has_data, R_WAIT, self._sender_closed, deadline)
 
     # -- blocking API -----------------------------------------------------------------------
@@ -624,7 +640,7 @@ class Sender(RingSender, _End):
                 liveness_interval, poll_interval, "sending", key, S_WAIT,
             )  # fmt: skip
             q = self._q
-            q[S_VECTOR] = NO_VECTOR if self.vector is None else self.vector
+            q[S_VECTOR] = self._advertised_vector()
             q[S_FLAGS] = 0
         except BaseException:
             _open_ends.discard(key)

@@ -142,7 +142,8 @@ class RingSender(_Ring):
         self._resv: tuple[int, int, int, int] | None = None  # (pos, skip, length, kind)
         self._resv_view: memoryview | None = None
         # Biggest record the fast path takes; -1 while broken or reserving (-> slow path).
-        self._limit = self.capacity >> 1
+        self._half = self.capacity >> 1
+        self._limit = self._half
 
     def _on_broken(self) -> None:
         self._limit = -1
@@ -204,15 +205,16 @@ class RingSender(_Ring):
         q[_DATA_WORD + (pos >> 3)] = n | _DATA_BITS
         head += need
         self._head = head
-        if flush:
+        if flush:  # flush(), inlined (see there)
             q[S_HEAD] = head  # publish: the payload and header stores above come first (TSO)
             self._published = head
-            _acquire()  # StoreLoad fence before reading the receiver's wait word
-            _release()
-            wait = q[R_WAIT]
-            if wait & 1 and wait != self._notified:
-                self._notified = wait
-                self._wake_receiver(q[R_VECTOR])
+            if q[R_VECTOR] != NO_VECTOR:
+                _acquire()  # StoreLoad fence before reading the receiver's wait word
+                _release()
+                wait = q[R_WAIT]
+                if wait & 1 and wait != self._notified:
+                    self._notified = wait
+                    self._wake_receiver(q[R_VECTOR])
         return True
 
     def _slow_place(self, n: int) -> tuple[int, int] | None:
@@ -261,25 +263,37 @@ class RingSender(_Ring):
         resv = self._resv
         if resv is None:
             raise UsageError(f"channel {self.name!r}: nothing reserved to commit")
-        pos, skip, reserved, kind = resv
-        length = reserved if n is None else n
-        if not 0 <= length <= reserved:
-            raise UsageError(f"commit({n}) is outside the reserved 0..{reserved} bytes")
+        pos, skip, length, kind = resv
+        if n is not None:
+            if not 0 <= n <= length:
+                raise UsageError(f"commit({n}) is outside the reserved 0..{length} bytes")
+            length = n
+        q = self._q
         head = self._head
         if skip:
-            self._q[_DATA_WORD + ((head & self._mask) >> 3)] = _WRAP_WORD
-        self._q[_DATA_WORD + (pos >> 3)] = length | (kind << _KIND_SHIFT)
-        self._head = head + skip + ((length + 15) & ~7)
+            q[_DATA_WORD + ((head & self._mask) >> 3)] = _WRAP_WORD
+        q[_DATA_WORD + (pos >> 3)] = length | (kind << _KIND_SHIFT)
+        head += skip + ((length + 15) & -8)
+        self._head = head
         self._resv = None
-        self._limit = self.capacity >> 1
-        view, self._resv_view = self._resv_view, None
-        if view is not None:
-            try:
-                view.release()  # later writes through a kept view now fail loudly
-            except BufferError:
-                pass  # exported (e.g. to numpy): cannot be revoked
+        self._limit = self._half
+        view = self._resv_view
+        self._resv_view = None
+        try:
+            view.release()  # type: ignore[union-attr]  # later writes through it now fail
+        except BufferError:
+            pass  # exported (e.g. to numpy): cannot be revoked
         if flush:
-            self.flush()
+            # flush(), inlined: this is the zero-copy hot path.
+            q[S_HEAD] = head
+            self._published = head
+            if q[R_VECTOR] != NO_VECTOR:
+                _acquire()
+                _release()
+                wait = q[R_WAIT]
+                if wait & 1 and wait != self._notified:
+                    self._notified = wait
+                    self._wake_receiver(q[R_VECTOR])
 
     def cancel(self) -> None:
         """Drop the current reservation; nothing is sent."""
@@ -295,20 +309,27 @@ class RingSender(_Ring):
 
     def flush(self) -> None:
         """Publish every committed message with one index store, then ring the receiver if
-        (and only if) it is blocked. The fence sits between our head store and our load of
-        the receiver's wait word (_ordering.py, point 3)."""
+        (and only if) it is blocked.
+
+        The fence sits between our head store and our load of the receiver's wait word
+        (_ordering.py, point 3). It is skipped when the receiver advertises no vector: it
+        then never sleeps on a doorbell (a plain region, or an infinite spin), so there is
+        nobody to wake. A receiver that (re)opens with a vector while we flush could be
+        missed by a flush that still read the old "no vector"; its first sleep after
+        opening is therefore capped at a millisecond (channel.py), which bounds that."""
         head = self._head
         if head == self._published:
             return
         q = self._q
         q[S_HEAD] = head  # the publishing store: payloads and headers were stored before it
         self._published = head
-        _acquire()
-        _release()
-        wait = q[R_WAIT]
-        if wait & 1 and wait != self._notified:
-            self._notified = wait
-            self._wake_receiver(q[R_VECTOR])
+        if q[R_VECTOR] != NO_VECTOR:
+            _acquire()
+            _release()
+            wait = q[R_WAIT]
+            if wait & 1 and wait != self._notified:
+                self._notified = wait
+                self._wake_receiver(q[R_VECTOR])
 
     def _wake_receiver(self, vector: int) -> None:
         """Ring the receiver's doorbell; the ring itself has none (channel.py overrides)."""
@@ -494,12 +515,13 @@ class RingReceiver(_Ring):
         q = self._q
         q[R_TAIL] = tail
         self._released = tail
-        _acquire()  # StoreLoad fence: tail store before the load of the sender's wait word
-        _release()
-        wait = q[S_WAIT]
-        if wait & 1 and wait != self._notified:
-            self._notified = wait
-            self._wake_sender(q[S_VECTOR])
+        if q[S_VECTOR] != NO_VECTOR:  # a sender that never sleeps needs no wake-up (flush)
+            _acquire()  # StoreLoad fence: tail store before the load of the sender's wait word
+            _release()
+            wait = q[S_WAIT]
+            if wait & 1 and wait != self._notified:
+                self._notified = wait
+                self._wake_sender(q[S_VECTOR])
 
     def _wake_sender(self, vector: int) -> None:
         """Ring the sender's doorbell (channel.py overrides)."""
