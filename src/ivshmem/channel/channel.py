@@ -487,7 +487,7 @@ class Receiver(RingReceiver, _End):
         if self._closed:
             raise ChannelClosedError(f"channel {self.name!r} is closed")
         if self._tail != self._released:
-            self._publish_tail()  # lazily kept space goes back before we wait (the sender may need it)
+            self._publish_tail()  # lazily kept space goes back before we wait
         self._block(S_HEAD, self._tail, self._has_data, R_WAIT, self._sender_closed, deadline)
 
     # -- blocking API -----------------------------------------------------------------------
