@@ -34,6 +34,7 @@ its data at the next liveness check).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import select
@@ -48,6 +49,7 @@ from ._ordering import _acquire, _release, check_platform
 from .errors import (
     ChannelClosedError,
     ChannelCorrupted,
+    ChannelError,
     ChannelTimeout,
     PeerGoneError,
 )
@@ -55,9 +57,10 @@ from .layout import (
     CHANNEL_NAME_MAX,
     ChannelEntry,
     Membership,
+    PeerEntry,
     Region,
     allocate_channel,
-    find_channel,
+    membership_guard,
     read_arena,
 )
 from .ring import (
@@ -113,6 +116,11 @@ class _End:
 
     _q: memoryview
     name: str
+    _corrupt: Callable[[str, str], ChannelCorrupted]
+    set_guard: Callable[[memoryview, int, int], None]
+    _gq: memoryview
+    _gi: int
+    _gv: int
 
     def _setup(
         self,
@@ -215,7 +223,7 @@ class _End:
         if vector == NO_VECTOR or not self._doorbell:
             return
         if vector > 0xFFFF:
-            raise ChannelCorrupted(self.name, "vector", f"peer advertises vector {vector}")
+            raise self._corrupt("vector", f"peer advertises vector {vector}")
         try:
             self.endpoint.notify(self.peer, vector)
         except DoorbellUnavailableError:
@@ -223,8 +231,8 @@ class _End:
         except UsageError as err:  # unknown peer or vector: it left, or its word lies
             if self.peer_alive() is False:
                 raise PeerGoneError(self.name, self.peer) from err
-            raise ChannelCorrupted(
-                self.name, "vector", f"cannot ring peer {self.peer} vector {vector}: {err}"
+            raise self._corrupt(
+                "vector", f"cannot ring peer {self.peer} vector {vector}: {err}"
             ) from err
 
     def _block(
@@ -395,14 +403,14 @@ def _claim(key: tuple[int, int, str], label: str) -> None:
     _open_ends.add(key)
 
 
-def _own_slot(region: Region, endpoint: Endpoint, deadline: float | None) -> int:
-    """This peer's membership slot, waiting for the server to list it."""
+def _own_slot(region: Region, endpoint: Endpoint, deadline: float | None) -> PeerEntry:
+    """This peer's membership entry, waiting for the server to list it."""
     me = endpoint.id
     membership = Membership(region)
     while True:
         entry = membership.snapshot().entries.get(me)
         if entry is not None:
-            return entry.slot
+            return entry
         if deadline is not None and time.monotonic() >= deadline:
             raise ChannelTimeout(
                 f"peer {me} is not in the region's membership table: the server lists peers "
@@ -452,7 +460,8 @@ class Receiver(RingReceiver, _End):
         region = Region(endpoint)
         me = endpoint.id
         label = _label(name, sender, me)
-        slot = _own_slot(region, endpoint, _deadline(timeout))
+        listed = _own_slot(region, endpoint, _deadline(timeout))
+        slot = listed.slot
         entry = allocate_channel(
             region, slot, me, name, sender, me, CTRL_SIZE + capacity, init_area
         )
@@ -461,6 +470,7 @@ class Receiver(RingReceiver, _End):
         try:
             area = region.memory[entry.offset : entry.offset + entry.size]
             RingReceiver.__init__(self, area, label)
+            self.set_guard(*membership_guard(region, listed))
             self._setup(
                 endpoint, region, sender, vector, membership_vector, spin,
                 liveness_interval, poll_interval, "receiving", key, R_WAIT,
@@ -576,6 +586,12 @@ class Receiver(RingReceiver, _End):
     def _wake_sender(self, vector: int) -> None:
         self._ring_peer(vector)
 
+    def _guard_failed(self) -> None:
+        # Our own membership slot changed: the server considers this peer gone, and our
+        # arena may be given to someone else. Write nothing more there.
+        self._head = self._tail
+        raise PeerGoneError(self.name, self.endpoint.id)
+
     def close(self) -> None:
         """Release everything, tell the sender (its blocked sends end), forget the end."""
         if self._closed:
@@ -583,8 +599,10 @@ class Receiver(RingReceiver, _End):
         self._closed = True
         try:
             self.release()
-            self._publish_tail()
-            self._q[R_FLAGS] = FLAG_CLOSED
+            if self._gq[self._gi] == self._gv:  # the memory is still ours to write
+                with contextlib.suppress(ChannelError):  # closing anyway
+                    self._publish_tail()
+                self._q[R_FLAGS] = FLAG_CLOSED
         finally:
             self._forget()
 
@@ -629,12 +647,13 @@ class Sender(RingSender, _End):
         region = Region(endpoint)
         me = endpoint.id
         label = _label(name, me, receiver)
-        entry = _find_remote(region, name, me, receiver, _deadline(timeout), label)
+        entry, listed = _find_remote(endpoint, region, name, receiver, _deadline(timeout), label)
         key = (region.format_id, entry.offset, "sending")
         _claim(key, label)
         try:
             area = region.memory[entry.offset : entry.offset + entry.size]
             RingSender.__init__(self, area, label)
+            self.set_guard(*membership_guard(region, listed))
             self._setup(
                 endpoint, region, receiver, vector, membership_vector, spin,
                 liveness_interval, poll_interval, "sending", key, S_WAIT,
@@ -735,6 +754,12 @@ class Sender(RingSender, _End):
     def _wake_receiver(self, vector: int) -> None:
         self._ring_peer(vector)
 
+    def _guard_failed(self) -> None:
+        # The receiver left (its membership slot changed), and its arena may be recycled
+        # for a newcomer: not one more byte goes there.
+        self._limit = -1
+        raise PeerGoneError(self.name, self.peer)
+
     def close(self) -> None:
         """Publish what is committed, mark the channel closed (the receiver gets
         ChannelClosedError once it has read everything), forget the end."""
@@ -743,14 +768,19 @@ class Sender(RingSender, _End):
         self._closed = True
         try:
             self.cancel()
-            self.flush()
+            if self._gq[self._gi] != self._gv:
+                return  # the receiver left and its memory is someone else's: write nothing
+            # A receiver that left or lies makes flush or the wake-up raise: close anyway.
+            with contextlib.suppress(ChannelError):
+                self.flush()
             q = self._q
             q[S_FLAGS] = FLAG_CLOSED
             _acquire()
             _release()
             wait = q[R_WAIT]
             if wait & 1:  # wake a sleeping receiver so it sees the close now
-                self._ring_peer(q[R_VECTOR])
+                with contextlib.suppress(ChannelError):
+                    self._ring_peer(q[R_VECTOR])
         finally:
             self._forget()
 
@@ -765,19 +795,40 @@ class Sender(RingSender, _End):
 
 
 def _find_remote(
-    region: Region, name: str, me: int, receiver: int, deadline: float | None, label: str
-) -> ChannelEntry:
-    """Wait until the receiver is listed and has created the channel; return its entry."""
+    endpoint: Endpoint,
+    region: Region,
+    name: str,
+    receiver: int,
+    deadline: float | None,
+    label: str,
+) -> tuple[ChannelEntry, PeerEntry]:
+    """Wait until the receiver is listed and has created the channel; return the channel's
+    entry and the receiver's membership entry it was found under.
+
+    A receiver that was seen present and then leaves ends the wait with PeerGoneError
+    (where presence can be known: the endpoint's peers, or a server-kept table); one never
+    seen may simply not have joined yet, so that wait lasts until the deadline."""
+    me = endpoint.id
     membership = Membership(region)
+    seen = False
     sleep = 0.001
     while True:
-        peer = membership.snapshot().entries.get(receiver)
+        snap = membership.snapshot()
+        peer = snap.entries.get(receiver)
         if peer is not None:
             arena = read_arena(region, peer.slot)
             if arena.owner == receiver:
-                entry = find_channel(region, peer.slot, name, me, receiver)
-                if entry is not None:
-                    return entry
+                for entry in arena.entries:
+                    if (entry.name, entry.sender, entry.receiver) == (name, me, receiver):
+                        return entry, peer
+        try:
+            present: bool | None = receiver in endpoint.peers
+        except PeersUnknownError:
+            present = (peer is not None) if snap.live else None
+        if present:
+            seen = True
+        elif present is False and seen:
+            raise PeerGoneError(label, receiver)
         if deadline is not None and time.monotonic() >= deadline:
             where = "is not listed in the membership table" if peer is None else (
                 "has not created it (it must open a Receiver)"

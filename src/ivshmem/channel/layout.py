@@ -441,15 +441,17 @@ class _TableWriter:
         self._h = header
         self._base = header.membership_offset
         self._words = mem[self._base : self._base + _M_SLOTS].cast("Q")
+        self._table = mem[self._base : self._base + header.membership_size].cast("Q")
+        self._table_words_base = _M_SLOTS
         self._slots: list[PeerEntry | None] = [None] * header.max_peers
         self._seq = start_seq + (start_seq & 1)
         self._next = 0
         self._lock = threading.Lock()  # the server may call from several threads
         self._words[_M_SEQ] = self._seq + 1
-        blank = _SLOT.pack(EMPTY, 0, 0)
         for slot in range(header.max_peers):
-            off = self._base + _M_SLOTS + slot * _SLOT_SIZE
-            mem[off : off + _SLOT_SIZE] = blank
+            word = (_M_SLOTS + slot * _SLOT_SIZE) // 8
+            self._table[word] = EMPTY
+            self._table[word + 1] = 0
         self._words[_M_KIND] = kind
         self._words[_M_MAXPEERS] = header.max_peers
         self._seq += 2
@@ -467,11 +469,16 @@ class _TableWriter:
         # Seqlock write: odd sequence, the slot, even sequence. The three stores reach memory
         # in this order (TSO), which is what Membership.snapshot relies on.
         self._words[_M_SEQ] = self._seq + 1
-        off = self._base + _M_SLOTS + slot * _SLOT_SIZE
+        # Two single 8-byte stores (peer+vectors, then joined): the joined word alone is also
+        # read without the seqlock, as a channel's guard (membership_guard), so it must never
+        # be seen half written.
+        word = (self._table_words_base + slot * _SLOT_SIZE) // 8
         if entry is None:
-            self._mem[off : off + _SLOT_SIZE] = _SLOT.pack(EMPTY, 0, 0)
+            self._table[word] = EMPTY
+            self._table[word + 1] = 0
         else:
-            self._mem[off : off + _SLOT_SIZE] = _SLOT.pack(entry.peer, entry.vectors, entry.joined)
+            self._table[word] = entry.peer | entry.vectors << 32
+            self._table[word + 1] = entry.joined
         self._seq += 2
         self._words[_M_SEQ] = self._seq
         self._slots[slot] = entry
@@ -678,6 +685,20 @@ def find_channel(
         if (entry.name, entry.sender, entry.receiver) == (name, sender, receiver):
             return entry
     return None
+
+
+def membership_guard(region: Region, entry: PeerEntry) -> tuple[memoryview, int, int]:
+    """``(words, index, value)`` for Ring.set_guard: the "joined" word of ``entry``'s
+    membership slot, which the membership writer changes when the peer leaves (to 0) and
+    again when the slot goes to a newcomer, whose arena it resets only after that. An end
+    that checks this word before every write therefore never writes into an arena recycled
+    for someone else (short of the check racing a leave *and* a join in the microseconds
+    before its store; the newcomer would then see garbage it validates like any other). The
+    word is in the membership table, which every peer reads anyway; it is one aligned
+    8-byte word, so it needs no seqlock."""
+    h = region._header
+    table = region.memory[h.membership_offset : h.membership_offset + h.membership_size]
+    return table.cast("Q"), (_M_SLOTS + entry.slot * _SLOT_SIZE) // 8 + 1, entry.joined
 
 
 _alloc_lock = threading.Lock()  # one allocator per process per arena: serialise threads

@@ -109,6 +109,14 @@ class _Ring:
         self._data = area[CTRL_SIZE:]
         self._rodata = self._data.toreadonly()
         self._broken: ChannelCorrupted | None = None
+        # The guard: one shared word that must keep one value while this end may write
+        # (channel.py points it at the receiver's arena epoch, which the membership writer
+        # changes when it gives the arena to another peer). Checked before every write to
+        # the area, so an end whose peer left never writes into memory recycled for someone
+        # else. Without a guard, a private word that never changes.
+        self._gq: memoryview = memoryview(bytearray(8)).cast("Q")
+        self._gi = 0
+        self._gv = 0
 
     def _corrupt(self, field: str, detail: str) -> ChannelCorrupted:
         err = ChannelCorrupted(self.name, field, detail)
@@ -118,6 +126,15 @@ class _Ring:
 
     def _on_broken(self) -> None:
         """Steer the fast paths into the slow ones, which raise."""
+
+    def set_guard(self, words: memoryview, index: int, value: int) -> None:
+        """Refuse to write once ``words[index]`` no longer equals ``value`` (see __init__)."""
+        self._gq, self._gi, self._gv = words, index, value
+
+    def _guard_failed(self) -> None:
+        """The guard word changed: this end must not write any more (channel.py overrides
+        this to say which peer left)."""
+        raise self._corrupt("guard", "the channel's memory was handed to another user")
 
     def _check_broken(self) -> None:
         if self._broken is not None:
@@ -188,6 +205,8 @@ class RingSender(_Ring):
         and (with ``flush``) one index store, one fence and one load of the receiver's wait
         word. Everything unusual (wrap, full ring, too big, broken, reservation open) goes to
         ``_slow_place``, reached because ``_limit`` is -1 in those states."""
+        if self._gq[self._gi] != self._gv:
+            self._guard_failed()
         if type(data) is not bytes:
             data = memoryview(data).cast("B")
         n = len(data)
@@ -237,6 +256,8 @@ class RingSender(_Ring):
 
     def try_reserve(self, n: int, kind: int = KIND_DATA) -> memoryview | None:
         """A writable view of ``n`` bytes in the ring, or None if there is no room now."""
+        if self._gq[self._gi] != self._gv:
+            self._guard_failed()
         need = (n + 15) & -8
         head = self._head
         pos = head & self._mask
@@ -268,6 +289,9 @@ class RingSender(_Ring):
             if not 0 <= n <= length:
                 raise UsageError(f"commit({n}) is outside the reserved 0..{length} bytes")
             length = n
+        if self._gq[self._gi] != self._gv:
+            self.cancel()
+            self._guard_failed()
         q = self._q
         head = self._head
         if skip:
@@ -320,6 +344,8 @@ class RingSender(_Ring):
         head = self._head
         if head == self._published:
             return
+        if self._gq[self._gi] != self._gv:
+            self._guard_failed()
         q = self._q
         q[S_HEAD] = head  # the publishing store: payloads and headers were stored before it
         self._published = head
@@ -512,6 +538,8 @@ class RingReceiver(_Ring):
         tail = self._tail
         if tail == self._released or self._views:
             return
+        if self._gq[self._gi] != self._gv:
+            self._guard_failed()
         q = self._q
         q[R_TAIL] = tail
         self._released = tail
