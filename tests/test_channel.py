@@ -444,16 +444,20 @@ def test_no_doorbell_unless_the_receiver_sleeps(
 def _block_forever(path: str, table: dict[int, Sequence[int]] | None, result: Any) -> None:
     ep: Any = DoorbellEndpoint(path, 2, table) if table else _plain(path, 2)
     try:
+        # With a doorbell, the periodic check is made too rare to matter: only the ring on the
+        # membership vector can end the wait in time.
         rx = Receiver(
-            ep, "gone", sender=1, spin=0, liveness_interval=0.05, timeout=20,
+            ep, "gone", sender=1, spin=0, liveness_interval=60 if table else 0.05, timeout=20,
             membership_vector=1 if table else None,
         )  # fmt: skip
         result.send("ready")
         try:
-            rx.recv(timeout=30)
+            rx.recv(timeout=20)
             result.send("received?!")
         except PeerGoneError as err:
             result.send(f"gone {err.peer}")
+        except ChannelTimeout:
+            result.send("timed out")
     finally:
         ep.close()
 
@@ -474,6 +478,7 @@ def test_peer_that_leaves_ends_a_blocked_receive(
         child.start()
         try:
             assert mine.poll(20) and mine.recv() == "ready"
+            time.sleep(0.05)  # let it fall asleep
             writer.left(1)
             if doorbell:
                 os.eventfd_write(doorbells[2][1], 1)  # the server's membership ring
@@ -546,3 +551,53 @@ def test_async_on_a_plain_region_polls(pair: tuple[Any, Any]) -> None:
 
     with pytest.raises(ChannelTimeout):
         asyncio.run(timeout())
+
+
+def test_sender_never_writes_into_a_recycled_arena(path: str) -> None:
+    """The receiver leaves and a newcomer gets its slot (and arena): the old sender, which
+    still has room in its ring, must fail with PeerGoneError without touching that memory."""
+    with _plain(path, 0) as server, _plain(path, 1) as a, _plain(path, 2) as b:
+        region = format_region(server, max_peers=2)
+        writer = MembershipWriter(server)
+        writer.joined(1, 0)
+        slot = writer.joined(2, 0)
+        Receiver(b, "old", sender=1, capacity=1024).close()
+        tx = Sender(a, "old", receiver=2)
+        tx.send(b"before")
+        writer.left(2)
+        assert writer.joined(3, 0) == slot  # the only free slot: the arena is recycled
+        base = region.arena_offset(slot)
+        before = bytes(server.memory[base : base + region.arena_size])
+        with pytest.raises(PeerGoneError, match="peer 2 left"):
+            tx.send(b"after")
+        with pytest.raises(PeerGoneError):
+            tx.reserve(10)
+        tx.close()  # closing after the peer left writes nothing and raises nothing
+        assert bytes(server.memory[base : base + region.arena_size]) == before
+
+
+def test_a_sender_waiting_for_a_receiver_that_leaves(path: str) -> None:
+    with _plain(path, 0) as server, _plain(path, 1) as a:
+        format_region(server, max_peers=4)
+        writer = MembershipWriter(server)
+        writer.joined(1, 0)
+        writer.joined(2, 0)
+        threading.Timer(0.05, writer.left, (2,)).start()
+        with pytest.raises(PeerGoneError, match="peer 2 left"):
+            Sender(a, "never", receiver=2, timeout=10)
+
+
+def test_async_receive_ends_when_the_sender_leaves(path: str) -> None:
+    with _plain(path, 0) as server, _plain(path, 2) as b:
+        format_region(server, max_peers=4)
+        writer = MembershipWriter(server)
+        writer.joined(1, 0)
+        writer.joined(2, 0)
+        rx = Receiver(b, "aleave", sender=1, liveness_interval=0.02)
+
+        async def main() -> None:
+            asyncio.get_running_loop().call_later(0.05, writer.left, 1)
+            await rx.recv_async(timeout=10)
+
+        with pytest.raises(PeerGoneError, match="peer 1 left"):
+            asyncio.run(main())

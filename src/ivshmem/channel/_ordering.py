@@ -43,7 +43,9 @@ x86-64 only, so :func:`check_platform` refuses everything else with a clear erro
    up to 3.12, and a ``PyMutex`` (an atomic compare-and-exchange on acquire and on release)
    from 3.13; a mutex cannot be built on x86 without an atomic read-modify-write, and every
    such instruction on x86 is locked (``xchg`` implicitly). The cost is about 80 ns,
-   paid once per published batch, not per byte.
+   paid once per published batch, not per byte - and not at all when the other end
+   advertises that it never sleeps on a doorbell (a plain region, or an infinite spin):
+   then nobody needs waking, and the wait word is never consulted (ring.py, flush).
 
 4. **Other machines.** On ARM64 or POWER, loads and stores are reordered freely; the payload
    could become visible after the index, and Python offers no release/acquire store. Rather
