@@ -64,9 +64,15 @@ from ivshmem.channel.ring import (
     CTRL_SIZE,
     KIND_WRAP,
     R_TAIL,
+    R_VECTOR,
+    R_WAIT,
     S_HEAD,
+    S_VECTOR,
+    S_WAIT,
     max_payload,
 )
+from ivshmem.endpoint import EventfdEndpoint
+from ivshmem.errors import PeersUnknownError, UnknownPeerError, UnknownVectorError
 from ivshmem.memory import SharedMemory
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,21 +142,72 @@ def test_message_codec_notices_any_change() -> None:
 # -- known corruptions: named, sticky, contained ---------------------------------------------
 
 
+class DoorbellEndpoint(EventfdEndpoint):
+    """A region plus real eventfd doorbells, one vector per peer (``doorbells[peer]``), so
+    the channels' wake-up paths run - they read the other side's wait and vector words,
+    which a hostile peer can write. Like a guest, it cannot know who is connected."""
+
+    def __init__(self, fd: int, id: int, doorbells: dict[int, int]) -> None:
+        self._region = ivshmem.open_region(fd, id=id)
+        self._doorbells = doorbells
+        self._id = id
+
+    @property
+    def id(self) -> int:
+        return self._id
+
+    @property
+    def size(self) -> int:
+        return self._region.size
+
+    @property
+    def memory(self) -> memoryview:
+        return self._region.memory
+
+    @property
+    def vectors(self) -> int:
+        return 1
+
+    @property
+    def peers(self) -> frozenset[int]:
+        raise PeersUnknownError("a guest-like endpoint: liveness comes from the table")
+
+    def notify(self, peer: int, vector: int = 0) -> None:
+        if peer not in self._doorbells:
+            raise UnknownPeerError(peer, frozenset(self._doorbells))
+        if vector != 0:
+            raise UnknownVectorError(vector, 1, peer)
+        os.eventfd_write(self._doorbells[peer], 1)
+
+    def _own_fds(self) -> list[int]:
+        return [self._doorbells[self._id]]
+
+    @property
+    def closed(self) -> bool:
+        return self._region.closed
+
+    def close(self) -> None:
+        self._region.close()
+
+
 class Pair:
-    """Peers 1 (sender) and 2 (receiver) of a plain region, channels ``fz`` and ``ctl``, and
-    the region as peer 3 (the hostile one) sees it."""
+    """Peers 1 (sender) and 2 (receiver) of a region with eventfd doorbells, channels ``fz``
+    and ``ctl``, and the region as peer 3 (the hostile one) sees it."""
 
     def __init__(self) -> None:
         shm = SharedMemory.memfd(256 << 10)
         fd = shm.fd
+        self.doorbells = {p: os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for p in (1, 2)}
         self.hostile = ivshmem.open_region(shm, id=3)
         format_region(self.hostile, max_peers=3, peers=[1, 2, 3])
-        self.a = ivshmem.open_region(fd, id=1)
-        self.b = ivshmem.open_region(fd, id=2)
-        self.rx = Receiver(self.b, "fz", sender=1, capacity=CAP, timeout=2)
-        self.tx = Sender(self.a, "fz", receiver=2, timeout=2)
-        self.ctl_rx = Receiver(self.b, "ctl", sender=1, capacity=CAP, timeout=2)
-        self.ctl_tx = Sender(self.a, "ctl", receiver=2, timeout=2)
+        self.a = DoorbellEndpoint(fd, 1, self.doorbells)
+        self.b = DoorbellEndpoint(fd, 2, self.doorbells)
+        # Two ends of one process block on one eventfd here, so keep waits short.
+        opts: dict[str, Any] = {"timeout": 2, "liveness_interval": 0.02}
+        self.rx = Receiver(self.b, "fz", sender=1, capacity=CAP, **opts)
+        self.tx = Sender(self.a, "fz", receiver=2, **opts)
+        self.ctl_rx = Receiver(self.b, "ctl", sender=1, capacity=CAP, **opts)
+        self.ctl_tx = Sender(self.a, "ctl", receiver=2, **opts)
         region = Region(self.hostile)
         slot = Membership(region).snapshot().entries[2].slot
         entry = find_channel(region, slot, "fz", 1, 2)
@@ -171,6 +228,8 @@ class Pair:
                 end.close()
         for ep in (self.a, self.b, self.hostile):
             ep.close()
+        for fd in self.doorbells.values():
+            os.close(fd)
 
 
 @pytest.fixture
@@ -273,6 +332,23 @@ def _array_shape(p: Pair) -> str:
     return "unreachable"
 
 
+def _sender_vector(p: Pair) -> str:
+    for i in range(3):
+        p.tx.send(bytes([i]) * 300)
+    p.q[S_VECTOR] = 7  # the sender "sleeps" on a vector it does not have
+    p.q[S_WAIT] = 101
+    for _ in range(3):
+        p.rx.recv()  # the receiver gives space back and rings the sender
+    return "unreachable"
+
+
+def _receiver_vector(p: Pair) -> str:
+    p.q[R_VECTOR] = 1 << 20  # the receiver "sleeps" on an impossible vector
+    p.q[R_WAIT] = 101
+    p.tx.send(b"ring me")
+    return "unreachable"
+
+
 CORRUPTIONS: dict[str, tuple[Callable[[Pair], str], str, str]] = {
     # name: (what to do, which end notices, the field it names)
     "head rewound": (_rewind_head, "rx", "head"),
@@ -286,6 +362,8 @@ CORRUPTIONS: dict[str, tuple[Callable[[Pair], str], str, str]] = {
     "array ndim": (_array_ndim, "rx", "array header"),
     "array object dtype": (_array_object_dtype, "rx", "array dtype"),
     "array shape": (_array_shape, "rx", "array shape"),
+    "sender's vector word": (_sender_vector, "rx", "vector"),
+    "receiver's vector word": (_receiver_vector, "tx", "vector"),
 }
 
 
@@ -372,6 +450,7 @@ class ChannelUnderAttack(RuleBasedStateMachine):
     @rule(words=st.integers(0, 60))
     def send_array(self, words: int) -> None:
         array = np.arange(self.seq, self.seq + words, dtype="<u4")
+
         def call() -> bool:
             self.p.tx.send_array(array, timeout=0)
             return True
@@ -408,6 +487,16 @@ class ChannelUnderAttack(RuleBasedStateMachine):
         assert not self.rx_broken, f"a broken receiver returned {result!r}"
         return result
 
+    def _release(self) -> None:
+        """Give the space back; this may ring the sender, so it may find its vector word
+        scribbled (ChannelCorrupted). Not held to "broken stays broken": it only stores our
+        own tail."""
+        try:
+            self.p.rx.release()
+        except ChannelCorrupted as err:
+            assert self.touched and err.channel == self.p.rx.name, repr(err)
+            self.rx_broken = True
+
     def _expect(self, kind: str, got: bytes | None) -> None:
         if self.touched:
             if got is not None:
@@ -437,14 +526,14 @@ class ChannelUnderAttack(RuleBasedStateMachine):
             self._in_bounds(arr, arr.nbytes)
             got = arr.tobytes()
             del arr
-            self.p.rx.release()
+            self._release()
             self._expect("array", got)
         elif zero_copy:
             view = self._rx_call(self.p.rx.try_recv_view)
             if view is not None:
                 self._in_bounds(view, len(view))
                 got = bytes(view)
-                self.p.rx.release()
+                self._release()
                 with pytest.raises(ValueError):
                     bytes(view)  # released views are revoked
                 self._expect("bytes", got)
