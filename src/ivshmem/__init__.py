@@ -1,5 +1,19 @@
 """Inter-VM shared memory (ivshmem) for Python."""
 
+from .channel import (
+    ChannelClosedError,
+    ChannelCorrupted,
+    ChannelError,
+    ChannelTimeout,
+    Duplex,
+    Membership,
+    NotFormattedError,
+    PeerGoneError,
+    Receiver,
+    RegionCorrupted,
+    Sender,
+    format_region,
+)
 from .endpoint import Endpoint, RegionEndpoint, open_region
 from .errors import (
     ClosedError,
@@ -28,19 +42,30 @@ from .peer import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelClosedError",
+    "ChannelCorrupted",
+    "ChannelError",
+    "ChannelTimeout",
     "ClosedError",
     "ConnectionLostError",
     "DeviceError",
     "DoorbellUnavailableError",
+    "Duplex",
     "Endpoint",
     "HandshakeTimeoutError",
     "IvshmemError",
+    "Membership",
+    "NotFormattedError",
     "PciEndpoint",
     "Peer",
+    "PeerGoneError",
     "PeersUnknownError",
     "ProtocolError",
+    "Receiver",
     "Reconnected",
+    "RegionCorrupted",
     "RegionEndpoint",
+    "Sender",
     "ServerConfigError",
     "ServerUnavailableError",
     "SharedMemory",
@@ -50,6 +75,7 @@ __all__ = [
     "__version__",
     "connect",
     "connect_async",
+    "format_region",
     "open_pci",
     "open_region",
     "parse_size",
