@@ -44,6 +44,7 @@ from ivshmem.channel import (
     PeerGoneError,
     Receiver,
     Region,
+    RegionFullError,
     Sender,
 )
 from ivshmem.channel.fuzz import MessageCodec
@@ -359,6 +360,27 @@ def test_sender_to_a_killed_peer_never_writes_into_its_recycled_arena(
                 mine.close()
         with contextlib.suppress(PeerGoneError):
             tx.close()
+
+
+def test_channels_from_dead_peers_do_not_use_up_the_survivors_arena(
+    server: ServerProcess,
+) -> None:
+    """A long-lived peer receives from peers that come and go (VMs restart with new ids).
+    Each dead peer's channel sits in the survivor's arena; once the survivor has seen
+    PeerGoneError and closed its end, that space must be usable again, or after a few dozen
+    restarts (63 directory entries at most, fewer by space) it can receive from nobody."""
+    with connected(server) as survivor:
+        for gone in range(70):
+            with connected(server) as passing:
+                try:
+                    rx = Receiver(survivor, "data", passing.id, capacity=1024)
+                except RegionFullError as err:
+                    pytest.fail(f"after {gone} peers came and went: {err}")
+                peer_id = passing.id
+            with pytest.raises(PeerGoneError) as info:
+                rx.recv(timeout=WAIT)
+            assert info.value.peer == peer_id
+            rx.close()
 
 
 # -- a QEMU peer -----------------------------------------------------------------------------
