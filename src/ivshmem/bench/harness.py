@@ -137,9 +137,9 @@ class SuiteContext:
     """What a whole benchmark run shares: a private temporary directory and options."""
 
     tmpdir: str
-    #: CPU placement: "auto" pins the two sides of spinning transports to different CPUs and
-    #: leaves blocking ones to the scheduler; "always" and "never" do what they say.
-    pin: str = "auto"
+    #: CPU placement: "apart" pins side 0 and side 1 to different CPUs (see pin_cpu),
+    #: "never" leaves them to the scheduler.
+    pin: str = "apart"
     #: Transport options, e.g. "block_spin": the blocking channel's spin budget in seconds.
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -163,11 +163,10 @@ class Transport(abc.ABC):
     #: True when the consumer can read the payload in place (the copy variant then exists).
     zero_copy: ClassVar[bool] = False
     #: Variants besides the default "": "copy" (zero-copy transports: the producer writes the
-    #: whole payload into the loaned buffer, the consumer copies it out before checking) and
-    #: "bytes" (the transport's plain bytes-in, bytes-out API instead of its zero-copy one).
+    #: whole payload into the loaned buffer, the consumer copies it out before checking),
+    #: "bytes" (the transport's plain bytes-in, bytes-out API instead of its zero-copy one) and
+    #: "unpinned" (the same transport, with both processes left to the scheduler).
     variants: ClassVar[tuple[str, ...]] = ()
-    #: True when a side waits by spinning (it then needs a CPU of its own: see pin_cpu).
-    spins: ClassVar[bool] = False
     #: One line for the documentation: how the transport is used.
     notes: ClassVar[str] = ""
 
@@ -264,17 +263,21 @@ class _Progress:
         self._map.close()
 
 
-def pin_cpu(ctx: SuiteContext, side: int, spins: bool = True) -> int | None:
-    """Pin side 0 and side 1 to different CPUs (when there are two), per ``ctx.pin``.
+def pin_cpu(ctx: SuiteContext, side: int, pinned: bool = True) -> int | None:
+    """Pin side 0 and side 1 to different CPUs (when there are two), unless ``ctx.pin`` is
+    "never" or this transport runs unpinned.
 
-    Why "auto" treats the two kinds differently (measured on the 2-vCPU VM these numbers come
-    from): two spinning sides left to the scheduler sometimes share one CPU, and a round trip
-    then takes a scheduler tick (milliseconds instead of a microsecond); pinned apart they
-    never do. A blocking wake-up, by contrast, is cheaper on the CPU the waker runs on than as
-    an inter-processor interrupt to the other one (a pipe round trip took 33 us pinned apart
-    and 10 us unpinned), so blocking transports are left free, like in most applications.
+    Why apart, for every transport (measured on the 2-vCPU VM these numbers come from): two
+    spinning sides left to the scheduler sometimes share one CPU, and a round trip then takes
+    a scheduler tick (milliseconds instead of a microsecond). Blocking sides left free are
+    bimodal instead: a wake-up on the waker's own CPU is cheap and one sent to the other CPU
+    is an inter-processor interrupt, so an eventfd round trip measured 6 us in one repetition
+    and 40 us in the next, which makes same-run ratios meaningless. Pinned apart, every
+    transport pays the cross-CPU wake-up and gets two CPUs' worth of parallelism, every time.
+    Transports with helper threads (libzmq's I/O thread) then share their process's CPU:
+    that is what the "unpinned" variant shows.
     """
-    if ctx.pin == "never" or (ctx.pin == "auto" and not spins):
+    if ctx.pin == "never" or not pinned:
         return None
     if not hasattr(os, "sched_setaffinity"):
         return None
@@ -441,7 +444,7 @@ def _child(
         end.close()
     link: Link | None = None
     try:
-        cpu = pin_cpu(transport.ctx, side, transport.spins)
+        cpu = pin_cpu(transport.ctx, side, transport.variant != "unpinned")
         link = transport.open(side)
         conn.send("opened")
         _expect(conn, "connect")

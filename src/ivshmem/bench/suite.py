@@ -41,7 +41,7 @@ class Series:
     key: str
     module: str
     cls: str
-    #: "" (the transport's default use), "copy" or "bytes": see Transport.variants.
+    #: "" (the transport's default use), "copy", "bytes" or "unpinned": Transport.variants.
     variant: str = ""
 
     def load(self) -> type[Transport]:
@@ -55,7 +55,9 @@ class Series:
             # Zero-copy rows only stamp and check the ends of the payload: say so, since their
             # bytes/s is the rate of handing over buffers, not of moving bytes.
             return f"{cls.label}, zero-copy" if cls.zero_copy else cls.label
-        suffix = {"copy": ", written + copied", "bytes": ", bytes API"}[self.variant]
+        suffix = {"copy": ", written + copied", "bytes": ", bytes API", "unpinned": ", unpinned"}[
+            self.variant
+        ]
         return cls.label + suffix
 
 
@@ -72,6 +74,7 @@ SERIES: tuple[Series, ...] = (
     Series("mp_queue", "mp_queue", "MpQueue"),
     Series("faster_fifo", "fifo", "FasterFifo"),
     Series("zmq_ipc", "zmq_ipc", "ZmqIpc"),
+    Series("zmq_ipc+unpinned", "zmq_ipc", "ZmqIpc", "unpinned"),
     Series("iceoryx2", "iceoryx", "Iceoryx2"),
     Series("iceoryx2+copy", "iceoryx", "Iceoryx2", "copy"),
     Series("ref_eventfd", "references", "EventfdPingPong"),
@@ -89,8 +92,8 @@ class SuiteConfig:
     payloads: tuple[int, ...] = DEFAULT_PAYLOADS
     #: Series keys to run (None: all); "ref_memcpy" selects the copy reference.
     only: frozenset[str] | None = None
-    #: CPU placement, see harness.pin_cpu: "auto", "always" or "never".
-    pin: str = "auto"
+    #: CPU placement, see harness.pin_cpu: "apart" or "never".
+    pin: str = "apart"
     #: Spin budget (seconds) of the channel in blocking mode.
     block_spin: float = 0.0
 

@@ -63,10 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--list", action="store_true", help="list the series and exit")
     run.add_argument(
         "--pin",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="pin the two processes to different CPUs: auto (default) does it for spinning "
-        "transports only",
+        choices=("apart", "never"),
+        default="apart",
+        help="apart (default): pin producer and consumer to different CPUs; never: leave "
+        "them to the scheduler",
     )
     run.add_argument(
         "--block-spin",

@@ -134,7 +134,6 @@ class ChannelSpinning(Transport):
     key = "ivshmem_spin"
     label = "ivshmem channel (spinning)"
     zero_copy = True
-    spins = True
     variants = ("copy", "bytes")
     notes = (
         "two open_region() endpoints on one formatted memfd region (static membership), "

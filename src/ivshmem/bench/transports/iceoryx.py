@@ -157,7 +157,6 @@ class Iceoryx2(Transport):
     label = "iceoryx2 (python)"
     requires = ("iceoryx2",)
     zero_copy = True
-    spins = True
     variants = ("copy",)
     notes = (
         "publish-subscribe of Slice[c_uint8], one service per direction, "

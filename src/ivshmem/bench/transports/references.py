@@ -122,7 +122,6 @@ class SpinBytePingPong(Transport):
     key = "ref_spin"
     label = "spin-byte ping-pong (reference)"
     kinds = ("rtt",)
-    spins = True
     notes = "one byte of an anonymous shared mapping, both processes spin reading it"
 
     def prepare(self) -> None:

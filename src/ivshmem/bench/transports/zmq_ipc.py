@@ -75,9 +75,11 @@ class ZmqIpc(Transport):
     key = "zmq_ipc"
     label = "pyzmq ipc"
     requires = ("zmq",)
+    variants = ("unpinned",)
     notes = (
         "PUSH/PULL (stream) and PAIR (round trip) over ipc:// in a temporary directory; "
-        "SNDHWM/RCVHWM from the queue budget; frames (copy=False) for receiving >= 64 KiB"
+        "SNDHWM/RCVHWM from the queue budget; frames (copy=False) for receiving >= 64 KiB; "
+        "the unpinned row leaves both processes (and their I/O threads) to the scheduler"
     )
 
     def prepare(self) -> None:
