@@ -372,6 +372,8 @@ def test_channels_from_dead_peers_do_not_use_up_the_survivors_arena(
     with connected(server) as survivor:
         for gone in range(70):
             with connected(server) as passing:
+                # As a service would: open the channel once the peer is seen to join.
+                assert poll_until(lambda: passing.id in survivor.peers, WAIT)
                 try:
                     rx = Receiver(survivor, "data", passing.id, capacity=1024)
                 except RegionFullError as err:
