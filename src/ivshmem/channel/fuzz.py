@@ -1086,7 +1086,12 @@ def _account(report: FuzzReport, plan: _Plan, results: dict[str, Any], where: st
                 what = "the control channel" if ch == CONTROL else "an unattacked channel"
                 report.fail("control", f"{where}: {what} misbehaved: {'; '.join(problems)}")
             continue
-        report.outcomes[rx.get("outcome", "?")] += 1
+        outcome = rx.get("outcome", "?")
+        if outcome == "closed" and rx.get("verified", 0) < tx.get("count", 0):
+            # Payloads changed, records skipped, or a forged close flag, which looks like the
+            # sender's own close: the receiver stops early, the sender learns it later.
+            outcome = "closed with fewer verified than sent"
+        report.outcomes[outcome] += 1
         # A send that raised ChannelCorrupted may still have published its message (the
         # receiver's vector word is read after publishing, to ring it): one extra is allowed.
         extra = 1 if tx.get("outcome") == "corrupted" else 0
