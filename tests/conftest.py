@@ -35,8 +35,11 @@ def qemu_path() -> str | None:
 def qemu_binary() -> str:
     """Path of qemu-system-x86_64 (Debian's qemu-system-x86; scripts/setup.sh installs it)."""
     path = qemu_path()
-    require(path, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86, "
-            "or run scripts/test.sh as root)")
+    require(
+        path,
+        "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86, "
+        "or run scripts/test.sh as root)",
+    )
     assert path is not None
     return path
 
