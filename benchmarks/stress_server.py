@@ -105,7 +105,11 @@ def main() -> int:
     ):
         survivors = [RawPeer(server.socket_path) for _ in range(args.survivors)]
         for peer in survivors:
-            peer.wait(lambda p=peer: p.state.own_vectors == args.vectors)
+
+            def handshake_done(p: RawPeer = peer) -> bool:
+                return bool(p.state.own_vectors == args.vectors)
+
+            peer.wait(handshake_done)
         settle(server, survivors, server.fd_count())
         baseline = server.fd_count()
         rss_start = rss_kib(server.pid)

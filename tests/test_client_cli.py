@@ -47,6 +47,13 @@ def client(server: ServerProcess, *args: str, **kwargs: Any) -> subprocess.Compl
     )
 
 
+def rung(p: Peer, count: int) -> list[int]:
+    """The vectors of ``count`` rings, sorted (a missing ring fails the test)."""
+    got = [p.wait(timeout=WAIT) for _ in range(count)]
+    assert None not in got, f"only {got} rang"
+    return sorted(v for v in got if v is not None)
+
+
 def see(p: Peer, predicate: Callable[[frozenset[int]], bool]) -> None:
     deadline = time.monotonic() + WAIT
     while not predicate(p.peers):
@@ -137,12 +144,12 @@ def test_int_rings_the_vectors_asked_for(server: ServerProcess, peer: Peer) -> N
     assert peer.wait(timeout=WAIT) == 2
     assert peer.wait(timeout=0) is None
     assert client(server, "-c", f"int {peer.id} all").returncode == 0
-    assert sorted(peer.wait(timeout=WAIT) for _ in range(VECTORS)) == [0, 1, 2, 3]
+    assert rung(peer, VECTORS) == [0, 1, 2, 3]
     with connect(server.socket_path, vectors=VECTORS) as second:
         see(peer, lambda ids: second.id in ids)
         assert client(server, "-c", "int all").returncode == 0
         for p in (peer, second):
-            assert sorted(p.wait(timeout=WAIT) for _ in range(VECTORS)) == [0, 1, 2, 3]
+            assert rung(p, VECTORS) == [0, 1, 2, 3]
             assert p.wait(timeout=0) is None
 
 

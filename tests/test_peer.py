@@ -282,7 +282,12 @@ def test_late_own_vectors_are_taken(scripted: Callable[..., ScriptedServer]) -> 
     server = scripted([*HEADER, (3, "eventfd"), "pause", (3, "eventfd")])
     with connect(server.path, timeout=WAIT) as peer:
         assert peer.vectors == 1
-        until(lambda: peer.service() is None and peer.vectors == 2, "the late vector")
+
+        def late_vector_taken() -> bool:
+            peer.service()
+            return peer.vectors == 2
+
+        until(late_vector_taken, "the late vector")
         assert len(set(peer.vector_fds)) == 2
 
 
@@ -624,7 +629,12 @@ def test_reconnect_keeps_a_named_region_and_learns_the_new_id(short_tmp: Path) -
         newcomer = connect(first.socket_path, vectors=2)
         assert newcomer.id == 0
         assert keeper.id == 0  # the keeper has not noticed yet
-        until(lambda: keeper.service() is None and keeper.connected, "the keeper to reconnect")
+
+        def reconnected() -> bool:
+            keeper.service()
+            return keeper.connected
+
+        until(reconnected, "the keeper to reconnect")
         assert reconnects == [Reconnected(old_id=0, new_id=1, memory_kept=True)]
         assert keeper.id == 1
         assert left == [1]

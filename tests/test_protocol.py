@@ -176,6 +176,7 @@ def test_id_allocation_matches_qemu(first: int, ops: list[str | int]) -> None:
             assert peer == model.next()
             table.join(peer, [])
         elif table:
+            assert isinstance(op, int)
             victim = sorted(table)[op % len(table)]
             table.leave(victim)
             model.used.discard(victim)

@@ -384,7 +384,7 @@ INCREMENTS = 100
 
 @dataclass
 class LabRun:
-    guest_status: dict[str, int]
+    guest_status: dict[str, int | None]
     guest_output: dict[str, str]
     host_status: dict[str, int]
     host_output: dict[str, str]
