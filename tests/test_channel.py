@@ -601,3 +601,106 @@ def test_async_receive_ends_when_the_sender_leaves(path: str) -> None:
 
         with pytest.raises(PeerGoneError, match="peer 1 left"):
             asyncio.run(main())
+
+
+def test_last_message_before_leaving_is_delivered_despite_the_membership_ring(
+    path: str, doorbells: dict[int, Sequence[int]]
+) -> None:
+    """A sender publishes its last message and leaves; the server rings the membership
+    vector. The receiver, woken by that ring, must deliver the message before PeerGoneError.
+    The sender here cannot ring (a plain region), so only the membership ring wakes the
+    receiver, with the message already in the ring."""
+    with _plain(path, 0) as server, _plain(path, 1) as a, DoorbellEndpoint(path, 2, doorbells) as b:
+        format_region(server, max_peers=4)
+        writer = MembershipWriter(server)
+        writer.joined(1, 0)
+        writer.joined(2, 2)
+        rx = Receiver(b, "last", sender=1, spin=0, liveness_interval=60, membership_vector=1)
+        tx = Sender(a, "last", receiver=2)
+        got: list[object] = []
+
+        def receive() -> None:
+            for _ in range(2):
+                try:
+                    got.append(rx.recv(timeout=20))
+                except Exception as err:
+                    got.append(err)
+
+        t = threading.Thread(target=receive)
+        t.start()
+        time.sleep(0.05)  # let it fall asleep (past its capped first sleep)
+        tx.send(b"last words")
+        writer.left(1)
+        os.eventfd_write(doorbells[2][1], 1)  # the server's membership ring
+        t.join(30)
+        assert not t.is_alive()
+        assert got[0] == b"last words", got
+        assert isinstance(got[1], PeerGoneError) and got[1].peer == 1, got
+
+
+def test_a_sender_not_connected_yet_is_waited_for(path: str) -> None:
+    """A receiver created before its sender joins: the sender is not gone, it has not come.
+    The wait goes on to its timeout (ChannelTimeout), and a sender that joins later is heard."""
+    with _plain(path, 0) as server, _plain(path, 1) as a, _plain(path, 2) as b:
+        format_region(server, max_peers=4)
+        writer = MembershipWriter(server)  # a server-kept table: presence is known
+        writer.joined(2, 0)
+        rx = Receiver(b, "early", sender=1, liveness_interval=0.01)
+        with pytest.raises(ChannelTimeout):
+            rx.recv(timeout=0.3)  # thirty liveness checks, none may say "peer 1 left"
+        writer.joined(1, 0)
+        tx = Sender(a, "early", receiver=2)
+        tx.send(b"here now")
+        assert rx.recv(timeout=10) == b"here now"
+        writer.left(1)
+        with pytest.raises(PeerGoneError, match="peer 1 left"):
+            rx.recv(timeout=10)  # seen present, then absent: gone
+
+
+def test_a_sender_that_came_and_went_unseen_is_gone(path: str) -> None:
+    """A sender that opened the channel and left between two liveness checks was here: the
+    receiver ends with PeerGoneError, not a timeout."""
+    with _plain(path, 0) as server, _plain(path, 1) as a, _plain(path, 2) as b:
+        format_region(server, max_peers=4)
+        writer = MembershipWriter(server)
+        writer.joined(2, 0)
+        rx = Receiver(b, "brief", sender=1, liveness_interval=0.01)
+        writer.joined(1, 0)
+        Sender(a, "brief", receiver=2).send(b"hello")
+        writer.left(1)
+        assert rx.recv(timeout=10) == b"hello"
+        with pytest.raises(PeerGoneError, match="peer 1 left"):
+            rx.recv(timeout=10)
+
+
+def test_an_endpoint_that_cannot_receive_still_rings(
+    path: str, doorbells: dict[int, Sequence[int]]
+) -> None:
+    """A sender whose endpoint has no vectors of its own (a guest device opened without
+    interrupts) can still ring: the sleeping receiver must be woken by its doorbell, not
+    left to its next liveness check (made an hour away here)."""
+    table = {1: (), 2: doorbells[2]}
+    with DoorbellEndpoint(path, 1, table) as a, DoorbellEndpoint(path, 2, table) as b:
+        format_region(a, max_peers=4, peers={1: 0, 2: 2})
+        assert a.vectors == 0
+        rx = Receiver(b, "ring", sender=1, spin=0, liveness_interval=3600)
+        tx = Sender(a, "ring", receiver=2)
+        got: list[object] = []
+
+        def receive() -> None:
+            try:
+                got.append(rx.recv(timeout=None))
+            except Exception as err:
+                got.append(err)
+
+        t = threading.Thread(target=receive, daemon=True)
+        t.start()
+        time.sleep(0.05)  # asleep on its doorbell, past its capped first sleep
+        tx.send(b"ding")
+        t.join(10)  # without the sender's ring, it would sleep for the hour
+        hung = t.is_alive()
+        if hung:
+            os.eventfd_write(doorbells[2][0], 1)  # wake it ourselves, so the test cleans up
+            t.join(10)
+        assert not hung, "the sender did not ring the sleeping receiver"
+        assert got == [b"ding"]

@@ -154,6 +154,11 @@ class _End:
         self._wait_seq = (old & ~1) + 2 if old < 1 << 62 else 0
         self._q[my_wait] = self._wait_seq
         self._closed = False
+        # Seen present at least once (peer_alive): a sender found its receiver listed with
+        # the channel created; a receiver learns it at a liveness check or from the
+        # sender's trace in the channel (_peer_attached).
+        self._peer_seen = role == "sending" or bool(self._peer_present())
+        self._recheck = False  # a membership ring is waiting for its liveness check
         self._doorbell = endpoint.vectors > 0
         # The first doorbell sleep after opening is capped (see RingSender.flush).
         self._first_sleep = True
@@ -193,34 +198,79 @@ class _End:
     # -- liveness ------------------------------------------------------------------------
 
     def peer_alive(self) -> bool | None:
-        """True/False when it can be known whether the other peer is still here, else None."""
+        """True when the other peer is here, False when it was here and left, None when that
+        cannot be known - including a peer not seen yet: a receiver may be created before
+        its sender connects, and that peer has not left, it has not come yet."""
         ep = self.endpoint
         if self._doorbell:
             try:
                 # Let an endpoint that learns about peers from its server socket read it
                 # (EventfdEndpoint services that socket inside wait). A doorbell taken here
                 # is harmless: every caller re-checks the ring right after.
-                ep.wait(self.vector, timeout=0)
+                ep.wait(self.vector, timeout=0, spin=0)
             except Exception:  # probing must not mask the real state, checked just below
                 pass
+        present = self._peer_present()
+        if present:
+            self._peer_seen = True
+            return True
+        if present is None:
+            return None
+        if not self._peer_seen and not self._peer_attached():
+            return None  # not here yet (see above): wait on, up to the caller's timeout
+        return False
+
+    def _peer_present(self) -> bool | None:
+        """Whether the other peer is connected now: the endpoint's peers where it knows them
+        (a host peer), else the region's membership table if a server keeps it."""
         try:
-            return self.peer in ep.peers
+            return self.peer in self.endpoint.peers
         except PeersUnknownError:
             pass
         snap = self._membership.snapshot()
-        if not snap.live:
-            return None
-        return self.peer in snap.peers
+        return (self.peer in snap.peers) if snap.live else None
+
+    def _peer_attached(self) -> bool:
+        """Whether the other peer ever opened its end of this channel (a trace it leaves in
+        its own line): tells "left" from "not come yet" for a peer that came and went
+        between two liveness checks. A lying peer can only make itself look seen, which
+        ends waits on it sooner, never later."""
+        return True
 
     def _check_peer(self) -> None:
         if self.peer_alive() is False:
             raise PeerGoneError(self.name, self.peer)
 
+    def _liveness(self, changed: Callable[[], bool], other_closed: Callable[[], bool]) -> bool:
+        """A wait's liveness check: True if the ring changed (deliver that first), else
+        raise ChannelClosedError or PeerGoneError if the other side closed it or left.
+
+        Order matters: the peer's state is read *before* the ring is re-checked. A peer
+        that publishes its last message and then leaves is seen gone only after that
+        message is in the ring, so the re-check finds it; checking the ring first would
+        leave a window in which both happen unnoticed and the message is dropped."""
+        self._recheck = False
+        closed = other_closed()
+        alive = self.peer_alive()
+        if changed():  # also: the probe may have consumed a doorbell
+            self._recheck = alive is False  # deliver now, say so at the next wait
+            return True
+        if closed:
+            raise ChannelClosedError(f"channel {self.name!r}: peer closed it")
+        if alive is False:
+            raise PeerGoneError(self.name, self.peer)
+        return False
+
     # -- blocking machinery --------------------------------------------------------------
 
     def _ring_peer(self, vector: int) -> None:
-        """Ring the other peer on the vector it advertised (validated: it is its word)."""
-        if vector == NO_VECTOR or not self._doorbell:
+        """Ring the other peer on the vector it advertised (validated: it is its word).
+
+        Whether *we* have a doorbell does not matter: an endpoint that cannot receive
+        interrupts (a guest device opened without them) may still be able to ring, and the
+        other side sleeps until it is rung. One that cannot ring either raises
+        DoorbellUnavailableError, ignored: the sleeper then notices at its liveness check."""
+        if vector == NO_VECTOR:
             return
         if vector > 0xFFFF:
             raise self._corrupt("vector", f"peer advertises vector {vector}")
@@ -269,15 +319,15 @@ class _End:
                 if deadline is not None and now >= deadline:
                     raise ChannelTimeout(f"channel {self.name!r}: timed out")
                 if now >= next_live:  # only reached with a long (or infinite) spin
-                    if other_closed():
-                        raise ChannelClosedError(f"channel {self.name!r}: peer closed it")
-                    self._check_peer()
+                    if self._liveness(changed, other_closed):
+                        return
                     next_live = now + self.liveness_interval
         elif deadline is not None and time.monotonic() >= deadline:
             raise ChannelTimeout(f"channel {self.name!r}: timed out")
         # 2. Block (doorbell) or poll (plain region). Liveness is first probed one interval
-        # in: probing costs system calls, and most waits end long before.
-        next_live = time.monotonic() + self.liveness_interval
+        # in (probing costs system calls, and most waits end long before), or at once after
+        # a membership ring whose check a message pre-empted.
+        next_live = time.monotonic() + (0.0 if self._recheck else self.liveness_interval)
         sleep = _FIRST_POLL_SLEEP
         doorbell = self._doorbell
         try:
@@ -298,10 +348,7 @@ class _End:
                     return
                 now = time.monotonic()
                 if now >= next_live:
-                    if other_closed():
-                        raise ChannelClosedError(f"channel {self.name!r}: peer closed it")
-                    self._check_peer()
-                    if changed():  # the probe may have consumed a doorbell
+                    if self._liveness(changed, other_closed):
                         return
                     now = time.monotonic()
                     next_live = now + self.liveness_interval
@@ -312,7 +359,11 @@ class _End:
                     if self._first_sleep:
                         self._first_sleep = False
                         limit = min(limit, now + 0.001)
-                    self._sleep_on_doorbell(limit - now)
+                    if self._sleep_on_doorbell(limit - now):
+                        # The membership changed: check liveness at once - in this wait, or
+                        # in the next one if this one ends with data.
+                        self._recheck = True
+                        next_live = now
                 else:
                     time.sleep(min(sleep, limit - now))
                     sleep = min(sleep * 2, self.poll_interval)
@@ -323,20 +374,24 @@ class _End:
                 self._wait_seq += 2
                 q[my_wait] = self._wait_seq  # even: not waiting
 
-    def _sleep_on_doorbell(self, seconds: float) -> None:
-        """Sleep until our vector (or the membership vector) is rung or ``seconds`` pass.
-        The doorbell's count is left for :meth:`_drain_doorbell`; a membership ring is taken
-        at once, and makes us re-check liveness."""
+    def _sleep_on_doorbell(self, seconds: float) -> bool:
+        """Sleep until our vector (or the membership vector) is rung or ``seconds`` pass;
+        True when the membership vector rang. The doorbell's count is left for
+        :meth:`_drain_doorbell`; a membership ring is taken at once and only makes the
+        caller check liveness now, after re-checking the ring (:meth:`_liveness`): raising
+        here would drop a message a peer published just before it left."""
         if self._poller is None:
-            self.endpoint.wait(self.vector, timeout=max(0.0, seconds))
-            return
+            self.endpoint.wait(self.vector, timeout=max(0.0, seconds), spin=0)
+            return False
+        membership = False
         for fd, _ in self._poller.poll(max(0, int(seconds * 1000 + 0.999))):
             if fd != self._fds[0]:
                 try:
                     os.eventfd_read(fd)
                 except BlockingIOError:
                     pass
-                self._check_peer()
+                membership = True
+        return membership
 
     def _drain_doorbell(self) -> None:
         if self._poller is not None:
@@ -367,10 +422,7 @@ class _End:
                     return
                 now = time.monotonic()
                 if now >= next_live:
-                    if other_closed():
-                        raise ChannelClosedError(f"channel {self.name!r}: peer closed it")
-                    self._check_peer()
-                    if changed():
+                    if self._liveness(changed, other_closed):
                         return
                     now = time.monotonic()
                     next_live = now + self.liveness_interval
@@ -487,6 +539,11 @@ class Receiver(RingReceiver, _End):
 
     # -- readiness ------------------------------------------------------------------------
 
+    def _peer_attached(self) -> bool:
+        # A Sender stores a non-zero wait number when it opens, and heads only grow.
+        q = self._q
+        return q[S_WAIT] != 0 or q[S_HEAD] != 0
+
     def _has_data(self) -> bool:
         return self._tail != self._head or self._q[S_HEAD] != self._tail
 
@@ -598,9 +655,10 @@ class Receiver(RingReceiver, _End):
             return
         self._closed = True
         try:
-            self.release()
+            with contextlib.suppress(ChannelError):  # a liar's wake-up word: closing anyway
+                self.release()
             if self._gq[self._gi] == self._gv:  # the memory is still ours to write
-                with contextlib.suppress(ChannelError):  # closing anyway
+                with contextlib.suppress(ChannelError):
                     self._publish_tail()
                 self._q[R_FLAGS] = FLAG_CLOSED
         finally:
