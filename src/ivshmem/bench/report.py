@@ -513,7 +513,7 @@ def write_charts(doc: dict[str, Any], outdir: str) -> dict[str, str]:
         xlabel: str,
         fname: str,
         fmt: Any,
-        refs: list[tuple[str, float]],
+        refs: list[tuple[str, float, int | None]],
         whisker: str | None = None,
     ) -> None:
         data = doc["summary"].get(kind, {})
@@ -556,7 +556,9 @@ def write_charts(doc: dict[str, Any], outdir: str) -> dict[str, str]:
                     va="center",
                     fontsize=7,
                 )
-            for name, value in refs:
+            for name, value, only in refs:
+                if only is not None and only != p:
+                    continue
                 ax.axvline(value, linestyle="--", linewidth=1, color="black")
                 ax.annotate(
                     name,
@@ -595,13 +597,13 @@ def write_charts(doc: dict[str, Any], outdir: str) -> dict[str, str]:
         "bytes/s",
         "stream_bytes.png",
         lambda v: _si(v, "B/s"),
-        [("memcpy 1 MiB", memcpy)] if memcpy else [],
+        [("memcpy 1 MiB", memcpy, MIB)] if memcpy else [],
     )
-    refs = []
+    refs: list[tuple[str, float, int | None]] = []
     for key, name in ((EVENTFD, "eventfd"), (SPIN, "spin byte")):
         v = _cell(doc, "rtt", key, None).get("p50_us")
         if v:
-            refs.append((name, v))
+            refs.append((name, v, None))
     panels(
         "rtt",
         "p50_us",

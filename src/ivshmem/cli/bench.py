@@ -238,6 +238,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     print("Target verdicts (medians of same-run ratios):")
     for line in verdict_lines(doc):
         print(line)
+    sys.stdout.flush()  # the verdicts before the notes on stderr, also in a pipe
     failed = [r for r in doc["runs"] if "error" in r]
     if failed:
         print(f"{len(failed)} measurement(s) failed: see the report", file=sys.stderr)
