@@ -100,8 +100,9 @@ def _targets() -> tuple[Target, ...]:
     out: list[Target] = []
     modes = (("spinning", "ivshmem_spin"), ("blocking", "ivshmem_block"))
     apis = (("zero-copy API", ""), ("bytes API", "+bytes"))
+    stream_apis = (*apis, ("zero-copy API, batches of 32", "+batch"))
     for mode, key in modes:
-        for api, suffix in apis:
+        for api, suffix in stream_apis:
             num = (key + suffix, "stream", 64, "msgs_per_s")
             for other, name, want in ((PYZMQ, "pyzmq ipc", 2.0), (ICEORYX, "iceoryx2", 4.0)):
                 out.append(
@@ -129,15 +130,18 @@ def _targets() -> tuple[Target, ...]:
             )
     for mode, key in modes:
         for api, suffix in (("written + copied", "+copy"), ("bytes API", "+bytes")):
-            out.append(
-                Target(
-                    f"1 MiB stream, {mode} channel ({api}) ÷ memcpy rate",
-                    (key + suffix, "stream", MIB, "bytes_per_s"),
-                    (MEMCPY, "memcpy_hot", MIB, "bytes_per_s"),
-                    ">=",
-                    0.7,
+            # Against both copy references: "hot" copies 1 MiB within the cache, "cold" walks a
+            # 16 MiB ring as the channel's own 1 MiB stream does.
+            for ref, which in (("memcpy_hot", "cache-hot"), ("memcpy_cold", "cold")):
+                out.append(
+                    Target(
+                        f"1 MiB stream, {mode} channel ({api}) ÷ {which} memcpy rate",
+                        (key + suffix, "stream", MIB, "bytes_per_s"),
+                        (MEMCPY, ref, MIB, "bytes_per_s"),
+                        ">=",
+                        0.7,
+                    )
                 )
-            )
     return tuple(out)
 
 

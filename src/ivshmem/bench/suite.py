@@ -55,9 +55,12 @@ class Series:
             # Zero-copy rows only stamp and check the ends of the payload: say so, since their
             # bytes/s is the rate of handing over buffers, not of moving bytes.
             return f"{cls.label}, zero-copy" if cls.zero_copy else cls.label
-        suffix = {"copy": ", written + copied", "bytes": ", bytes API", "unpinned": ", unpinned"}[
-            self.variant
-        ]
+        suffix = {
+            "copy": ", written + copied",
+            "bytes": ", bytes API",
+            "batch": ", zero-copy, batched",
+            "unpinned": ", unpinned",
+        }[self.variant]
         return cls.label + suffix
 
 
@@ -69,6 +72,8 @@ SERIES: tuple[Series, ...] = (
     Series("ivshmem_block+bytes", "channel", "ChannelBlocking", "bytes"),
     Series("ivshmem_spin+copy", "channel", "ChannelSpinning", "copy"),
     Series("ivshmem_block+copy", "channel", "ChannelBlocking", "copy"),
+    Series("ivshmem_spin+batch", "channel", "ChannelSpinning", "batch"),
+    Series("ivshmem_block+batch", "channel", "ChannelBlocking", "batch"),
     Series("pipe", "ospipe", "OsPipe"),
     Series("mp_pipe", "mp_pipe", "MpPipe"),
     Series("mp_queue", "mp_queue", "MpQueue"),
