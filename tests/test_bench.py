@@ -33,6 +33,8 @@ ALWAYS = [
     "ivshmem_block+copy",
     "ivshmem_spin+bytes",
     "ivshmem_block+bytes",
+    "ivshmem_spin+batch",
+    "ivshmem_block+batch",
     "pipe",
     "mp_pipe",
     "mp_queue",
