@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,7 @@ def _leftovers() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def doc() -> dict:
+def doc() -> dict[str, Any]:
     """One suite run over every available series with MESSAGES messages per number."""
     keys = ALWAYS + [k for k, mod in OPTIONAL.items() if _installed(mod)]
     before = _leftovers()
@@ -83,7 +84,7 @@ def doc() -> dict:
     return result
 
 
-def test_every_message_counted_and_checked(doc: dict) -> None:
+def test_every_message_counted_and_checked(doc: dict[str, Any]) -> None:
     failures = [
         (r["series"], r["kind"], r["payload"], r["error"]) for r in doc["runs"] if "error" in r
     ]
@@ -109,7 +110,7 @@ def test_every_message_counted_and_checked(doc: dict) -> None:
     assert seen == expected
 
 
-def test_document_structure(doc: dict) -> None:
+def test_document_structure(doc: dict[str, Any]) -> None:
     # The document is plain JSON and survives a round trip unchanged.
     assert json.loads(json.dumps(doc)) == doc
     assert doc["schema"] == 1
@@ -142,7 +143,7 @@ def test_document_structure(doc: dict) -> None:
         assert len(t["per_rep"]) == 1
 
 
-def test_markdown_and_charts(doc: dict, tmp_path: Path) -> None:
+def test_markdown_and_charts(doc: dict[str, Any], tmp_path: Path) -> None:
     text = render_markdown(doc, {"stream": "bench/stream_msgs.png"})
     for key in doc["series"]:
         assert doc["series"][key]["label"] in text
