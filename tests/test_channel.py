@@ -704,3 +704,23 @@ def test_an_endpoint_that_cannot_receive_still_rings(
             t.join(10)
         assert not hung, "the sender did not ring the sleeping receiver"
         assert got == [b"ding"]
+
+
+def test_batches_wrap_fill_and_arrive_in_order(pair: tuple[Any, Any]) -> None:
+    """send_many writes many records per publish and recv_many consumes many per tail
+    store: through wrap-arounds and a ring that fills (the sender then waits for room),
+    every message arrives once, in order, with its exact bytes."""
+    a, b = pair
+    rx = Receiver(b, "batch", sender=1, capacity=1024)
+    tx = Sender(a, "batch", receiver=2)
+    rng = random.Random(7)
+    sizes = [rng.randrange(0, 300) for _ in range(2000)]
+    sent = [_payload(i, n) for i, n in enumerate(sizes)]
+    t = threading.Thread(target=lambda: tx.send_many(iter(sent), timeout=30))
+    t.start()
+    got: list[bytes] = []
+    while len(got) < len(sent):
+        got.extend(rx.recv_many(37, timeout=30))
+    t.join(30)
+    assert got == sent
+    assert rx.recv_many(0) == [] and rx.try_recv() is None

@@ -53,7 +53,8 @@ _HEADERS = st.one_of(
 _honest_op = st.one_of(
     st.tuples(st.just("send"), st.integers(0, CAPACITY // 2 - 8)),
     st.tuples(st.just("send_array"), st.integers(0, 40)),
-    st.tuples(st.just("recv"), st.sampled_from(["bytes", "view", "array", "release"])),
+    st.tuples(st.just("send_many"), st.lists(st.integers(0, CAPACITY // 4), max_size=12)),
+    st.tuples(st.just("recv"), st.sampled_from(["bytes", "view", "array", "release", "many"])),
 )
 _op = st.one_of(
     _honest_op,
@@ -104,6 +105,11 @@ def _run(h: _Harness, ops: list[tuple[Any, ...]]) -> None:
                 msg = bytes([len(sent) % 251]) * op[1]
                 if h.tx.try_send(msg):
                     sent.append(msg)
+            elif kind == "send_many":  # the batch path: many records, one publish
+                batch = [bytes([(len(sent) + i) % 251]) * n for i, n in enumerate(op[1])]
+                done = h.tx.try_send_many(batch)
+                h.tx.flush()
+                sent.extend(batch[:done])
             elif kind == "send_array":
                 arr = np.arange(op[1], dtype="<i4")
                 header = _encode_array_header(arr.dtype, arr.shape)
@@ -137,6 +143,10 @@ def _run(h: _Harness, ops: list[tuple[Any, ...]]) -> None:
                             if a.size:
                                 assert h.inside(memoryview(a.view(np.uint8).reshape(-1)))
                             del a
+                elif op[1] == "many":  # the batch path: one head read, one tail store
+                    for m in h.rx.take_many(5):
+                        assert len(m) <= CAPACITY // 2
+                        got.append(m)
                 else:
                     h.rx.release()
             else:

@@ -40,7 +40,7 @@ import re
 import select
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..endpoint import Endpoint
@@ -159,6 +159,7 @@ class _End:
         # sender's trace in the channel (_peer_attached).
         self._peer_seen = role == "sending" or bool(self._peer_present())
         self._recheck = False  # a membership ring is waiting for its liveness check
+        self._quick_spin = spin > 0 and not self._closed
         self._doorbell = endpoint.vectors > 0
         # The first doorbell sleep after opening is capped (see RingSender.flush).
         self._first_sleep = True
@@ -306,6 +307,7 @@ class _End:
             for _ in _BURST:
                 if q[word] != seen:
                     return
+            self._idle()  # not a quick turn-around: do what waiting longer needs
             now = time.monotonic()
             spin_end = now + self.spin
             next_live = now + self.liveness_interval
@@ -327,6 +329,7 @@ class _End:
         # 2. Block (doorbell) or poll (plain region). Liveness is first probed one interval
         # in (probing costs system calls, and most waits end long before), or at once after
         # a membership ring whose check a message pre-empted.
+        self._idle()
         next_live = time.monotonic() + (0.0 if self._recheck else self.liveness_interval)
         sleep = _FIRST_POLL_SLEEP
         doorbell = self._doorbell
@@ -374,6 +377,10 @@ class _End:
                 self._wait_seq += 2
                 q[my_wait] = self._wait_seq  # even: not waiting
 
+    def _idle(self) -> None:
+        """Called once a wait outlasts a first quick spin burst, and before blocking: a
+        Receiver gives back the space it kept lazily (see Receiver._wait_data)."""
+
     def _sleep_on_doorbell(self, seconds: float) -> bool:
         """Sleep until our vector (or the membership vector) is rung or ``seconds`` pass;
         True when the membership vector rang. The doorbell's count is left for
@@ -409,6 +416,7 @@ class _End:
     ) -> None:
         """Asyncio twin of :meth:`_block` (no spinning: that would stall the event loop)."""
         q = self._q
+        self._idle()
         next_live = time.monotonic() + self.liveness_interval
         sleep = _FIRST_POLL_SLEEP
         try:
@@ -551,46 +559,73 @@ class Receiver(RingReceiver, _End):
         return bool(self._q[S_FLAGS] & FLAG_CLOSED) and not self._has_data()
 
     def _wait_data(self, deadline: float | None) -> None:
+        # Space consumed but not yet given back stays ours during the first spin burst (a
+        # request/reply partner usually answers within it, and a tail store per message
+        # would bounce our line to the sender and back): _block calls _idle, which gives it
+        # back, before it waits any longer. The sender cannot be starved meanwhile: it is
+        # never kept waiting on a tail we hold beyond that burst.
         if self._closed:
             raise ChannelClosedError(f"channel {self.name!r} is closed")
-        if self._tail != self._released:
-            self._publish_tail()  # lazily kept space goes back before we wait
         self._block(S_HEAD, self._tail, self._has_data, R_WAIT, self._sender_closed, deadline)
+
+    def _idle(self) -> None:
+        if self._tail != self._released and not self._views:
+            self._publish_tail()
 
     # -- blocking API -----------------------------------------------------------------------
 
     def recv(self, timeout: float | None = None) -> bytes:
         """The next message as bytes. Raises ChannelTimeout, PeerGoneError (after the ring
         is drained), ChannelClosedError (the sender closed it and all was received)."""
-        data = self.try_recv()
-        deadline = _deadline(timeout)
-        while data is None:
-            self._wait_data(deadline)
-            data = self.try_recv()
+        data = self._take()
+        if data is None:
+            if self._quick_spin:  # _block's first burst, inlined: the round trip's path
+                q = self._q
+                tail = self._tail
+                for _ in _BURST:
+                    if q[S_HEAD] != tail:
+                        data = self._take()
+                        if data is not None:
+                            return data
+                        break
+            deadline = _deadline(timeout)
+            while data is None:
+                self._wait_data(deadline)
+                data = self._take()
         return data
 
     def recv_view(self, timeout: float | None = None) -> memoryview:
         """The next message as a read-only view into shared memory (no copy), valid until
         :meth:`release`."""
-        view = self.try_recv_view()
-        deadline = _deadline(timeout)
-        while view is None:
-            self._wait_data(deadline)
-            view = self.try_recv_view()
+        view = self._take_view()
+        if view is None:
+            if self._quick_spin:  # as in recv()
+                q = self._q
+                tail = self._tail
+                for _ in _BURST:
+                    if q[S_HEAD] != tail:
+                        view = self._take_view()
+                        if view is not None:
+                            return view
+                        break
+            deadline = _deadline(timeout)
+            while view is None:
+                self._wait_data(deadline)
+                view = self._take_view()
         return view
 
     def recv_many(self, max_messages: int = 1024, timeout: float | None = None) -> list[bytes]:
-        """At least one message (waiting for it), then whatever else is already there, up to
-        ``max_messages``; the space is given back once, at the end (batching)."""
-        out = [self.recv_view(timeout)]
-        while len(out) < max_messages:
-            view = self.try_recv_view()
-            if view is None:
-                break
-            out.append(view)
-        result = [bytes(v) for v in out]
-        self.release()
-        return result
+        """At least one message (waiting up to ``timeout`` for it), then whatever else is
+        already there, up to ``max_messages``, each copied out as bytes: one read of the
+        head and at most one tail store for the whole batch (the fast way to stream small
+        messages; pair it with :meth:`Sender.send_many`)."""
+        out = self.take_many(max_messages)
+        if not out and max_messages > 0:
+            deadline = _deadline(timeout)
+            while not out:
+                self._wait_data(deadline)
+                out = self.take_many(max_messages)
+        return out
 
     def recv_array(self, timeout: float | None = None, *, copy: bool = False) -> Any:
         """The next array message as a numpy array over shared memory (read-only, valid until
@@ -752,10 +787,20 @@ class Sender(RingSender, _End):
             while not self.try_send(data, flush):
                 self._wait_room(deadline)
 
-    def send_many(self, messages: Iterable[bytes], timeout: float | None = None) -> None:
-        """Send every message, publishing once at the end (and when the ring fills)."""
-        for m in messages:
-            self.send(m, timeout, flush=False)
+    def send_many(
+        self, messages: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    ) -> None:
+        """Send every message in order, publishing once at the end (and whenever the ring
+        fills): one index store, at most one fence and one doorbell per batch. ``timeout``
+        bounds the whole call."""
+        batch = messages if isinstance(messages, Sequence) else list(messages)
+        end = len(batch)
+        i = self.try_send_many(batch)
+        if i < end:
+            deadline = _deadline(timeout)
+            while i < end:
+                self._wait_room(deadline)  # publishes what is written first
+                i = self.try_send_many(batch, i)
         self.flush()
 
     async def send_async(self, data: bytes | bytearray | memoryview,
@@ -769,10 +814,11 @@ class Sender(RingSender, _End):
         """A writable view of ``n`` bytes inside the ring (zero copy); fill it, then
         :meth:`commit` (or :meth:`cancel`)."""
         view = self.try_reserve(n)
-        deadline = _deadline(timeout)
-        while view is None:
-            self._wait_room(deadline)
-            view = self.try_reserve(n)
+        if view is None:
+            deadline = _deadline(timeout)
+            while view is None:
+                self._wait_room(deadline)
+                view = self.try_reserve(n)
         return view
 
     def reserve_array(self, shape: int | tuple[int, ...], dtype: Any = "f8",
