@@ -97,7 +97,7 @@ def path(short_tmp: Path) -> str:
 @pytest.fixture
 def doorbells() -> Iterator[dict[int, Sequence[int]]]:
     """Two vectors for each of peers 1 and 2."""
-    table = {
+    table: dict[int, Sequence[int]] = {
         peer: [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)] for peer in (1, 2)
     }
     yield table

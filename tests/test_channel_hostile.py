@@ -89,8 +89,8 @@ class _Harness:
         """True when the view's memory lies within the channel's area."""
         if len(view) == 0:
             return True
-        addr = np.frombuffer(view, np.uint8).__array_interface__["data"][0]
-        return self.lo <= addr and addr + len(view) <= self.hi
+        addr = int(np.frombuffer(view, np.uint8).__array_interface__["data"][0])
+        return bool(self.lo <= addr and addr + len(view) <= self.hi)
 
 
 def _run(h: _Harness, ops: list[tuple[Any, ...]]) -> None:

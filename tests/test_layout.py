@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -243,6 +243,51 @@ def test_arena_allocation_and_limits(ep: ivshmem.RegionEndpoint) -> None:
         layout.allocate_channel(region, 1, 0, "x", 1, 0, 512, init)  # slot 1 belongs to peer 1
     with pytest.raises(UsageError, match="channel name"):
         layout.allocate_channel(region, 0, 0, "n" * 33, 1, 0, 512, init)
+
+
+def test_channels_of_departed_senders_are_reclaimed_in_place(ep: ivshmem.RegionEndpoint) -> None:
+    region = format_region(ep, max_peers=3)
+    writer = MembershipWriter(region)  # a server keeps this table: absence means "left"
+    assert writer.joined(0, 1) == 0
+
+    def init(area: memoryview) -> None:
+        area[:8] = b"fresh!!!"
+
+    def churn(in_use: Callable[[layout.ChannelEntry], bool]) -> list[layout.ChannelEntry]:
+        made = []
+        for sender in range(1, 1 + 3 * layout.MAX_CHANNELS_PER_ARENA):
+            writer.joined(sender, 1)
+            made.append(layout.allocate_channel(region, 0, 0, "c", sender, 0, 512, init, in_use))
+            writer.left(sender)
+        return made
+
+    # Far more channels than one arena lists, each from a sender that then left: the space of
+    # the departed is reused, and every new channel starts from a freshly initialised area.
+    made = churn(lambda entry: False)
+    assert len({e.offset for e in made}) <= layout.MAX_CHANNELS_PER_ARENA < len(made)
+    assert all(bytes(ep.memory[e.offset : e.offset + 8]) == b"fresh!!!" for e in made)
+    live = layout.read_arena(region, 0).entries
+    assert [(e.name, e.sender) for e in live if e.sender == made[-1].sender] == [
+        ("c", made[-1].sender)
+    ]
+    # A channel with an end still open in this process is never reclaimed; nor one whose sender
+    # is still listed.
+    writer.joined(999, 1)
+    kept = layout.allocate_channel(region, 0, 0, "keep", 999, 0, 512, init, lambda e: False)
+    churn(lambda entry: entry.sender == 999 or entry == kept)
+    assert layout.find_channel(region, 0, "keep", 999, 0) == kept
+
+
+def test_a_static_table_never_reclaims(ep: ivshmem.RegionEndpoint) -> None:
+    region = format_region(ep, max_peers=2, peers=[0, 1])  # no server: absence proves nothing
+
+    def init(area: memoryview) -> None:
+        pass
+
+    for i in range(layout.MAX_CHANNELS_PER_ARENA):
+        layout.allocate_channel(region, 0, 0, f"c{i}", 7, 0, 512, init, lambda e: False)
+    with pytest.raises(RegionFullError, match="63 channels"):
+        layout.allocate_channel(region, 0, 0, "one more", 7, 0, 512, init, lambda e: False)
 
 
 # -- hostile bytes ---------------------------------------------------------------------------

@@ -522,8 +522,17 @@ class Receiver(RingReceiver, _End):
         label = _label(name, sender, me)
         listed = _own_slot(region, endpoint, _deadline(timeout))
         slot = listed.slot
+        fmt = region.format_id
+
+        def in_use(e: ChannelEntry) -> bool:  # an end open here keeps its channel's space
+            return (fmt, e.offset, "receiving") in _open_ends or (
+                fmt,
+                e.offset,
+                "sending",
+            ) in _open_ends
+
         entry = allocate_channel(
-            region, slot, me, name, sender, me, CTRL_SIZE + capacity, init_area
+            region, slot, me, name, sender, me, CTRL_SIZE + capacity, init_area, in_use
         )
         key = (region.format_id, entry.offset, "receiving")
         _claim(key, label)

@@ -47,7 +47,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,17 +102,21 @@ _SLOT_SIZE = 16
 WRITER_NONE, WRITER_STATIC, WRITER_SERVER = 0, 1, 2
 _WRITER_NAMES = {WRITER_NONE: "none", WRITER_STATIC: "static", WRITER_SERVER: "server"}
 
-# Arena header (first page of every arena): owner, epoch, entry count, bytes used; then the
-# channel directory from byte 64: 63 entries of 64 bytes. Channel areas start at PAGE.
-_A_OWNER, _A_EPOCH, _A_COUNT, _A_USED = 0, 1, 2, 3
+# Arena header (first page of every arena): owner, epoch, entry count, bytes used, directory
+# seqlock; then the channel directory from byte 64: 63 entries of 64 bytes. Channel areas
+# start at PAGE.
+_A_OWNER, _A_EPOCH, _A_COUNT, _A_USED, _A_SEQ = 0, 1, 2, 3, 4
 _A_ENTRIES = 64
 _ARENA_ENTRY = struct.Struct("<32sIIQQQ")  # name, sender, receiver, offset, size, state
 _ARENA_ENTRY_SIZE = 64
+_ENTRY_STATE = 56  # byte offset of the state word inside an entry
 MAX_CHANNELS_PER_ARENA = (PAGE - _A_ENTRIES) // _ARENA_ENTRY_SIZE  # 63
 CHANNEL_NAME_MAX = 32
 #: Smallest channel area (ring.CTRL_SIZE + ring.MIN_CAPACITY).
 MIN_AREA = 512
 _STATE_LIVE = 1
+#: An entry whose channel was reclaimed: readers skip it, its owner may reuse it in place.
+_STATE_FREE = 2
 
 
 def _round_up(n: int, unit: int) -> int:
@@ -649,14 +653,47 @@ class _ArenaState:
     owner: int
     epoch: int
     used: int
+    #: Directory slots in use (live and free entries).
+    count: int
     entries: tuple[ChannelEntry, ...]
+    #: Reclaimed entries: (directory index, arena offset, size).
+    free: tuple[tuple[int, int, int], ...]
+
+
+def _copy_arena_page(region: Region, slot: int, patience: float = 0.5) -> bytes:
+    """A consistent copy of arena ``slot``'s header page.
+
+    Entries are appended by publishing the count (TSO orders the entry before it), but an
+    entry is *reused* in place, which a plain copy could see half done. So the owner makes the
+    directory seqlock word odd before rewriting an entry and even after, and a reader copies
+    the page between two equal even reads of it (the argument of :class:`Membership`).
+    Bounded: a word kept odd (a stuck or hostile writer) gives RegionCorrupted, not a hang.
+    """
+    base = region.arena_offset(slot)
+    mem = region.memory
+    words = mem[base : base + 64].cast("Q")
+    deadline = time.monotonic() + patience
+    tries = 0
+    while True:
+        s1 = words[_A_SEQ]
+        if not s1 & 1:
+            page = bytes(mem[base : base + PAGE])
+            if words[_A_SEQ] == s1:
+                return page
+        tries += 1
+        if tries > 64:
+            if time.monotonic() > deadline:
+                raise RegionCorrupted(
+                    f"arena {slot}", "seq", f"directory never stable for {patience}s"
+                )
+            time.sleep(0.0001)
 
 
 def read_arena(region: Region, slot: int) -> _ArenaState:
     """Copy arena ``slot``'s header page once and validate it (any peer may read)."""
     base = region.arena_offset(slot)
     limit = region.arena_size
-    page = bytes(region.memory[base : base + PAGE])
+    page = _copy_arena_page(region, slot)
     owner, epoch, count, used = struct.unpack_from("<QQQQ", page, 0)
     where = f"arena {slot}"
     if count > MAX_CHANNELS_PER_ARENA:
@@ -664,18 +701,22 @@ def read_arena(region: Region, slot: int) -> _ArenaState:
     if used % PAGE or used > limit - PAGE:
         raise RegionCorrupted(where, "used", f"{used} is misaligned or beyond the arena")
     entries = []
+    free: list[tuple[int, int, int]] = []
     for i in range(count):
         raw, sender, receiver, off, length, state = _ARENA_ENTRY.unpack_from(
             page, _A_ENTRIES + i * _ARENA_ENTRY_SIZE
         )
         field = f"entry[{i}]"
+        if state == _STATE_FREE:
+            free.append((i, off, length))
+            continue
         name = _decode_name(raw, where, field)
         if state != _STATE_LIVE or sender > MAX_PEER_ID or receiver > MAX_PEER_ID:
             raise RegionCorrupted(where, field, "bad state or peer id")
         if off % PAGE or off < PAGE or length < MIN_AREA or off + length > PAGE + used:
             raise RegionCorrupted(where, field, f"extent {off}+{length} outside the used space")
         entries.append(ChannelEntry(name, sender, receiver, base + off, length, i))
-    return _ArenaState(owner, epoch, used, tuple(entries))
+    return _ArenaState(owner, epoch, used, count, tuple(entries), tuple(free))
 
 
 def find_channel(
@@ -706,17 +747,27 @@ _alloc_lock = threading.Lock()  # one allocator per process per arena: serialise
 
 def allocate_channel(
     region: Region, slot: int, owner: int, name: str, sender: int, receiver: int, size: int,
-    init: Any,
+    init: Any, in_use: Callable[[ChannelEntry], bool] = lambda entry: True,
 ) -> ChannelEntry:  # fmt: skip
     """Create (or find) channel ``name`` from ``sender`` in arena ``slot``, owned by ``owner``.
 
     Only the arena's owner calls this. ``init(area)`` initialises the channel's memory before
     the entry is published; publication is the store of the new entry count, ordered after
     the entry and the area by TSO.
+
+    **Reclaiming.** Peers come and go (QEMU gives a restarted VM a new id), so a long-lived
+    receiver's arena would fill with channels from the departed. When the directory or the
+    space runs out, an entry is reclaimed if a server keeps the membership table, its sender
+    is not listed there (it left; a static table never says so), and ``in_use(entry)`` is
+    false (no end of it is open in this process). A reclaimed entry is marked free and reused
+    in place, under the directory seqlock, for a channel that fits its area. A departed sender
+    writes nothing; a disconnected process that still maps the region and writes anyway meets
+    a receiver that validates everything it reads (a ``ChannelCorrupted``, nothing worse).
     """
     raw = _encode_name(name, CHANNEL_NAME_MAX, "channel")
     if size < MIN_AREA:
         raise UsageError(f"a channel area needs at least {MIN_AREA} bytes, not {size}")
+    rounded = _round_up(size, PAGE)
     with _alloc_lock:
         state = read_arena(region, slot)
         if state.owner != owner:
@@ -726,25 +777,66 @@ def allocate_channel(
         for entry in state.entries:
             if (entry.name, entry.sender, entry.receiver) == (name, sender, receiver):
                 return entry
-        count = len(state.entries)
+        base = region.arena_offset(slot)
+        mem = region.memory
+        words = mem[base : base + 64].cast("Q")
+        fits = [(i, off, n) for i, off, n in state.free if _round_up(n, PAGE) >= rounded]
+        off = PAGE + state.used
+        if not fits and (
+            state.count >= MAX_CHANNELS_PER_ARENA or off + rounded > region.arena_size
+        ):
+            fits = _reclaim(region, slot, state, rounded, in_use)
+        if fits:
+            index, off, _ = min(fits, key=lambda f: f[2])  # the smallest area that fits
+            entry_off = base + _A_ENTRIES + index * _ARENA_ENTRY_SIZE
+            words[_A_SEQ] = state_seq = words[_A_SEQ] | 1  # odd: readers retry
+            try:
+                init(mem[base + off : base + off + size])
+                _ARENA_ENTRY.pack_into(
+                    mem, entry_off, raw, sender, receiver, off, size, _STATE_LIVE
+                )
+            finally:
+                words[_A_SEQ] = state_seq + 1  # even again: the entry is published
+            return ChannelEntry(name, sender, receiver, base + off, size, index)
+        count = state.count
         if count >= MAX_CHANNELS_PER_ARENA:
             raise RegionFullError(
                 f"peer {owner} already receives on {count} channels, the most one arena lists"
             )
-        rounded = _round_up(size, PAGE)
-        off = PAGE + state.used
         if off + rounded > region.arena_size:
             raise RegionFullError(
                 f"channel {name!r} needs {rounded} bytes but peer {owner}'s arena has "
                 f"{region.arena_size - off} left: use a smaller capacity, or format the region "
                 "bigger or with fewer max_peers"
             )
-        base = region.arena_offset(slot)
-        mem = region.memory
         init(mem[base + off : base + off + size])
         entry_off = base + _A_ENTRIES + count * _ARENA_ENTRY_SIZE
         _ARENA_ENTRY.pack_into(mem, entry_off, raw, sender, receiver, off, size, _STATE_LIVE)
-        words = mem[base : base + 32].cast("Q")
         words[_A_USED] = state.used + rounded
         words[_A_COUNT] = count + 1  # the publishing store
         return ChannelEntry(name, sender, receiver, base + off, size, count)
+
+
+def _reclaim(
+    region: Region,
+    slot: int,
+    state: _ArenaState,
+    rounded: int,
+    in_use: Callable[[ChannelEntry], bool],
+) -> list[tuple[int, int, int]]:
+    """Mark the entries of departed senders free; return the free entries that fit."""
+    snapshot = region.membership.snapshot()
+    if not snapshot.live:
+        return []
+    base = region.arena_offset(slot)
+    fits: list[tuple[int, int, int]] = []
+    for entry in state.entries:
+        if entry.sender in snapshot.peers or in_use(entry):
+            continue
+        state_word = base + _A_ENTRIES + entry.index * _ARENA_ENTRY_SIZE + _ENTRY_STATE
+        # One aligned 8-byte store: a reader's copy has the entry either whole and live, or
+        # free (skipped); nothing in between.
+        region.memory[state_word : state_word + 8].cast("Q")[0] = _STATE_FREE
+        if _round_up(entry.size, PAGE) >= rounded:
+            fits.append((entry.index, entry.offset - base, entry.size))
+    return fits
