@@ -100,7 +100,7 @@ def _targets() -> tuple[Target, ...]:
     out: list[Target] = []
     modes = (("spinning", "ivshmem_spin"), ("blocking", "ivshmem_block"))
     apis = (("zero-copy API", ""), ("bytes API", "+bytes"))
-    stream_apis = (*apis, ("zero-copy API, batches of 32", "+batch"))
+    stream_apis = (*apis, ("bytes API, send_many/recv_many", "+batch"))
     for mode, key in modes:
         for api, suffix in stream_apis:
             num = (key + suffix, "stream", 64, "msgs_per_s")

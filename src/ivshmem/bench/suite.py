@@ -58,7 +58,7 @@ class Series:
         suffix = {
             "copy": ", written + copied",
             "bytes": ", bytes API",
-            "batch": ", zero-copy, batched",
+            "batch": ", bytes API, batched",
             "unpinned": ", unpinned",
         }[self.variant]
         return cls.label + suffix
