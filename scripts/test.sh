@@ -5,6 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
-.venv/bin/ruff check src tests benchmarks examples 2>/dev/null || .venv/bin/ruff check src tests
-.venv/bin/mypy
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check --quiet src tests benchmarks
+.venv/bin/mypy     # strict, over src, tests and benchmarks (pyproject.toml)
 exec .venv/bin/python -m pytest "$@"
