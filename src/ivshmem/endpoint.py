@@ -252,20 +252,28 @@ class EventfdEndpoint(Endpoint):
             if found is not None:
                 return found
             _, wanted, extras = self._poll_set(vector)
-            fut: asyncio.Future[None] = loop.create_future()
-            watched: list[int] = []
+            if not await self._await_readable(loop, (*wanted, *extras), deadline):
+                return None
+
+    async def _await_readable(
+        self, loop: asyncio.AbstractEventLoop, fds: Sequence[int], deadline: float | None
+    ) -> bool:
+        """Wait until one of ``fds`` is readable (True) or ``deadline`` passes (False)."""
+        fut: asyncio.Future[None] = loop.create_future()
+        watched: list[int] = []
+        try:
+            for fd in fds:
+                self._watch(loop, fd, fut)
+                watched.append(fd)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                for fd in (*wanted, *extras):
-                    self._watch(loop, fd, fut)
-                    watched.append(fd)
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    await asyncio.wait_for(fut, remaining)
-                except asyncio.TimeoutError:
-                    return None
-            finally:
-                for fd in watched:
-                    self._unwatch(fd, fut)
+                await asyncio.wait_for(fut, remaining)
+            except asyncio.TimeoutError:
+                return False
+            return True
+        finally:
+            for fd in watched:
+                self._unwatch(fd, fut)
 
     # One add_reader per fd, shared by every coroutine waiting on it: two add_reader calls on
     # one fd replace each other, and the first waiter to finish would remove the other's.

@@ -1022,20 +1022,8 @@ class Peer(EventfdEndpoint):
             if self._conn is None:
                 continue
             _, wanted, sock_fd = self._poller(vector)
-            fut: asyncio.Future[None] = loop.create_future()
-            watched: list[int] = []
-            try:
-                for fd in (*wanted, sock_fd):
-                    self._watch(loop, fd, fut)
-                    watched.append(fd)
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    await asyncio.wait_for(fut, remaining)
-                except asyncio.TimeoutError:
-                    return None
-            finally:
-                for fd in watched:
-                    self._unwatch(fd, fut)
+            if not await self._await_readable(loop, (*wanted, sock_fd), deadline):
+                return None
             # Loop: the non-blocking wait at the top consumes the count (or serves the socket).
 
     def _drop_async_watches(self) -> None:
