@@ -34,9 +34,7 @@ import json
 import multiprocessing
 import os
 import select
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ivshmem.endpoint import DEFAULT_SPIN, EventfdEndpoint
+from ivshmem.launch import start_server, stop_server
 from ivshmem.peer import Peer, connect
 
 _FORK = multiprocessing.get_context("fork")
@@ -167,35 +166,15 @@ class PeerPair:
 
 
 class Server:
-    """``ivshmem-server`` in the foreground with a memfd; ready when it says READY=1."""
+    """``ivshmem-server`` in the foreground with a memfd (see :mod:`ivshmem.launch`)."""
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, "ivshmem.sock")
-        notify_path = os.path.join(directory, "notify")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        notify.settimeout(20)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
-        args = ["-F", "-S", self.path, "--memfd", "-l", "64K", "-n", "1"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ivshmem.cli.server", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            while b"READY=1" not in notify.recv(4096):
-                pass
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            notify.close()
+        args = ["--memfd", "-l", "64K", "-n", "1"]
+        self.proc = start_server(self.path, args, os.path.join(directory, "server.log"))
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(20)
+        stop_server(self.proc, 20)
 
 
 # -- main -------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import os
 import shutil
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from contextlib import contextmanager
 
 from .endpoint import Endpoint
 from .errors import IvshmemError
+from .launch import start_server, stop_server
 from .peer import connect
 
 SLOTS = 4096
@@ -66,34 +66,17 @@ def say(text: str) -> None:
 
 @contextmanager
 def running_server(directory: str, size: str = "4M", vectors: int = VECTORS) -> Iterator[str]:
-    """Run ``ivshmem-server`` in the foreground as a child; yield its socket path."""
+    """Run ``ivshmem-server`` in the foreground as a child; yield its socket path. Its log is
+    shown if anything fails."""
     sock = os.path.join(directory, "ivshmem.sock")
-    cmd = [sys.executable, "-m", "ivshmem.cli.server", "-F", "-S", sock, "-l", size]
-    cmd += ["-n", str(vectors), "--memfd"]
     log_path = os.path.join(directory, "server.log")
-    log = open(log_path, "w")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    proc = start_server(sock, ["-l", size, "-n", str(vectors), "--memfd"], log_path)
     failed = True
     try:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(sock):
-            if proc.poll() is not None:
-                raise IvshmemError(f"ivshmem-server exited with status {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise IvshmemError("ivshmem-server did not create its socket in 15 s")
-            time.sleep(0.02)
         yield sock
         failed = False
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
-        if failed or proc.returncode != 0:
+        if stop_server(proc) != 0 or failed:
             with open(log_path) as f:
                 print(f"--- ivshmem-server's log ---\n{f.read()}---", file=sys.stderr)
 

@@ -525,11 +525,7 @@ class Receiver(RingReceiver, _End):
         fmt = region.format_id
 
         def in_use(e: ChannelEntry) -> bool:  # an end open here keeps its channel's space
-            return (fmt, e.offset, "receiving") in _open_ends or (
-                fmt,
-                e.offset,
-                "sending",
-            ) in _open_ends
+            return any((fmt, e.offset, role) in _open_ends for role in ("receiving", "sending"))
 
         entry = allocate_channel(
             region, slot, me, name, sender, me, CTRL_SIZE + capacity, init_area, in_use

@@ -23,12 +23,12 @@ from __future__ import annotations
 import collections
 import itertools
 import os
-import socket
 import subprocess
-import sys
 import time
 from typing import Any
 
+from ...errors import IvshmemError
+from ...launch import start_server, stop_server
 from ..harness import STOP, BenchError, Link, Stamp, Transport
 
 __all__ = ["ChannelBlocking", "ChannelSpinning"]
@@ -249,45 +249,14 @@ class ChannelBlocking(Transport):
     def cleanup(self) -> None:
         server, self._server = self._server, None
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_server(server)
 
 
 def _start_server(sock: str, size: int, log_path: str, max_peers: int) -> subprocess.Popen[bytes]:
-    """``ivshmem-server`` in the foreground with a memfd region it formats for channels and
-    whose membership table it keeps; ready when it says READY=1 over sd_notify (a probe
-    connection would make it admit a phantom peer and shift the ids)."""
-    notify_path = sock + ".notify"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notify.settimeout(0.1)
-    env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "ivshmem.cli.server", "-F", "-S", sock, "--memfd"]
-    cmd += ["-l", str(size), "-n", "1", "--status-socket", ""]
-    cmd += ["--format", "--max-peers", str(max_peers)]
+    """``ivshmem-server`` with a memfd region it formats for channels and whose membership
+    table it keeps."""
+    args = ["--memfd", "-l", str(size), "-n", "1", "--status-socket", ""]
     try:
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if b"READY=1" in notify.recv(4096):
-                    return proc
-            except TimeoutError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-                with open(log_path, errors="replace") as f:
-                    text = f.read()
-                raise BenchError(
-                    f"ivshmem-server did not start (status {proc.returncode}):\n{text}"
-                )
-    finally:
-        notify.close()
-        os.unlink(notify_path)
+        return start_server(sock, [*args, "--format", "--max-peers", str(max_peers)], log_path)
+    except IvshmemError as err:
+        raise BenchError(str(err)) from err
