@@ -238,6 +238,9 @@ def test_join_sends_handshake_in_qemu_order() -> None:
     ]
     assert [s for s in sends if s.recipient == 0] == [Send(0, 2, "c0"), Send(0, 2, "c1")]
     assert [s for s in sends if s.recipient == 1] == [Send(1, 2, "c0"), Send(1, 2, "c1")]
+    # Announcements first: the server flushes in this order, so the newcomer cannot ring a
+    # peer whose socket does not yet say that the newcomer exists.
+    assert [s.recipient for s in sends[:4]] == [0, 0, 1, 1]
 
 
 def test_leave_returns_fds_and_bare_announcements() -> None:

@@ -211,7 +211,15 @@ class PeerTable(Generic[FdT]):
             raise UsageError(f"peer id {peer} is already in use")
         if not 0 <= len(vector_fds) <= MAX_VECTORS:
             raise UsageError(f"{len(vector_fds)} vectors: at most {MAX_VECTORS} are supported")
+        # The announcements to the peers already here come first. Sends to different
+        # recipients are independent on the wire, but the server flushes in this order, so by
+        # the time the newcomer holds its handshake (and can ring anyone), every other peer's
+        # socket already holds the news of its arrival: a peer rung by a newcomer finds it in
+        # its peer set on its next read, unless that peer's own socket was full.
         sends: list[Send[FdT]] = [
+            Send(other, peer, fd) for other in self._peers for fd in vector_fds
+        ]
+        sends += [
             Send(peer, PROTOCOL_VERSION),
             Send(peer, peer),
             Send(peer, SHM_MARKER, self._shm),
@@ -219,8 +227,6 @@ class PeerTable(Generic[FdT]):
         for other, fds in self._peers.items():
             sends.extend(Send(peer, other, fd) for fd in fds)
         sends.extend(Send(peer, peer, fd) for fd in vector_fds)
-        for other in self._peers:
-            sends.extend(Send(other, peer, fd) for fd in vector_fds)
         self._peers[peer] = tuple(vector_fds)
         self._next_id = (peer + 1) & MAX_PEER_ID
         return sends
