@@ -411,6 +411,20 @@ def test_resource_file_missing(fake: FakeSysfs) -> None:
         open_pci(sysfs_root=root(fake))
 
 
+def test_mapping_failure_names_the_error_without_errno_noise(fake: FakeSysfs) -> None:
+    # A FIFO opens read-write like a resource file, but mmap refuses it (ENODEV): the
+    # catch-all mapping error.
+    dev = fake.add_device("0000:00:04.0")
+    dev.file("resource0").unlink()
+    os.mkfifo(dev.file("resource0"))
+    before = open_fds()
+    with pytest.raises(BarError) as caught:
+        open_pci(sysfs_root=root(fake))
+    assert str(caught.value).endswith("/resource0 failed: No such device")
+    assert isinstance(caught.value.__cause__, OSError)
+    assert open_fds() == before
+
+
 def test_permission_denied(short_tmp: Path) -> None:
     short_tmp.chmod(0o755)  # reachable by the unprivileged child below
     fake = FakeSysfs(short_tmp / "sys")
@@ -469,12 +483,39 @@ def test_interrupts_without_iommu_group(fake: FakeSysfs) -> None:
         open_pci(interrupts=True, bind_vfio=True, sysfs_root=root(fake))
 
 
+def hinted_commands(message: str) -> str:
+    marker = "bind it yourself as root: "
+    assert marker in message, message
+    return message.split(marker, 1)[1]
+
+
 def test_interrupts_need_vfio_pci_binding(fake: FakeSysfs) -> None:
     fake.add_driver("vfio-pci")
-    fake.add_device("0000:00:04.0", iommu_group=3, driver="uio_pci_generic")
+    dev = fake.add_device("0000:00:04.0", iommu_group=3, driver="uio_pci_generic")
     with pytest.raises(DriverBoundError, match=r"bound to uio_pci_generic.*bind_vfio=True") as e:
         open_pci(interrupts=True, sysfs_root=root(fake))
     assert e.value.driver == "uio_pci_generic"
+    # The hint is a runnable recipe under the sysfs root in use (here the fake one): override,
+    # unbind (drivers_probe ignores a device that has a driver), probe.
+    commands = hinted_commands(str(e.value))
+    assert "/sys/" not in commands.replace(root(fake), "ROOT")
+    subprocess.run(["sh", "-ec", commands], check=True)
+    assert dev.file("driver_override").read_text() == "vfio-pci\n"
+    unbind = fake.root / "bus/pci/drivers/uio_pci_generic/unbind"
+    assert unbind.read_text() == dev.address + "\n"
+    assert (fake.root / "bus/pci/drivers_probe").read_text() == dev.address + "\n"
+
+
+def test_binding_hint_for_a_driverless_device_has_no_unbind(fake: FakeSysfs) -> None:
+    fake.add_driver("vfio-pci")
+    dev = fake.add_device("0000:00:04.0", iommu_group=3)
+    with pytest.raises(DriverBoundError, match=r"bound to no driver") as e:
+        open_pci(interrupts=True, sysfs_root=root(fake))
+    commands = hinted_commands(str(e.value))
+    assert "unbind" not in commands
+    subprocess.run(["sh", "-ec", commands], check=True)
+    assert dev.file("driver_override").read_text() == "vfio-pci\n"
+    assert (fake.root / "bus/pci/drivers_probe").read_text() == dev.address + "\n"
 
 
 def test_auto_without_binding_uses_sysfs(fake: FakeSysfs) -> None:
@@ -484,26 +525,57 @@ def test_auto_without_binding_uses_sysfs(fake: FakeSysfs) -> None:
         assert not ep.interrupts
 
 
-def test_bind_writes_the_sysfs_sequence(fake: FakeSysfs) -> None:
+def test_failed_bind_gives_the_device_back_to_its_driver(fake: FakeSysfs) -> None:
     vfio = fake.add_driver("vfio-pci")
     dev = fake.add_device("0000:00:04.0", iommu_group=3, driver="uio_pci_generic")
-    with pytest.raises(DriverBoundError, match=r"did not take .now bound to uio_pci_generic"):
-        # The fake kernel never rebinds, so the check afterwards fails: what matters here
-        # is what was written where.
+    uio = fake.root / "bus/pci/drivers/uio_pci_generic"
+    with pytest.raises(DriverBoundError, match=r"did not take") as e:
+        # The fake kernel never rebinds, so the check after probing fails: what matters here
+        # is what was written where, and that the failure was undone.
         open_pci(interrupts=True, bind_vfio=True, sysfs_root=root(fake))
-    assert dev.file("driver_override").read_text() == "vfio-pci"
-    assert (fake.root / "bus/pci/drivers/uio_pci_generic/unbind").read_text() == dev.address
+    assert (uio / "unbind").read_text() == dev.address
     assert (fake.root / "bus/pci/drivers_probe").read_text() == dev.address
     assert (vfio / "new_id").read_text() == ""  # new_id would grab every ivshmem device
+    # Undone: the override cleared again, the device offered back to the driver it had.
+    assert dev.file("driver_override").read_text() == "\n"
+    assert (uio / "bind").read_text() == dev.address
+    assert (vfio / "bind").read_text() == ""
+    assert "driver_override was restored and the device is bound to uio_pci_generic" in str(e.value)
+    assert e.value.driver == "uio_pci_generic"
+
+
+def test_failed_bind_restores_an_earlier_driver_override(fake: FakeSysfs) -> None:
+    fake.add_driver("vfio-pci")
+    dev = fake.add_device("0000:00:04.0", iommu_group=3, driver="uio_pci_generic")
+    dev.file("driver_override").write_text("uio_pci_generic\n")
+    with pytest.raises(DriverBoundError, match=r"did not take"):
+        bind_vfio_pci(find_devices(root(fake))[0])
+    assert dev.file("driver_override").read_text() == "uio_pci_generic"
+
+
+def test_failed_unbind_restores_the_override_and_probes_nothing(fake: FakeSysfs) -> None:
+    fake.add_driver("vfio-pci")
+    dev = fake.add_device("0000:00:04.0", iommu_group=3, driver="uio_pci_generic")
+    uio = fake.root / "bus/pci/drivers/uio_pci_generic"
+    (uio / "unbind").unlink()
+    (uio / "unbind").mkdir()  # writing it fails (EISDIR), as an unbind the kernel refuses
+    with pytest.raises(DriverBoundError, match=r"could not unbind it from uio_pci_generic") as e:
+        bind_vfio_pci(find_devices(root(fake))[0])
+    assert "driver_override was restored" in str(e.value)
+    assert dev.file("driver_override").read_text() == "\n"
+    assert (fake.root / "bus/pci/drivers_probe").read_text() == ""
+    assert (uio / "bind").read_text() == ""  # it was never unbound: nothing to give back
 
 
 def test_bind_in_noiommu_mode(fake: FakeSysfs) -> None:
     fake.add_driver("vfio-pci")
     fake.set_noiommu(True)
     dev = fake.add_device("0000:00:04.0")
-    with pytest.raises(DriverBoundError, match=r"did not take .now bound to no driver"):
+    with pytest.raises(DriverBoundError, match=r"did not take .now bound to no driver") as e:
         bind_vfio_pci(find_devices(root(fake))[0])
-    assert dev.file("driver_override").read_text() == "vfio-pci"
+    assert (fake.root / "bus/pci/drivers_probe").read_text() == dev.address
+    assert dev.file("driver_override").read_text() == "\n"  # undone
+    assert str(e.value).endswith("driver_override was restored")
 
 
 def test_bind_when_already_bound_writes_nothing(fake: FakeSysfs) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shlex
 
 from ._errors import (
     DevicePermissionError,
@@ -19,7 +20,14 @@ from ._errors import (
 )
 from ._sysfs import IvshmemDevice, read_device
 
-__all__ = ["VFIO_PCI", "bind_vfio_pci", "noiommu_enabled", "unbind_vfio_pci"]
+__all__ = [
+    "VFIO_PCI",
+    "bind_commands",
+    "bind_vfio_pci",
+    "noiommu_enabled",
+    "unbind_command",
+    "unbind_vfio_pci",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +97,75 @@ def check_vfio_ready(device: IvshmemDevice) -> None:
         raise NoIommuGroupError(f"{device.describe()} is in no IOMMU group: " + _IOMMU_HINT)
 
 
+def _probe_path(device: IvshmemDevice) -> str:
+    return os.path.join(device.sysfs_root, "bus", "pci", "drivers_probe")
+
+
+def unbind_command(device: IvshmemDevice) -> str:
+    """The shell command (for root) that detaches ``device`` from its current driver."""
+    return f"echo {device.address} > {shlex.quote(device.file(os.path.join('driver', 'unbind')))}"
+
+
+def bind_commands(device: IvshmemDevice) -> str:
+    """The shell commands (for root) that do what :func:`bind_vfio_pci` does.
+
+    drivers_probe only offers a device that has no driver to the drivers, so a bound device
+    must be unbound first; driver_override then makes vfio-pci the only driver that takes it.
+    """
+    steps = [f"echo {VFIO_PCI} > {shlex.quote(device.file('driver_override'))}"]
+    if device.driver is not None:
+        steps.append(unbind_command(device))
+    steps.append(f"echo {device.address} > {shlex.quote(_probe_path(device))}")
+    return "; ".join(steps)
+
+
+def _read_override(device: IvshmemDevice) -> str | None:
+    """The device's driver_override, None when unset (the kernel shows that as ``(null)``)."""
+    try:
+        with open(device.file("driver_override")) as f:
+            value = f.read().strip()
+    except OSError:
+        return None
+    return None if value in ("", "(null)") else value
+
+
 def bind_vfio_pci(device: IvshmemDevice) -> IvshmemDevice:
     """Bind ``device`` to vfio-pci (unbinding its current driver) and return a fresh snapshot.
 
-    Needs root. Does nothing when it is already bound to vfio-pci.
+    Needs root. Does nothing when it is already bound to vfio-pci. When binding fails after
+    the device was changed, the previous driver_override is restored and the previous driver
+    is bound again, so a failed attempt does not leave the device without its driver.
     """
     if device.driver == VFIO_PCI:
         return device
     check_vfio_ready(device)
     log.info("binding %s to %s (was %s)", device.describe(), VFIO_PCI, device.driver or "unbound")
+    previous_override = _read_override(device)
     _write(device, device.file("driver_override"), VFIO_PCI, f"set driver_override to {VFIO_PCI}")
-    if device.driver is not None:
-        _write(
-            device,
-            device.file(os.path.join("driver", "unbind")),
-            device.address,
-            f"unbind it from {device.driver}",
-        )
-    probe = os.path.join(device.sysfs_root, "bus", "pci", "drivers_probe")
+    unbound = False
+    try:
+        if device.driver is not None:
+            _write(
+                device,
+                device.file(os.path.join("driver", "unbind")),
+                device.address,
+                f"unbind it from {device.driver}",
+            )
+            unbound = True
+        fresh = _probe_vfio(device)
+    except BaseException as err:
+        outcome, driver = _undo_bind(device, previous_override, unbound)
+        if isinstance(err, DriverBoundError):
+            err.driver = driver
+        if isinstance(err, (DriverBoundError, DevicePermissionError)) and len(err.args) == 1:
+            err.args = (f"{err.args[0]}; {outcome}",)
+        raise
+    return fresh
+
+
+def _probe_vfio(device: IvshmemDevice) -> IvshmemDevice:
+    """Ask the kernel to probe the (driver-less, overridden) device; the fresh snapshot."""
+    probe = _probe_path(device)
     try:
         with open(probe, "w") as f:
             f.write(device.address)
@@ -133,6 +192,45 @@ def bind_vfio_pci(device: IvshmemDevice) -> IvshmemDevice:
     return fresh
 
 
+def _undo_bind(
+    device: IvshmemDevice, previous_override: str | None, unbound: bool
+) -> tuple[str, str | None]:
+    """Put back what a failed :func:`bind_vfio_pci` changed: driver_override, and the driver
+    it unbound. Returns a sentence for the error message and the driver bound afterwards.
+    Never raises: the caller is already reporting the failure that matters."""
+    problems: list[str] = []
+    try:
+        with open(device.file("driver_override"), "w") as f:
+            # A lone newline clears the override (the kernel strips it and stores nothing).
+            f.write(previous_override or "\n")
+    except OSError as err:
+        problems.append(f"restoring driver_override failed ({err.strerror or err})")
+    if unbound and device.driver is not None:
+        # The driver's own bind file, not drivers_probe: that would offer the device to every
+        # driver, and the one it had is the one to give it back to.
+        bind = os.path.join(device.sysfs_root, "bus", "pci", "drivers", device.driver, "bind")
+        try:
+            with open(bind, "w") as f:
+                f.write(device.address)
+        except OSError as err:
+            problems.append(f"binding it to {device.driver} again failed ({err.strerror or err})")
+    fresh = read_device(device.path, device.sysfs_root)
+    driver = fresh.driver if fresh is not None else None
+    log.info("%s: binding undone, now bound to %s", device.describe(), driver or "no driver")
+    if problems:
+        return (
+            f"undoing the attempt was incomplete: {'; '.join(problems)}; it is bound to "
+            f"{driver or 'no driver'} now",
+            driver,
+        )
+    if device.driver is None:
+        return "driver_override was restored", driver
+    return (
+        f"driver_override was restored and the device is bound to {driver or 'no driver'}",
+        driver,
+    )
+
+
 def unbind_vfio_pci(device: IvshmemDevice) -> IvshmemDevice:
     """Undo :func:`bind_vfio_pci`: clear driver_override, unbind from vfio-pci and let the
     kernel probe its usual driver (usually none for ivshmem). Returns a fresh snapshot."""
@@ -144,9 +242,8 @@ def unbind_vfio_pci(device: IvshmemDevice) -> IvshmemDevice:
             device.address,
             f"unbind it from {VFIO_PCI}",
         )
-        probe = os.path.join(device.sysfs_root, "bus", "pci", "drivers_probe")
         try:
-            with open(probe, "w") as f:
+            with open(_probe_path(device), "w") as f:
                 f.write(device.address)
         except OSError:
             pass  # no driver wants it: that is the usual state of an ivshmem device

@@ -28,7 +28,7 @@ from ..errors import (
     UsageError,
 )
 from ..memory import format_size
-from ._bind import VFIO_PCI, bind_vfio_pci, check_vfio_ready
+from ._bind import VFIO_PCI, bind_commands, bind_vfio_pci, check_vfio_ready, unbind_command
 from ._errors import (
     BarError,
     DevicePermissionError,
@@ -305,9 +305,8 @@ def _prepare_vfio(dev: IvshmemDevice, bind_vfio: bool) -> IvshmemDevice:
     check_vfio_ready(dev)  # a missing module or IOMMU is the more useful news
     raise DriverBoundError(
         f"{dev.describe()} is bound to {dev.driver or 'no driver'}, not {VFIO_PCI}, so its "
-        "interrupts cannot be received: open it with bind_vfio=True (as root), or bind it: "
-        f"echo {VFIO_PCI} > {dev.file('driver_override')}; "
-        f"echo {dev.address} > /sys/bus/pci/drivers_probe",
+        "interrupts cannot be received: open it with bind_vfio=True (as root), or bind it "
+        f"yourself as root: {bind_commands(dev)}",
         dev.driver,
     )
 
@@ -398,22 +397,12 @@ def _open_resource(dev: IvshmemDevice, index: int, wc: bool, size: int) -> BarMa
                     "BARs: use that endpoint, or close it first"
                 )
             else:
-                hint = f"driver {dev.driver} claims it: unbind that driver first"
+                hint = (
+                    f"driver {dev.driver} claims it: unbind that driver first (as root: "
+                    f"{unbind_command(dev)})"
+                )
             raise DriverBoundError(
                 f"{dev.describe()}: the kernel refused to map {path} (EINVAL): {hint}",
-                dev.driver,
-            ) from err
-        raise BarError(f"{dev.describe()}: mapping {path} failed: {err}") from err
-        if err.errno == errno.EPERM:
-            raise DevicePermissionError(
-                f"{dev.describe()}: the kernel refused to map {path} (EPERM): as root this "
-                "means kernel lockdown (secure boot) forbids BAR access from user space"
-            ) from err
-        if err.errno == errno.EINVAL and dev.driver is not None:
-            raise DriverBoundError(
-                f"{dev.describe()}: the kernel refused to map {path} (EINVAL) because driver "
-                f"{dev.driver} claims the BAR: open it with interrupts=True (through VFIO) if "
-                f"that driver is {VFIO_PCI}, else unbind the driver",
                 dev.driver,
             ) from err
         raise BarError(f"{dev.describe()}: mapping {path} failed: {err.strerror or err}") from err
