@@ -28,6 +28,7 @@ import pytest
 from conftest import qemu_path, require
 from serverproc import ServerProcess
 
+import ivshmem
 from ivshmem.lab import (
     Assets,
     GuestError,
@@ -196,6 +197,55 @@ def test_bad_requests_fail_before_booting(qemu_binary: str, short_tmp: Path) -> 
         lab.start(code="pass")
 
 
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["--memory", "12Q", "-c", "pass"], 1, "guest memory: cannot parse size '12Q'"),
+        (["--plain", "/dev/null", "--plain-size", "3X", "-c", "pass"], 1, "cannot parse size '3X'"),
+        (["-n", "0", "-c", "print(1)"], 2, "argument -n/--guests: must be at least 1, got 0"),
+        (["-n", "many", "-c", "print(1)"], 2, "argument -n/--guests: 'many' is not a whole number"),
+    ],
+)
+def test_cli_run_rejects_bad_options_in_one_line(
+    qemu_binary: str, args: list[str], status: int, message: str
+) -> None:
+    done = lab_cli("run", *args)
+    assert done.returncode == status, done.stderr
+    assert "Traceback" not in done.stderr
+    assert message in done.stderr
+    assert done.stdout == ""  # nothing ran
+    if status == 1:
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("ivshmem lab: ")
+
+
+def test_a_working_directory_guests_cannot_see_is_refused_up_front(
+    qemu_binary: str, short_tmp: Path
+) -> None:
+    into_shm = short_tmp / "shm"
+    into_shm.symlink_to("/dev/shm")
+    with Lab(qemu=qemu_binary, fetch=False) as lab:
+        for cwd in ("/dev/shm", "/proc/self", "/sys", into_shm):
+            with pytest.raises(LabUsageError, match=r"guests mount their own /dev, /proc and /sys"):
+                lab.start(code="pass", cwd=cwd)
+        with pytest.raises(LabUsageError, match=r"missing for the guest is not a directory"):
+            lab.start(code="pass", cwd=short_tmp / "missing")
+        assert lab.guests == []
+    assert not lab_dirs(os.getpid())
+    # The command line runs the guest where it was started: say so before booting anything.
+    done = subprocess.run(
+        [sys.executable, "-m", "ivshmem.cli.main", "lab", "run", "-c", "pass"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/dev/shm",
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "would run in /dev/shm" in done.stderr
+    assert "cd to a directory elsewhere first" in done.stderr
+
+
 def test_a_new_lab_removes_directories_of_dead_labs(qemu_binary: str) -> None:
     # A pid that is certainly dead: a child we started and reaped.
     child = subprocess.Popen(["true"])
@@ -261,6 +311,64 @@ def test_program_output_argv_env_and_exit_status(lab: Lab, short_tmp: Path) -> N
     with pytest.raises(GuestError, match="status 3"):
         result.check()
     print(f"boot {result.boot_seconds:.2f} s, program {result.program_seconds:.2f} s")
+
+
+IMPORT_GUEST = r"""
+import json, os, sys
+import ivshmem
+from ivshmem.pci import find_devices
+print("IMPORT " + json.dumps({
+    "executable": sys.executable,
+    "package": os.path.realpath(os.path.dirname(ivshmem.__file__)),
+    "devices": len(find_devices()),
+    "path": sys.path,
+}))
+"""
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(180)
+def test_any_interpreter_can_import_the_package(
+    qemu_binary: str, assets: Assets, short_tmp: Path
+) -> None:
+    system = "/usr/bin/python3"
+    require(os.access(system, os.X_OK), f"{system} is not installed")
+    plain = subprocess.run([system, "-c", "import ivshmem"], capture_output=True, check=False)
+    assert plain.returncode != 0, f"{system} imports ivshmem by itself: this test proves nothing"
+    with Lab(qemu=qemu_binary, python=system) as lab:
+        [result] = lab.run(
+            code=IMPORT_GUEST, env={"PYTHONPATH": str(short_tmp)}, timeout=GUEST_TIMEOUT
+        )
+    result.check()
+    seen = report(result.output, "IMPORT")
+    assert seen["executable"] == system
+    assert seen["package"] == os.path.dirname(os.path.realpath(ivshmem.__file__))
+    assert seen["devices"] == 0
+    # The caller's PYTHONPATH comes first, so it still chooses which ivshmem is used.
+    assert str(short_tmp) in seen["path"]
+    [ours] = [
+        i
+        for i, entry in enumerate(seen["path"])
+        if entry.startswith(tempfile.gettempdir() + "/ivshmem-lab-") and entry.endswith("/python")
+    ]
+    assert seen["path"].index(str(short_tmp)) < ours
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(180)
+def test_wall_time_ends_when_qemu_exits_not_when_waited_for(lab: Lab) -> None:
+    started = time.monotonic()
+    guest = lab.start(code="pass", timeout=GUEST_TIMEOUT)
+    while guest.running:
+        assert time.monotonic() - started < GUEST_TIMEOUT
+        time.sleep(0.02)
+    exited = time.monotonic() - started
+    time.sleep(2.0)
+    result = guest.wait()
+    assert result.ok, result.describe()
+    assert result.boot_seconds is not None and result.boot_seconds < result.wall_seconds
+    assert result.wall_seconds <= exited + 0.05, (result.wall_seconds, exited)
+    assert result.wall_seconds > exited - 1.0
 
 
 PLAIN_GUEST = (
@@ -447,10 +555,23 @@ def read_until(proc: subprocess.Popen[bytes], text: bytes, timeout: float) -> by
     return data
 
 
+def first_qemu_child(ppid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = qemu_children(ppid)
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, "no QEMU started in time"
+        time.sleep(0.005)
+
+
 @pytest.mark.lab
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("phase", ["booting", "running"])
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_cli_run_cleans_up_on_ctrl_c_and_sigterm(assets: Assets, signum: int, status: int) -> None:
+def test_cli_run_cleans_up_on_ctrl_c_and_sigterm(
+    assets: Assets, signum: int, status: int, phase: str
+) -> None:
     cli = subprocess.Popen(
         [
             sys.executable,
@@ -466,13 +587,21 @@ def test_cli_run_cleans_up_on_ctrl_c_and_sigterm(assets: Assets, signum: int, st
         start_new_session=True,  # its own process group, as a shell job is
     )
     try:
-        read_until(cli, b"ready\n", GUEST_TIMEOUT)
-        [qemu] = qemu_children(cli.pid)
+        if phase == "running":
+            read_until(cli, b"ready\n", GUEST_TIMEOUT)
+            [qemu] = qemu_children(cli.pid)
+        else:
+            # As soon as QEMU exists: the CLI may still be inside Lab.start, the guest's
+            # kernel is still booting, and nothing is there to be waited for yet.
+            qemu = first_qemu_child(cli.pid, GUEST_TIMEOUT)
         assert lab_dirs(cli.pid)
         os.killpg(cli.pid, signum)  # what the terminal does on Ctrl-C: the whole group
         assert cli.wait(30) == status
         assert not alive(qemu)
         assert not lab_dirs(cli.pid)
+        if phase == "booting":
+            assert cli.stdout is not None
+            assert b"ready" not in cli.stdout.read(), "the signal came too late to test booting"
     finally:
         if cli.poll() is None:
             cli.kill()

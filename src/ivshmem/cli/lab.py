@@ -14,11 +14,11 @@ when a guest timed out and 1 when a guest could not run its program at all.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-from types import FrameType
 from typing import Any
 
+from .._signals import exit_on_termination
+from ..errors import IvshmemError
 from ..lab import GuestError, GuestResult, GuestTimeoutError, Lab, LabError, clean, prepare
 
 __all__ = ["register"]
@@ -48,7 +48,9 @@ def register(subparsers: Any) -> None:
     what = run.add_mutually_exclusive_group()
     what.add_argument("-c", dest="code", metavar="CODE", help="run this Python source instead")
     what.add_argument("-m", dest="module", metavar="MODULE", help="run a module (python -m)")
-    run.add_argument("-n", "--guests", type=int, default=1, metavar="N", help="guests (1)")
+    run.add_argument(
+        "-n", "--guests", type=_at_least_one, default=1, metavar="N", help="guests (1)"
+    )
     device = run.add_mutually_exclusive_group()
     device.add_argument(
         "--socket", metavar="SOCK", help="ivshmem-doorbell connected to the server at SOCK"
@@ -95,10 +97,15 @@ def register(subparsers: Any) -> None:
     clean_parser.set_defaults(func=_clean)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # Turn SIGTERM/SIGHUP into an exception, so `with Lab()` kills the guests and removes the
-    # temporary files on the way out (the default action would skip every cleanup).
-    raise SystemExit(128 + signum)
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        # range(0) would run nothing and still exit 0, as if every guest had succeeded.
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -109,8 +116,13 @@ def _run(args: argparse.Namespace) -> int:
             print("ivshmem lab run: give PROGRAM.py, -c CODE or -m MODULE", file=sys.stderr)
             return 2
         program, *positional = positional
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _terminate)
+    # SIGTERM/SIGHUP become SystemExit, so `with Lab()` kills the guests and removes the
+    # temporary files on the way out.
+    with exit_on_termination():
+        return _run_guests(args, program, positional)
+
+
+def _run_guests(args: argparse.Namespace, program: str | None, positional: list[str]) -> int:
     status = 0
     try:
         with Lab(
@@ -152,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
                 if args.console:
                     print(f"--- kernel console of {guest.name} ---", file=sys.stderr)
                     print(result.console.rstrip(), file=sys.stderr)
-    except LabError as err:
+    except IvshmemError as err:  # the lab's own errors, and bad sizes from the size parser
         print(f"ivshmem lab: {err}", file=sys.stderr)
         return 1
     return status

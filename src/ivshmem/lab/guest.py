@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ..errors import UsageError
 from ..memory import format_size, is_power_of_two, parse_size, round_up_power_of_two
 from .errors import GuestError, GuestTimeoutError, LabSetupError, LabUsageError
 
@@ -108,7 +109,10 @@ def _plain_size(path: str, size: int | str | None) -> int:
         if actual == 0:
             raise LabUsageError(f"shared file {path} is empty: give it a size first")
         size = actual
-    value = parse_size(size)
+    try:
+        value = parse_size(size)
+    except UsageError as err:
+        raise LabUsageError(f"ivshmem-plain region {path}: {err}") from err
     if not is_power_of_two(value):
         raise LabUsageError(
             f"ivshmem-plain region {path} is {value} bytes; its size becomes a PCI BAR and "
@@ -137,7 +141,8 @@ class GuestResult:
     boot_seconds: float | None
     #: Seconds the program ran (None if it did not finish).
     program_seconds: float | None
-    #: Seconds from starting QEMU to QEMU exiting.
+    #: Seconds from starting QEMU to QEMU exiting (its pipes closing), however much later the
+    #: guest was waited for.
     wall_seconds: float
 
     @property
@@ -267,6 +272,7 @@ class Guest:
         self._timed_out = False
         self._started_at: float | None = None
         self._ended_at: float | None = None
+        self._exited_at: float | None = None
         self._result: GuestResult | None = None
         self._lock = threading.Lock()
 
@@ -286,6 +292,7 @@ class Guest:
         os.close(ctl_w)
         self.pid = self._proc.pid
         assert self._proc.stdout is not None
+        self._open_pipes = 3
         self._threads = [
             threading.Thread(target=self._pump, args=(out_r, self._output.feed), daemon=True),
             threading.Thread(target=self._read_control, args=(ctl_r,), daemon=True),
@@ -306,8 +313,7 @@ class Guest:
 
     # -- reader threads ---------------------------------------------------------------------
 
-    @staticmethod
-    def _pump(fd: int, sink: Callable[[bytes], None]) -> None:
+    def _pump(self, fd: int, sink: Callable[[bytes], None]) -> None:
         try:
             while chunk := os.read(fd, 65536):
                 sink(chunk)
@@ -315,6 +321,15 @@ class Guest:
             pass
         finally:
             os.close(fd)
+            self._pipe_closed()
+
+    def _pipe_closed(self) -> None:
+        # Only QEMU holds the write ends, so the last of its pipes to reach EOF marks its exit:
+        # a guest's wall time ends there, not whenever someone gets round to wait() or close().
+        with self._changed:
+            self._open_pipes -= 1
+            if self._open_pipes == 0:
+                self._exited_at = time.monotonic()
 
     def _read_control(self, fd: int) -> None:
         buffer = b""
@@ -441,9 +456,13 @@ class Guest:
                 return self._result
             if self._watchdog is not None:
                 self._watchdog.cancel()
-            wall = time.monotonic() - self._t0
             for thread in self._threads:
                 thread.join(10.0)
+            with self._changed:
+                exited = self._exited_at
+            # A reader still stuck after 10 s (a grandchild inherited a pipe?): QEMU itself has
+            # been reaped by now, so this moment is an upper bound.
+            wall = (exited if exited is not None else time.monotonic()) - self._t0
             self._output.finish()
             try:
                 console = (self.job_dir / "console.log").read_bytes().decode("utf-8", "replace")

@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import UsageError
 from ..memory import parse_size
 from .assets import Assets, prepare
 from .debian import Progress
@@ -59,6 +60,9 @@ _GUEST_BUSYBOX = "/run/ivshmem-lab/busybox"
 # Host variables a guest program inherits; everything else comes from ``env``.
 _INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
+# This package's directory: guests import it from here whatever interpreter they run.
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
 _LIVE_LABS: set[Lab] = set()
 _LIVE_LOCK = threading.Lock()
 
@@ -74,6 +78,30 @@ def _close_all_labs() -> None:
 def _visible_in_guest(path: str) -> bool:
     real = os.path.realpath(path)
     return not any(real == top or real.startswith(top + "/") for top in _HIDDEN_IN_GUEST)
+
+
+def _check_workdir(cwd: str | os.PathLike[str] | None) -> str:
+    """The guest program's working directory, absolute, or a LabUsageError saying why the
+    guest could not enter it (its init would only report ``can't cd`` and status 125)."""
+    if cwd is not None:
+        workdir, how = os.path.abspath(os.fspath(cwd)), "pass cwd= a directory elsewhere"
+    else:
+        try:
+            workdir = os.getcwd()
+        except FileNotFoundError as err:
+            raise LabUsageError(
+                "this process's working directory was removed: the guest program runs in the "
+                "same directory, so cd to an existing one (or pass cwd=)"
+            ) from err
+        how = "cd to a directory elsewhere first, e.g. /tmp (or, from Python, pass cwd=)"
+    if not os.path.isdir(workdir):
+        raise LabUsageError(f"working directory {workdir} for the guest is not a directory")
+    if not _visible_in_guest(workdir):
+        raise LabUsageError(
+            f"the guest program would run in {workdir}, but guests mount their own /dev, /proc "
+            f"and /sys, so they cannot see the host's directories there: {how}"
+        )
+    return workdir
 
 
 def _sweep_stale_dirs(parent: Path) -> None:
@@ -140,7 +168,10 @@ class Lab:
         progress: Progress | None = None,
     ) -> None:
         self.iommu = iommu
-        memory_bytes = parse_size(memory)
+        try:
+            memory_bytes = parse_size(memory)
+        except UsageError as err:
+            raise LabUsageError(f"guest memory: {err}") from err
         if memory_bytes < 128 << 20:
             raise LabUsageError(f"guest memory {memory!r} is too small: give at least 128M")
         self.memory_mib = memory_bytes >> 20
@@ -208,6 +239,20 @@ class Lab:
                 )
         return self._tmp
 
+    def _import_dir(self) -> Path | None:
+        """A directory holding only this package (a symlink to it), for the guest's PYTHONPATH,
+        so that any interpreter can import it. Not the package's parent directory: when that
+        is a site-packages, it would also put the host environment's other packages (built
+        for another Python, maybe) ahead of the interpreter's own."""
+        package = _PACKAGE_DIR
+        if not _visible_in_guest(str(package)):
+            return None
+        where = self._job_root() / "python"
+        if not where.exists():
+            where.mkdir()
+            (where / package.name).symlink_to(package, target_is_directory=True)
+        return where
+
     def _spawn(self, argv: Sequence[str], fds: Sequence[int]) -> subprocess.Popen[bytes]:
         # Forked from one thread that lives as long as the lab: QEMU's PR_SET_PDEATHSIG
         # fires when the forking *thread* ends, so it must not be a caller's short-lived one.
@@ -274,6 +319,17 @@ class Lab:
         device_args = device_arguments(all_devices)
         if timeout is not None and timeout <= 0:
             raise LabUsageError(f"timeout must be positive, got {timeout!r}")
+        script_path = None
+        if program is not None:
+            script_path = os.path.abspath(os.fspath(program))
+            if not os.path.isfile(script_path):
+                raise LabUsageError(f"program {script_path} is not a file")
+            if not _visible_in_guest(script_path):
+                raise LabUsageError(
+                    f"program {script_path} is under /dev, /proc or /sys, which guests do not "
+                    "see (they mount their own there): move it elsewhere, e.g. under /tmp"
+                )
+        workdir = _check_workdir(cwd)
 
         with self._lock:
             if self._closed:
@@ -295,17 +351,11 @@ class Lab:
             elif module is not None:
                 argv = [self.python, "-m", module, *args]
             else:
-                assert program is not None
-                path = os.path.abspath(os.fspath(program))
-                if not os.path.isfile(path):
-                    raise LabUsageError(f"program {path} is not a file")
-                if not _visible_in_guest(path):
-                    raise LabUsageError(
-                        f"program {path} is under /dev, /proc or /sys, which guests do not see"
-                    )
-                argv = [self.python, path, *args]
-            workdir = os.path.abspath(os.fspath(cwd) if cwd is not None else os.getcwd())
-            (job / "run.sh").write_text(self._run_script(argv, workdir, guest_name, env))
+                assert script_path is not None
+                argv = [self.python, script_path, *args]
+            (job / "run.sh").write_text(
+                self._run_script(argv, workdir, guest_name, env, self._import_dir())
+            )
             (job / "modules").write_text(self._module_list(assets))
 
             cmdline = self._kernel_cmdline(job)
@@ -380,7 +430,12 @@ class Lab:
     # -- command lines ---------------------------------------------------------------------
 
     def _run_script(
-        self, argv: Sequence[str], cwd: str, name: str, env: Mapping[str, str] | None
+        self,
+        argv: Sequence[str],
+        cwd: str,
+        name: str,
+        env: Mapping[str, str] | None,
+        import_dir: Path | None,
     ) -> str:
         variables = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
         variables.update(
@@ -390,6 +445,12 @@ class Lab:
         variables.setdefault("LANG", "C.UTF-8")
         variables["IVSHMEM_LAB_GUEST"] = name
         variables.update(env or {})
+        if import_dir is not None:
+            # Last, so that a PYTHONPATH of the caller's still decides which ivshmem is used.
+            earlier = variables.get("PYTHONPATH")
+            variables["PYTHONPATH"] = (
+                f"{earlier}{os.pathsep}{import_dir}" if earlier else str(import_dir)
+            )
         for key, value in variables.items():
             if not isinstance(value, str) or not _ENV_KEY_RE.match(key) or "\0" in value:
                 raise LabUsageError(f"bad environment variable for the guest: {key!r}={value!r}")
