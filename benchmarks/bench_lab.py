@@ -28,6 +28,7 @@ bandwidths mean the guests are slower). Takes 30-60 s here (two guests boot in p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,11 +40,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import ivshmem
+from ivshmem._signals import exit_on_termination
+from ivshmem.launch import start_server, stop_server
 
 THIS = Path(__file__).resolve()
 MIB = 1 << 20
@@ -219,16 +222,20 @@ def parse_result(output: str, who: str) -> dict[str, Any]:
     return result
 
 
-def server(tmp: Path) -> Any:
-    sys.path.insert(0, str(THIS.parent.parent / "tests"))
-    from serverproc import ServerProcess
-
-    return ServerProcess(tmp, size=REGION, vectors=1)
+@contextlib.contextmanager
+def server(tmp: Path) -> Iterator[str]:
+    """A fresh ``ivshmem-server`` (memfd region, one vector); yields its socket path."""
+    sock = str(tmp / "ivshmem.sock")
+    proc = start_server(sock, ["-l", REGION, "-n", "1", "--memfd"], str(tmp / "server.log"))
+    try:
+        yield sock
+    finally:
+        stop_server(proc)
 
 
 def run_hosts(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     run = random.randrange(1, 1 << 32)
-    with server(tmp) as srv:
+    with server(tmp) as sock:
         procs = [
             subprocess.Popen(
                 [
@@ -236,7 +243,7 @@ def run_hosts(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     str(THIS),
                     *peer_args(args, "host", seat, run),
                     "--socket",
-                    srv.socket_path,
+                    sock,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -261,13 +268,13 @@ def run_guests(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], lis
     from ivshmem.lab import Lab
 
     run = random.randrange(1, 1 << 32)
-    with server(tmp) as srv, Lab(iommu=True, memory="384M") as lab:
+    with server(tmp) as sock, Lab(iommu=True, memory="384M") as lab:
         guests = [
             lab.start(
                 THIS,
                 peer_args(args, "pci", seat, run),
                 name=f"bench{seat}",
-                server_socket=srv.socket_path,
+                server_socket=sock,
                 vectors=1,
                 timeout=300,
             )
@@ -310,13 +317,26 @@ def print_table(host: dict[str, Any], guest: dict[str, Any], boots: list[float])
         for mib, rate in by_size.items():
             gr = guest["copy_mib_s"].get(op, {}).get(mib)
             rows.append((f"{op}, {mib} MiB", rate, float("nan") if gr is None else gr, "MiB/s"))
-    width = max(len(r[0]) for r in rows)
+    cells = [
+        (name, f"{h:.1f} {unit:<5}", f"{g:.1f} {unit:<5}", f"{g / h:.2f}x")
+        for name, h, g, unit in rows
+    ]
+    head = ("measurement", "host peers", "guests (TCG)", "guest/host")
+    widths = [max(len(row[i]) for row in [head, *cells]) for i in range(len(head))]
     print("guest/host: above 1 for round trips, below 1 for bandwidths = guests slower\n")
-    head = f"{'measurement':<{width}}  {'host peers':>12}  {'guests (TCG)':>12}  {'guest/host':>10}"
-    print(head)
-    print("-" * len(head))
-    for name, h, g, unit in rows:
-        print(f"{name:<{width}}  {h:>9.1f} {unit:<5}{g:>9.1f} {unit:<5}{g / h:>8.2f}x")
+    for i, row in enumerate([head, *cells]):
+        # The name left-aligned, figures right-aligned, so decimal points line up (every
+        # figure has one decimal and a unit padded to the same width).
+        print(
+            "  ".join(
+                [
+                    row[0].ljust(widths[0]),
+                    *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)),
+                ]
+            ).rstrip()
+        )
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
     print(
         f"\nround trips measured: host {host['rounds']}, guest -> guest {guest['rounds']} "
         "(each guest has one vCPU, i.e. one TCG thread on the host)"
@@ -345,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("copy sizes must be 1..16 MiB (the region is 32 MiB)")
     if args.role == "peer":
         return peer_main(args)
-    with tempfile.TemporaryDirectory(prefix="ivb-", dir="/tmp") as tmp:
+    # SIGTERM/SIGHUP unwind like Ctrl-C: guests, server and temporary files go with us.
+    with exit_on_termination(), tempfile.TemporaryDirectory(prefix="ivb-", dir="/tmp") as tmp:
         print("measuring two host peers ...", file=sys.stderr, flush=True)
         host = run_hosts(args, Path(tmp))
         print("booting two guests and measuring inside them ...", file=sys.stderr, flush=True)
