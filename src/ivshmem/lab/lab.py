@@ -3,7 +3,8 @@
 A guest is QEMU under software emulation (TCG) booting Debian's kernel with the lab's busybox
 initramfs. The initramfs mounts the host's ``/`` read-only over 9p, puts a RAM overlay on top
 so the guest may write anywhere, chroots into it and runs the host's own Python interpreter
-(``sys.executable`` by default, so this package imports in the guest exactly as on the host).
+(``sys.executable`` by default). Whatever the interpreter, the guest's ``PYTHONPATH`` ends with
+a directory of the lab's holding only this package, so ``import ivshmem`` gets the host's copy.
 The program's output streams back over a serial port; when it ends the guest powers off.
 
 Per guest the lab writes a job directory (inside the lab's temporary directory, visible to the
@@ -305,8 +306,10 @@ class Lab:
         The program runs as root in the guest, in ``cwd`` (default: this process's working
         directory), with stdin from /dev/null and an environment of PATH, HOME, locale and
         ``PYTHON*``/``IVSHMEM*`` variables of this process, ``IVSHMEM_LAB_GUEST`` (its name)
-        and ``env``. ``timeout`` kills the guest that many seconds after start. ``echo``
-        receives the program's output live, each line after ``prefix``.
+        and ``env``, plus this package's directory at the end of ``PYTHONPATH``. ``cwd`` cannot
+        be under /dev, /proc or /sys, where the guest mounts its own. ``timeout`` kills the
+        guest that many seconds after start. ``echo`` receives the program's output live, each
+        line after ``prefix``.
         """
         chosen = [x for x in (program, code, module) if x is not None]
         if len(chosen) != 1:
