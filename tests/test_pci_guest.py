@@ -224,3 +224,51 @@ def test_sysfs_mapping_without_iommu(qemu_binary: str, short_tmp: Path) -> None:
     with open(region, "rb") as f:
         f.seek(100)
         assert f.read(11) == b"from guest!"
+
+
+RECIPE_GUEST = r"""
+import json, subprocess
+from ivshmem.pci import DriverBoundError, find_devices, open_pci
+from ivshmem.pci._bind import bind_commands, unbind_command
+
+out = {}
+try:
+    open_pci(interrupts=True)  # no driver yet, and bind_vfio not given
+except DriverBoundError as err:
+    out["hint"] = str(err)
+commands = out["hint"].split("bind it yourself as root: ", 1)[1]
+subprocess.run(["sh", "-ec", commands], check=True)
+(dev,) = find_devices()
+out["after_hint"] = dev.driver
+with open_pci(interrupts=True) as ep:
+    out["interrupts"] = ep.interrupts
+# The recipe for a device that has a driver: unbind first, or drivers_probe ignores it.
+out["bound_recipe"] = bind_commands(dev)
+subprocess.run(["sh", "-ec", out["bound_recipe"]], check=True)
+out["after_bound_recipe"] = find_devices()[0].driver
+subprocess.run(["sh", "-ec", unbind_command(dev)], check=True)
+out["after_unbind"] = find_devices()[0].driver
+print("RECIPE " + json.dumps(out), flush=True)
+"""
+
+
+def test_the_binding_recipe_in_errors_works_on_a_real_kernel(
+    qemu_binary: str, short_tmp: Path
+) -> None:
+    with (
+        ServerProcess(short_tmp, size="1M", vectors=1) as server,
+        Lab(iommu=True, qemu=qemu_binary) as lab,
+    ):
+        [result] = lab.run(
+            code=RECIPE_GUEST, server_socket=server.socket_path, vectors=1, timeout=GUEST_TIMEOUT
+        )
+    result.check()
+    out = report(result.output, "RECIPE")
+    assert "bound to no driver" in out["hint"] and "unbind" not in out["hint"]
+    assert out["hint"].endswith("> /sys/bus/pci/drivers_probe")
+    assert out["after_hint"] == "vfio-pci"
+    assert out["interrupts"] is True
+    recipe = out["bound_recipe"].split("; ")
+    assert len(recipe) == 3 and recipe[1].endswith("/driver/unbind")
+    assert out["after_bound_recipe"] == "vfio-pci"
+    assert out["after_unbind"] is None
