@@ -178,7 +178,9 @@ def _summary(result: GuestResult) -> str:
 
 def _fetch(args: argparse.Namespace) -> int:
     try:
-        assets = prepare(args.cache, update=args.update)
+        # Interrupted, the download's staging directory in the cache is removed on the way out.
+        with exit_on_termination():
+            assets = prepare(args.cache, update=args.update)
     except LabError as err:
         print(f"ivshmem lab: {err}", file=sys.stderr)
         return 1
