@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import asyncio
 import gc
+import json
 import os
 import signal
 import socket
@@ -80,9 +81,10 @@ def until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> No
 
 # -- a scripted server -------------------------------------------------------------------
 
-# A step: (value, attachment) where attachment is None, "shm", "eventfd", "two" (two eventfds on
-# one message), "file" (a regular file as an eventfd), "pipe", "empty-shm"; or a marker: "close"
-# (hang up), "split" (send the next message in two writes), "pause" (0.3 s of silence).
+# A step: (value, attachment) where attachment is None, "shm", "eventfd", "two"/"five" (that
+# many eventfds on one message), "file" (a regular file as an eventfd), "pipe", "empty-shm"; or a
+# marker: "close" (hang up), "split" (send the next message in two writes), "pause" (0.3 s of
+# silence).
 Step = tuple[int, str | None] | str
 
 
@@ -111,6 +113,8 @@ class ScriptedServer:
             return [os.eventfd(0)]
         if kind == "two":
             return [os.eventfd(0), os.eventfd(0)]
+        if kind == "five":
+            return [os.eventfd(0) for _ in range(5)]
         if kind == "file":
             return [os.open(self.scratch, os.O_RDWR | os.O_CREAT, 0o600)]
         if kind == "pipe":
@@ -206,6 +210,9 @@ HEADER: list[Step] = [(0, None), (3, None), (-1, "shm")]
         ([*HEADER, (3, None)], "leave message for this client's own id"),
         ([*HEADER, (70000, "eventfd")], "out of range"),
         ([*HEADER, (1, "two")], "2 fds arrived with one message"),
+        # More than the client makes room for: the kernel truncates (MSG_CTRUNC), and with
+        # the process far from its fd limit the server is to blame.
+        ([*HEADER, (1, "five")], r"more fds to one message than the protocol allows \(1\)"),
         ([*HEADER, (1, "file")], "peer 1 vector 0 is not an eventfd"),
         ([*HEADER, (3, "pipe")], "own vector 0 is not an eventfd"),
         ([(0, None), (3, None), (-1, "pipe")], "not a memory object or file"),
@@ -242,7 +249,10 @@ def test_too_few_vectors_times_out_naming_the_count(
     scripted: Callable[..., ScriptedServer],
 ) -> None:
     server = scripted([*HEADER, (3, "eventfd")])
-    with pytest.raises(HandshakeTimeoutError, match=r"1 of the 2 own vector\(s\).*-n 2"):
+    # The configured timeout, as given (not the time left after connecting).
+    with pytest.raises(
+        HandshakeTimeoutError, match=r"within 0\.3 s \(1 of the 2 own vector\(s\).*-n 2"
+    ):
         connect(server.path, vectors=2, timeout=0.3)
 
 
@@ -411,8 +421,6 @@ def test_unknown_peer_and_vector_are_clear_errors(peers: Callable[..., Peer]) ->
         UnknownPeerError, match=rf"peer 999 is not connected; connected peers: \[{b.id}\]"
     ):
         a.notify(999)
-    with pytest.raises(UnknownPeerError):
-        a.notify(a.id)  # not a doorbell we hold: a peer does not ring itself
     with pytest.raises(UnknownVectorError, match=f"peer {b.id} has 4 vector"):
         a.notify(b.id, VECTORS)
     with pytest.raises(UnknownVectorError):
@@ -421,6 +429,24 @@ def test_unknown_peer_and_vector_are_clear_errors(peers: Callable[..., Peer]) ->
         a.wait(vector=VECTORS, timeout=0)
     with pytest.raises(UnknownVectorError):
         a.fileno(VECTORS)
+
+
+def test_a_peer_rings_its_own_vectors(peers: Callable[..., Peer]) -> None:
+    # The server sends a peer the eventfds it receives on; writing one rings it (QEMU's client
+    # allows `int <own id> <vector>` too). Nobody else is rung.
+    a, b = peers(), peers()
+    see(a, {b.id})
+    assert a.vectors_of(a.id) == VECTORS
+    assert a.id not in a.peers
+    a.notify(a.id, 2)
+    assert a.wait(timeout=WAIT) == 2
+    assert a.wait(timeout=0) is None
+    assert b.wait(timeout=0) is None
+    with pytest.raises(UnknownVectorError, match=f"peer {a.id} has 4 vector"):
+        a.notify(a.id, VECTORS)
+    a.close()
+    with pytest.raises(ClosedError):
+        a.notify(a.id, 0)
 
 
 def test_notify_right_after_a_join_finds_the_new_peers_vectors(
@@ -455,6 +481,134 @@ def test_a_join_wakes_nobody_but_is_processed_during_wait(peers: Callable[..., P
     b = peers()
     assert a.wait(timeout=0.2) is None  # the announcement is not a doorbell...
     assert joined == [b.id]  # ...but wait() processed it
+
+
+# A host peer in a child process whose RLIMIT_NOFILE is set to leave room for only ``room`` more
+# fds. Modes: "hard" (soft = hard = that: connect cannot raise it), "soft" (only the soft limit:
+# connect may raise it), "join" (connect normally, then set soft = hard with that room and wait
+# for the next join). Prints one JSON line; "leaked" lists fds open after close that were not
+# open before connect.
+FD_LIMIT_CHILD = """
+import json, os, resource, sys
+from ivshmem.errors import ConnectionLostError
+from ivshmem.peer import FdLimitError, connect
+
+def open_fds():
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found.add(f"{name} -> {os.readlink(f'/proc/self/fd/{name}')}")
+        except FileNotFoundError:
+            pass  # the fd listdir itself used
+    return found
+
+def leave_room(room, hard):
+    limit = max(int(entry.split()[0]) for entry in open_fds()) + 1 + room
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit if hard else HARD))
+    return limit
+
+path, mode, room = sys.argv[1], sys.argv[2], int(sys.argv[3])
+HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+before = open_fds()
+result = {}
+if mode == "join":
+    peer = connect(path, vectors=4)
+    result["limit"] = leave_room(room, True)
+    print("ready", flush=True)
+    try:
+        result["woke"] = peer.wait(timeout=float(sys.argv[4]))
+    except ConnectionLostError as err:
+        result["error"] = str(err)
+    peer.close()
+else:
+    result["limit"] = leave_room(room, mode == "hard")
+    try:
+        peer = connect(path, vectors=4)
+    except FdLimitError as err:
+        result["error"] = str(err)
+    else:
+        result["peers"] = len(peer.peers)
+        result["soft"] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        peer.close()
+result["leaked"] = sorted(open_fds() - before)
+print(json.dumps(result), flush=True)
+"""
+
+
+def fd_limit_child(server: ServerProcess, mode: str, room: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", FD_LIMIT_CHILD, server.socket_path, mode, str(room), str(WAIT)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def child_result(child: subprocess.Popen[str]) -> dict[str, Any]:
+    assert child.stdout is not None
+    out, _ = child.communicate(timeout=WAIT)
+    assert child.returncode == 0, out
+    result: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return result
+
+
+def test_at_the_open_file_limit_connect_names_the_limit_not_the_server(
+    server: ServerProcess, peers: Callable[..., Peer]
+) -> None:
+    # Five peers with 4 vectors: a newcomer needs 20 doorbell fds. Room for 8 (and a hard limit
+    # it cannot raise) makes the kernel drop one of them mid-handshake (MSG_CTRUNC).
+    held = [peers() for _ in range(5)]
+    ids = {p.id for p in held}
+    child = fd_limit_child(server, "hard", room=8)
+    try:
+        result = child_result(child)
+    finally:
+        child.kill()
+        child.wait()
+    error = result.get("error", "")
+    assert f"this process is at its open-file limit ({result['limit']}): raise it" in error
+    assert "hard limit" in error  # soft = hard here: says who can raise it
+    assert "protocol" not in error
+    assert result["leaked"] == []
+    # The server saw the child go and serves the others as before.
+    see(held[0], ids - {held[0].id})
+    held[1].notify(held[0].id, 3)
+    assert held[0].wait(timeout=WAIT) == 3
+
+
+def test_connect_raises_the_soft_fd_limit_when_the_doorbells_need_it(
+    server: ServerProcess, peers: Callable[..., Peer]
+) -> None:
+    held = [peers() for _ in range(5)]
+    child = fd_limit_child(server, "soft", room=8)
+    try:
+        result = child_result(child)
+    finally:
+        child.kill()
+        child.wait()
+    assert "error" not in result, result["error"]
+    assert result["peers"] == len(held)
+    assert result["soft"] > result["limit"]
+    assert result["leaked"] == []
+
+
+def test_a_join_beyond_the_fd_limit_loses_the_connection_saying_why(
+    server: ServerProcess, peers: Callable[..., Peer]
+) -> None:
+    first = peers()
+    child = fd_limit_child(server, "join", room=2)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        newcomer = peers()  # 4 vectors for the child, which has room for 2
+        result = child_result(child)
+    finally:
+        child.kill()
+        child.wait()
+    error = result.get("error", "")
+    assert f"this process is at its open-file limit ({result['limit']}): raise it" in error
+    assert "Doorbells and membership are gone" in error, result
+    assert result["leaked"] == []
+    see(first, {newcomer.id})
 
 
 CHILD = """

@@ -58,8 +58,10 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import logging
 import os
+import resource
 import select
 import socket
 import stat
@@ -95,8 +97,10 @@ from .protocol import (
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "FD_HEADROOM",
     "HANDSHAKE_QUIET",
     "JOIN_GRACE",
+    "FdLimitError",
     "HandshakeTimeoutError",
     "Peer",
     "Reconnected",
@@ -137,6 +141,11 @@ class HandshakeTimeoutError(IvshmemError, TimeoutError):
     """The server accepted the connection but did not complete the handshake in time."""
 
 
+class FdLimitError(IvshmemError):
+    """This process is at its open-file limit (RLIMIT_NOFILE), so an fd the server sent was
+    lost: raise the limit. Not the server's fault."""
+
+
 @dataclass(frozen=True)
 class Reconnected:
     """What :attr:`Peer.on_reconnect` is told after the peer reconnected to a restarted server.
@@ -147,6 +156,79 @@ class Reconnected:
     old_id: int
     new_id: int
     memory_kept: bool
+
+
+# -- the open-file limit -----------------------------------------------------------------------
+#
+# A host peer holds one eventfd per vector of every other peer: 1000 peers with 4 vectors each
+# are 4000 fds, while most systems start processes with a soft RLIMIT_NOFILE of 1024 (kept low
+# for programs that still use select(), which cannot watch fds above 1023). Running into the
+# limit is worse than an error: when a message arrives with an fd the process cannot take, the
+# kernel does not fail recvmsg(), it drops the fd and sets MSG_CTRUNC, and that doorbell is
+# gone for good (the server sends it once). So a peer raises the soft limit -- never the hard
+# one, which needs privilege -- before it is reached: whenever a received fd's number comes
+# within FD_HEADROOM of it. A process that never gets that many fds is left untouched.
+
+#: A received fd numbered within this many of the soft RLIMIT_NOFILE makes the peer raise it.
+FD_HEADROOM = 64
+# Fd numbers below this need no look at the limit (recomputed on every look).
+_fd_watermark = 0
+
+
+def _fd_limits() -> tuple[int, int]:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _make_room_for_fds(fd: int) -> None:
+    """Raise the soft open-file limit if ``fd`` is within FD_HEADROOM of it (and the hard
+    limit allows): double it, or more if that is not enough room."""
+    global _fd_watermark
+    soft, hard = _fd_limits()
+    infinity = resource.RLIM_INFINITY
+    if soft != infinity and fd + FD_HEADROOM >= soft and (hard == infinity or soft < hard):
+        new = max(soft * 2, fd + 2 * FD_HEADROOM)
+        if hard != infinity:
+            new = min(new, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (OSError, ValueError) as err:
+            log.warning("cannot raise the soft open-file limit from %d to %d: %s", soft, new, err)
+        else:
+            log.info(
+                "raised this process's soft open-file limit from %d to %d (hard limit %s) to "
+                "hold the doorbell fds of the ivshmem peers",
+                soft,
+                new,
+                "unlimited" if hard == infinity else hard,
+            )
+            soft = new
+    _fd_watermark = (1 << 62) if soft == infinity else soft - FD_HEADROOM
+
+
+def _at_fd_limit(fd: int) -> bool:
+    """True when this process cannot open one more fd now (probed by duplicating ``fd``)."""
+    try:
+        probe = os.dup(fd)
+    except OSError as err:
+        return err.errno == errno.EMFILE
+    os.close(probe)
+    return False
+
+
+def _fd_limit_message(what: str, certain: bool) -> str:
+    soft, hard = _fd_limits()
+    state = "is at" if certain else "was probably at"
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        how = (
+            f"the hard limit is {hard} too, so as root: ulimit -Hn, or LimitNOFILE= in the "
+            "service's systemd unit"
+        )
+    else:
+        how = "ulimit -n, or resource.setrlimit(resource.RLIMIT_NOFILE, ...) in the program"
+    return (
+        f"{what}: this process {state} its open-file limit ({soft}): raise it; {how}. A host "
+        "peer holds one fd per vector of every peer on the server, itself included, plus two"
+    )
 
 
 def _close_quietly(fd: int) -> None:
@@ -202,11 +284,25 @@ class _Connection:
                 ) from err
             fds = _received_fds(ancdata)
             if flags & socket.MSG_CTRUNC:
+                # The kernel truncates the fds of a message for two reasons: more than the room
+                # we gave (4: only a server breaking the protocol sends more than 1), or this
+                # process could not take one (EMFILE), which drops that fd and the rest. Probe
+                # before closing what did arrive, so that the probe sees the same fd table.
+                at_limit = _at_fd_limit(self.sock.fileno())
                 for fd in fds:
                     _close_quietly(fd)
+                if at_limit or not fds:
+                    raise FdLimitError(
+                        _fd_limit_message(
+                            f"the kernel dropped an fd the ivshmem server at {self.path} sent",
+                            certain=at_limit,
+                        )
+                    )
                 raise ProtocolError(
                     "the server attached more fds to one message than the protocol allows (1)"
                 )
+            if fds and max(fds) >= _fd_watermark:
+                _make_room_for_fds(max(fds))
             if not data:
                 for fd in fds:  # cannot happen (fds come with data), but never leak
                     _close_quietly(fd)
@@ -293,7 +389,7 @@ def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 def _open_socket(path: str, timeout: float | None) -> socket.socket:
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise UsageError(f"socket path must be a path, not {type(path).__name__}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _new_socket()
     try:
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
@@ -302,6 +398,17 @@ def _open_socket(path: str, timeout: float | None) -> socket.socket:
         sock.close()
         raise _connect_error(str(path), err) from err
     return sock
+
+
+def _new_socket() -> socket.socket:
+    try:
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as err:
+        if err.errno == errno.EMFILE:
+            raise FdLimitError(
+                _fd_limit_message("cannot open a socket to the ivshmem server", certain=True)
+            ) from err
+        raise
 
 
 def _connect_error(path: str, err: BaseException) -> BaseException:
@@ -333,13 +440,16 @@ class _Handshake:
     """Drives a :class:`_Connection` through the handshake; I/O-free apart from non-blocking
     reads, so a blocking and an asyncio driver share it."""
 
-    def __init__(self, conn: _Connection, timeout: float | None, quiet: float) -> None:
+    def __init__(
+        self, conn: _Connection, timeout: float | None, quiet: float, started: float
+    ) -> None:
+        """``timeout`` counts from ``started`` (time.monotonic() before connecting): it bounds
+        connecting and the handshake together, and the error message names it as given."""
         self.conn = conn
         self.quiet = quiet
-        now = time.monotonic()
-        self.deadline = None if timeout is None else now + timeout
+        self.deadline = None if timeout is None else started + timeout
         self.timeout = timeout
-        self.last = now
+        self.last = time.monotonic()
 
     def _complete(self) -> bool | None:
         """True when done, False when more is needed, None when only silence can tell."""
@@ -408,19 +518,18 @@ class _Handshake:
             where = f"{len(conn.own)} own vector(s) arrived"
         return HandshakeTimeoutError(
             f"the ivshmem server at {conn.path} did not complete the handshake within "
-            f"{self.timeout} s ({where})"
+            f"{self.timeout or 0:g} s ({where})"
         )
 
 
 def _handshake_sync(
     path: str, timeout: float | None, vectors: int | None, quiet: float
 ) -> _Connection:
-    start = time.monotonic()
+    started = time.monotonic()
     sock = _open_socket(path, timeout)
     conn = _Connection(sock, path, vectors)
     try:
-        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-        handshake = _Handshake(conn, remaining, quiet)
+        handshake = _Handshake(conn, timeout, quiet, started)
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         while (wait := handshake.step()) is not None:
@@ -435,8 +544,8 @@ async def _handshake_async(
     path: str, timeout: float | None, vectors: int | None, quiet: float
 ) -> _Connection:
     loop = asyncio.get_running_loop()
-    start = time.monotonic()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    started = time.monotonic()
+    sock = _new_socket()
     sock.setblocking(False)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, os.fspath(path)), timeout)
@@ -447,8 +556,7 @@ async def _handshake_async(
         raise _connect_error(str(path), err) from err
     conn = _Connection(sock, path, vectors)
     try:
-        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-        handshake = _Handshake(conn, remaining, quiet)
+        handshake = _Handshake(conn, timeout, quiet, started)
         while (wait := handshake.step()) is not None:
             await _readable(loop, sock.fileno(), wait)
     except BaseException:
@@ -492,6 +600,12 @@ class _Region:
             try:
                 self.mapping = Mapping(fd, st.st_size)
             except UsageError as err:
+                cause = err.__cause__
+                if isinstance(cause, OSError) and cause.errno == errno.EMFILE:
+                    # Python's mmap keeps a duplicate of the fd: one more fd than received.
+                    raise FdLimitError(
+                        _fd_limit_message("cannot map the shared memory", certain=True)
+                    ) from err
                 raise ProtocolError(f"cannot map the shared memory the server sent: {err}") from err
             self.key = (st.st_dev, st.st_ino, st.st_size)
         finally:
@@ -592,15 +706,19 @@ class Peer(EventfdEndpoint):
                 f"not connected to the ivshmem server at {self._path} (reconnecting)"
             )
         cause = self._lost
-        if isinstance(cause, _ServerClosed):
-            what = "closed the connection"
-        elif isinstance(cause, ProtocolError):
-            what = f"broke the protocol ({cause})"
+        if isinstance(cause, FdLimitError):
+            # Not the server's doing: say so first, and what to fix before connecting again.
+            what = f"{cause}. Doorbells and membership are gone"
         else:
-            what = f"connection broke ({cause})"
+            if isinstance(cause, _ServerClosed):
+                how = "closed the connection"
+            elif isinstance(cause, ProtocolError):
+                how = f"broke the protocol ({cause})"
+            else:
+                how = f"connection broke ({cause})"
+            what = f"the ivshmem server at {self._path} {how}: doorbells and membership are gone"
         err = ConnectionLostError(
-            f"the ivshmem server at {self._path} {what}: doorbells and membership are gone; "
-            "the memory stays mapped until close(). Connect again (or use reconnect=True)"
+            f"{what}; the memory stays mapped until close(). Connect again (or use reconnect=True)"
         )
         err.__cause__ = cause
         return err
@@ -621,7 +739,9 @@ class Peer(EventfdEndpoint):
         try:
             while (message := conn.read_message()) is not None:
                 changes.extend(conn.apply(*message))
-        except (_ServerClosed, ConnectionLostError, ProtocolError) as err:
+        except (_ServerClosed, ConnectionLostError, ProtocolError, FdLimitError) as err:
+            # A dropped fd (FdLimitError) leaves a peer without a doorbell that the server will
+            # never send again: only a new connection is complete again.
             changes.extend(self._lose(err))
             return changes
         if any(what == "own-vector" for what, _ in changes):
@@ -804,15 +924,20 @@ class Peer(EventfdEndpoint):
         return self._conn.sock.fileno()
 
     def vectors_of(self, peer: int) -> int:
-        """How many vectors of ``peer`` we can ring."""
+        """How many vectors of ``peer`` we can ring (our own id included)."""
         self.service()
+        if peer == self._id:
+            return len(self._own)
         fds = self._ring.get(peer)
         if fds is None:
             raise UnknownPeerError(peer, frozenset(self._ring))
         return len(fds)
 
     def notify(self, peer: int, vector: int = 0) -> None:
-        """Ring vector ``vector`` of ``peer``."""
+        """Ring vector ``vector`` of ``peer``. Our own id rings our own vector (the server
+        sends us the eventfds we receive on, and writing one is ringing it, as QEMU's client
+        and device allow too): a :meth:`wait` here, or whoever watches :meth:`fileno`, gets it.
+        """
         # The doorbell hot path. acquire()/release() rather than ``with``: measurably cheaper
         # here, and this runs once per doorbell.
         lock = self._lock
@@ -837,6 +962,14 @@ class Peer(EventfdEndpoint):
         # known peer with fewer vectors than we have (a server gives every peer the same count)
         # is still joining, so wait for the rest, briefly.
         self._check_usable()
+        if peer == self._id:
+            with self._lock:
+                self._check_usable()
+                own = self._own
+                if not 0 <= vector < len(own):
+                    raise UnknownVectorError(vector, len(own), peer)
+                _ring(own[vector])  # under the lock, like any ring: close() cannot race it
+            return
         self.service()
         deadline = time.monotonic() + JOIN_GRACE
         while True:
