@@ -4,9 +4,11 @@ this process at the other end of every doorbell."""
 from __future__ import annotations
 
 import os
+import pty
 import select
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -237,6 +239,94 @@ def test_piped_commands_and_events_printed_as_they_arrive(
     assert "unknown command 'bogus'" in err
 
 
+def test_int_with_our_own_id_rings_ourselves(
+    server: ServerProcess, peer: Peer, interactive: Callable[..., Interactive]
+) -> None:
+    # As in QEMU's client: the server sends us the eventfds we receive on, so we can ring them.
+    cli = interactive()
+    cli.send("id")
+    own = int(cli.line())
+    cli.send(f"int {own} 2; wait 2 {WAIT}")
+    assert cli.line() == "notification on vector 2"
+    cli.send(f"int {own} all; wait all {WAIT}; int all")
+    assert cli.line() == "notification on vector 0"  # the lowest pending first
+    assert rung(peer, VECTORS) == [0, 1, 2, 3]  # int all: every other peer, not ourselves
+    cli.send("id")  # the rest of our own vectors are pending: reported before it runs
+    assert [cli.line() for _ in range(3)] == [
+        "notification on vector 1",
+        "notification on vector 2",
+        "notification on vector 3",
+    ]
+    assert cli.line() == str(own)
+    code, err = cli.finish()
+    assert (code, err) == (0, "")
+    assert peer.wait(timeout=0) is None  # int <own id> rang nobody else
+
+
+def test_write_text_keeps_inner_spaces_and_hex_writes_the_rest(
+    server: ServerProcess, peer: Peer
+) -> None:
+    result = client(server, "-c", "write 0   two  words  ; write 0x20 hex:203b20")
+    assert result.returncode == 0, result.stderr
+    assert bytes(peer.memory[0:11]) == b"two  words\0"
+    assert bytes(peer.memory[0x20:0x23]) == b" ; "
+    # An unquoted ';' ends the command: what follows is a command of its own.
+    result = client(server, "-c", "write 0x40 a;b")
+    assert result.returncode == 1
+    assert "unknown command 'b'" in result.stderr
+    assert bytes(peer.memory[0x40:0x42]) == b"a\0"
+
+
+def run_on_a_terminal(server: ServerProcess, typed: bytes) -> tuple[int, str]:
+    """A client whose stdin is a terminal (so it prompts and reports errors on stdout)."""
+    master, slave = pty.openpty()
+    try:
+        attrs = termios.tcgetattr(slave)
+        attrs[3] &= ~termios.ECHO  # nobody reads the echo
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        proc = subprocess.Popen(
+            [*CLIENT, "-S", server.socket_path, "-n", str(VECTORS)],
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.close(slave)
+        slave = -1
+        try:
+            os.write(master, typed)
+            out, err = proc.communicate(timeout=WAIT)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert err == ""
+        return proc.returncode, out
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+@pytest.mark.parametrize("ending", ["quit", "eof"])
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
+@pytest.mark.parametrize("fail", [True, False], ids=["a-command-failed", "all-succeeded"])
+def test_the_exit_status_says_whether_a_command_failed_however_the_client_ends(
+    server: ServerProcess, ending: str, terminal: bool, fail: bool
+) -> None:
+    commands = "id\n" + ("bogus\n" if fail else "") + "id\n"
+    if terminal:
+        # A terminal's end of input is ^D at the start of a line.
+        code, out = run_on_a_terminal(
+            server, (commands + ("quit\n" if ending == "quit" else "\x04")).encode()
+        )
+        assert ("error: unknown command 'bogus'" in out) == fail
+    else:
+        result = client(server, input=commands + ("quit\n" if ending == "quit" else ""))
+        code = result.returncode
+        assert ("unknown command 'bogus'" in result.stderr) == fail
+    assert code == (1 if fail else 0)
+
+
 def test_the_client_exits_when_the_server_goes_away(short_tmp: Path) -> None:
     with ServerProcess(short_tmp, size="64K", vectors=VECTORS, check=False) as proc:
         cli = Interactive(proc)
@@ -301,6 +391,8 @@ def test_console_script_and_umbrella_command(server: ServerProcess, peer: Peer) 
         assert peer.wait(timeout=WAIT) == 1
     usage = subprocess.run([str(script), "-h"], capture_output=True, text=True, timeout=WAIT)
     assert usage.returncode == 0 and "int PEER VECTOR" in usage.stdout
+    assert "hex:3b is ';'" in usage.stdout
+    assert "exit status: 0 if every command succeeded, 1 if any failed" in usage.stdout
 
 
 def test_helpers() -> None:

@@ -10,9 +10,11 @@ it can ``wait`` for a notification, which makes it usable from shell scripts::
     printf 'dump\\nint all\\n' | ivshmem-client -S /tmp/ivshmem_socket
 
 Commands are separated by newlines or ``;``. With ``-c`` they run in order and the first failing
-one stops the client (exit status 1). Otherwise they are read from standard input until EOF (or
-``quit``); a failing command prints an error and the client goes on, and the exit status is 1 if
-any failed. Exit status 1 also when the server cannot be reached or goes away.
+one stops the client. Otherwise they are read from standard input until EOF (or ``quit``); a
+failing command prints an error and the client goes on. The exit status is the same whichever
+way the client was driven (``-c``, a pipe, a terminal) and ended (``quit``, EOF): 0 if every
+command succeeded, 1 if any failed or the server could not be reached or went away. One rule for
+all, so that a script driving a terminal session (expect, a pty) reads it like a piped one.
 """
 
 from __future__ import annotations
@@ -36,17 +38,25 @@ HELP = """\
 commands (separate several with ';'):
   dump                   show our id, vectors and fds, and every other peer
   id                     print our peer id
-  int PEER VECTOR        notify one vector of a peer
+  int PEER VECTOR        notify one vector of a peer (our own id rings ourselves)
   int PEER all           notify every vector of a peer
   int all                notify every vector of every other peer
   read OFFSET LENGTH     hex and ASCII dump of the shared memory
-  write OFFSET TEXT      write TEXT (UTF-8) at OFFSET; 'hex:48690a' writes raw bytes
+  write OFFSET TEXT      write TEXT (UTF-8) at OFFSET: the rest of the command, inner
+                         spaces kept; ';' ends the command and leading and trailing
+                         spaces are dropped, so write those with hex: (hex:3b is ';')
+  write OFFSET hex:BYTES write raw bytes, e.g. hex:48690a
   wait [VECTOR|all] [SECONDS]
                          wait for a notification not yet reported (fails on timeout)
   sleep SECONDS          keep reporting events for that long
   help                   this text
   quit                   leave
 numbers: decimal, 0x hex, or with a K/M/G suffix (offsets and lengths)"""
+
+EXIT_STATUS = """\
+exit status: 0 if every command succeeded, 1 if any failed (with -c the first failure
+stops the client) or the server could not be reached or went away; the same for -c,
+piped and interactive input, ended by quit or by EOF."""
 
 
 class CommandError(Exception):
@@ -304,7 +314,7 @@ def run_stdin(client: Client, stdin_fd: int, interactive: bool) -> int:
             if text:
                 prompt()
         if not data:
-            return 1 if failed and not interactive else 0
+            return 1 if failed else 0  # as for quit: see the module docstring
 
 
 # -- argument parsing ----------------------------------------------------------------------
@@ -353,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ivshmem-client",
         description="Connect to an ivshmem server as a host peer: ring and receive doorbells,\n"
         "read and write the shared memory (QEMU's ivshmem-client commands, and more).",
-        epilog=HELP,
+        epilog=f"{HELP}\n\n{EXIT_STATUS}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
@@ -365,7 +375,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "client",
         help="an interactive or scripted host peer (QEMU's ivshmem-client commands)",
         description=build_parser().description,
-        epilog=HELP,
+        epilog=f"{HELP}\n\n{EXIT_STATUS}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
