@@ -30,7 +30,10 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 stamp=.venv/.ivshmem-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# Reinstall when the packaging or the C extension's source changed (the editable install
+# builds src/ivshmem/channel/_ringcore*.so in place, next to its source).
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+    || [ src/ivshmem/channel/_ringcore.c -nt "$stamp" ]; then
     echo "setup: installing ivshmem and its test tools into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip >&2
     .venv/bin/python -m pip install -q -e ".[test]" >&2

@@ -59,6 +59,13 @@ x86-64 only, so :func:`check_platform` refuses everything else with a clear erro
    ordered: stores may be combined and reach memory out of order. Do not run channels over
    one.
 
+6. **The C core** (``_ringcore.c``, optional) makes the same accesses with explicit
+   annotations instead of relying on call boundaries: shared words are read with relaxed
+   atomic loads into locals (so the compiler cannot fetch a checked value twice), the head
+   and tail are published with release stores and the head is read with an acquire load, and
+   the StoreLoad fence of point 3 is ``__atomic_thread_fence(__ATOMIC_SEQ_CST)``. On x86-64
+   all of these but the fence compile to the plain moves the Python path makes.
+
 In a guest under QEMU's software emulation (TCG) on an x86-64 host the argument carries
 over: TCG emits a host load/store per guest access and emulates guest locked instructions
 with host atomics, so the guest observes TSO too.

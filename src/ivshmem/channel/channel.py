@@ -79,6 +79,7 @@ from .ring import (
     S_WAIT,
     RingReceiver,
     RingSender,
+    _fast,
     init_area,
 )
 
@@ -579,45 +580,61 @@ class Receiver(RingReceiver, _End):
 
     # -- blocking API -----------------------------------------------------------------------
 
-    def recv(self, timeout: float | None = None) -> bytes:
+    def _recv_py(self, timeout: float | None = None) -> bytes:
         """The next message as bytes. Raises ChannelTimeout, PeerGoneError (after the ring
         is drained), ChannelClosedError (the sender closed it and all was received)."""
         data = self._take()
         if data is None:
-            if self._quick_spin:  # _block's first burst, inlined: the round trip's path
-                q = self._q
-                tail = self._tail
-                for _ in _BURST:
-                    if q[S_HEAD] != tail:
-                        data = self._take()
-                        if data is not None:
-                            return data
-                        break
-            deadline = _deadline(timeout)
-            while data is None:
-                self._wait_data(deadline)
-                data = self._take()
+            data = self._recv_wait(timeout)
         return data
 
-    def recv_view(self, timeout: float | None = None) -> memoryview:
+    recv = _fast("_c_recv", _recv_py)  # the C twin: the same first attempt, then _recv_wait
+
+    def _recv_wait(self, timeout: float | None) -> bytes:
+        """recv() once the ring was found empty."""
+        if self._quick_spin:  # _block's first burst, inlined: the round trip's path
+            q = self._q
+            tail = self._tail
+            for _ in _BURST:
+                if q[S_HEAD] != tail:
+                    data = self._take()
+                    if data is not None:
+                        return data
+                    break
+        deadline = _deadline(timeout)
+        while True:
+            self._wait_data(deadline)
+            data = self._take()
+            if data is not None:
+                return data
+
+    def _recv_view_py(self, timeout: float | None = None) -> memoryview:
         """The next message as a read-only view into shared memory (no copy), valid until
         :meth:`release`."""
         view = self._take_view()
         if view is None:
-            if self._quick_spin:  # as in recv()
-                q = self._q
-                tail = self._tail
-                for _ in _BURST:
-                    if q[S_HEAD] != tail:
-                        view = self._take_view()
-                        if view is not None:
-                            return view
-                        break
-            deadline = _deadline(timeout)
-            while view is None:
-                self._wait_data(deadline)
-                view = self._take_view()
+            view = self._recv_view_wait(timeout)
         return view
+
+    recv_view = _fast("_c_recv_view", _recv_view_py)
+
+    def _recv_view_wait(self, timeout: float | None) -> memoryview:
+        """recv_view() once the ring was found empty (as in _recv_wait)."""
+        if self._quick_spin:
+            q = self._q
+            tail = self._tail
+            for _ in _BURST:
+                if q[S_HEAD] != tail:
+                    view = self._take_view()
+                    if view is not None:
+                        return view
+                    break
+        deadline = _deadline(timeout)
+        while True:
+            self._wait_data(deadline)
+            view = self._take_view()
+            if view is not None:
+                return view
 
     def recv_many(self, max_messages: int = 1024, timeout: float | None = None) -> list[bytes]:
         """At least one message (waiting up to ``timeout`` for it), then whatever else is
@@ -780,17 +797,25 @@ class Sender(RingSender, _End):
             raise ChannelClosedError(f"channel {self.name!r}: the receiver closed it")
         self._block(R_TAIL, self._tail, self._tail_moved, S_WAIT, self._receiver_closed, deadline)
 
-    def send(
+    def _send_py(
         self, data: bytes | bytearray | memoryview, timeout: float | None = None,
         flush: bool = True,
     ) -> None:  # fmt: skip
         """Copy ``data`` in as one message (waiting for room). ``flush=False`` defers
         publishing to :meth:`flush`, for batches."""
         if not self.try_send(data, flush):
-            deadline = _deadline(timeout)
+            self._send_wait(data, timeout, flush)
+
+    send = _fast("_c_send", _send_py)  # the C twin: the same first attempt, then _send_wait
+
+    def _send_wait(
+        self, data: bytes | bytearray | memoryview, timeout: float | None, flush: bool
+    ) -> None:
+        """send() once the ring was found full."""
+        deadline = _deadline(timeout)
+        self._wait_room(deadline)
+        while not self.try_send(data, flush):
             self._wait_room(deadline)
-            while not self.try_send(data, flush):
-                self._wait_room(deadline)
 
     def send_many(
         self, messages: Iterable[bytes | bytearray | memoryview], timeout: float | None = None

@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ..errors import UsageError
 from ._ordering import _acquire, _release
 from .errors import ChannelCorrupted, UnexpectedMessageError
 
 __all__ = [
+    "ACCELERATED",
     "CTRL_SIZE",
     "KIND_ARRAY",
     "KIND_DATA",
@@ -109,6 +112,44 @@ def _mmap_window(data: memoryview) -> tuple[mmap.mmap | None, int]:
     return mm, offset
 
 
+class _PythonCore:
+    """What the C core (``_ringcore.RingCore``) provides, for when it is not there: the state
+    lives in ordinary attributes and every method below runs as written."""
+
+    def _bind(self, area: memoryview) -> None:
+        """The C core holds the area's buffer here; Python needs nothing."""
+
+    def _bind_guard(self, words: memoryview, index: int, value: int) -> None:
+        """The C core holds the guard word's buffer here; Python needs nothing."""
+
+
+def _load_core() -> tuple[type, bool]:
+    """The C core if it was built and is not disabled (``IVSHMEM_PURE_PYTHON=1``), else the
+    Python stand-in. Either way the behaviour is the same (the C core takes only the common
+    case and hands everything else to the Python methods); only the speed differs."""
+    if os.environ.get("IVSHMEM_PURE_PYTHON", "") not in ("", "0"):
+        return _PythonCore, False
+    try:
+        from ._ringcore import RingCore
+    except ImportError:
+        return _PythonCore, False
+    return RingCore, True
+
+
+if TYPE_CHECKING:
+    _Base = _PythonCore
+    ACCELERATED = False
+else:
+    _Base, ACCELERATED = _load_core()
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _fast(name: str, python: _F) -> _F:
+    """The C twin ``name`` of method ``python`` when the C core is loaded, else ``python``."""
+    return cast(_F, getattr(_Base, name)) if ACCELERATED else python
+
+
 def init_area(area: memoryview) -> None:
     """Zero the control lines of a fresh channel area (done by its creator, before the
     directory entry that publishes it)."""
@@ -118,8 +159,12 @@ def init_area(area: memoryview) -> None:
     words[R_VECTOR] = NO_VECTOR
 
 
-class _Ring:
-    """What both ends share: the views, the capacity, the broken state."""
+class _Ring(_Base):
+    """What both ends share: the views, the capacity, the broken state.
+
+    With the C core loaded (``ACCELERATED``), the counters and flags below are its members
+    and its methods replace the hot paths marked ``_fast``; the ``*_py`` methods stay the
+    reference and the path for everything unusual (see ``_ringcore.c``)."""
 
     def __init__(self, area: memoryview, name: str) -> None:
         self.name = name
@@ -130,6 +175,7 @@ class _Ring:
         self.capacity = capacity
         self._mask = capacity - 1
         self._area = area
+        self._bind(area)
         self._q = area.cast("Q")
         self._data = area[CTRL_SIZE:]
         self._rodata = self._data.toreadonly()
@@ -143,6 +189,7 @@ class _Ring:
         self._gq: memoryview = memoryview(bytearray(8)).cast("Q")
         self._gi = 0
         self._gv = 0
+        self._bind_guard(self._gq, 0, 0)
 
     def _corrupt(self, field: str, detail: str) -> ChannelCorrupted:
         err = ChannelCorrupted(self.name, field, detail)
@@ -156,6 +203,7 @@ class _Ring:
     def set_guard(self, words: memoryview, index: int, value: int) -> None:
         """Refuse to write once ``words[index]`` no longer equals ``value`` (see __init__)."""
         self._gq, self._gi, self._gv = words, index, value
+        self._bind_guard(words, index, value)
 
     def _guard_failed(self) -> None:
         """The guard word changed: this end must not write any more (channel.py overrides
@@ -182,8 +230,10 @@ class RingSender(_Ring):
         self._tail = tail  # last validated tail
         self._published = head
         self._notified = 0  # receiver wait word we last rang for
-        self._resv: tuple[int, int, int, int] | None = None  # (pos, skip, length, kind)
+        # The open reservation: its view (None: no reservation), position, the bytes skipped
+        # to get there (a WRAP), its length and kind.
         self._resv_view: memoryview | None = None
+        self._rpos = self._rskip = self._rlen = self._rkind = 0
         # Biggest record the fast path takes; -1 while broken or reserving (-> slow path).
         self._half = self.capacity >> 1
         self._limit = self._half
@@ -224,7 +274,7 @@ class RingSender(_Ring):
 
     # -- writing -------------------------------------------------------------------------
 
-    def try_send(self, data: bytes | bytearray | memoryview, flush: bool = True) -> bool:
+    def _try_send_py(self, data: bytes | bytearray | memoryview, flush: bool = True) -> bool:
         """Copy ``data`` in as one message if there is room now; False otherwise.
 
         This is the hot path: locals instead of attributes, one slice copy, one header store,
@@ -262,7 +312,9 @@ class RingSender(_Ring):
                     self._wake_receiver(q[R_VECTOR])
         return True
 
-    def try_send_many(
+    try_send = _fast("_c_try_send", _try_send_py)
+
+    def _try_send_many_py(
         self, messages: Sequence[bytes | bytearray | memoryview], start: int = 0
     ) -> int:
         """Copy ``messages[start:]`` in, as many as fit now, *without* publishing them (call
@@ -307,11 +359,13 @@ class RingSender(_Ring):
             self._head = head
         return i
 
+    try_send_many = _fast("_c_try_send_many", _try_send_many_py)
+
     def _slow_place(self, n: int) -> tuple[int, int] | None:
         """For try_send: check the state and size, and find room (writing a WRAP marker if
         the record goes to the start); returns (head after any wrap, position) or None."""
         self._check_broken()
-        if self._resv is not None:
+        if self._resv_view is not None:
             raise UsageError(f"channel {self.name!r}: commit() the reservation first")
         need = self._check_size(n)
         place = self._place(need)
@@ -325,7 +379,7 @@ class RingSender(_Ring):
             self._head = head
         return head, pos
 
-    def try_reserve(self, n: int, kind: int = KIND_DATA) -> memoryview | None:
+    def _try_reserve_py(self, n: int, kind: int = KIND_DATA) -> memoryview | None:
         """A writable view of ``n`` bytes in the ring, or None if there is no room now."""
         if self._gq[self._gi] != self._gv:
             self._guard_failed()
@@ -336,26 +390,27 @@ class RingSender(_Ring):
         skip = 0
         if need > self._limit or pos + need > cap or head + need - self._tail > cap or n < 0:
             self._check_broken()
-            if self._resv is not None:
+            if self._resv_view is not None:
                 raise UsageError(f"channel {self.name!r}: commit() the reservation first")
             need = self._check_size(n)
             place = self._place(need)
             if place is None:
                 return None
             pos, skip = place
-        self._resv = (pos, skip, n, kind)
-        self._limit = -1
         view = self._data[pos + HEADER : pos + HEADER + n]
+        self._rpos, self._rskip, self._rlen, self._rkind = pos, skip, n, kind
+        self._limit = -1
         self._resv_view = view
         return view
 
-    def commit(self, n: int | None = None, *, flush: bool = True) -> None:
+    try_reserve = _fast("_c_try_reserve", _try_reserve_py)
+
+    def _commit_py(self, n: int | None = None, *, flush: bool = True) -> None:
         """Make the reserved bytes (or their first ``n``) one message; with ``flush=False``
         it is published by a later :meth:`flush` (batching: one index store, one check)."""
-        resv = self._resv
-        if resv is None:
+        if self._resv_view is None:
             raise UsageError(f"channel {self.name!r}: nothing reserved to commit")
-        pos, skip, length, kind = resv
+        pos, skip, length, kind = self._rpos, self._rskip, self._rlen, self._rkind
         if n is not None:
             if not 0 <= n <= length:
                 raise UsageError(f"commit({n}) is outside the reserved 0..{length} bytes")
@@ -370,13 +425,12 @@ class RingSender(_Ring):
         q[_DATA_WORD + (pos >> 3)] = length | (kind << _KIND_SHIFT)
         head += skip + ((length + 15) & -8)
         self._head = head
-        self._resv = None
         self._limit = self._half
+        view, self._resv_view = self._resv_view, None
         try:
-            self._resv_view.release()  # type: ignore[union-attr]  # later writes now fail
+            view.release()  # later writes through it now fail
         except BufferError:
             pass  # exported (e.g. to numpy): cannot be revoked
-        self._resv_view = None
         if flush:
             # flush(), inlined: this is the zero-copy hot path.
             q[S_HEAD] = head
@@ -389,9 +443,10 @@ class RingSender(_Ring):
                     self._notified = wait
                     self._wake_receiver(q[R_VECTOR])
 
+    commit = _fast("_c_commit", _commit_py)
+
     def cancel(self) -> None:
         """Drop the current reservation; nothing is sent."""
-        self._resv = None
         if self._broken is None:
             self._limit = self.capacity >> 1
         view, self._resv_view = self._resv_view, None
@@ -401,7 +456,7 @@ class RingSender(_Ring):
             except BufferError:
                 pass
 
-    def flush(self) -> None:
+    def _flush_py(self) -> None:
         """Publish every committed message with one index store, then ring the receiver if
         (and only if) it is blocked.
 
@@ -426,6 +481,8 @@ class RingSender(_Ring):
             if wait & 1 and wait != self._notified:
                 self._notified = wait
                 self._wake_receiver(q[R_VECTOR])
+
+    flush = _fast("_c_flush", _flush_py)
 
     def _wake_receiver(self, vector: int) -> None:
         """Ring the receiver's doorbell; the ring itself has none (channel.py overrides)."""
@@ -516,7 +573,7 @@ class RingReceiver(_Ring):
             self._publish_tail()
         return data
 
-    def _take(self) -> bytes | None:
+    def _take_py(self) -> bytes | None:
         """try_recv() without giving space back on empty (blocking callers do that only
         before they wait long: see channel.py, _idle).
 
@@ -557,15 +614,17 @@ class RingReceiver(_Ring):
             self._publish_tail()
         return data
 
-    def take_many(self, max_messages: int) -> list[bytes]:
+    _take = _fast("_c_take", _take_py)
+
+    def _take_many_py(self, max_messages: int) -> list[bytes]:
         """Up to ``max_messages`` messages already in the ring, copied out, consumed with one
         read of the head and at most one tail store (the batch path of recv_many).
 
         Each record is checked exactly as in :meth:`_take`, against private copies: the head
         read once and validated, and ``tail``, which only this loop advances. A record that
-        is not plain (WRAP, array, corrupt) ends the fast loop and goes through :meth:`_take`,
-        which handles or reports it - after returning the messages already copied, so an
-        error never swallows them."""
+        is not plain (WRAP, array, corrupt) ends the batch, so an error never swallows the
+        messages already copied; a call that starts at such a record hands it to
+        :meth:`_take`, which handles a WRAP and reports anything else."""
         out: list[bytes] = []
         if max_messages <= 0:
             return out
@@ -579,11 +638,11 @@ class RingReceiver(_Ring):
         append = out.append
         tail = self._tail
         head = self._head
-        if tail == head:
-            head = self._read_head()
         while len(out) < max_messages:
-            if tail == head:
-                break
+            if tail == head:  # the known records are used up: look for more (once each)
+                head = self._read_head()
+                if tail == head:
+                    break
             pos = tail & mask
             word = q[_DATA_WORD + (pos >> 3)]
             n = word & _LEN_MASK
@@ -594,16 +653,10 @@ class RingReceiver(_Ring):
                 or pos + need > cap
                 or need > half
             ):
-                if out and word != _WRAP_WORD:
-                    break  # hand out what we have; the next call raises (or says "array")
+                if out:
+                    break  # hand out what we have; the next call deals with this record
                 self._tail = tail
-                try:
-                    data = self._take()  # WRAP (or a liar): the careful path
-                except (ChannelCorrupted, UnexpectedMessageError):
-                    if not out:
-                        raise
-                    tail = self._tail  # the next call raises again (or says "array")
-                    break
+                data = self._take()  # a WRAP (handled) or a liar (raises): the careful path
                 if data is None:  # pragma: no cover - a record is known to be there
                     break
                 append(data)
@@ -621,6 +674,8 @@ class RingReceiver(_Ring):
             self._publish_tail()
         return out
 
+    take_many = _fast("_c_take_many", _take_many_py)
+
     def try_recv_view(self, kind: int = KIND_DATA) -> memoryview | None:
         """The next message as a read-only view into the ring (zero copy), or None. The view
         stays valid until :meth:`release`, which frees every view handed out so far."""
@@ -629,7 +684,7 @@ class RingReceiver(_Ring):
             self._publish_tail()
         return view
 
-    def _take_view(self, kind: int = KIND_DATA) -> memoryview | None:
+    def _take_view_py(self, kind: int = KIND_DATA) -> memoryview | None:
         """try_recv_view() without giving space back on empty (see :meth:`_take`)."""
         tail = self._tail
         if tail == self._head and self._read_head() == tail:
@@ -658,6 +713,8 @@ class RingReceiver(_Ring):
         self._tail = tail + need
         return view
 
+    _take_view = _fast("_c_take_view", _take_view_py)
+
     def _unexpected(self, got: int, wanted: int) -> None:
         names = {KIND_DATA: "bytes", KIND_ARRAY: "array"}
         raise UnexpectedMessageError(
@@ -665,7 +722,7 @@ class RingReceiver(_Ring):
             f"{names.get(wanted, wanted)}; receive it with the matching call"
         )
 
-    def release(self) -> None:
+    def _release_py(self) -> None:
         """Give back every message received so far: views handed out are revoked now, and the
         space returns to the sender in batches (every eighth of the ring, whenever the ring
         is found empty, and before this end waits), which saves a fence and a cache-line
@@ -682,7 +739,9 @@ class RingReceiver(_Ring):
         if self._tail - self._released >= self._release_every:
             self._publish_tail()
 
-    def _publish_tail(self) -> None:
+    release = _fast("_c_release", _release_py)
+
+    def _publish_tail_py(self) -> None:
         """Store the tail, then ring the sender if it sleeps waiting for space."""
         tail = self._tail
         if tail == self._released or self._views:
@@ -699,6 +758,8 @@ class RingReceiver(_Ring):
             if wait & 1 and wait != self._notified:
                 self._notified = wait
                 self._wake_sender(q[S_VECTOR])
+
+    _publish_tail = _fast("_c_publish_tail", _publish_tail_py)
 
     def _wake_sender(self, vector: int) -> None:
         """Ring the sender's doorbell (channel.py overrides)."""

@@ -1,0 +1,166 @@
+"""The ring's optional C core (_ringcore.c) against its Python twins in ring.py.
+
+The C core takes only the common case and hands everything else to the Python methods, so the
+two must be indistinguishable: the same results, the same errors, the same bytes in shared
+memory, under any sequence of honest calls and hostile writes. The differential property test
+runs one op sequence on two rings - one with the C methods, one with the Python ones forced -
+and compares after every step. (Both rings have the same C base when it is built; forcing the
+Python methods on a subclass is exactly what ``IVSHMEM_PURE_PYTHON=1`` does for the whole
+module, which scripts/test.sh also exercises by running the channel tests again that way.)
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from conftest import require
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_channel_hostile import AREA, CAPACITY, _op
+
+from ivshmem.channel import ChannelCorrupted, UnexpectedMessageError
+from ivshmem.channel import ring as ringmod
+from ivshmem.channel.ring import RingReceiver, RingSender, init_area
+
+pytestmark = pytest.mark.skipif(
+    not ringmod.ACCELERATED and not os.environ.get("CI"),
+    reason="the C core is not built here (no compiler or Python headers at install time); "
+    "the Python ring is tested by the other channel tests",
+)
+
+
+class _PySender(RingSender):
+    try_send = RingSender._try_send_py
+    try_send_many = RingSender._try_send_many_py
+    try_reserve = RingSender._try_reserve_py
+    commit = RingSender._commit_py
+    flush = RingSender._flush_py
+
+
+class _PyReceiver(RingReceiver):
+    _take = RingReceiver._take_py
+    take_many = RingReceiver._take_many_py
+    _take_view = RingReceiver._take_view_py
+    release = RingReceiver._release_py
+    _publish_tail = RingReceiver._publish_tail_py
+
+
+def test_the_c_core_is_built_and_used() -> None:
+    require(
+        ringmod.ACCELERATED,
+        "the ring's C core did not build (pip install needs gcc and the Python headers)",
+    )
+    assert RingSender.try_send is not RingSender._try_send_py
+    assert RingReceiver._take is not RingReceiver._take_py
+
+
+def test_pure_python_can_be_forced() -> None:
+    code = "import ivshmem.channel.ring as r; print(r.ACCELERATED, r.RingSender.try_send)"
+    env = {**os.environ, "IVSHMEM_PURE_PYTHON": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.startswith("False <function RingSender._try_send_py")
+
+
+class _Side:
+    """One ring over an anonymous mapping (page-aligned, like a real region)."""
+
+    def __init__(self, python: bool) -> None:
+        self.mm = mmap.mmap(-1, AREA)
+        self.area = memoryview(self.mm)
+        init_area(self.area)
+        self.words = self.area.cast("Q")
+        self.tx: RingSender = (_PySender if python else RingSender)(self.area, "victim")
+        self.rx: RingReceiver = (_PyReceiver if python else RingReceiver)(self.area, "victim")
+        self.views: list[memoryview] = []
+
+    def apply(self, op: tuple[Any, ...], step: int) -> Any:
+        """Do ``op``; return what a caller could observe (values, or the error's kind)."""
+        kind = op[0]
+        try:
+            if kind == "send":
+                return self.tx.try_send(bytes([step % 251]) * op[1])
+            if kind == "send_many":
+                batch = [bytes([(step + i) % 251]) * n for i, n in enumerate(op[1])]
+                done = self.tx.try_send_many(batch)
+                self.tx.flush()
+                return done
+            if kind == "send_array":
+                view = self.tx.try_reserve(op[1] * 4 + 16, ringmod.KIND_ARRAY)
+                if view is None:
+                    return None
+                n = len(view)
+                view[:] = bytes([step % 7]) * n
+                self.tx.commit(n // 2 if op[1] % 3 == 0 else None)
+                return n
+            if kind == "recv":
+                if op[1] == "bytes":
+                    return self.rx.try_recv()
+                if op[1] in ("view", "array"):
+                    kind_ = ringmod.KIND_DATA if op[1] == "view" else ringmod.KIND_ARRAY
+                    v = self.rx.try_recv_view(kind_)
+                    return None if v is None else bytes(v)
+                if op[1] == "many":
+                    return self.rx.take_many(5)
+                self.rx.release()
+                return "released"
+            if kind in ("word", "control"):
+                self.words[op[1]] = op[2]
+            elif kind == "header":
+                self.words[ringmod.CTRL_SIZE // 8 + op[1]] = op[2]
+            else:
+                data = op[2][: AREA - op[1]]
+                self.area[op[1] : op[1] + len(data)] = data
+            return "written"
+        except ChannelCorrupted as err:
+            return ("corrupt", err.field)
+        except UnexpectedMessageError:
+            return "unexpected"
+
+    def state(self) -> tuple[Any, ...]:
+        tx, rx = self.tx, self.rx
+        return (
+            bytes(self.mm),
+            (tx._head, tx._tail, tx._published, tx._notified, tx._limit),
+            (rx._head, rx._tail, rx._released, rx._notified, len(rx._views)),
+            tx._broken is not None,
+            rx._broken is not None,
+        )
+
+
+@settings(
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(ops=st.lists(_op, max_size=60))
+def test_c_core_and_python_twins_agree(ops: list[tuple[Any, ...]]) -> None:
+    require(ringmod.ACCELERATED, "the ring's C core did not build")
+    c, py = _Side(python=False), _Side(python=True)
+    for step, op in enumerate(ops):
+        assert c.apply(op, step) == py.apply(op, step), (step, op)
+        assert c.state() == py.state(), (step, op)
+
+
+def test_release_revokes_views_and_sizes_match_capacity() -> None:
+    require(ringmod.ACCELERATED, "the ring's C core did not build")
+    side = _Side(python=False)
+    assert side.tx.capacity == CAPACITY
+    assert side.tx.try_send(b"abc")
+    view = side.rx.try_recv_view()
+    assert view is not None and bytes(view) == b"abc"
+    side.rx.release()
+    with pytest.raises(ValueError):
+        bytes(view)  # revoked: the space may be rewritten from now on
+    reserved = side.tx.try_reserve(10)
+    assert reserved is not None
+    side.tx.commit(4)
+    with pytest.raises(ValueError):
+        reserved[0] = 1  # the reservation's view is revoked by commit()
+    assert side.rx.try_recv() == bytes(4)
