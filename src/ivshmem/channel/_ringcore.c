@@ -29,6 +29,12 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#else
+#define CPU_RELAX() __asm__ __volatile__("" ::: "memory")
+#endif
 
 /* Keep in step with ring.py. */
 #define CTRL_SIZE 256
@@ -844,6 +850,41 @@ static PyObject *Core_publish_tail(Core *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* _spin(word, seen, turns) -> bool: whether control word ``word`` moved away from ``seen``
+ * within ``turns`` polls. A pause between polls (the x86 spin-wait hint) leaves the line to
+ * the writer for a moment: a poller that re-reads the line as fast as it can makes every
+ * store of the other side fetch it back first, which halves a stream's rate. */
+static PyObject *Core_spin(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_spin(word, seen, turns)");
+        return NULL;
+    }
+    Py_ssize_t word = PyLong_AsSsize_t(args[0]);
+    if (word == -1 && PyErr_Occurred())
+        return NULL;
+    u64 seen = PyLong_AsUnsignedLongLong(args[1]);
+    if (seen == (u64)-1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t turns = PyLong_AsSsize_t(args[2]);
+    if (turns == -1 && PyErr_Occurred())
+        return NULL;
+    if (word < 0 || word >= CTRL_SIZE / 8) {
+        PyErr_SetString(PyExc_ValueError, "_spin: not a control word");
+        return NULL;
+    }
+    if (!core_bound(self))
+        return NULL;
+    volatile u64 *p = &self->q[word];
+    for (Py_ssize_t i = 0; i < turns; i++) {
+        if (ld_relaxed(p) != seen)
+            Py_RETURN_TRUE;
+        CPU_RELAX();
+    }
+    if (ld_relaxed(p) != seen)
+        Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
 /* -- type -------------------------------------------------------------------------------- */
 
 #define FASTKW (METH_FASTCALL | METH_KEYWORDS)
@@ -865,6 +906,7 @@ static PyMethodDef Core_methods[] = {
     {"_c_take_many", (PyCFunction)Core_take_many, METH_O, NULL},
     {"_c_release", (PyCFunction)Core_release, METH_NOARGS, NULL},
     {"_c_publish_tail", (PyCFunction)Core_publish_tail, METH_NOARGS, NULL},
+    {"_c_spin", (PyCFunction)(void (*)(void))Core_spin, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 

@@ -92,7 +92,6 @@ DEFAULT_LIVENESS_INTERVAL = 0.1
 DEFAULT_POLL_INTERVAL = 0.001
 _FIRST_POLL_SLEEP = 50e-6
 _SPIN_BURST = 256  # spin turns between clock reads
-_BURST = range(_SPIN_BURST)
 
 # Open ends in this process, so the same end of a channel cannot be opened twice (two writers
 # of one word would break the single-writer argument). Keyed by region format id, offset, role.
@@ -119,6 +118,7 @@ class _End:
     name: str
     _corrupt: Callable[[str, str], ChannelCorrupted]
     set_guard: Callable[[memoryview, int, int], None]
+    _spin: Callable[[int, int, int], bool]
     _gq: memoryview
     _gi: int
     _gv: int
@@ -304,18 +304,17 @@ class _End:
         q = self._q
         # 1. Spin: the fastest reaction. A first burst reads only the one word (no clock, no
         # calls: a few tens of ns per turn); then the clock is read every _SPIN_BURST turns.
+        spin = self._spin
         if self.spin > 0:
-            for _ in _BURST:
-                if q[word] != seen:
-                    return
+            if spin(word, seen, _SPIN_BURST):
+                return
             self._idle()  # not a quick turn-around: do what waiting longer needs
             now = time.monotonic()
             spin_end = now + self.spin
             next_live = now + self.liveness_interval
             while True:
-                for _ in _BURST:
-                    if q[word] != seen:
-                        return
+                if spin(word, seen, _SPIN_BURST):
+                    return
                 now = time.monotonic()
                 if now >= spin_end:
                     break
@@ -592,15 +591,11 @@ class Receiver(RingReceiver, _End):
 
     def _recv_wait(self, timeout: float | None) -> bytes:
         """recv() once the ring was found empty."""
-        if self._quick_spin:  # _block's first burst, inlined: the round trip's path
-            q = self._q
-            tail = self._tail
-            for _ in _BURST:
-                if q[S_HEAD] != tail:
-                    data = self._take()
-                    if data is not None:
-                        return data
-                    break
+        if self._quick_spin and self._spin(S_HEAD, self._tail, _SPIN_BURST):
+            # _block's first burst, inlined: the round trip's path
+            data = self._take()
+            if data is not None:
+                return data
         deadline = _deadline(timeout)
         while True:
             self._wait_data(deadline)
@@ -620,15 +615,10 @@ class Receiver(RingReceiver, _End):
 
     def _recv_view_wait(self, timeout: float | None) -> memoryview:
         """recv_view() once the ring was found empty (as in _recv_wait)."""
-        if self._quick_spin:
-            q = self._q
-            tail = self._tail
-            for _ in _BURST:
-                if q[S_HEAD] != tail:
-                    view = self._take_view()
-                    if view is not None:
-                        return view
-                    break
+        if self._quick_spin and self._spin(S_HEAD, self._tail, _SPIN_BURST):  # as in recv
+            view = self._take_view()
+            if view is not None:
+                return view
         deadline = _deadline(timeout)
         while True:
             self._wait_data(deadline)

@@ -205,6 +205,17 @@ class _Ring(_Base):
         self._gq, self._gi, self._gv = words, index, value
         self._bind_guard(words, index, value)
 
+    def _spin_py(self, word: int, seen: int, turns: int) -> bool:
+        """Whether control word ``word`` moved away from ``seen`` within ``turns`` polls (the
+        C core pauses between polls; Python cannot, and its loop is slow enough anyway)."""
+        q = self._q
+        for _ in range(turns):
+            if q[word] != seen:
+                return True
+        return q[word] != seen
+
+    _spin = _fast("_c_spin", _spin_py)
+
     def _guard_failed(self) -> None:
         """The guard word changed: this end must not write any more (channel.py overrides
         this to say which peer left)."""
