@@ -9,11 +9,11 @@ peer; :meth:`Endpoint.wait` consumes the count of one vector and returns its num
 arrive while nobody waits are not lost, but several rings may be reported as one.
 
 Waiting spins first, then blocks: for ``spin`` seconds (default :data:`DEFAULT_SPIN`, 50 µs;
-per endpoint in ``endpoint.spin`` or per call) ``wait`` keeps trying a non-blocking read of the
-eventfds, and only then sleeps in ``poll()``. A ring that comes back within the budget (a
-request/response partner on another core) is taken without the kernel putting the waiter to
-sleep and waking it, which on a busy machine costs tens of microseconds; a ring that comes
-later costs at most ``spin`` of one core's time. ``spin=0`` blocks at once.
+per endpoint in ``endpoint.spin`` or per call) ``wait`` keeps checking the eventfds with a
+non-blocking ``poll()``, and only then sleeps in a blocking one. A ring that comes back within
+the budget (a request/response partner on another core) is taken without the kernel putting the
+waiter to sleep and waking it, which on a busy machine costs tens of microseconds; a ring that
+comes later costs at most ``spin`` of one core's time. ``spin=0`` blocks at once.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import asyncio
 import os
 import select
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .errors import (
@@ -133,13 +133,23 @@ class Endpoint(abc.ABC):
         self.close()
 
 
+#: A spinner: given a budget in seconds, returns the vector whose count it consumed, or None.
+Spinner = Callable[[float], "int | None"]
+# A cached poll set: its bound poll() method, {eventfd: vector}, the extra fds, a spinner.
+_PollSet = tuple[Callable[..., list[tuple[int, int]]], dict[int, int], frozenset[int], Spinner]
+
+
 class EventfdEndpoint(Endpoint):
     """Shared machinery for endpoints whose own vectors are eventfds (host peer, VFIO guest).
 
     Subclasses provide ``_own_fds()`` and may override ``_service(timeout)`` to handle other
     fds (a server socket) while waiting: ``_extra_fds()`` are polled too and ``_on_extra``
-    is called when one becomes readable.
+    is called when one becomes readable. They must call :meth:`_fds_changed` before closing or
+    replacing any of these fds: :meth:`wait` trusts a cached poll set without further checks.
     """
+
+    # Per instance once used (subclasses need not call an __init__ of ours): vector -> set.
+    _poll_sets: dict[int | None, _PollSet] | None = None
 
     @abc.abstractmethod
     def _own_fds(self) -> Sequence[int]: ...
@@ -181,12 +191,13 @@ class EventfdEndpoint(Endpoint):
             return False
         return True
 
-    def _poll_set(self, vector: int | None) -> tuple[Any, dict[int, int], frozenset[int]]:
+    def _poll_set(self, vector: int | None) -> _PollSet:
         """A poll set of the wanted vector fds and the extra fds, cached per ``vector``:
         building one costs more than the doorbell itself. Call :meth:`_fds_changed` whenever
         the fds change (a closed and reused fd number must never stay registered)."""
-        cache: dict[int | None, tuple[Any, dict[int, int], frozenset[int]]]
-        cache = self.__dict__.setdefault("_poll_sets", {})
+        cache = self._poll_sets
+        if cache is None:
+            cache = self._poll_sets = {}
         cached = cache.get(vector)
         if cached is None:
             wanted = {fd: v for v, fd in self._candidates(vector)}
@@ -194,12 +205,12 @@ class EventfdEndpoint(Endpoint):
             poller = select.poll()  # poll, not select(): fds above 1023 are normal
             for fd in (*wanted, *extras):
                 poller.register(fd, select.POLLIN)
-            cached = cache[vector] = (poller.poll, wanted, extras)
+            cached = cache[vector] = (poller.poll, wanted, extras, make_spinner(wanted))
         return cached
 
     def _fds_changed(self) -> None:
         """Forget cached poll sets and wake every async waiter, so they start over."""
-        self.__dict__["_poll_sets"] = {}
+        self._poll_sets = {}
         watches = self.__dict__.get("_async_watches", {})
         self.__dict__["_async_watches"] = {}
         for fd, (loop, futures) in watches.items():
@@ -211,25 +222,51 @@ class EventfdEndpoint(Endpoint):
     def wait(
         self, vector: int | None = None, timeout: float | None = None, *, spin: float | None = None
     ) -> int | None:
+        # The doorbell hot path: a cached poll set (its existence says the endpoint is open:
+        # close() drops them first), the spin, one poll(), one read. Anything else (an extra
+        # fd readable, several vectors ready, no cached set yet) takes the full loop.
+        sets = self._poll_sets
+        cached = None if sets is None else sets.get(vector)
+        if cached is None:
+            return self._wait_slow(vector, timeout, spin)
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        budget = self.spin if spin is None else spin
+        if budget > 0 and timeout != 0:
+            found = cached[3](budget if timeout is None or budget < timeout else timeout)
+            if found is not None:
+                return found
+        ms = -1 if deadline is None else _ms_until(deadline)
+        try:
+            events = cached[0](ms)
+        except RuntimeError:  # another thread polls this cached set
+            return self._wait_slow(vector, None if deadline is None else _left(deadline), 0)
+        if not events:
+            return None  # timed out (poll() itself retries after EINTR)
+        if len(events) == 1:
+            fd = events[0][0]
+            found = cached[1].get(fd)
+            if found is not None and self._consume(fd):
+                return found
+        return self._wait_slow(vector, None if deadline is None else _left(deadline), 0)
+
+    def _wait_slow(
+        self, vector: int | None, timeout: float | None, spin: float | None
+    ) -> int | None:
         self._check_open()
         budget = self.spin if spin is None else spin
         if budget > 0 and timeout != 0:
-            found = spin_read(
-                self._poll_set(vector)[1], budget if timeout is None else min(budget, timeout)
-            )
+            found = self._poll_set(vector)[3](budget if timeout is None else min(budget, timeout))
             if found is not None:
                 return found
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         while True:
-            poll, wanted, extras = self._poll_set(vector)
-            if deadline is None:
-                ms = -1
-            else:  # poll() counts whole milliseconds: round up, never down to "block"
-                ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+            poll, wanted, extras, _ = self._poll_set(vector)
+            ms = -1 if deadline is None else _ms_until(deadline)
             try:
                 events = poll(ms)
             except RuntimeError:  # another thread polls this cached set: use a fresh one
-                self.__dict__.get("_poll_sets", {}).pop(vector, None)
+                if self._poll_sets is not None:
+                    self._poll_sets.pop(vector, None)
                 continue
             for fd, _ in events:
                 if fd in extras:
@@ -251,7 +288,7 @@ class EventfdEndpoint(Endpoint):
             found = self.wait(vector, 0)  # consumes anything pending, serves the extra fds
             if found is not None:
                 return found
-            _, wanted, extras = self._poll_set(vector)
+            _, wanted, extras, _ = self._poll_set(vector)
             if not await self._await_readable(loop, (*wanted, *extras), deadline):
                 return None
 
@@ -305,21 +342,77 @@ class EventfdEndpoint(Endpoint):
                 fut.set_result(None)
 
 
-def spin_read(wanted: dict[int, int], budget: float) -> int | None:
-    """Try non-blocking reads of the eventfds in ``wanted`` (fd -> vector, in vector order) for
-    up to ``budget`` seconds; the vector of the first that had a count, or None."""
-    items = tuple(wanted.items())
-    read = os.eventfd_read
-    end = time.perf_counter() + budget
-    while True:
-        for fd, v in items:
-            try:
-                read(fd)
-            except BlockingIOError:
-                continue
-            return v
-        if time.perf_counter() >= end:
+def _ms_until(deadline: float) -> int:
+    """poll()'s timeout for ``deadline``: whole milliseconds, rounded up (never down to 0,
+    which would make a short wait spin, nor to -1, which blocks)."""
+    return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def make_spinner(wanted: dict[int, int]) -> Spinner:
+    """A spinner over the eventfds in ``wanted`` (fd -> vector): called with a budget in
+    seconds, it checks them until one is rung or the budget is spent, consumes that count and
+    returns its vector (the lowest when several are), else None.
+
+    It checks with ``poll(0)`` on a poll set of its own, not by trying to read: a read that
+    finds nothing raises BlockingIOError, which costs about three times as much in Python, so
+    a ring would be noticed about three times later. The set holds only the eventfds (no
+    server socket: its news can wait the few microseconds of a spin). Cache the spinner with
+    the fds; it must be dropped before any of them is closed."""
+    poller = select.poll()
+    for fd in wanted:
+        poller.register(fd, select.POLLIN)
+    poll, read, clock = poller.poll, os.eventfd_read, time.perf_counter
+
+    def check() -> list[tuple[int, int]] | None:
+        try:
+            return poll(0)
+        except RuntimeError:  # another thread spins on this set now: let it; try again
             return None
+
+    if len(wanted) == 1:
+        ((only, vector),) = wanted.items()
+
+        def spin_one(budget: float) -> int | None:
+            end = clock() + budget
+            while True:
+                if check():
+                    try:
+                        read(only)
+                    except BlockingIOError:
+                        pass  # another consumer took it (the fd may be shared)
+                    else:
+                        return vector
+                if clock() >= end:
+                    return None
+
+        return spin_one
+
+    def spin_many(budget: float) -> int | None:
+        end = clock() + budget
+        while True:
+            events = check()
+            if events:
+                for v, fd in sorted((wanted[fd], fd) for fd, _ in events):
+                    try:
+                        read(fd)
+                    except BlockingIOError:
+                        continue
+                    return v
+            if clock() >= end:
+                return None
+
+    return spin_many
+
+
+def spin_read(wanted: dict[int, int], budget: float) -> int | None:
+    """Spin up to ``budget`` seconds for one of the eventfds in ``wanted`` (fd -> vector); the
+    vector whose count was consumed, or None. Uncached: a wait loop should keep a
+    :func:`make_spinner` instead."""
+    return make_spinner(wanted)(budget)
 
 
 class RegionEndpoint(Endpoint):
