@@ -394,7 +394,8 @@ def render_markdown(doc: dict[str, Any], charts: dict[str, str] | None = None) -
     add(
         "- Zero-copy transports (the channel, iceoryx2) stamp and check the payload in place; "
         "their *written + copied* variant at 1 MiB writes the whole payload into the loaned "
-        "buffer and copies it out before checking, which is what the memcpy ratio compares."
+        "buffer and copies it out before checking (each a single memmove: memoryview slice "
+        "assignment on both sides), which is what the memcpy ratio compares."
     )
     add(
         f"- The blocking channel spins {cfg['block_spin_s']:g} s before sleeping on its "

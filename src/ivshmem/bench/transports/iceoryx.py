@@ -46,6 +46,7 @@ class _IoxLink(Link):
         self._copy = copy
         self._src = stamp.template()
         self._dst = bytearray(stamp.size)
+        self._dstv = memoryview(self._dst)  # one memmove to copy out (see channel.py)
         #: Messages sent again because send() reported no recipient (see _redeliver).
         self.retries = 0
         self._node: Any = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
@@ -130,7 +131,7 @@ class _IoxLink(Link):
             sample = receive()
         view = sample.payload().as_memory_view().cast("B")
         if self._copy:
-            self._dst[:] = view
+            self._dstv[:] = view
             seq = self._stamp.check(self._dst)
         else:
             seq = self._stamp.check(view)
