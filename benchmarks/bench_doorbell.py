@@ -1,28 +1,42 @@
-"""Doorbell round trip between two host peers, beside a raw eventfd ping-pong.
+"""Doorbell round trip between two host peers, judged against raw eventfd loops that wait the
+same way.
 
-Two processes ping-pong ``--rounds`` times per repetition: the parent rings, the child waits
-and rings back, the parent waits. Measured in the same run, repetitions interleaved:
+Two processes ping-pong ``--rounds`` times per repetition: the parent rings, the child waits and
+rings back, the parent waits. Every variant runs in the same process pair setup, repetitions
+interleaved so that a burst of load from elsewhere hits them all alike:
 
-* **raw**: two bare ``os.eventfd`` s and blocking ``os.eventfd_read``/``os.eventfd_write`` --
-  the floor for any eventfd doorbell from Python;
-* **raw poll+read**: the same eventfds, but each side waits with ``poll()`` on its eventfd and
-  a second, idle fd before reading -- the floor for a doorbell that, like a host peer, must
-  also notice server messages (joins, leaves, the server going away) while it waits;
-* **peer**: two :class:`ivshmem.peer.Peer` s connected to a real ``ivshmem-server`` process,
-  ``notify()`` and ``wait()`` (which also watches the server socket for joins and leaves),
-  with the default spin-then-block waiting (``Endpoint.spin``, 50 µs of non-blocking reads
-  before sleeping in poll());
-* **peer, spin=0**: the same peers blocking at once (``wait(spin=0)``), which is what the
-  raw variants do;
-* **peer, base wait** (``--base-wait``): the same, with the parent waiting through
-  :meth:`ivshmem.endpoint.EventfdEndpoint.wait` instead of the Peer's own ``wait``.
+* **raw read**: two bare blocking ``os.eventfd`` s, ``os.eventfd_write`` / ``os.eventfd_read``
+  -- the floor for any eventfd doorbell from Python, and one no ivshmem doorbell can use (see
+  below);
+* **raw poll+read**: non-blocking eventfds; each side waits with ``poll()`` on its eventfd and a
+  second, idle fd (standing for the server socket) before reading;
+* **raw spin+poll+read**: the same, but each side first checks its eventfd with ``poll(0)`` for
+  the spin budget (:data:`ivshmem.endpoint.DEFAULT_SPIN`, 50 µs) before it blocks in poll() --
+  a hand-written loop doing what ``Peer.wait`` does by default;
+* **peer (spin)**: two :class:`ivshmem.peer.Peer` s on a real ``ivshmem-server`` process,
+  ``notify()`` and ``wait()`` with the default spin-then-block waiting;
+* **peer (spin=0)**: the same peers blocking at once, ``wait(spin=0)``;
+* **peer, base wait** (``--base-wait``): the spinning peers with the parent waiting through
+  :meth:`ivshmem.endpoint.EventfdEndpoint.wait` (the guest endpoint's wait) instead.
 
-Prints the median round trip of each and the ratio peer/raw (target: at most 1.2). The raw
-variant is a floor no ivshmem doorbell reaches: the eventfds a server hands out are O_NONBLOCK
-for every holder (the flag belongs to the shared open file description; our server creates them
-so and QEMU sets it on every eventfd it receives), so a waiter must poll() before it reads, and
-a host peer must watch the server socket meanwhile anyway. "raw poll+read" is that floor.
-``--pin`` puts parent and child on different CPUs (both variants alike).
+The 1.2x target ("a host peer's doorbell costs at most 1.2 times a raw eventfd doing the same")
+is judged on the two like-for-like pairs, and only on them: peer (spin) against raw
+spin+poll+read, and peer (spin=0) against raw poll+read. In each pair both sides wait the same
+way, so the ratio is what the library adds. Both must be within 1.2x. Ratios against raw read
+are printed for information and not judged: no ivshmem doorbell can wait in a blocking read(),
+because the eventfds a server hands out are O_NONBLOCK for every holder (the flag belongs to the
+shared open file description; our server creates them so and QEMU sets it on every eventfd it
+receives), and a host peer must watch the server socket meanwhile anyway. A spinning variant
+compared with a blocking one measures the waiting strategy, not the library.
+
+``--pin apart`` (the default) puts the parent on one CPU and every child on another;
+``--pin none`` leaves placement to the scheduler; ``--pin same`` puts everything on one CPU and
+runs the blocking variants only (a spinner sharing its CPU with the process it waits for only
+burns its budget). On the 2-CPU VM of docs/host-benchmarks.md unpinned runs were bimodal: a
+blocking round trip costs about 40 µs between two CPUs and 5-7 µs on one, and where the
+scheduler put each pair decided the result (raw read ranged 5-38 µs within a run). Pinned
+apart, repetitions agreed within a few per cent. ``--pin same`` shows the blocking pair with a
+cheap kernel wake-up, where what the library adds is easiest to see.
 
     .venv/bin/python benchmarks/bench_doorbell.py --rounds 20000 --repeats 7
 """
@@ -48,6 +62,28 @@ from ivshmem.peer import Peer, connect
 
 _FORK = multiprocessing.get_context("fork")
 
+TARGET = 1.2
+
+# name: label as printed
+VARIANTS = {
+    "raw_read": "raw eventfd, blocking read",
+    "raw_poll": "raw eventfd, poll() + read",
+    "raw_spin": "raw eventfd, spin + poll() + read",
+    "peer_spin": "host peers, wait() (spin)",
+    "peer_nospin": "host peers, wait(spin=0)",
+    "peer_base_wait": "host peers, EventfdEndpoint.wait",
+}
+# (numerator, denominator, label, judged): True for the like-for-like pairs the target is judged
+# on, False for pairs that wait differently, None for the guest endpoint's wait (like for like,
+# but the target is about host peers).
+RATIOS: list[tuple[str, str, str, bool | None]] = [
+    ("peer_spin", "raw_spin", "peer (spin) / raw spin+poll+read", True),
+    ("peer_nospin", "raw_poll", "peer (spin=0) / raw poll+read", True),
+    ("peer_nospin", "raw_read", "peer (spin=0) / raw blocking read", False),
+    ("peer_spin", "raw_read", "peer (spin) / raw blocking read", False),
+    ("peer_base_wait", "raw_spin", "base wait (spin) / raw spin+poll+read", None),
+]
+
 
 def _pin(cpu: int | None) -> None:
     if cpu is not None:
@@ -57,46 +93,68 @@ def _pin(cpu: int | None) -> None:
 # -- raw eventfd ------------------------------------------------------------------------------
 
 
-def _poll_then_read(fd: int, other: int) -> Callable[[], object]:
-    """Wait the way any doorbell that also watches a second fd (the server socket) must: poll
-    both, then read the eventfd."""
+def _raw_waiter(fd: int, other: int, mode: str, spin: float) -> Callable[[], object]:
+    """How one side of a raw pair waits on ``fd``: "read" (a blocking read), "poll" (poll both
+    fds, then read the eventfd) or "spin" (check the eventfd with poll(0) for ``spin`` seconds,
+    then as "poll"). "spin" checks the way ``Peer.wait`` does, with poll(0) rather than failing
+    reads, which cost about three times as much in Python: the pair compares the same loop with
+    and without the library."""
+    read = os.eventfd_read
+    if mode == "read":
+        return lambda: read(fd)
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     poller.register(other, select.POLLIN)
+    block = poller.poll
+    if mode == "poll":
 
-    def wait() -> object:
-        poller.poll()
-        return os.eventfd_read(fd)
+        def poll_then_read() -> object:
+            block()
+            return read(fd)
 
-    return wait
+        return poll_then_read
+    spinner = select.poll()
+    spinner.register(fd, select.POLLIN)
+    check, clock = spinner.poll, time.perf_counter
+
+    def spin_then_poll() -> object:
+        end = clock() + spin
+        while not check(0):
+            if clock() >= end:
+                block()
+                break
+        return read(fd)
+
+    return spin_then_poll
 
 
-def _raw_child(ping: int, pong: int, idle: int, total: int, poll: bool, cpu: int | None) -> None:
+def _raw_child(
+    ping: int, pong: int, idle: int, total: int, mode: str, spin: float, cpu: int | None
+) -> None:
     _pin(cpu)
-    wait = _poll_then_read(ping, idle) if poll else lambda: os.eventfd_read(ping)
+    wait = _raw_waiter(ping, idle, mode, spin)
+    write = os.eventfd_write
     for _ in range(total):
         wait()
-        os.eventfd_write(pong, 1)
+        write(pong, 1)
 
 
 class RawPair:
-    """A child process echoing on a pair of bare eventfds (blocking read, or poll + read)."""
+    """A child process echoing on a pair of bare eventfds."""
 
-    def __init__(self, total: int, cpu: int | None, poll: bool = False) -> None:
-        flags = os.EFD_NONBLOCK if poll else 0  # as a server's eventfds are
+    def __init__(self, total: int, cpu: int | None, mode: str, spin: float) -> None:
+        flags = 0 if mode == "read" else os.EFD_NONBLOCK  # as a server's eventfds are
         self.ping = os.eventfd(0, flags)
         self.pong = os.eventfd(0, flags)
         self.idle = os.eventfd(0)  # never rung: stands for the server socket
-        self.poll = poll
+        self.wait = _raw_waiter(self.pong, self.idle, mode, spin)
         self.child = _FORK.Process(
-            target=_raw_child, args=(self.ping, self.pong, self.idle, total, poll, cpu)
+            target=_raw_child, args=(self.ping, self.pong, self.idle, total, mode, spin, cpu)
         )
         self.child.start()
 
     def run(self, rounds: int) -> float:
-        ping, pong = self.ping, self.pong
-        write = os.eventfd_write
-        wait = _poll_then_read(pong, self.idle) if self.poll else lambda: os.eventfd_read(pong)
+        ping, write, wait = self.ping, os.eventfd_write, self.wait
         start = time.perf_counter()
         for _ in range(rounds):
             write(ping, 1)
@@ -180,68 +238,145 @@ class Server:
 # -- main -------------------------------------------------------------------------------------
 
 
-def measure(rounds: int, repeats: int, pin: bool, base_wait: bool) -> dict[str, Any]:
+SPINNING = ("raw_spin", "peer_spin", "peer_base_wait")
+
+
+def measure(rounds: int, repeats: int, pin: str, base_wait: bool) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
-    parent_cpu, child_cpu = (cpus[0], cpus[1]) if pin and len(cpus) > 1 else (None, None)
+    if pin == "apart" and len(cpus) < 2:
+        pin = "none"  # nothing to pin apart on
+    parent_cpu, child_cpu = {
+        "apart": (cpus[0], cpus[-1]),
+        "same": (cpus[0], cpus[0]),
+        "none": (None, None),
+    }[pin]
     warmup = max(rounds // 10, 100)
-    total = warmup + rounds * repeats * (2 if base_wait else 1)
-    results: dict[str, list[float]] = {"raw": [], "raw_poll": [], "peer": [], "peer_nospin": []}
-    if base_wait:
-        results["peer_base_wait"] = []
+    total = warmup + rounds * repeats
+    spin = DEFAULT_SPIN
+    names = [
+        n
+        for n in VARIANTS
+        if (base_wait or n != "peer_base_wait") and not (pin == "same" and n in SPINNING)
+    ]
+    results: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="ivb-", dir="/tmp") as directory:
         server = Server(directory)
         try:
             _pin(parent_cpu)
-            raw = RawPair(warmup + rounds * repeats, child_cpu)
-            raw_poll = RawPair(warmup + rounds * repeats, child_cpu, poll=True)
-            pair = PeerPair(server.path, total, child_cpu, DEFAULT_SPIN)
-            nospin = PeerPair(server.path, warmup + rounds * repeats, child_cpu, 0.0)
+            # Only the pairs that run: a child waits for all of its round trips before it exits.
+            pairs: list[RawPair | PeerPair] = []
+            runs: dict[str, Callable[[int], float]] = {}
             try:
-                raw.run(warmup)
-                raw_poll.run(warmup)
-                pair.run(warmup)
-                nospin.run(warmup)
+                for name, mode in (
+                    ("raw_read", "read"),
+                    ("raw_poll", "poll"),
+                    ("raw_spin", "spin"),
+                ):
+                    if name in names:
+                        raw = RawPair(total, child_cpu, mode, spin)
+                        pairs.append(raw)
+                        runs[name] = raw.run
+                if "peer_spin" in names:
+                    both = "peer_base_wait" in names
+                    spinning = PeerPair(server.path, total * (2 if both else 1), child_cpu, spin)
+                    pairs.append(spinning)
+                    runs["peer_spin"] = spinning.run
 
-                def base(vector: int | None = None) -> int | None:
-                    return EventfdEndpoint.wait(pair.peer, vector)
+                    def base(vector: int | None = None) -> int | None:
+                        return EventfdEndpoint.wait(spinning.peer, vector)
 
+                    runs["peer_base_wait"] = lambda n: spinning.run(n, base)
+                blocking = PeerPair(server.path, total, child_cpu, 0.0)
+                pairs.append(blocking)
+                runs["peer_nospin"] = blocking.run
+                for name in names:
+                    runs[name](warmup)
                 for _ in range(repeats):
-                    results["raw"].append(raw.run(rounds))
-                    results["raw_poll"].append(raw_poll.run(rounds))
-                    results["peer"].append(pair.run(rounds))
-                    results["peer_nospin"].append(nospin.run(rounds))
-                    if base_wait:
-                        results["peer_base_wait"].append(pair.run(rounds, base))
+                    for name in names:
+                        results[name].append(runs[name](rounds))
             finally:
-                raw.close()
-                raw_poll.close()
-                pair.close()
-                nospin.close()
+                for pair in pairs:
+                    pair.close()
         finally:
             server.close()
     medians = {name: statistics.median(values) for name, values in results.items()}
+    ratios = [
+        {
+            "pair": label,
+            "ratio": medians[num] / medians[den],
+            "ratio_of_fastest": min(results[num]) / min(results[den]),
+            "judged": judged,
+        }
+        for num, den, label, judged in RATIOS
+        if num in medians and den in medians
+    ]
+    within = all(
+        medians[num] / medians[den] <= TARGET
+        for num, den, _, judged in RATIOS
+        if judged and num in medians and den in medians
+    )
     return {
         "rounds": rounds,
         "repeats": repeats,
-        "pinned": parent_cpu is not None,
+        "pin": pin,
+        "spin_us": spin * 1e6,
         "median_round_trip_us": {k: v * 1e6 for k, v in medians.items()},
         "min_round_trip_us": {k: min(values) * 1e6 for k, values in results.items()},
+        "max_round_trip_us": {k: max(values) * 1e6 for k, values in results.items()},
         "all_us": {k: [round(v * 1e6, 3) for v in values] for k, values in results.items()},
-        "ratio_peer_to_raw": medians["peer"] / medians["raw"],
-        "ratio_peer_to_raw_poll": medians["peer"] / medians["raw_poll"],
-        "ratio_peer_nospin_to_raw": medians["peer_nospin"] / medians["raw"],
-        # Under load from other processes medians wander; the fastest repetition of each is
-        # the steadier comparison of what the code costs.
-        "min_ratio_peer_to_raw": min(results["peer"]) / min(results["raw"]),
-        "min_ratio_peer_to_raw_poll": min(results["peer"]) / min(results["raw_poll"]),
+        "ratios": ratios,
+        "target": TARGET,
+        "within_target": within,
     }
+
+
+def report(result: dict[str, Any]) -> None:
+    med, low, high = (
+        result["median_round_trip_us"],
+        result["min_round_trip_us"],
+        result["max_round_trip_us"],
+    )
+    where = {
+        "apart": "parent and children pinned to two CPUs",
+        "same": "everything pinned to one CPU (blocking variants only)",
+        "none": "unpinned",
+    }[result["pin"]]
+    print(
+        f"doorbell round trip between two processes: {result['rounds']} round trips x "
+        f"{result['repeats']} repetitions, {where}; spin budget {result['spin_us']:g} us"
+    )
+    print(f"  {'':36} {'median':>8} {'min':>8} {'max':>8}  (us per round trip)")
+    for name, value in med.items():
+        print(f"  {VARIANTS[name]:36} {value:8.2f} {low[name]:8.2f} {high[name]:8.2f}")
+    print(f"  ratios of medians (of the fastest repetitions); target {result['target']}x:")
+    for r in result["ratios"]:
+        if r["judged"]:
+            verdict = "within" if r["ratio"] <= result["target"] else "ABOVE"
+            note = f"judged: {verdict} the target"
+        elif r["judged"] is None:
+            note = "information: EventfdEndpoint.wait (the guest's)"
+        else:
+            note = "information only: waits differently"
+        print(f"    {r['pair']:40} {r['ratio']:6.2f}x ({r['ratio_of_fastest']:5.2f}x)  {note}")
+    overall = "met" if result["within_target"] else "NOT met"
+    print(
+        f"  target {overall}{' (blocking pair only)' if result['pin'] == 'same' else ''}: it "
+        "is judged on the like-for-like pairs only, where both sides wait the same way, so the "
+        "ratio is what the library adds"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=20000, help="round trips per repetition")
     parser.add_argument("--repeats", type=int, default=7, help="repetitions (median reported)")
-    parser.add_argument("--pin", action="store_true", help="parent and child on separate CPUs")
+    parser.add_argument(
+        "--pin",
+        choices=["apart", "same", "none"],
+        default="apart",
+        help="apart: parent and children on two different CPUs (default); same: all on one "
+        "CPU, blocking variants only; none: unpinned",
+    )
     parser.add_argument(
         "--base-wait", action="store_true", help="also time EventfdEndpoint.wait in the parent"
     )
@@ -250,37 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.rounds, args.repeats, args.pin, args.base_wait)
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
-    med = result["median_round_trip_us"]
-    low = result["min_round_trip_us"]
-    print(
-        f"doorbell round trip between two processes: {args.rounds} round trips x "
-        f"{args.repeats} repetitions, medians{' (pinned)' if result['pinned'] else ''}"
-    )
-    print(f"  raw os.eventfd ping-pong      {med['raw']:8.2f} us  (min {low['raw']:.2f})")
-    print(f"  raw eventfd, poll() + read    {med['raw_poll']:8.2f} us  (min {low['raw_poll']:.2f})")
-    print(f"  ivshmem host peers            {med['peer']:8.2f} us  (min {low['peer']:.2f})")
-    print(
-        f"  host peers, wait(spin=0)      {med['peer_nospin']:8.2f} us  "
-        f"(min {low['peer_nospin']:.2f})"
-    )
-    if "peer_base_wait" in med:
-        print(
-            f"  host peers, base wait()       {med['peer_base_wait']:8.2f} us  "
-            f"(min {low['peer_base_wait']:.2f})"
-        )
-    ratio = result["ratio_peer_to_raw"]
-    verdict = "within" if ratio <= 1.2 else "above"
-    print(f"  ratio peer/raw                {ratio:8.2f}x  ({verdict} the 1.2x target)")
-    print(
-        f"  ratio peer(spin=0)/raw        {result['ratio_peer_nospin_to_raw']:8.2f}x  "
-        "(blocking at once, like the raw variants)"
-    )
-    print(
-        f"  ratio peer/raw poll+read      {result['ratio_peer_to_raw_poll']:8.2f}x  "
-        f"(of the fastest repetitions: peer/raw {result['min_ratio_peer_to_raw']:.2f}x, "
-        f"peer/raw poll+read {result['min_ratio_peer_to_raw_poll']:.2f}x)"
-    )
+    else:
+        report(result)
     return 0
 
 
