@@ -619,11 +619,9 @@ class _Region:
 
 _PollMethod = Callable[..., list[tuple[int, int]]]
 # A cached poll set: its bound poll() method, {eventfd: vector}, the server socket's fd, and for
-# spinning (on the eventfds alone: see ivshmem.endpoint.make_spinner) either a spinner (several
-# eventfds) or, with one eventfd, (the poll() of a set of just that fd, fd, vector).
-_Poller = tuple[
-    _PollMethod, dict[int, int], int, Spinner | None, tuple[_PollMethod, int, int] | None
-]
+# spinning (see ivshmem.endpoint.make_spinner) a spinner, and with a single eventfd also
+# (fd, vector), which wait() spins on inline.
+_Poller = tuple[_PollMethod, dict[int, int], int, Spinner, tuple[int, int] | None]
 
 
 class Peer(EventfdEndpoint):
@@ -1038,13 +1036,8 @@ class Peer(EventfdEndpoint):
             p.register(fd, select.POLLIN)
         sock_fd = self._conn.sock.fileno()
         p.register(sock_fd, select.POLLIN)
-        if len(wanted) == 1:
-            ((fd, v),) = wanted.items()
-            alone = select.poll()
-            alone.register(fd, select.POLLIN)
-            poller: _Poller = (p.poll, wanted, sock_fd, None, (alone.poll, fd, v))
-        else:
-            poller = (p.poll, wanted, sock_fd, make_spinner(wanted), None)
+        single = next(iter(wanted.items())) if len(wanted) == 1 else None
+        poller: _Poller = (p.poll, wanted, sock_fd, make_spinner(wanted), single)
         self._pollers[vector] = poller
         return poller
 
@@ -1075,31 +1068,23 @@ class Peer(EventfdEndpoint):
             # Socket news is not looked at while spinning: the budget is microseconds.
             single = cached[4]
             if single is None:
-                spinner = cached[3]
-                assert spinner is not None
-                found = spinner(budget)
+                found = cached[3](budget)
                 if found is not None:
                     return found
             else:
                 # One eventfd, the usual case: make_spinner's loop written out here, which
                 # saves a call on the way from the ring to the return (the round trip of two
                 # spinning peers is about 2 µs, and each call is a few percent of it).
-                check, fd, _ = single
+                fd = single[0]
                 end = _clock() + budget
                 while True:
                     try:
-                        ready = check(0)
-                    except RuntimeError:  # another thread spins on this set: let it
-                        ready = None
-                    if ready:
-                        try:
-                            _eventfd_read(fd)
-                        except BlockingIOError:
-                            pass  # someone else consumed it
-                        else:
-                            return single[2]
-                    if _clock() >= end:
-                        break
+                        _eventfd_read(fd)
+                    except BlockingIOError:
+                        if _clock() >= end:
+                            break
+                    else:
+                        return single[1]
         # poll() counts whole milliseconds: round a timeout up, never down to "block".
         ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
         try:
