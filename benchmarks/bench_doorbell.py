@@ -356,7 +356,7 @@ def report(result: dict[str, Any]) -> None:
             note = "information: EventfdEndpoint.wait (the guest's)"
         else:
             note = "information only: waits differently"
-        print(f"    {r['pair']:40} {r['ratio']:6.2f}x ({r['ratio_of_fastest']:5.2f}x)  {note}")
+        print(f"    {r['pair']:40} {r['ratio']:6.3f}x ({r['ratio_of_fastest']:5.3f}x)  {note}")
     overall = "met" if result["within_target"] else "NOT met"
     print(
         f"  target {overall}{' (blocking pair only)' if result['pin'] == 'same' else ''}: it "
