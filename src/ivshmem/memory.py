@@ -13,8 +13,10 @@ A :class:`SharedMemory` owns exactly one fd; :meth:`SharedMemory.map` returns a
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import pwd
 import re
 import stat
 import tempfile
@@ -26,6 +28,7 @@ __all__ = [
     "MAX_SIZE",
     "Mapping",
     "SharedMemory",
+    "ShrinkRefusedError",
     "format_size",
     "is_power_of_two",
     "parse_size",
@@ -89,7 +92,12 @@ _SHM_NAME_RE = re.compile(r"^[A-Za-z0-9._@+:-]{1,255}$")
 def validate_shm_name(name: str) -> str:
     """Check a POSIX shm object name (as given to ``-M``); a leading slash is accepted."""
     bare = name[1:] if name.startswith("/") else name
-    if not bare or "/" in bare or bare in (".", "..") or not _SHM_NAME_RE.match(bare):
+    if not bare:
+        raise UsageError(
+            f"empty shared-memory name {name!r}: give a name such as ivshmem (the object "
+            "becomes /dev/shm/NAME)"
+        )
+    if "/" in bare or bare in (".", "..") or not _SHM_NAME_RE.match(bare):
         raise UsageError(
             f"invalid shared-memory name {name!r}: use 1-255 letters, digits or ._@+:- "
             "with no slash inside (it becomes a file under /dev/shm)"
@@ -97,15 +105,60 @@ def validate_shm_name(name: str) -> str:
     return bare
 
 
+class ShrinkRefusedError(UsageError):
+    """An existing shared-memory object is larger than the size asked for.
+
+    Shrinking it would make every process that maps its end (a running VM, a peer of an
+    earlier server) die with SIGBUS at its next access there, so it is never done."""
+
+    def __init__(self, what: str, path: str, current: int, requested: int) -> None:
+        self.path = path
+        self.current = current
+        self.requested = requested
+        super().__init__(
+            f"{what} is {format_size(current)}, larger than the {format_size(requested)} asked "
+            f"for: shrinking it would crash (SIGBUS) every process that maps its end; ask for "
+            f"at least {format_size(current)}, or remove it first ({path}) if its content is "
+            "not needed"
+        )
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 class SharedMemory:
     """One owned fd of a shared-memory object, with its size and where it came from."""
 
-    def __init__(self, fd: int, size: int, kind: str, path: str | None = None) -> None:
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        kind: str,
+        path: str | None = None,
+        *,
+        created: bool = False,
+        previous_size: int | None = None,
+    ) -> None:
         self._fd = fd
         self.size = size
         self.kind = kind
         #: The file name for ``posix`` and ``file`` backings, else None.
         self.path = path
+        #: Whether opening created the named object (so a failed start may remove it again).
+        self.created = created
+        #: Size of an existing named object before it was grown (None: created, or unknown).
+        self.previous_size = previous_size
+        self._identity: tuple[int, int] | None = None
+        if path is not None:
+            try:
+                st = os.fstat(fd)
+                self._identity = (st.st_dev, st.st_ino)
+            except OSError:
+                pass
 
     # -- construction ----------------------------------------------------------------------
 
@@ -116,31 +169,34 @@ class SharedMemory:
         return cls._sized(fd, size, "memfd", None)
 
     @classmethod
-    def posix(cls, name: str, size: int | None, mode: int = 0o600) -> SharedMemory:
+    def posix(
+        cls,
+        name: str,
+        size: int | None,
+        mode: int = 0o600,
+        *,
+        owner_uid: int | None = None,
+        group: int | None = None,
+    ) -> SharedMemory:
         """The POSIX shm object ``name`` (``/dev/shm/NAME``).
 
         With a ``size`` it is created if missing, and an existing object keeps its content and
-        is resized to ``size`` (as QEMU's server does). With ``size=None`` it must exist and is
-        used at its current size.
+        is grown to ``size`` if smaller; a larger one is refused (:class:`ShrinkRefusedError`),
+        never shrunk. With ``size=None`` it must exist and is used at its current size. A
+        symbolic link is never followed. For ``owner_uid`` and ``group`` see :meth:`file`.
         """
-        create = size is not None
         bare = validate_shm_name(name)
         path = os.path.join("/dev/shm", bare)
-        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
-        try:
-            fd = os.open(path, flags, mode)
-        except FileNotFoundError as err:
-            raise UsageError(f"shared-memory object {name!r} does not exist ({path})") from err
-        except PermissionError as err:
-            raise UsageError(
-                f"no permission to open shared-memory object {name!r} ({path}): "
-                "check its owner and mode, or choose another name"
-            ) from err
-        except OSError as err:
-            raise UsageError(f"cannot open shared-memory object {name!r} ({path}): {err}") from err
-        if size is None:
-            return cls._existing(fd, "posix", path)
-        return cls._sized(fd, size, "posix", path)
+        return cls._named(
+            path,
+            f"shared-memory object {name!r} ({path})",
+            "posix",
+            size,
+            mode,
+            follow_symlinks=False,
+            owner_uid=owner_uid,
+            group=group,
+        )
 
     @classmethod
     def in_directory(cls, directory: str, size: int, prefix: str = "ivshmem.") -> SharedMemory:
@@ -155,22 +211,40 @@ class SharedMemory:
                 "its permissions"
             ) from err
         except OSError as err:
-            raise UsageError(f"cannot create a file in {directory!r}: {err}") from err
+            raise UsageError(f"cannot create a file in {directory!r}: {err.strerror}") from err
         os.unlink(path)
         os.set_inheritable(fd, False)
         return cls._sized(fd, size, "directory", None)
 
     @classmethod
-    def file(cls, path: str, size: int | None = None, mode: int = 0o600) -> SharedMemory:
-        """A named file; created with ``size`` if missing, else opened (and grown to ``size``)."""
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if size is not None else 0)
-        try:
-            fd = os.open(path, flags, mode)
-        except OSError as err:
-            raise UsageError(f"cannot open shared-memory file {path!r}: {err.strerror}") from err
-        if size is None:
-            return cls._existing(fd, "file", path)
-        return cls._sized(fd, size, "file", path)
+    def file(
+        cls,
+        path: str,
+        size: int | None = None,
+        mode: int = 0o600,
+        *,
+        follow_symlinks: bool = True,
+        owner_uid: int | None = None,
+        group: int | None = None,
+    ) -> SharedMemory:
+        """A named file; created with ``size`` if missing, else opened (and grown to ``size``;
+        a larger file is refused with :class:`ShrinkRefusedError`, never shrunk).
+
+        ``follow_symlinks=False`` refuses a symbolic link at ``path``. With ``owner_uid`` (a
+        server claiming the region) an existing file must belong to that user -- another
+        user's file may already be open in that user's processes, so it could never be made
+        private -- and ``mode`` (and ``group``) are set on it, or it is refused.
+        """
+        return cls._named(
+            path,
+            f"shared-memory file {path!r}",
+            "file",
+            size,
+            mode,
+            follow_symlinks=follow_symlinks,
+            owner_uid=owner_uid,
+            group=group,
+        )
 
     @classmethod
     def adopt(cls, fd: int, kind: str = "received") -> SharedMemory:
@@ -186,12 +260,61 @@ class SharedMemory:
         return cls(fd, st.st_size, kind)
 
     @classmethod
-    def _existing(cls, fd: int, kind: str, path: str | None) -> SharedMemory:
-        actual = os.fstat(fd).st_size
-        if actual <= 0:
+    def _named(
+        cls,
+        path: str,
+        what: str,
+        kind: str,
+        size: int | None,
+        mode: int,
+        *,
+        follow_symlinks: bool,
+        owner_uid: int | None,
+        group: int | None,
+    ) -> SharedMemory:
+        fd, created = _open_named(path, what, size is not None, mode, follow_symlinks)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                # A FIFO or a device node where the region should be: resizing or chmod-ing
+                # it would at best fail and at worst change something else entirely.
+                raise UsageError(f"{what} is not a regular file: remove it, or choose another name")
+            if owner_uid is not None:
+                if not created and st.st_uid != owner_uid:
+                    raise UsageError(
+                        f"{what} already exists and belongs to {_owner_name(st.st_uid)}, not "
+                        f"to {_owner_name(owner_uid)} who runs the server: its owner may hold "
+                        "it open or change its mode at any time, so the region could not be "
+                        "kept private; remove it (as its owner or root), or choose another name"
+                    )
+                _set_group_and_mode(fd, st, what, mode, group)
+            current = st.st_size
+            if size is None:
+                if current <= 0:
+                    raise UsageError(f"{what} is empty: give a size to create it")
+                size = current
+            elif current > size:
+                raise ShrinkRefusedError(what, path, current, size)
+            elif current != size:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError as err:
+                    raise UsageError(
+                        f"cannot size {what} to {format_size(size)}: {err.strerror}"
+                    ) from err
+        except BaseException:
+            if created:
+                _unlink_if_same(path, fd)
             os.close(fd)
-            raise UsageError(f"shared memory {path!r} is empty: give a size to create it")
-        return cls(fd, actual, kind, path)
+            raise
+        return cls(
+            fd,
+            size,
+            kind,
+            path,
+            created=created,
+            previous_size=None if created or current == size else current,
+        )
 
     @classmethod
     def _sized(cls, fd: int, size: int, kind: str, path: str | None) -> SharedMemory:
@@ -200,7 +323,9 @@ class SharedMemory:
                 os.ftruncate(fd, size)
         except OSError as err:
             os.close(fd)
-            raise UsageError(f"cannot size shared memory to {format_size(size)}: {err}") from err
+            raise UsageError(
+                f"cannot size shared memory to {format_size(size)}: {err.strerror}"
+            ) from err
         return cls(fd, size, kind, path)
 
     # -- use -------------------------------------------------------------------------------
@@ -224,12 +349,16 @@ class SharedMemory:
             os.close(fd)
 
     def unlink(self) -> None:
-        """Remove the name of a ``posix`` or ``file`` backing (the memory lives on while open)."""
-        if self.path is not None:
-            try:
+        """Remove the name of a ``posix`` or ``file`` backing (the memory lives on while open),
+        if the name still refers to this object: someone may have replaced it since."""
+        if self.path is None:
+            return
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+            if self._identity is None or (st.st_dev, st.st_ino) == self._identity:
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        except FileNotFoundError:
+            pass
 
     def __enter__(self) -> SharedMemory:
         return self
@@ -242,6 +371,80 @@ class SharedMemory:
         return f"<SharedMemory {self.kind}{where} {format_size(self.size)} fd={self._fd}>"
 
 
+def _open_named(
+    path: str, what: str, create: bool, mode: int, follow_symlinks: bool
+) -> tuple[int, bool]:
+    """Open (or, with ``create``, create) a named object; return the fd and whether this call
+    created it. Creation is tried with O_EXCL first: that is the only way to know the object
+    is new (and so ours to remove again if the start fails)."""
+    flags = os.O_RDWR | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    # A racing remove between the two opens sends us round again; three rounds are plenty.
+    for _ in range(3):
+        if create:
+            try:
+                if follow_symlinks:
+                    # O_EXCL never follows a link, so a link to a missing file would loop:
+                    # open it the plain way (whether it was created is then unknown).
+                    return os.open(path, flags | os.O_CREAT, mode), False
+                return os.open(path, flags | os.O_CREAT | os.O_EXCL, mode), True
+            except FileExistsError:
+                pass
+            except OSError as err:
+                raise _open_error(err, what, path) from err
+        try:
+            return os.open(path, flags), False
+        except FileNotFoundError as err:
+            if not create:
+                raise UsageError(f"{what} does not exist") from err
+        except OSError as err:
+            raise _open_error(err, what, path) from err
+    raise UsageError(f"cannot open {what}: it keeps appearing and disappearing")
+
+
+def _open_error(err: OSError, what: str, path: str) -> UsageError:
+    if err.errno == errno.ELOOP:
+        return UsageError(
+            f"{what} is a symbolic link, which is not followed here (a link could point the "
+            "server at any file it may write); give the path of the file itself"
+        )
+    if err.errno == errno.EISDIR:
+        return UsageError(f"{what} is a directory: give the path of a file")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        owner = ""
+        try:
+            owner = f" (it belongs to {_owner_name(os.stat(path).st_uid)})"
+        except OSError:
+            pass
+        return UsageError(
+            f"no permission to open {what}{owner}: check its owner and mode, or choose another name"
+        )
+    return UsageError(f"cannot open {what}: {err.strerror}")
+
+
+def _set_group_and_mode(
+    fd: int, st: os.stat_result, what: str, mode: int, group: int | None
+) -> None:
+    try:
+        if group is not None and st.st_gid != group:
+            os.fchown(fd, -1, group)
+        # Also for an object created just now: os.open's mode was narrowed by the umask.
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+    except OSError as err:
+        target = f"mode {mode:o}" if group is None else f"group {group} and mode {mode:o}"
+        raise UsageError(f"cannot give {what} {target}: {err.strerror}") from err
+
+
+def _unlink_if_same(path: str, fd: int) -> None:
+    """Remove ``path`` if it is still the file open as ``fd`` (never someone else's)."""
+    try:
+        mine, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
+        if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 class Mapping:
     """A shared, read-write mapping of a whole region, as a memoryview."""
 
@@ -251,7 +454,9 @@ class Mapping:
                 fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
             )
         except OSError as err:
-            raise UsageError(f"cannot map {format_size(size)} of shared memory: {err}") from err
+            raise UsageError(
+                f"cannot map {format_size(size)} of shared memory: {err.strerror}"
+            ) from err
         self._adopt(mm, size, 0, "the shared memory")
 
     def _adopt(self, mm: mmap.mmap, size: int, start: int, what: str) -> None:

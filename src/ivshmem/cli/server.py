@@ -4,15 +4,21 @@ QEMU's flags keep their meaning and defaults: ``-S PATH`` (``/tmp/ivshmem_socket
 (``ivshmem``), ``-m DIR``, ``-l SIZE`` (``4M``), ``-n N`` (``1``), ``-F``, ``-p PIDFILE``
 (``/var/run/ivshmem-server.pid``, daemon mode), ``-v``, ``-h``. Without ``-F`` the server
 daemonizes; any startup error is still printed on the launching terminal and the command exits
-non-zero, because the launching process waits for the daemon to say it is serving.
+non-zero, because the launching process waits for the daemon to say it is serving. The daemon
+closes every fd it inherited (a launcher waiting for EOF on a pipe is not kept waiting) and logs
+to syslog (``/dev/log``) or to ``--log-file``; without either it says on the terminal, before
+detaching, that its log will be lost.
 
-Exit status: 0 after a clean shutdown (SIGTERM/SIGINT) or a ``--status`` query, 1 when the
-server cannot start (the message says what to change), 2 for unusable arguments.
+Exit status: 0 after a clean shutdown (SIGTERM/SIGINT) or a ``--status`` query; 1 when the
+server cannot start (the message says what to change: restarting it unchanged fails the same
+way); 2 for unusable arguments; 70 when it fails while serving (an internal error: restarting
+it is worth a try).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -21,11 +27,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from ..errors import IvshmemError, UsageError
+from ..errors import IvshmemError, ServerConfigError, UsageError
 from ..memory import parse_size
 from ..protocol import MAX_PEER_ID, MAX_VECTORS
 from ..server import (
     DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_QUEUED_TOTAL,
     DEFAULT_SHM_NAME,
     DEFAULT_SIZE,
     DEFAULT_SOCKET_PATH,
@@ -39,6 +46,10 @@ from ..server import (
 )
 
 DEFAULT_PIDFILE = "/var/run/ivshmem-server.pid"
+#: Exit statuses (see the module docstring). 70 is sysexits.h's EX_SOFTWARE.
+EXIT_CANNOT_START = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 70
 
 log = logging.getLogger("ivshmem.server")
 
@@ -154,6 +165,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"disconnected (default {DEFAULT_MAX_QUEUE})",
     )
     more.add_argument(
+        "--max-queued-total",
+        metavar="N",
+        type=int,
+        default=DEFAULT_MAX_QUEUED_TOTAL,
+        help="messages queued for all clients together before the clients with the longest "
+        f"queues are disconnected (default {DEFAULT_MAX_QUEUED_TOTAL}, about 100 bytes each)",
+    )
+    more.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="log to this file (appended; reopened when rotated away) instead of stderr "
+        "with -F, or instead of syslog as a daemon",
+    )
+    more.add_argument(
         "--first-id",
         metavar="ID",
         type=int,
@@ -205,8 +230,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=run_from_args)
 
 
+def _nonempty(value: str | None, option: str, what: str) -> None:
+    """Refuse an empty string, which would silently mean the current directory or the
+    default, depending on the option."""
+    if value is not None and not value.strip():
+        raise UsageError(f"{option}: empty {what}: give a {what}, or leave {option} out")
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Turn parsed options into a ServerConfig; UsageError/ServerConfigError on bad values."""
+    _nonempty(args.socket_path, "-S", "socket path")
+    _nonempty(args.shm_dir, "-m", "directory")
+    _nonempty(args.shm_file, "--file", "file path")
+    _nonempty(args.pidfile, "-p", "pid file path")
+    _nonempty(args.log_file, "--log-file", "log file path")
+    if args.shm_name is not None and not args.shm_name.strip("/ "):
+        raise UsageError(
+            f"-M: empty shared-memory name {args.shm_name!r}: give a name such as "
+            f"{DEFAULT_SHM_NAME} (the object becomes /dev/shm/NAME), or leave -M out for that "
+            "default"
+        )
     try:
         size = parse_size(args.size)
     except UsageError as err:
@@ -247,7 +290,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     elif args.shm_file is not None:
         backing, shm_path = "file", os.path.abspath(args.shm_file)
     else:
-        backing, shm_path = "posix", args.shm_name or DEFAULT_SHM_NAME
+        backing = "posix"
+        shm_path = DEFAULT_SHM_NAME if args.shm_name is None else args.shm_name
     pidfile = args.pidfile
     if pidfile is None and not args.foreground:
         pidfile = DEFAULT_PIDFILE
@@ -263,6 +307,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_gids=allow_gids,
         status_socket=status_socket,
         max_queue=args.max_queue,
+        max_queued_total=args.max_queued_total,
         first_id=args.first_id,
         format_region=args.format_region,
         max_peers=args.max_peers,
@@ -273,81 +318,100 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return config
 
 
-def _setup_logging(verbose: bool, stream: bool = True) -> None:
+def _stderr_handler() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    # journald stamps every line itself; elsewhere a timestamp helps.
+    fmt = "%(levelname)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s ivshmem-server " + fmt
+    handler.setFormatter(logging.Formatter(fmt))
+    return handler
+
+
+def _file_handler(path: str) -> logging.Handler:
+    try:
+        # Watched: after logrotate moves the file away, the next line goes to a new one.
+        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+    except OSError as err:
+        raise ServerConfigError(
+            f"--log-file: cannot open {path!r}: {err.strerror}; choose a writable path"
+        ) from err
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s ivshmem-server[%(process)d] %(levelname)s: %(message)s")
+    )
+    return handler
+
+
+def _syslog_handler() -> logging.Handler | None:
+    """A handler for the local syslog daemon, or None if nothing listens at /dev/log."""
+    if not os.path.exists("/dev/log"):
+        return None
+    handler = logging.handlers.SysLogHandler(
+        address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+    )
+    # The handler swallows a failed connect (and would drop every line): find out now.
+    if getattr(handler, "socket", None) is None:
+        handler.close()
+        return None
+    handler.setFormatter(logging.Formatter("ivshmem-server[%(process)d]: %(message)s"))
+    return handler
+
+
+def _use_handlers(*handlers: logging.Handler, verbose: bool) -> None:
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    handler: logging.Handler
-    if stream:
-        handler = logging.StreamHandler(sys.stderr)
-        # journald stamps every line itself; elsewhere a timestamp helps.
-        fmt = "%(levelname)s: %(message)s"
-        if not os.environ.get("JOURNAL_STREAM"):
-            fmt = "%(asctime)s ivshmem-server " + fmt
-        handler.setFormatter(logging.Formatter(fmt))
-    elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
-        )
-        handler.setFormatter(logging.Formatter("ivshmem-server[%(process)d]: %(message)s"))
-    else:
-        handler = logging.NullHandler()
-    root.addHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _write_pidfile(path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise IvshmemError(f"cannot write pid file {path!r}: {err.strerror}") from err
+def _close_inherited_fds(keep: set[int]) -> None:
+    """Close every fd above 2 that is not in ``keep``.
 
-
-def _remove_pidfile(path: str) -> None:
+    A daemon must not hold what its launcher gave it: a launcher that reads a pipe until EOF
+    (a test harness, a deployment script capturing output) would wait as long as the daemon
+    lives. Nothing in this process has opened anything of its own yet."""
     try:
-        with open(path) as f:
-            if f.read().strip() != str(os.getpid()):
-                return  # another server wrote it since
-        os.unlink(path)
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
-        pass
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            # The listing's own fd is gone already (EBADF).
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
-def _serve(server: Server, config: ServerConfig) -> int:
+def _serve(server: Server) -> int:
     try:
         run(server)
+    except Exception:
+        log.exception("the server failed")
+        return EXIT_FAILED
+    finally:
+        server.close()  # idempotent; after a failure, removes the socket and pid files
         # Shut down already: a repeated SIGTERM/SIGINT must not turn a clean exit into a
         # death by signal in the last moments.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    finally:
-        if config.pidfile:
-            _remove_pidfile(config.pidfile)
     log.info("server stopped")
     return 0
 
 
-def _run_foreground(config: ServerConfig) -> int:
-    server = Server(config)
+def _run_foreground(config: ServerConfig, verbose: bool, log_file: str | None) -> int:
     try:
-        server.open()
-        if config.pidfile:
-            _write_pidfile(config.pidfile)
+        if log_file is not None:
+            _use_handlers(_file_handler(log_file), verbose=verbose)
+        server = Server(config)
+        server.open()  # cleans up after itself when it fails
     except IvshmemError as err:
-        server.close()
         print(f"ivshmem-server: error: {err}", file=sys.stderr)
-        return 1
-    return _serve(server, config)
+        return EXIT_CANNOT_START
+    return _serve(server)
 
 
-def _run_daemon(config: ServerConfig, verbose: bool) -> int:
+def _run_daemon(config: ServerConfig, verbose: bool, log_file: str | None) -> int:
     """Double fork and setsid; the launching process exits only once the daemon serves (0)
     or has failed to start (1, with the daemon's error printed here)."""
     read_end, write_end = os.pipe()
@@ -366,74 +430,77 @@ def _run_daemon(config: ServerConfig, verbose: bool) -> int:
             message.strip() or "ivshmem-server: error: the daemon exited during startup",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_CANNOT_START
     # Intermediate child: leave the launching session, then fork again so the daemon is not
     # a session leader and can never acquire a controlling terminal.
-    code = 1
+    code = EXIT_CANNOT_START
     try:
         os.close(read_end)
         os.setsid()
-        code = 0 if os.fork() > 0 else _daemon_main(config, verbose, write_end)
+        code = 0 if os.fork() > 0 else _daemon_main(config, verbose, log_file, write_end)
     finally:
         os._exit(code)
 
 
-def _daemon_main(config: ServerConfig, verbose: bool, report_fd: int) -> int:
+def _daemon_main(config: ServerConfig, verbose: bool, log_file: str | None, report_fd: int) -> int:
     def report(text: str) -> None:
         try:
             os.write(report_fd, text.encode())
         except OSError:
             pass
 
+    server: Server | None = None
     try:
+        _close_inherited_fds({report_fd})
         os.chdir("/")
+        target = _file_handler(log_file) if log_file is not None else _syslog_handler()
+        # Until it detaches, the daemon also logs to the launching terminal, so warnings
+        # about the configuration are seen where the command was typed.
+        _use_handlers(_stderr_handler(), *([target] if target else []), verbose=verbose)
         server = Server(config)
-        try:
-            server.open()
-            if config.pidfile:
-                _write_pidfile(config.pidfile)
-        except IvshmemError as err:
-            server.close()
-            report(f"ivshmem-server: error: {err}\n")
-            return 1
-        _setup_logging(verbose, stream=False)
+        server.open()
+        if target is None:
+            log.warning(
+                "nothing listens at /dev/log (no syslog): the daemon's log will be lost once "
+                "it detaches; give --log-file PATH, or run in the foreground with -F and let "
+                "a supervisor keep stderr"
+            )
+        _use_handlers(target or logging.NullHandler(), verbose=verbose)
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
         report("OK\n")
     except BaseException as err:
+        if server is not None:
+            server.close(discard=True)
         report(f"ivshmem-server: error: {err}\n")
-        return 1
+        return EXIT_CANNOT_START
     finally:
         os.close(report_fd)
-    try:
-        return _serve(server, config)
-    except Exception:
-        log.exception("server failed")
-        return 1
+    return _serve(server)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     verbose = bool(args.server_verbose)
-    _setup_logging(verbose)
+    _use_handlers(_stderr_handler(), verbose=verbose)
     try:
         config = config_from_args(args)
     except IvshmemError as err:
         print(f"ivshmem-server: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.status:
         path = config.status_socket or status_path_for(config.socket_path)
         try:
             status = query_status(path)
         except IvshmemError as err:
             print(f"ivshmem-server: error: {err}", file=sys.stderr)
-            return 1
+            return EXIT_CANNOT_START
         print(json.dumps(status, indent=2))
         return 0
     if args.foreground:
-        return _run_foreground(config)
-    return _run_daemon(config, verbose)
+        return _run_foreground(config, verbose, args.log_file)
+    return _run_daemon(config, verbose, args.log_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
