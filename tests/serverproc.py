@@ -15,15 +15,19 @@ a phantom peer and shift every later peer id. Its log goes to ``tmpdir/server.lo
 (``.log()``). On exit the server gets SIGTERM, and the helper asserts a clean exit (status 0)
 and that the socket file is gone -- unless the ``with`` block raised, or ``check=False``.
 The server gets SIGTERM if the process (strictly: the thread) that started it dies, so a
-test killed by a timeout leaves no server behind.
+test killed by a timeout leaves no server behind. ``run_as=(uid, gid)`` runs it as another
+user through setpriv (the test must be root; ``tmpdir`` must let that user create its socket)
+and ``nofile`` gives it that open-file limit, soft and hard, so it cannot raise it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -58,6 +62,15 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def _child_setup(nofile: int | None) -> Callable[[], None]:
+    def setup() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        _die_with_parent()
+
+    return setup
+
+
 class ServerProcess:
     """One ``python -m ivshmem.cli.server -F ...`` subprocess, started on ``__enter__``."""
 
@@ -72,6 +85,8 @@ class ServerProcess:
         start_timeout: float = 20.0,
         check: bool = True,
         env: dict[str, str] | None = None,
+        run_as: tuple[int, int] | None = None,
+        nofile: int | None = None,
     ) -> None:
         self.tmpdir = Path(tmpdir)
         self.size = size
@@ -83,6 +98,8 @@ class ServerProcess:
         self.start_timeout = start_timeout
         self.check = check
         self.env = env
+        self.run_as = run_as
+        self.nofile = nofile
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
         #: sd_notify messages the server sent (READY=1 ..., STOPPING=1).
@@ -97,7 +114,16 @@ class ServerProcess:
         args += ["-l", self.size, "-n", str(self.vectors)]
         if not any(flag in self.extra_args for flag in _BACKING_FLAGS):
             args.append("--memfd")
-        return args + self.extra_args
+        args += self.extra_args
+        if self.run_as is not None:
+            # setpriv rather than setuid() before exec: it execs with root's capabilities
+            # (the interpreter may live where only root can look) and drops them all at the
+            # exec. A change of user clears the parent-death signal; setpriv sets it again.
+            uid, gid = self.run_as
+            setpriv = shutil.which("setpriv") or "setpriv"
+            ids = ["--reuid", str(uid), "--regid", str(gid), "--clear-groups"]
+            args = [setpriv, *ids, "--pdeathsig", "TERM", *args]
+        return args
 
     def start(self) -> ServerProcess:
         # The notify socket stays bound while the server runs, so its STOPPING=1 at shutdown
@@ -105,6 +131,8 @@ class ServerProcess:
         self._notify_path = str(self.tmpdir / f".notify-{os.getpid()}-{id(self)}")
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(self._notify_path)
+        if self.run_as is not None:
+            os.chmod(self._notify_path, 0o777)  # sending to it needs write permission
         self._notify.settimeout(0.1)
         try:
             env = dict(os.environ if self.env is None else self.env)
@@ -117,7 +145,7 @@ class ServerProcess:
                     stdout=log,
                     stderr=log,
                     env=env,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=_child_setup(self.nofile),
                 )
             deadline = time.monotonic() + self.start_timeout
             while True:

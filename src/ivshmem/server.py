@@ -8,7 +8,13 @@ through :mod:`ivshmem.cli.server`), built to keep serving when clients misbehave
   time, until the kernel says the socket is full (EAGAIN); the loop then waits until the socket
   is writable. A client whose queue grows past a bound (its full handshake plus
   ``max_queue`` messages) is disconnected with a log line saying why -- it is never silently
-  skipped, which is what QEMU's server does once a client's socket buffer is full.
+  skipped, which is what QEMU's server does once a client's socket buffer is full. All queues
+  together are bounded too (``max_queued_total``): past it, the longest queues go first.
+* **Fds in flight.** The kernel counts every fd sent but not yet received against the sending
+  user's open-file limit and refuses more (ETOOMANYREFS) past it, for every client at once.
+  Clients that do not read can fill that budget; the server then warns once, retries with a
+  back-off, and disconnects the clients that hold the most unread messages and read none of
+  them, largest first (their unread fds are returned once their process reads or closes).
 * **Fd lifetimes.** A queued message may carry the eventfd of a peer that has left since. Every
   eventfd therefore lives in a :class:`SharedFd`, a reference-counted holder: the peer's table
   entry holds one reference and every queued message one more, and the fd is closed when the
@@ -40,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import grp
 import json
 import logging
@@ -62,6 +69,7 @@ from .errors import ClosedError, IvshmemError, ServerConfigError, UsageError
 from .memory import (
     Mapping,
     SharedMemory,
+    ShrinkRefusedError,
     format_size,
     round_up_power_of_two,
     validate_shm_name,
@@ -74,13 +82,18 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKINGS",
     "DEFAULT_MAX_QUEUE",
+    "DEFAULT_MAX_QUEUED_TOTAL",
     "DEFAULT_SHM_NAME",
     "DEFAULT_SIZE",
     "DEFAULT_SOCKET_PATH",
+    "QEMU_MAX_VECTORS",
     "MembershipObserver",
     "Server",
     "ServerConfig",
     "SharedFd",
+    "client_allowed",
+    "peer_credentials",
+    "peer_groups",
     "query_status",
     "raise_fd_limit",
     "run",
@@ -98,6 +111,12 @@ DEFAULT_SIZE = 4 << 20
 #: coming and going) while not reading at all. Each queued message costs ~100 bytes of server
 #: memory, and one with an fd may keep a departed peer's eventfd open until it is sent.
 DEFAULT_MAX_QUEUE = 16384
+#: Messages queued for all clients together before the longest queues are cut. Each costs
+#: about 100 bytes (see :data:`DEFAULT_MAX_QUEUE`), so the default bounds them near 100 MiB;
+#: 1000 peers with 4 vectors that all join at once and read slowly can need 4 million.
+DEFAULT_MAX_QUEUED_TOTAL = 1 << 20
+#: QEMU's ivshmem device refuses more vectors than this (hw/misc/ivshmem.c).
+QEMU_MAX_VECTORS = 64
 #: ``backing`` values: POSIX shm object (``-M``), unlinked file in a directory (``-m``),
 #: anonymous memfd (``--memfd``), named file (``--file``; survives restarts).
 BACKINGS = ("posix", "directory", "memfd", "file")
@@ -114,8 +133,12 @@ _MSG_NOSIGNAL = socket.MSG_NOSIGNAL
 _ACCEPT_BURST = 64
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 1.0
-#: Retry delay after ETOOMANYREFS (too many fds in flight for this user; not for root).
-_INFLIGHT_RETRY = 0.01
+#: First retry after the kernel refused to pass fds (ETOOMANYREFS) or lacked memory; doubled
+#: up to _BACKOFF_MAX while it lasts.
+_SEND_RETRY_MIN = 0.01
+#: A client that read nothing for this long while sends were stalled counts as not reading.
+_STALL_GRACE = 1.0
+_SIOCOUTQ = 0x5411  # TIOCOUTQ (asm-generic/ioctls.h): bytes sent but not yet read by the peer
 
 
 def status_path_for(socket_path: str) -> str:
@@ -211,6 +234,8 @@ class ServerConfig:
     #: Where the JSON status is served; None disables it.
     status_socket: str | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
+    #: Messages queued for all clients together before the longest queues are disconnected.
+    max_queued_total: int = DEFAULT_MAX_QUEUED_TOTAL
     #: Where id allocation starts (0 like QEMU; other values exist to test wrap-around).
     first_id: int = 0
     pidfile: str | None = None
@@ -237,6 +262,8 @@ class ServerConfig:
             raise ServerConfigError(f"first id {self.first_id} is out of range 0..{MAX_PEER_ID}")
         if self.max_queue < 1:
             raise ServerConfigError(f"max queue {self.max_queue} must be at least 1")
+        if self.max_queued_total < 1:
+            raise ServerConfigError(f"max queued total {self.max_queued_total} must be at least 1")
         if not 0 <= self.mode <= 0o777:
             raise ServerConfigError(f"mode {self.mode:o} is not a permission mode (0..777)")
         if self.backing == "posix":
@@ -348,9 +375,30 @@ def _listening_unix_paths() -> set[str] | None:
     return paths
 
 
-def _claim_socket_path(path: str) -> None:
+def _is_listening(path: str, st: os.stat_result, listening: set[str]) -> bool:
+    """Whether the socket file ``path`` (``st``: its lstat) is one of ``listening``.
+
+    The table lists paths as they were given to bind(), so the same socket may be listed
+    under another spelling (a symlinked directory, a bind mount, a relative path): compare
+    the files themselves, not their names."""
+    if path in listening:
+        return True
+    for other in listening:
+        if not other.startswith("/"):
+            continue  # abstract (@...) or relative to a cwd we do not know
+        try:
+            ost = os.stat(other, follow_symlinks=False)
+        except OSError:
+            continue
+        if (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
+
+
+def _claim_socket_path(path: str, option: str = "-S") -> None:
     """Make ``path`` free for bind(): refuse if a live server listens there, remove a stale
-    socket file, refuse to remove anything that is not a socket."""
+    socket file, refuse to remove anything that is not a socket. ``option`` is the flag that
+    chose the path, for the messages."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -359,12 +407,12 @@ def _claim_socket_path(path: str) -> None:
         raise ServerConfigError(f"cannot check socket path {path!r}: {err.strerror}") from err
     if not stat.S_ISSOCK(st.st_mode):
         raise ServerConfigError(
-            f"{path!r} exists and is not a socket: remove it or choose another path"
+            f"{path!r} exists and is not a socket: remove it or choose another path with {option}"
         )
     # /proc/net/unix tells without connecting. Connecting to a live ivshmem server would make
     # it admit (and then drop) a phantom peer, which every connected VM would see.
     listening = _listening_unix_paths()
-    live = listening is not None and path in listening
+    live = listening is not None and _is_listening(path, st, listening)
     if not live:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -382,7 +430,7 @@ def _claim_socket_path(path: str) -> None:
     if live:
         raise ServerConfigError(
             f"socket {path!r} is in use by a running server: stop it first, or choose "
-            "another path with -S"
+            f"another path with {option}"
         )
     try:
         os.unlink(path)
@@ -395,9 +443,11 @@ def _claim_socket_path(path: str) -> None:
     log.info("removed stale socket %s (no server was listening on it)", path)
 
 
-def _listen(path: str, mode: int, group: int | None, backlog: int) -> socket.socket:
+def _listen(
+    path: str, mode: int, group: int | None, backlog: int, option: str = "-S"
+) -> socket.socket:
     """A listening, non-blocking Unix socket at ``path`` with ``mode``/``group``."""
-    _claim_socket_path(path)
+    _claim_socket_path(path, option)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         # bind() creates the file with 0777 & ~umask; a umask that leaves only the owner bits
@@ -425,11 +475,12 @@ def _listen(path: str, mode: int, group: int | None, backlog: int) -> socket.soc
         if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise ServerConfigError(
                 f"cannot create socket {path!r}: directory {directory!r} is not writable "
-                f"({err.strerror}); choose another path with -S"
+                f"({err.strerror}); choose another path with {option}"
             ) from err
         if err.errno == errno.ENOENT:
             raise ServerConfigError(
-                f"cannot create socket {path!r}: directory {directory!r} does not exist"
+                f"cannot create socket {path!r}: directory {directory!r} does not exist; "
+                f"create it, or choose another path with {option}"
             ) from err
         raise ServerConfigError(f"cannot listen on {path!r}: {err.strerror}") from err
     except BaseException:
@@ -438,28 +489,89 @@ def _listen(path: str, mode: int, group: int | None, backlog: int) -> socket.soc
     return sock
 
 
-def _peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected ``sock`` (SO_PEERCRED)."""
     pid, uid, gid = _CREDS.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
     )
     return pid, uid, gid
 
 
-def _peer_groups(sock: socket.socket) -> set[int]:
-    """Supplementary groups of the connecting process (empty if the kernel cannot say)."""
+def peer_groups(sock: socket.socket) -> set[int]:
+    """Supplementary groups of the process that connected ``sock`` (SO_PEERGROUPS; empty if
+    the kernel cannot say)."""
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 4096)
-    except OSError:
-        return set()
+        # Python's getsockopt() takes at most 1024 bytes: 256 groups.
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
+    except OSError as err:
+        if err.errno != errno.ERANGE:
+            return set()
+        # More groups than that: the kernel's list is out of reach, read the process's own.
+        # Its pid could in principle be reused, but not while it holds this connection open.
+        return _proc_groups(peer_credentials(sock)[0])
     count = len(raw) // 4
     return set(struct.unpack(f"{count}I", raw[: count * 4]))
 
 
-def _open_fd_count() -> int:
+def _proc_groups(pid: int) -> set[int]:
     try:
-        return len(os.listdir("/proc/self/fd"))
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(gid) for gid in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
+def client_allowed(
+    config: ServerConfig,
+    uid: int,
+    gid: int,
+    groups: Callable[[], set[int]],
+    server_uid: int | None = None,
+) -> bool:
+    """Whether the allow-list of ``config`` admits a client running as ``uid``/``gid``.
+
+    ``groups`` returns the client's supplementary groups; it is called only when they
+    decide. The server's own user (``server_uid``, default the effective uid) is always
+    admitted: it could open the memory itself anyway."""
+    if not config.allow_uids and not config.allow_gids:
+        return True
+    if uid == (os.geteuid() if server_uid is None else server_uid) or uid in config.allow_uids:
+        return True
+    if not config.allow_gids:
+        return False
+    return gid in config.allow_gids or bool(groups() & config.allow_gids)
+
+
+def _open_fd_count() -> int:
+    """Open fds of this process; raises OSError (EMFILE when there is none to spare)."""
+    # The listing's own directory fd is in the listing.
+    return len(os.listdir("/proc/self/fd")) - 1
+
+
+def _message_truesize() -> int:
+    """What one 8-byte message costs in a peer's receive queue, as SIOCOUTQ reports it.
+
+    Unix stream sockets charge each unread message (one sendmsg each) to the sender at its
+    kernel allocation size, a few hundred bytes that depend on the kernel; dividing SIOCOUTQ
+    by it turns bytes into unread messages. 1 if it cannot be measured (unread counts are
+    then in bytes, which still ranks clients correctly)."""
+    try:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     except OSError:
-        return -1
+        return 1
+    with a, b:
+        try:
+            a.send(encode(0))
+            return max(1, _outq(a.fileno()))
+        except OSError:
+            return 1
+
+
+def _outq(fd: int) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(fd, _SIOCOUTQ, b"\0\0\0\0"))[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,6 +590,7 @@ class _Client:
     """One connected peer: its socket, its queue, and what the status report shows."""
 
     __slots__ = (
+        "blocked",
         "closed",
         "connected_at",
         "dirty",
@@ -507,6 +620,7 @@ class _Client:
         self.closed = False
         self.dirty = False  # in the server's to-flush list
         self.writing = False  # registered with add_writer
+        self.blocked = False  # waiting for the kernel to take fds again (a send stall)
         self.overflowed = False
 
     def describe(self) -> str:
@@ -523,6 +637,36 @@ class _Counters:
     clients_sent_data: int = 0
     accept_errors: int = 0
     status_queries: int = 0
+    #: Episodes in which the kernel would not pass fds (ETOOMANYREFS) or lacked memory.
+    send_stalls: int = 0
+    #: Clients disconnected in those episodes for holding unread messages and not reading.
+    stalled_clients_dropped: int = 0
+    #: Clients disconnected because all queues together passed max_queued_total.
+    queue_budget_drops: int = 0
+    #: Episodes in which the server ran out of fds (accept or eventfd creation failed).
+    fd_shortages: int = 0
+
+
+@dataclass
+class _SendStall:
+    """The kernel refuses to send (ETOOMANYREFS, ENOBUFS or ENOMEM) since ``started``."""
+
+    errno: int
+    started: float
+    #: Unread messages per peer when last sampled, and when: a client whose count has not
+    #: gone down since, while it had some, is not reading.
+    samples: dict[int, int]
+    sampled_at: float
+    dropped: int = 0
+
+
+@dataclass
+class _Shortage:
+    """The server is out of fds since ``started``."""
+
+    started: float
+    accept_failures: int = 0
+    clients_waited: int = 0
 
 
 @dataclass
@@ -547,13 +691,27 @@ class Server:
         self._clients: dict[int, _Client] = {}
         self._dirty: list[_Client] = []
         self._flush_scheduled = False
+        #: Messages in all clients' queues together (bounded by max_queued_total).
+        self._queued_total = 0
+        self._budget_check_scheduled = False
+        #: Clients whose flushing waits for the kernel to take fds again, in stall order.
+        self._blocked: list[_Client] = []
+        self._stall: _SendStall | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_delay = _SEND_RETRY_MIN
+        self._truesize = 1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._accept_paused = False
         #: Accepted clients waiting for fds to create their eventfds.
         self._parked: deque[tuple[socket.socket, tuple[int, int, int]]] = deque()
         self._backoff = _BACKOFF_MIN
-        self._starved = False  # in a shortage of fds (warned about once)
+        self._shortage: _Shortage | None = None
+        #: An fd held in reserve (on /dev/null): closed when the server is out of fds, so it
+        #: can still count its fds and answer a status query, and reopened afterwards.
+        self._reserve = -1
+        self._reserve_usable = True
+        self._pidfile_written = False
         self._started = time.monotonic()
         self._counters = _Counters()
         self._tasks = _Tasks()
@@ -569,26 +727,39 @@ class Server:
     # -- setup --------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create the shared memory and listening sockets. Raises IvshmemError subclasses
-        with a message saying what to change; on error nothing is left behind."""
+        """Create the listening sockets, the pid file and the shared memory. Raises
+        IvshmemError subclasses with a message saying what to change; on error nothing is
+        left behind (a region this call created is removed again)."""
         if self._listener is not None:
             return
+        cfg = self.config
         old, new = raise_fd_limit()
         if new != old:
             log.debug("raised the open-file limit from %d to %d", old, new)
+        if cfg.vectors > QEMU_MAX_VECTORS:
+            log.warning(
+                "%d vectors per peer: QEMU's ivshmem-doorbell device refuses more than %d, so "
+                "QEMU guests cannot connect to this server (host peers can); use -n %d or "
+                "fewer for guests",
+                cfg.vectors,
+                QEMU_MAX_VECTORS,
+                QEMU_MAX_VECTORS,
+            )
         try:
+            self._restore_reserve()
+            self._truesize = _message_truesize()
             # Sockets first: their failures are the common ones (path in use, directory not
-            # writable) and undoing them is exact, while a new /dev/shm object is not ours
-            # to remove once it may hold someone's data.
-            cfg = self.config
-            self._listener = self._listen(cfg.socket_path, socket.SOMAXCONN)
+            # writable). Then the pid file, so that failing on it leaves no region behind.
+            self._listener = self._listen(cfg.socket_path, socket.SOMAXCONN, "-S")
             if cfg.status_socket is not None:
-                self._status_listener = self._listen(cfg.status_socket, 16)
+                self._status_listener = self._listen(cfg.status_socket, 16, "--status-socket")
+            if cfg.pidfile is not None:
+                self._write_pidfile(cfg.pidfile)
             self._open_shm()
             if cfg.format_region:
                 self._open_membership()
         except BaseException:
-            self.close()
+            self.close(discard=True)
             raise
         assert self._shm is not None
         shm = self._shm
@@ -600,6 +771,46 @@ class Server:
             cfg.vectors,
             cfg.socket_path,
         )
+
+    def _write_pidfile(self, path: str) -> None:
+        # Written beside and renamed over: a reader never sees a partial pid. O_EXCL and
+        # O_NOFOLLOW: the temporary name is predictable, and a link planted there by someone
+        # else must not make a privileged server write through it.
+        tmp = f"{path}.{os.getpid()}.tmp"
+        created = False
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+            )
+            created = True
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as err:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise ServerConfigError(
+                f"cannot write pid file {path!r}: {err.strerror}; choose a writable path with "
+                "-p PATH, or run in the foreground with -F (which writes no pid file unless "
+                "-p asks for one)"
+            ) from err
+        self._pidfile_written = True
+
+    def _remove_pidfile(self) -> None:
+        path = self.config.pidfile
+        if not self._pidfile_written or path is None:
+            return
+        self._pidfile_written = False
+        try:
+            with open(path) as f:
+                if f.read().strip() != str(os.getpid()):
+                    return  # another server wrote it since
+            os.unlink(path)
+        except OSError:
+            pass
 
     def _open_membership(self) -> None:
         """Map the region and take the membership table's writer role, formatting the
@@ -633,8 +844,8 @@ class Server:
             if other != peer:
                 self.ring(other, vector)
 
-    def _listen(self, path: str, backlog: int) -> socket.socket:
-        sock = _listen(path, self.config.mode, self.config.group, backlog)
+    def _listen(self, path: str, backlog: int, option: str) -> socket.socket:
+        sock = _listen(path, self.config.mode, self.config.group, backlog, option)
         st = os.lstat(path)
         self._bound[path] = (st.st_dev, st.st_ino)
         return sock
@@ -651,33 +862,48 @@ class Server:
                 format_size(size),
             )
         shm: SharedMemory
-        created = cfg.backing in ("posix", "file") and not os.path.exists(self._shm_file())
-        if cfg.backing == "memfd":
-            shm = SharedMemory.memfd(size, "ivshmem")
-        elif cfg.backing == "posix":
-            shm = SharedMemory.posix(cfg.shm_path, size, cfg.mode)
-        elif cfg.backing == "file":
-            shm = SharedMemory.file(cfg.shm_path, size, cfg.mode)
-        else:
-            shm = self._open_in_directory(size)
         try:
-            if shm.kind in ("posix", "file"):
-                self._set_file_permissions(shm)
-        except BaseException:
-            if created:
-                shm.unlink()
-            shm.close()
-            raise
+            if cfg.backing == "memfd":
+                shm = SharedMemory.memfd(size, "ivshmem")
+            elif cfg.backing == "posix":
+                shm = SharedMemory.posix(
+                    cfg.shm_path, size, cfg.mode, owner_uid=os.geteuid(), group=cfg.group
+                )
+            elif cfg.backing == "file":
+                # Never through a symbolic link: a link planted at the path would make the
+                # server resize and chmod whatever it points to.
+                shm = SharedMemory.file(
+                    cfg.shm_path,
+                    size,
+                    cfg.mode,
+                    follow_symlinks=False,
+                    owner_uid=os.geteuid(),
+                    group=cfg.group,
+                )
+            else:
+                shm = self._open_in_directory(size)
+        except ShrinkRefusedError as err:
+            flag = "-M" if cfg.backing == "posix" else "--file"
+            raise ServerConfigError(
+                f"shared memory {err.path} ({flag}) is {format_size(err.current)}, larger than "
+                f"the {format_size(err.requested)} asked for with -l: shrinking it would crash "
+                "(SIGBUS) every process that still maps its end, such as a running VM or a "
+                f"peer of an earlier server; start with -l {format_size(err.current)} or more, "
+                f"or remove it first (rm {err.path}) if its content is not needed"
+            ) from err
+        if shm.previous_size is not None:
+            log.info(
+                "grew shared memory %s from %s to %s (its content is kept; processes that "
+                "mapped it before see only the first %s)",
+                shm.path,
+                format_size(shm.previous_size),
+                format_size(shm.size),
+                format_size(shm.previous_size),
+            )
         self.size = shm.size
         self._shm = shm
         self._shm_ref = SharedFd(shm.fd, close=lambda _fd: shm.close())
         self._table = PeerTable(self._shm_ref, first_id=cfg.first_id)
-
-    def _shm_file(self) -> str:
-        cfg = self.config
-        if cfg.backing == "posix":
-            return os.path.join("/dev/shm", validate_shm_name(cfg.shm_path))
-        return cfg.shm_path
 
     def _open_in_directory(self, size: int) -> SharedMemory:
         directory = self.config.shm_path
@@ -703,30 +929,6 @@ class Server:
                     cause.strerror,
                     format_size(attempt),
                 )
-
-    def _set_file_permissions(self, shm: SharedMemory) -> None:
-        cfg = self.config
-        try:
-            st = os.fstat(shm.fd)
-            if cfg.group is not None and st.st_gid != cfg.group:
-                os.fchown(shm.fd, -1, cfg.group)
-            if stat.S_IMODE(st.st_mode) != cfg.mode:
-                os.fchmod(shm.fd, cfg.mode)
-        except PermissionError as err:
-            # Someone else's existing object that we may read and write (as QEMU's server
-            # would use it): serve it, but say that its permissions are not ours to set.
-            log.warning(
-                "shared memory %s belongs to uid %d: cannot set its group/mode (%s); it keeps "
-                "mode %o",
-                shm.path,
-                st.st_uid,
-                err.strerror,
-                stat.S_IMODE(st.st_mode),
-            )
-        except OSError as err:
-            raise ServerConfigError(
-                f"cannot set group/mode of shared memory {shm.path!r}: {err.strerror}"
-            ) from err
 
     # -- public state -------------------------------------------------------------------
 
@@ -754,11 +956,16 @@ class Server:
 
     def status(self) -> dict[str, Any]:
         """Everything an operator asks about, JSON-ready."""
+        return self._status(self._count_fds())
+
+    def _status(self, open_fds: int) -> dict[str, Any]:
         cfg = self.config
         now = time.monotonic()
         shm = self._shm
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         c = self._counters
+        clients = sorted(self._clients.values(), key=lambda cl: cl.peer)
+        unread = {cl.peer: self._unread(cl) for cl in clients}
         return {
             "server": {
                 "version": __version__,
@@ -779,21 +986,27 @@ class Server:
                     "uid": cl.uid,
                     "gid": cl.gid,
                     "queued": len(cl.queue),
+                    "unread": unread[cl.peer],
                     "sent": cl.sent,
                     "connected_seconds": round(now - cl.connected_at, 3),
                 }
-                for cl in sorted(self._clients.values(), key=lambda cl: cl.peer)
+                for cl in clients
             ],
             "counters": {
                 "peers": len(self._clients),
                 "joins": c.joins,
                 "leaves": c.leaves,
                 "messages_sent": c.messages_sent,
-                "messages_queued": sum(len(cl.queue) for cl in self._clients.values()),
+                "messages_queued": self._queued_total,
+                "messages_unread": sum(unread.values()),
                 "clients_refused": c.clients_refused,
                 "slow_clients_dropped": c.slow_clients_dropped,
+                "queue_budget_drops": c.queue_budget_drops,
                 "clients_sent_data": c.clients_sent_data,
+                "send_stalls": c.send_stalls,
+                "stalled_clients_dropped": c.stalled_clients_dropped,
                 "accept_errors": c.accept_errors,
+                "fd_shortages": c.fd_shortages,
                 "status_queries": c.status_queries,
             },
             "membership": None
@@ -805,9 +1018,12 @@ class Server:
             },
             "limits": {
                 "max_queue": cfg.max_queue,
-                "open_fds": _open_fd_count(),
+                "max_queued_total": cfg.max_queued_total,
+                "open_fds": open_fds,
                 "fd_limit": soft,
                 "accept_paused": self._accept_paused,
+                "fd_shortage": self._shortage is not None,
+                "sends_stalled": self._stall is not None,
             },
         }
 
@@ -863,9 +1079,13 @@ class Server:
         log.info("received signal %d: shutting down", signum)
         self.stop()
 
-    def close(self) -> None:
+    def close(self, discard: bool = False) -> None:
         """Disconnect every client (which is how they learn the server is gone), remove the
-        socket files and release the shared memory. Idempotent."""
+        socket files and the pid file and release the shared memory. Idempotent.
+
+        ``discard`` (for a start that failed) also removes a named region that this server
+        created: nobody can have used it yet, and left behind it would look like a region
+        worth keeping."""
         if self._closed:
             return
         self._closed = True
@@ -877,6 +1097,10 @@ class Server:
         while self._parked:
             self._parked.popleft()[0].close()
         self._dirty.clear()
+        self._blocked.clear()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         for task in list(self._tasks.status):
             task.cancel()
         for listener, path in (
@@ -896,11 +1120,16 @@ class Server:
         if self._region_map is not None:
             self._region_map.close()
             self._region_map = None
+        if discard and self._shm is not None and self._shm.created:
+            log.info("removing %s, created by this failed start", self._shm.path)
+            self._shm.unlink()
         if self._shm_ref is not None:
             self._shm_ref.release()  # the server's reference; queued ones are gone already
             self._shm_ref = None
         elif self._shm is not None:
             self._shm.close()
+        self._remove_pidfile()
+        self._release_reserve()
 
     def _remove_socket_file(self, path: str) -> None:
         """Unlink ``path`` only if it is still the socket we bound: an operator may have
@@ -911,6 +1140,42 @@ class Server:
                 os.unlink(path)
         except OSError:
             pass
+
+    # -- the reserve fd -----------------------------------------------------------------
+
+    def _restore_reserve(self) -> None:
+        if self._reserve >= 0 or self._closed or not self._reserve_usable:
+            return
+        try:
+            self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                # No /dev/null (an odd chroot): do without a reserve rather than wait for one.
+                log.debug("no reserve fd: %s", err.strerror)
+                self._reserve_usable = False
+
+    def _release_reserve(self) -> bool:
+        fd, self._reserve = self._reserve, -1
+        if fd < 0:
+            return False
+        os.close(fd)
+        return True
+
+    def _count_fds(self) -> int:
+        """Open fds (the reserve included), or -1 if they cannot be counted."""
+        try:
+            return _open_fd_count()
+        except OSError as err:
+            if err.errno not in (errno.EMFILE, errno.ENFILE) or not self._release_reserve():
+                return -1
+        # Listing /proc/self/fd takes an fd: the reserve's. Its count then misses the
+        # reserve and includes the listing, which is the right total.
+        try:
+            return _open_fd_count() + 1
+        except OSError:
+            return -1
+        finally:
+            self._restore_reserve()
 
     # -- accepting ----------------------------------------------------------------------
 
@@ -924,17 +1189,35 @@ class Server:
             try:
                 conn, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
+                # The backlog is empty: whoever waited through a shortage has been served.
+                if self._shortage is not None and not self._parked:
+                    self._end_shortage()
                 return
             except OSError as err:
                 self._counters.accept_errors += 1
                 if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_accepting(err)
+                    first = self._begin_shortage()
+                    assert self._shortage is not None
+                    self._shortage.accept_failures += 1
+                    if first:
+                        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+                        log.warning(
+                            "cannot accept clients: %s (%d fds open, limit %d); waiting "
+                            "clients stay in the listen backlog and are served as fds are "
+                            "freed (logged once per shortage, with a summary when it ends)",
+                            err.strerror,
+                            self._count_fds(),
+                            soft,
+                        )
+                    else:
+                        log.debug("accept still fails: %s", err.strerror)
+                    self._pause_accepting()
                     return
                 if err.errno in (errno.ECONNABORTED, errno.EPROTO):
                     log.info("a client went away before it was accepted")
                     continue
-                log.error("accept failed: %s; continuing", err)
-                self._pause_accepting(err)
+                log.error("accept failed: %s; retrying in %.2f s", err.strerror, self._backoff)
+                self._pause_accepting()
                 return
             try:
                 self._admit(conn)
@@ -943,37 +1226,48 @@ class Server:
                 log.exception("unexpected error while admitting a client; dropping it")
                 conn.close()
 
-    def _pause_accepting(self, err: OSError) -> None:
+    def _begin_shortage(self) -> bool:
+        """Enter (or stay in) an fd shortage; True if it starts now (warn once per shortage:
+        a flood at the limit would otherwise log a line per attempt)."""
+        if self._shortage is not None:
+            return False
+        self._shortage = _Shortage(time.monotonic())
+        self._counters.fd_shortages += 1
+        return True
+
+    def _end_shortage(self) -> None:
+        shortage, self._shortage = self._shortage, None
+        if shortage is None:
+            return
+        log.info(
+            "file descriptors are available again after %.1f s: accepting failed %d time(s) "
+            "and %d client(s) waited for their eventfds during the shortage; every waiting "
+            "client has been served",
+            time.monotonic() - shortage.started,
+            shortage.accept_failures,
+            shortage.clients_waited,
+        )
+
+    def _pause_accepting(self) -> None:
+        """Stop accepting for a back-off period (a level-triggered listener that cannot be
+        accepted from would spin)."""
         loop = self._loop
         if loop is None or self._listener is None or self._accept_paused:
             return
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        # Warn once per shortage, not at every retry of a server that sits at its limit.
-        log.log(
-            logging.DEBUG if self._starved else logging.WARNING,
-            "cannot accept clients: %s (%d fds open, limit %d); pausing accept for %.2f s, "
-            "waiting clients stay in the backlog",
-            err.strerror,
-            _open_fd_count(),
-            soft,
-            self._backoff,
-        )
-        self._starved = True
         loop.remove_reader(self._listener.fileno())
         self._accept_paused = True
         loop.call_later(self._backoff, self._resume_accepting)
         self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
 
-    def _relieved(self) -> None:
-        """An fd could be had again: end the shortage (and its back-off)."""
-        self._backoff = _BACKOFF_MIN
-        if self._starved:
-            self._starved = False
-            log.info("file descriptors are available again: serving new clients")
-
     def _resume_accepting(self) -> None:
         self._accept_paused = False
         if self._listener is None or self._loop is None or self._closed:
+            return
+        self._restore_reserve()
+        if self._reserve < 0 and self._reserve_usable:
+            # The reserve's slot is lent to a status query or taken: a client accepted now
+            # would take it, and the next status query could not be answered.
+            self._pause_accepting()
             return
         while self._parked:
             conn, creds = self._parked.popleft()
@@ -984,29 +1278,19 @@ class Server:
         self._loop.add_reader(self._listener.fileno(), self._on_accept)
         self._on_accept()
 
-    def _allowed(self, conn: socket.socket, uid: int, gid: int) -> bool:
-        cfg = self.config
-        if not cfg.allow_uids and not cfg.allow_gids:
-            return True
-        if uid == os.geteuid() or uid in cfg.allow_uids:
-            return True
-        if not cfg.allow_gids:
-            return False
-        return gid in cfg.allow_gids or bool(_peer_groups(conn) & cfg.allow_gids)
-
     def _admit(self, conn: socket.socket) -> None:
         """Give a new connection an id and eventfds, queue its handshake and the announcements."""
         assert self._table is not None and self._loop is not None
         try:
             conn.setblocking(False)
-            creds = _peer_credentials(conn)
+            creds = peer_credentials(conn)
         except OSError as err:
             log.info("a client went away while being accepted: %s", err.strerror)
             conn.close()
             return
         pid, uid, gid = creds
         log.debug("connection from pid %d uid %d gid %d", pid, uid, gid)
-        if not self._allowed(conn, uid, gid):
+        if not client_allowed(self.config, uid, gid, lambda: peer_groups(conn)):
             self._counters.clients_refused += 1
             log.warning("refused client pid %d uid %d gid %d: not in the allow-list", pid, uid, gid)
             conn.close()
@@ -1031,17 +1315,27 @@ class Server:
                 # waiting (it costs one fd, already spent) and stop accepting until fds
                 # are free, rather than turning a transient limit into a failed client.
                 self._parked.append((conn, creds))
-                log.log(
-                    logging.DEBUG if self._starved else logging.WARNING,
-                    "client pid %d waits: cannot create its eventfds (%s)",
-                    pid,
-                    err.strerror,
-                )
-                self._pause_accepting(err)
+                first = self._begin_shortage()
+                assert self._shortage is not None
+                self._shortage.clients_waited += 1
+                if first:
+                    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+                    log.warning(
+                        "client pid %d waits: cannot create its eventfds (%s; %d fds open, "
+                        "limit %d); accepting pauses until fds are freed (logged once per "
+                        "shortage, with a summary when it ends)",
+                        pid,
+                        err.strerror,
+                        self._count_fds(),
+                        soft,
+                    )
+                else:
+                    log.debug("client pid %d waits for its eventfds: %s", pid, err.strerror)
+                self._pause_accepting()
                 return False
             conn.close()
             self._counters.clients_refused += 1
-            log.warning("cannot serve client pid %d: cannot create eventfds: %s", pid, err)
+            log.warning("cannot serve client pid %d: cannot create eventfds: %s", pid, err.strerror)
             return True
         except TableFullError as err:
             for holder in holders:
@@ -1050,7 +1344,7 @@ class Server:
             self._counters.clients_refused += 1
             log.warning("cannot serve client pid %d: %s", pid, err)
             return True
-        self._relieved()
+        self._backoff = _BACKOFF_MIN
         client = _Client(conn, peer, creds)
         self._clients[peer] = client
         # The table's entry owns the holders' first reference from here on.
@@ -1083,17 +1377,20 @@ class Server:
         limit = self._queue_limit()
         overflowed: list[_Client] = []
         clients = self._clients
+        queued = 0
         for send in sends:
             client = clients.get(send.recipient)
             if client is None or client.closed:
                 continue
             client.queue.append((send.value, None if send.fd is None else send.fd.acquire()))
+            queued += 1
             if not client.dirty and not client.writing:
                 client.dirty = True
                 self._dirty.append(client)
             if len(client.queue) > limit and not client.overflowed:
                 client.overflowed = True
                 overflowed.append(client)
+        self._queued_total += queued
         for client in overflowed:
             self._counters.slow_clients_dropped += 1
             self._disconnect(
@@ -1103,9 +1400,34 @@ class Server:
                 f"{self.config.max_queue})",
                 logging.WARNING,
             )
-        if self._dirty and not self._flush_scheduled and self._loop is not None:
+        loop = self._loop
+        if loop is None:
+            return
+        if self._queued_total > self.config.max_queued_total and not self._budget_check_scheduled:
+            # Not from here: a join or leave is half-way through its bookkeeping.
+            self._budget_check_scheduled = True
+            loop.call_soon(self._enforce_queue_budget)
+        if self._dirty and not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush_dirty)
+            loop.call_soon(self._flush_dirty)
+
+    def _enforce_queue_budget(self) -> None:
+        """Disconnect the clients with the longest queues until all queues together fit in
+        max_queued_total (each one's leave announcement is one more message for the rest)."""
+        self._budget_check_scheduled = False
+        budget = self.config.max_queued_total
+        while self._queued_total > budget and not self._closed:
+            victim = max(self._clients.values(), key=lambda cl: len(cl.queue), default=None)
+            if victim is None or not victim.queue:
+                break
+            self._counters.queue_budget_drops += 1
+            self._disconnect(
+                victim,
+                f"disconnected: {self._queued_total} messages are queued for all clients "
+                f"together, past the bound of {budget} (--max-queued-total), and its queue is "
+                f"the longest ({len(victim.queue)} messages)",
+                logging.WARNING,
+            )
 
     def _flush_dirty(self) -> None:
         self._flush_scheduled = False
@@ -1114,7 +1436,8 @@ class Server:
             dirty, self._dirty = self._dirty, []
             for client in dirty:
                 client.dirty = False
-                if not client.closed:
+                # A blocked client is retried by the stall timer, all of them in one round.
+                if not client.closed and not client.blocked:
                     self._flush(client)
 
     def _on_writable(self, client: _Client) -> None:
@@ -1162,13 +1485,7 @@ class Server:
             return
         except OSError as err:
             if err.errno in (errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM):
-                # Transient, and not this client's fault. ETOOMANYREFS: too many fds in
-                # flight for this (unprivileged) user -- the kernel counts fds sitting in
-                # every receive queue against RLIMIT_NOFILE, and they drain as clients read.
-                # ENOBUFS/ENOMEM: memory pressure. Retry shortly rather than drop anything.
-                log.debug("%s: sending deferred: %s", client.describe(), err.strerror)
-                if self._loop is not None and not client.writing:
-                    self._loop.call_later(_INFLIGHT_RETRY, self._retry_flush, client)
+                self._stalled(client, err)
                 return
             self._disconnect(
                 client, f"went away while messages were queued for it ({err.strerror})"
@@ -1177,13 +1494,133 @@ class Server:
         finally:
             client.sent += sent
             self._counters.messages_sent += sent
+            self._queued_total -= sent
         if client.writing and self._loop is not None:
             client.writing = False
             self._loop.remove_writer(client.fd)
 
-    def _retry_flush(self, client: _Client) -> None:
-        if not client.closed:
-            self._flush(client)
+    # -- send stalls --------------------------------------------------------------------
+
+    def _unread(self, client: _Client) -> int:
+        """Messages sent to ``client`` that it has not read yet (from SIOCOUTQ)."""
+        if client.closed:
+            return 0
+        try:
+            return _outq(client.fd) // self._truesize
+        except OSError:
+            return 0
+
+    def _unread_all(self) -> dict[int, int]:
+        return {peer: self._unread(client) for peer, client in self._clients.items()}
+
+    def _stalled(self, client: _Client, err: OSError) -> None:
+        """The kernel would not take a message for ``client`` for a reason that is nobody's
+        in particular (fds in flight, memory): retry it with the others later."""
+        loop = self._loop
+        if client.writing and loop is not None:
+            # The socket itself is writable: a writer callback would fire again at once,
+            # forever. The stall timer retries instead.
+            loop.remove_writer(client.fd)
+            client.writing = False
+        if not client.blocked:
+            client.blocked = True
+            self._blocked.append(client)
+        if self._stall is None:
+            now = time.monotonic()
+            self._stall = _SendStall(err.errno or 0, now, self._unread_all(), now)
+            self._counters.send_stalls += 1
+            self._warn_stall(err)
+        if self._stall_timer is None and loop is not None and not self._closed:
+            self._stall_timer = loop.call_later(self._stall_delay, self._retry_stalled)
+
+    def _warn_stall(self, err: OSError) -> None:
+        if err.errno != errno.ETOOMANYREFS:
+            log.warning(
+                "cannot send to clients: %s (the kernel is short of memory); retrying with a "
+                "back-off, nothing is dropped (logged once per episode)",
+                err.strerror,
+            )
+            return
+        assert self._stall is not None
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        samples = self._stall.samples
+        log.warning(
+            "cannot pass file descriptors to clients (ETOOMANYREFS): as many are in flight "
+            "-- sent, not yet received -- as the open-file limit of the server's user allows "
+            "(%d); %d client(s) hold %d unread message(s). Clients that read none of theirs "
+            "for %.0f s are disconnected, those holding the most first. If clients are merely "
+            "slow, raise the limit (LimitNOFILE=). Logged once per episode",
+            soft,
+            sum(1 for n in samples.values() if n),
+            sum(samples.values()),
+            _STALL_GRACE,
+        )
+
+    def _retry_stalled(self) -> None:
+        self._stall_timer = None
+        stall = self._stall
+        if self._closed or stall is None:
+            return
+        blocked, self._blocked = self._blocked, []
+        for client in blocked:
+            client.blocked = False
+        if stall.errno == errno.ETOOMANYREFS:
+            self._drop_non_readers(stall)
+        # Clients that stall again are back in the list and retried after a longer pause.
+        self._stall_delay = min(self._stall_delay * 2, _BACKOFF_MAX)
+        for client in blocked:
+            if not client.closed and not client.blocked:
+                self._flush(client)
+        self._blocked = [client for client in self._blocked if not client.closed]
+        if self._blocked:
+            if self._stall_timer is None and self._loop is not None:
+                self._stall_timer = self._loop.call_later(self._stall_delay, self._retry_stalled)
+            return
+        self._stall, self._stall_delay = None, _SEND_RETRY_MIN
+        log.info(
+            "sending works again after %.1f s; %d client(s) were disconnected for not reading",
+            time.monotonic() - stall.started,
+            stall.dropped,
+        )
+
+    def _drop_non_readers(self, stall: _SendStall) -> None:
+        """Disconnect the clients that hold unread messages and read none of them since the
+        last sample (at least _STALL_GRACE ago), those holding the most first: half of the
+        largest holding or more now, the rest in later rounds if sending still fails.
+
+        Closing our end does not give the fds back by itself -- they sit in the client's
+        receive queue until its process reads or closes the socket -- but it stops the
+        client from taking more, and a client that is stuck rather than hostile lets go of
+        them as soon as it runs again (it reads, sees the hang-up, closes)."""
+        now = time.monotonic()
+        if now - stall.sampled_at < _STALL_GRACE:
+            return
+        previous = stall.samples
+        current = self._unread_all()
+        stall.samples, stall.sampled_at = current, now
+        stuck = [
+            (count, self._clients[peer])
+            for peer, count in current.items()
+            if count > 0 and peer in previous and count >= previous[peer]
+        ]
+        if not stuck:
+            return
+        largest = max(count for count, _client in stuck)
+        stuck.sort(key=lambda item: item[0], reverse=True)
+        for count, client in stuck:
+            if count * 2 < largest:
+                break
+            if client.closed:
+                continue
+            stall.dropped += 1
+            self._counters.stalled_clients_dropped += 1
+            self._disconnect(
+                client,
+                f"disconnected: it read none of its {count} unread message(s) while sending "
+                f"fds was stalled for {now - stall.started:.1f} s (their fds count against "
+                "the server's limit until its process reads or closes them)",
+                logging.WARNING,
+            )
 
     # -- leaving ------------------------------------------------------------------------
 
@@ -1228,10 +1665,12 @@ class Server:
                 loop.remove_writer(client.fd)
         client.writing = False
         client.sock.close()
+        self._queued_total -= len(client.queue)
         while client.queue:
             _value, holder = client.queue.popleft()
             if holder is not None:
                 holder.release()
+        self._restore_reserve()  # an fd was just freed
         self._clients.pop(client.peer, None)
         table = self._table
         if table is None or client.peer not in table:
@@ -1263,29 +1702,45 @@ class Server:
         if listener is None or self._loop is None:
             return
         for _ in range(_ACCEPT_BURST):
+            open_fds: int | None = None
+            conn: socket.socket | None = None
             try:
                 conn, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                log.warning(
-                    "status socket: accept failed: %s; retrying in %.1f s", err.strerror, 0.5
-                )
-                # A level-triggered reader on a backlog we cannot accept from would spin.
-                self._loop.remove_reader(listener.fileno())
-                self._loop.call_later(0.5, self._resume_status)
-                return
+                if err.errno in (errno.EMFILE, errno.ENFILE) and self._reserve >= 0:
+                    # Out of fds: answer with the reserve's slot, so that an operator can
+                    # still ask the server what is going on.
+                    open_fds = self._count_fds()
+                    self._release_reserve()
+                    with contextlib.suppress(OSError):
+                        conn, _addr = listener.accept()
+                    if conn is None:
+                        self._restore_reserve()
+                if conn is None:
+                    log.warning(
+                        "status socket: accept failed: %s; retrying in %.1f s", err.strerror, 0.5
+                    )
+                    # A level-triggered reader on a backlog we cannot accept from would spin.
+                    self._loop.remove_reader(listener.fileno())
+                    self._loop.call_later(0.5, self._resume_status)
+                    return
             self._counters.status_queries += 1
             try:
                 conn.setblocking(False)
-                body = (json.dumps(self.status(), indent=1) + "\n").encode()
+                report = self._status(self._count_fds() if open_fds is None else open_fds)
+                body = (json.dumps(report, indent=1) + "\n").encode()
             except Exception:
                 log.exception("cannot build the status report")
                 conn.close()
+                self._restore_reserve()
                 continue
             task = self._loop.create_task(self._send_status(conn, body))
             self._tasks.status.add(task)
             task.add_done_callback(self._tasks.status.discard)
+            if open_fds is not None:
+                return  # the reserve is in use: the next query waits for its reopening
 
     def _resume_status(self) -> None:
         if self._status_listener is not None and self._loop is not None and not self._closed:
@@ -1299,6 +1754,7 @@ class Server:
             log.info("status reader went away: %s", err)
         finally:
             conn.close()
+            self._restore_reserve()
 
 
 def run(server: Server) -> None:
