@@ -108,12 +108,14 @@ DEFAULT_SHM_NAME = "ivshmem"
 DEFAULT_SIZE = 4 << 20
 #: Messages a client may have queued beyond one full handshake before it is disconnected.
 #: Generous: a client must fall behind by this many join/leave messages (thousands of peers
-#: coming and going) while not reading at all. Each queued message costs ~100 bytes of server
-#: memory, and one with an fd may keep a departed peer's eventfd open until it is sent.
+#: coming and going) while not reading at all. Each queued message costs about 75 bytes of
+#: server memory, and one with an fd may keep a departed peer's eventfd open until it is sent.
 DEFAULT_MAX_QUEUE = 16384
-#: Messages queued for all clients together before the longest queues are cut. Each costs
-#: about 100 bytes (see :data:`DEFAULT_MAX_QUEUE`), so the default bounds them near 100 MiB;
-#: 1000 peers with 4 vectors that all join at once and read slowly can need 4 million.
+#: Messages queued for all clients together before the longest queues are cut. At about 75
+#: bytes each (measured: a tuple, a deque slot, a reference) the default bounds them near
+#: 75 MiB. Ordinary bursts need far less: a join queues its handshake (3 + vectors x peers)
+#: and one message per vector to every other peer; only N peers that all join at once and
+#: read slowly need up to vectors x N^2 (4 million for 1000 peers with 4 vectors).
 DEFAULT_MAX_QUEUED_TOTAL = 1 << 20
 #: QEMU's ivshmem device refuses more vectors than this (hw/misc/ivshmem.c).
 QEMU_MAX_VECTORS = 64

@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="shm_name",
         metavar="NAME",
         help=f"POSIX shared-memory object /dev/shm/NAME (the default, NAME={DEFAULT_SHM_NAME}); "
-        "kept after exit, so a restarted server keeps the region's content",
+        "kept after exit, so a restarted server keeps the region's content. An existing one "
+        "must belong to the server's user; it is grown to -l, never shrunk",
     )
     backing.add_argument(
         "-m",
@@ -87,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--file",
         dest="shm_file",
         metavar="PATH",
-        help="a named file as the memory (created if missing; kept after exit)",
+        help="a named file as the memory (created if missing; kept after exit; same rules "
+        "as -M, and never a symbolic link)",
     )
     qemu.add_argument(
         "-l",
@@ -170,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_QUEUED_TOTAL,
         help="messages queued for all clients together before the clients with the longest "
-        f"queues are disconnected (default {DEFAULT_MAX_QUEUED_TOTAL}, about 100 bytes each)",
+        f"queues are disconnected (default {DEFAULT_MAX_QUEUED_TOTAL}, about 75 bytes each)",
     )
     more.add_argument(
         "--log-file",
