@@ -337,7 +337,8 @@ def raise_fd_limit() -> tuple[int, int]:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             return soft, target
         except (OSError, ValueError) as err:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, err)
+            reason = err.strerror if isinstance(err, OSError) else err
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, reason)
     return soft, soft
 
 
@@ -356,7 +357,7 @@ def sd_notify(message: str) -> bool:
             sock.connect(address)
             sock.sendall(message.encode())
     except OSError as err:
-        log.warning("cannot notify systemd at %r: %s", os.environ["NOTIFY_SOCKET"], err)
+        log.warning("cannot notify systemd at %r: %s", os.environ["NOTIFY_SOCKET"], err.strerror)
         return False
     return True
 
@@ -1752,8 +1753,10 @@ class Server:
         assert self._loop is not None
         try:
             await asyncio.wait_for(self._loop.sock_sendall(conn, body), timeout=10.0)
-        except (OSError, asyncio.TimeoutError) as err:
-            log.info("status reader went away: %s", err)
+        except asyncio.TimeoutError:
+            log.info("status reader went away: it read nothing for 10 s")
+        except OSError as err:
+            log.info("status reader went away: %s", err.strerror)
         finally:
             conn.close()
             self._restore_reserve()

@@ -476,7 +476,10 @@ def _daemon_main(config: ServerConfig, verbose: bool, log_file: str | None, repo
     except BaseException as err:
         if server is not None:
             server.close(discard=True)
-        report(f"ivshmem-server: error: {err}\n")
+        reason: object = err
+        if isinstance(err, OSError) and err.strerror:
+            reason = err.strerror + (f" ({err.filename})" if err.filename else "")
+        report(f"ivshmem-server: error: {reason}\n")
         return EXIT_CANNOT_START
     finally:
         os.close(report_fd)
