@@ -1,4 +1,4 @@
-"""Stress ivshmem-server with connect/disconnect churn and hostile clients; print fds and memory.
+"""Stress ivshmem-server with connect/disconnect churn and hostile clients; check fds and memory.
 
 A server process runs with a few long-lived "survivor" peers. Then CYCLES clients come and go,
 each chosen at random (seeded) from:
@@ -6,13 +6,26 @@ each chosen at random (seeded) from:
 * polite   -- completes its handshake, then closes;
 * hasty    -- connects and closes at once (often before the server even accepted it);
 * midway   -- reads part of its handshake, then closes;
-* garbage  -- sends random bytes (the server must hang up on it);
-* sleeper  -- never reads; closed a few cycles later, with messages still queued for it.
+* garbage  -- sends random bytes, then waits for the server to hang up on it;
+* sleeper  -- never reads; closed a few cycles later, with messages still queued for it;
+* kill9    -- a child process that reads part of its handshake and is killed with SIGKILL;
+* flood    -- 50 connections at once that read nothing, closed once all were admitted;
+* fdlimit  -- the server's fd limit is cut to what it has open plus 3; three clients
+              connect (accepting pauses, a handshake waits for its eventfds), the limit is
+              restored and all three must complete;
+* idwrap   -- 256 hasty connections, which walk the 16-bit id allocator round: the server
+              starts at --first-id 65534, so the survivors hold 65534, 65535 and 0, ids wrap
+              within the first cycles and, every 65536 joins, must skip the survivors' ids.
+              A polite client then checks it got an id no survivor holds.
 
 Every REPORT cycles, and at the end, the survivors are drained and checked: the server's
-membership equals the survivors' ids, each survivor's view matches, and the server's open fd
-count is back at its baseline. Printed per report: cycles done, cycles/s, server fds (and
-baseline), server RSS in KiB, and the server's counters.
+membership equals the survivors' ids, each survivor's view matches, nothing is queued, and the
+server's open fd count is back at its baseline. Printed per report: cycles done, cycles/s,
+server fds, anonymous RSS (the heap) in KiB, and counters.
+
+Exit status 1 if fds leaked, if a check failed, or if the heap grew by more than
+--max-growth bytes per cycle after --warmup cycles (the median over the report intervals,
+so a single allocator step does not count; a leak shows in every interval).
 
     .venv/bin/python benchmarks/stress_server.py                  # 10,000 cycles
     .venv/bin/python benchmarks/stress_server.py --cycles 2000 --vectors 4 --seed 7
@@ -21,8 +34,11 @@ baseline), server RSS in KiB, and the server's counters.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
+import resource
+import signal
 import socket
 import sys
 import tempfile
@@ -31,13 +47,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from serverproc import RawPeer, ServerProcess
+from serverproc import RawPeer, ServerProcess, pump_all
+
+KINDS = {
+    "polite": 8,
+    "hasty": 3,
+    "midway": 3,
+    "garbage": 2,
+    "sleeper": 2,
+    "kill9": 2,
+    "flood": 1,
+    "fdlimit": 1,
+    "idwrap": 2,
+}
+FLOOD = 50
+IDWRAP_BURST = 256
 
 
-def rss_kib(pid: int) -> int:
+class Failure(Exception):
+    """A check failed: the server misbehaved."""
+
+
+def rss_anon_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith("RssAnon:"):
                 return int(line.split()[1])
     return -1
 
@@ -49,7 +83,7 @@ def settle(server: ServerProcess, survivors: list[RawPeer], baseline: int) -> No
         for peer in survivors:
             peer.pump()
             if peer.eof:
-                raise SystemExit(f"FAIL: the server hung up on survivor {peer.id}")
+                raise Failure(f"the server hung up on survivor {peer.id}")
         return (
             set(server.peer_ids()) == expected
             and all(set(p.peers) == expected - {p.id} for p in survivors)
@@ -57,36 +91,157 @@ def settle(server: ServerProcess, survivors: list[RawPeer], baseline: int) -> No
             and server.fd_count() == baseline
         )
 
-    server.wait_until(settled, timeout=120, what="membership and fds to settle")
+    try:
+        server.wait_until(settled, timeout=120, what="membership and fds to settle")
+    except AssertionError as err:
+        raise Failure(
+            f"{str(err)[:2000]}\nserver peers {server.peer_ids()}, fds {server.fd_count()} "
+            f"(baseline {baseline})"
+        ) from None
 
 
-def one_cycle(kind: str, path: str, vectors: int, rng: random.Random) -> socket.socket | None:
-    """Run one client; return a socket to close later (a sleeper), else None."""
-    if kind == "hasty":
+class Stress:
+    def __init__(
+        self, server: ServerProcess, survivors: list[RawPeer], vectors: int, baseline: int
+    ) -> None:
+        self.server = server
+        self.baseline = baseline
+        self.path = server.socket_path
+        self.survivors = survivors
+        self.vectors = vectors
+        self.sleepers: list[socket.socket] = []
+        self.last_id = -1
+        self.id_wraps = 0
+
+    def pump(self) -> None:
+        for peer in self.survivors:
+            peer.pump()
+
+    def run(self, kind: str, rng: random.Random) -> None:
+        getattr(self, f"_{kind}")(rng)
+
+    def _hasty(self, rng: random.Random) -> None:
         sock = socket.socket(socket.AF_UNIX)
-        sock.connect(path)
+        sock.connect(self.path)
         sock.close()
-        return None
-    if kind == "sleeper":
+
+    def _sleeper(self, rng: random.Random) -> None:
         sock = socket.socket(socket.AF_UNIX)
-        sock.connect(path)
-        return sock
-    if kind == "garbage":
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(path)
+        sock.connect(self.path)
+        self.sleepers.append(sock)
+
+    def close_sleepers(self, rng: random.Random | None = None) -> None:
+        while len(self.sleepers) > 3 or (self.sleepers and (rng is None or rng.random() < 0.2)):
+            self.sleepers.pop(0).close()
+
+    def _garbage(self, rng: random.Random) -> None:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(self.path)
+            sock.settimeout(30)
+            try:
+                sock.send(os.urandom(rng.randint(1, 64)))
+            except OSError:
+                pass  # hung up on already
+            # The server must hang up: EOF (or a reset, as our bytes were never read).
+            try:
+                while sock.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                raise Failure("the server did not hang up on a client that sent data") from None
+
+    def _polite(self, rng: random.Random) -> None:
+        with RawPeer(self.path) as peer:
+            peer.wait(lambda: peer.state.own_vectors == self.vectors, timeout=30)
+            self._check_id(peer)
+
+    def _midway(self, rng: random.Random) -> None:
+        with RawPeer(self.path) as peer:
+            stop = rng.randint(1, 3 + self.vectors)
+            peer.wait(lambda: peer.messages >= stop or peer.state.own_vectors == self.vectors)
+
+    def _kill9(self, rng: random.Random) -> None:
+        messages = rng.randint(0, 3 + self.vectors * (len(self.survivors) + 1))
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: read some messages, say so, wait to be killed
+            try:
+                os.close(read_end)
+                peer = RawPeer(self.path, blocking=True)
+                while peer.messages < messages and not peer.eof:
+                    peer.pump(1)
+                os.write(write_end, b"x")
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        os.close(write_end)
         try:
-            sock.send(os.urandom(rng.randint(1, 64)))
-        except OSError:
-            pass
-        sock.close()
-        return None
-    with RawPeer(path) as peer:
-        if kind == "polite":
-            peer.wait(lambda: peer.state.own_vectors == vectors, timeout=30)
-        else:  # midway
-            stop = rng.randint(1, 3 + vectors)
-            peer.wait(lambda: peer.messages >= stop or peer.state.own_vectors == vectors)
-    return None
+            os.read(read_end, 1)
+        finally:
+            os.close(read_end)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+    def _flood(self, rng: random.Random) -> None:
+        joins = self.server.status()["counters"]["joins"]
+        socks = []
+        try:
+            for _ in range(FLOOD):
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(self.path)
+                socks.append(sock)
+            self._wait(lambda: self.server.status()["counters"]["joins"] >= joins + FLOOD)
+        finally:
+            for sock in socks:
+                sock.close()
+
+    def _fdlimit(self, rng: random.Random) -> None:
+        server = self.server
+        # From a quiet server: its fd count must not be falling while the limit is cut.
+        self.close_sleepers()
+        settle(server, self.survivors, self.baseline)
+        original = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+        shortages = server.status()["counters"]["fd_shortages"]
+        peers: list[RawPeer] = []
+        try:
+            resource.prlimit(
+                server.pid, resource.RLIMIT_NOFILE, (server.fd_count() + 3, original[1])
+            )
+            peers = [RawPeer(self.path) for _ in range(3)]
+            self._wait(lambda: server.status()["counters"]["fd_shortages"] > shortages)
+            resource.prlimit(server.pid, resource.RLIMIT_NOFILE, original)
+            try:
+                pump_all(peers, lambda: all(p.state.own_vectors == self.vectors for p in peers), 60)
+            except AssertionError as err:
+                raise Failure(f"clients that waited out an fd shortage: {err}") from None
+        finally:
+            resource.prlimit(server.pid, resource.RLIMIT_NOFILE, original)
+            for peer in peers:
+                peer.close()
+
+    def _idwrap(self, rng: random.Random) -> None:
+        for i in range(IDWRAP_BURST):
+            self._hasty(rng)
+            if i % 16 == 0:
+                self.pump()  # two messages per visitor for every survivor
+        self._polite(rng)
+
+    def _check_id(self, peer: RawPeer) -> None:
+        assert peer.id is not None
+        if peer.id in {s.id for s in self.survivors}:
+            raise Failure(f"a client got id {peer.id}, which a survivor holds")
+        if peer.id < self.last_id:
+            self.id_wraps += 1
+        self.last_id = peer.id
+
+    def _wait(self, predicate: object, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():  # type: ignore[operator]
+            self.pump()
+            if time.monotonic() > deadline:
+                raise Failure(f"timed out waiting for the server\n{self.server.log()[-3000:]}")
+            time.sleep(0.01)
 
 
 def main() -> int:
@@ -95,13 +250,29 @@ def main() -> int:
     parser.add_argument("--vectors", type=int, default=4)
     parser.add_argument("--survivors", type=int, default=3)
     parser.add_argument("--report", type=int, default=1000, help="cycles between reports")
+    parser.add_argument("--warmup", type=int, default=1000, help="cycles before memory counts")
+    parser.add_argument(
+        "--max-growth",
+        type=float,
+        default=100.0,
+        help="heap growth allowed per cycle after the warm-up, in bytes (default 100)",
+    )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--only", metavar="KIND", action="append", choices=sorted(KINDS), help="only these kinds"
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    kinds = ["polite"] * 5 + ["hasty"] * 2 + ["midway"] * 2 + ["garbage", "sleeper"]
+    chosen = args.only or list(KINDS)
+    kinds = [kind for kind, weight in KINDS.items() if kind in chosen for _ in range(weight)]
+    counts = dict.fromkeys(KINDS, 0)
+    failure = ""
+    samples: list[tuple[int, int]] = []
     with (
         tempfile.TemporaryDirectory(prefix="ivs-", dir="/tmp") as tmp,
-        ServerProcess(tmp, vectors=args.vectors) as server,
+        ServerProcess(
+            tmp, vectors=args.vectors, extra_args=["--first-id", "65534"], start_timeout=60
+        ) as server,
     ):
         survivors = [RawPeer(server.socket_path) for _ in range(args.survivors)]
         for peer in survivors:
@@ -110,50 +281,78 @@ def main() -> int:
                 return bool(p.state.own_vectors == args.vectors)
 
             peer.wait(handshake_done)
-        settle(server, survivors, server.fd_count())
         baseline = server.fd_count()
-        rss_start = rss_kib(server.pid)
+        settle(server, survivors, baseline)
+        stress = Stress(server, survivors, args.vectors, baseline)
         print(
-            f"server pid {server.pid}: baseline {baseline} fds, RSS {rss_start} KiB, "
-            f"{args.survivors} survivors, {args.vectors} vectors, seed {args.seed}"
+            f"server pid {server.pid}: baseline {baseline} fds, heap {rss_anon_kib(server.pid)} "
+            f"KiB, survivors {[p.id for p in survivors]}, {args.vectors} vectors, seed "
+            f"{args.seed}"
         )
-        print(f"{'cycles':>7} {'cycles/s':>9} {'fds':>5} {'RSS KiB':>8}  counters")
-        sleepers: list[socket.socket] = []
+        print(f"{'cycles':>7} {'cycles/s':>9} {'fds':>5} {'heap KiB':>9}  counters")
         start = time.perf_counter()
-        for cycle in range(1, args.cycles + 1):
-            kind = rng.choice(kinds)
-            sleeper = one_cycle(kind, server.socket_path, args.vectors, rng)
-            if sleeper is not None:
-                sleepers.append(sleeper)
-            if len(sleepers) > 3 or (sleepers and rng.random() < 0.2):
-                sleepers.pop(0).close()
-            for peer in survivors:
-                peer.pump()
-            if cycle % args.report == 0 or cycle == args.cycles:
-                for sock in sleepers:
-                    sock.close()
-                sleepers.clear()
+        try:
+            for cycle in range(1, args.cycles + 1):
+                kind = rng.choice(kinds)
+                counts[kind] += 1
+                stress.run(kind, rng)
+                stress.close_sleepers(rng)
+                stress.pump()
+                if cycle == args.warmup or cycle % args.report == 0 or cycle == args.cycles:
+                    stress.close_sleepers()
+                    settle(server, survivors, baseline)
+                    if cycle >= args.warmup:
+                        samples.append((cycle, rss_anon_kib(server.pid)))
+                    if cycle % args.report and cycle != args.cycles:
+                        continue
+                    elapsed = time.perf_counter() - start
+                    counters = server.status()["counters"]
+                    shown = {
+                        k: counters[k]
+                        for k in (
+                            "joins",
+                            "clients_sent_data",
+                            "slow_clients_dropped",
+                            "fd_shortages",
+                        )
+                    }
+                    print(
+                        f"{cycle:>7} {cycle / elapsed:>9.0f} {server.fd_count():>5} "
+                        f"{rss_anon_kib(server.pid):>9}  {shown} id wraps {stress.id_wraps}",
+                        flush=True,
+                    )
+        except Failure as err:
+            failure = f"cycle {cycle} ({kind}): {err}"
+        stress.close_sleepers()
+        if failure:
+            try:
                 settle(server, survivors, baseline)
-                elapsed = time.perf_counter() - start
-                counters = server.status()["counters"]
-                shown = {
-                    k: counters[k]
-                    for k in ("joins", "leaves", "clients_sent_data", "slow_clients_dropped")
-                }
-                print(
-                    f"{cycle:>7} {cycle / elapsed:>9.0f} {server.fd_count():>5} "
-                    f"{rss_kib(server.pid):>8}  {shown}",
-                    flush=True,
-                )
-        rss_end = rss_kib(server.pid)
+            except Failure:
+                pass
         leaked = server.fd_count() - baseline
         for peer in survivors:
             peer.close()
+        print(f"clients by kind: {counts}")
+    growths = [
+        (b - a) * 1024 / (cb - ca) for (ca, a), (cb, b) in itertools.pairwise(samples) if cb > ca
+    ]
+    growth = sorted(growths)[len(growths) // 2] if growths else 0.0
+    heap = f"{samples[0][1]} -> {samples[-1][1]} KiB" if samples else "not measured"
     print(
-        f"done: {args.cycles} cycles, {leaked} fds leaked, RSS {rss_start} -> {rss_end} KiB "
-        f"({rss_end - rss_start:+d} KiB)"
+        f"done: {args.cycles} cycles, {leaked} fds leaked, heap after the warm-up {heap}, "
+        f"median growth {growth:.1f} bytes per cycle (allowed {args.max_growth:.0f}), "
+        f"ids wrapped {stress.id_wraps} time(s)"
     )
-    return 0 if leaked == 0 else 1
+    if failure:
+        print(f"FAIL: {failure}")
+        return 1
+    if leaked:
+        print(f"FAIL: {leaked} fds leaked")
+        return 1
+    if growth > args.max_growth:
+        print(f"FAIL: the server's heap grows by {growth:.0f} bytes per cycle")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
