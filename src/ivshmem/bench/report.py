@@ -411,8 +411,9 @@ def render_markdown(doc: dict[str, Any], charts: dict[str, str] | None = None) -
     add("")
     add(
         "- Both sides of every transport run the same Python loop: one method call per message "
-        "and side plus the two sequence-number stamps. The ping-pong references pay that too, "
-        "so a ratio against them measures the transport's own cost on top of the harness."
+        "and side plus the two sequence-number stamps. The eventfd reference pays all of that "
+        "too; the spin-byte reference pays the loop and the calls but has no payload to stamp, "
+        "so a ratio against it charges the stamps to the transport."
     )
     add(
         "- The machine is shared and small (see the load average): a p99 of milliseconds is a "
@@ -438,6 +439,11 @@ def render_markdown(doc: dict[str, Any], charts: dict[str, str] | None = None) -
     add(f"- OS: {m.get('os', '?')}, kernel {m.get('kernel')}, {m.get('machine')}")
     versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
     add(f"- Python {m.get('python')}; {versions}")
+    if m.get("channel_core"):
+        add(
+            f"- Channel ring hot paths: {m['channel_core']} "
+            "(`ivshmem.channel.ring.ACCELERATED`; the C core is built by pip install)"
+        )
     add("")
 
     add("## Transports")

@@ -191,6 +191,9 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     info["versions"] = versions
+    from ..channel import ring
+
+    info["channel_core"] = "C" if ring.ACCELERATED else "Python"
     return info
 
 
