@@ -354,6 +354,18 @@ def test_live_socket_reached_through_a_symlinked_directory_is_not_probed(
 # G. The daemon: inherited fds and where its log goes
 
 
+@contextlib.contextmanager
+def stopped_at_exit(pidfile: Path) -> Iterator[None]:
+    """Stop the daemon whose pid is in ``pidfile`` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            pid = int(pidfile.read_text())
+            os.kill(pid, 15)
+            _wait_gone(pid)
+
+
 def _wait_gone(pid: int, timeout: float = 10.0) -> None:
     def gone() -> bool:
         try:
@@ -373,22 +385,19 @@ def test_daemon_closes_inherited_fds_and_warns_that_its_log_is_lost(short_tmp: P
     sock, pidfile = short_tmp / "d.sock", short_tmp / "d.pid"
     read_end, write_end = os.pipe()
     try:
-        # A launcher's pipe, as a deployment script that waits for EOF would pass it.
-        result = run_cli("-S", str(sock), "--memfd", "-p", str(pidfile), pass_fds=[write_end])
-        os.close(write_end)
-        write_end = -1
-        assert result.returncode == 0, result.stderr
-        assert "the daemon's log will be lost" in result.stderr
-        assert "--log-file PATH" in result.stderr and "-F" in result.stderr
-        pid = int(pidfile.read_text())
-        try:
+        with stopped_at_exit(pidfile):
+            # A launcher's pipe, as a deployment script that waits for EOF would pass it.
+            result = run_cli("-S", str(sock), "--memfd", "-p", str(pidfile), pass_fds=[write_end])
+            os.close(write_end)
+            write_end = -1
+            assert result.returncode == 0, result.stderr
+            assert "the daemon's log will be lost" in result.stderr
+            assert "--log-file PATH" in result.stderr and "-F" in result.stderr
+            pid = int(pidfile.read_text())
             ready, _, _ = select.select([read_end], [], [], 10)
             assert ready and os.read(read_end, 1) == b"", "the daemon kept the launcher's pipe"
             targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
             assert not any(t.startswith("pipe:") for t in targets), targets
-        finally:
-            os.kill(pid, 15)
-            _wait_gone(pid)
     finally:
         os.close(read_end)
         if write_end >= 0:
@@ -398,13 +407,12 @@ def test_daemon_closes_inherited_fds_and_warns_that_its_log_is_lost(short_tmp: P
 
 def test_daemon_logs_to_a_log_file(short_tmp: Path) -> None:
     sock, pidfile, logfile = short_tmp / "d.sock", short_tmp / "d.pid", short_tmp / "d.log"
-    result = run_cli(
-        "-S", str(sock), "--memfd", "-p", str(pidfile), "--log-file", str(logfile), "-n", "2"
-    )
-    assert result.returncode == 0, result.stderr
-    assert "will be lost" not in result.stderr
-    pid = int(pidfile.read_text())
-    try:
+    with stopped_at_exit(pidfile):
+        result = run_cli(
+            "-S", str(sock), "--memfd", "-p", str(pidfile), "--log-file", str(logfile), "-n", "2"
+        )
+        assert result.returncode == 0, result.stderr
+        assert "will be lost" not in result.stderr
         with RawPeer(str(sock)) as peer:
             peer.wait(lambda: peer.complete(set(), 2))
         deadline = time.monotonic() + 10
@@ -413,9 +421,6 @@ def test_daemon_logs_to_a_log_file(short_tmp: Path) -> None:
             time.sleep(0.02)
         text = logfile.read_text()
         assert "serving" in text and "peer 0 joined" in text
-    finally:
-        os.kill(pid, 15)
-        _wait_gone(pid)
     assert "server stopped" in logfile.read_text()
 
 
