@@ -108,15 +108,15 @@ DEFAULT_SHM_NAME = "ivshmem"
 DEFAULT_SIZE = 4 << 20
 #: Messages a client may have queued beyond one full handshake before it is disconnected.
 #: Generous: a client must fall behind by this many join/leave messages (thousands of peers
-#: coming and going) while not reading at all. Each queued message costs about 75 bytes of
+#: coming and going) while not reading at all. Each queued message costs about 16 bytes of
 #: server memory, and one with an fd may keep a departed peer's eventfd open until it is sent.
 DEFAULT_MAX_QUEUE = 16384
-#: Messages queued for all clients together before the longest queues are cut. At about 75
-#: bytes each (measured: a tuple, a deque slot, a reference) the default bounds them near
-#: 75 MiB. Ordinary bursts need far less: a join queues its handshake (3 + vectors x peers)
-#: and one message per vector to every other peer; only N peers that all join at once and
-#: read slowly need up to vectors x N^2 (4 million for 1000 peers with 4 vectors).
-DEFAULT_MAX_QUEUED_TOTAL = 1 << 20
+#: Messages queued for all clients together before the longest queues are cut. At about 16
+#: bytes each (measured: two deque slots) the default bounds them near 128 MiB. A join queues
+#: its handshake (3 + vectors x peers) and one message per vector to every other peer, so N
+#: peers that all join at once and read slowly need up to vectors x N^2: 1000 peers with 4
+#: vectors joining as fast as they can (benchmarks/bench_join.py) peak at 3.7 million.
+DEFAULT_MAX_QUEUED_TOTAL = 1 << 23
 #: QEMU's ivshmem device refuses more vectors than this (hw/misc/ivshmem.c).
 QEMU_MAX_VECTORS = 64
 #: ``backing`` values: POSIX shm object (``-M``), unlinked file in a directory (``-m``),
@@ -598,6 +598,7 @@ class _Client:
         "connected_at",
         "dirty",
         "fd",
+        "fds",
         "gid",
         "overflowed",
         "partial",
@@ -615,7 +616,11 @@ class _Client:
         self.fd = sock.fileno()
         self.peer = peer
         self.pid, self.uid, self.gid = creds
-        self.queue: deque[tuple[int, SharedFd | None]] = deque()
+        # The queue: message values, and beside them the fd each carries (or None). Two
+        # deques of references cost about 16 bytes a message where a deque of pairs costs 75,
+        # and a join of N peers queues V x N messages for the newcomer alone.
+        self.queue: deque[int] = deque()
+        self.fds: deque[SharedFd | None] = deque()
         #: Unsent tail of a message the kernel took only part of (its fd went with byte 0).
         self.partial = b""
         self.sent = 0
@@ -1385,7 +1390,8 @@ class Server:
             client = clients.get(send.recipient)
             if client is None or client.closed:
                 continue
-            client.queue.append((send.value, None if send.fd is None else send.fd.acquire()))
+            client.queue.append(send.value)
+            client.fds.append(None if send.fd is None else send.fd.acquire())
             queued += 1
             if not client.dirty and not client.writing:
                 client.dirty = True
@@ -1454,6 +1460,7 @@ class Server:
         """Send queued messages until the queue is empty or the socket is full."""
         sock = client.sock
         queue = client.queue
+        fds = client.fds
         sent = 0
         try:
             while client.partial or queue:
@@ -1461,8 +1468,8 @@ class Server:
                     n = sock.send(client.partial, socket.MSG_NOSIGNAL)
                     client.partial = client.partial[n:]
                     continue
-                value, holder = queue[0]
-                data = encode(value)
+                holder = fds[0]
+                data = encode(queue[0])
                 if holder is None:
                     n = sock.send(data, _MSG_NOSIGNAL)
                 else:
@@ -1470,6 +1477,7 @@ class Server:
                     # or reused one here.
                     n = sock.sendmsg([data], holder.ancillary(), _MSG_NOSIGNAL)
                 queue.popleft()
+                fds.popleft()
                 if holder is not None:
                     holder.release()
                 sent += 1
@@ -1669,8 +1677,9 @@ class Server:
         client.writing = False
         client.sock.close()
         self._queued_total -= len(client.queue)
-        while client.queue:
-            _value, holder = client.queue.popleft()
+        client.queue.clear()
+        while client.fds:
+            holder = client.fds.popleft()
             if holder is not None:
                 holder.release()
         self._restore_reserve()  # an fd was just freed

@@ -172,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_QUEUED_TOTAL,
         help="messages queued for all clients together before the clients with the longest "
-        f"queues are disconnected (default {DEFAULT_MAX_QUEUED_TOTAL}, about 75 bytes each)",
+        f"queues are disconnected (default {DEFAULT_MAX_QUEUED_TOTAL}, about 16 bytes each)",
     )
     more.add_argument(
         "--log-file",
