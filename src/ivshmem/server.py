@@ -661,9 +661,10 @@ class _SendStall:
 
     errno: int
     started: float
-    #: Unread messages per peer when last sampled, and when: a client whose count has not
-    #: gone down since, while it had some, is not reading.
-    samples: dict[int, int]
+    #: Per peer when last sampled (and when): its unread messages and its messages sent so
+    #: far. Whatever was sent since is either still unread or was read: a client whose
+    #: unread count grew by all of it, while it had some, read nothing.
+    samples: dict[int, tuple[int, int]]
     sampled_at: float
     dropped: int = 0
 
@@ -1521,8 +1522,8 @@ class Server:
         except OSError:
             return 0
 
-    def _unread_all(self) -> dict[int, int]:
-        return {peer: self._unread(client) for peer, client in self._clients.items()}
+    def _unread_all(self) -> dict[int, tuple[int, int]]:
+        return {peer: (self._unread(cl), cl.sent) for peer, cl in self._clients.items()}
 
     def _stalled(self, client: _Client, err: OSError) -> None:
         """The kernel would not take a message for ``client`` for a reason that is nobody's
@@ -1562,8 +1563,8 @@ class Server:
             "for %.0f s are disconnected, those holding the most first. If clients are merely "
             "slow, raise the limit (LimitNOFILE=). Logged once per episode",
             soft,
-            sum(1 for n in samples.values() if n),
-            sum(samples.values()),
+            sum(1 for unread, _sent in samples.values() if unread),
+            sum(unread for unread, _sent in samples.values()),
             _STALL_GRACE,
         )
 
@@ -1609,11 +1610,15 @@ class Server:
         previous = stall.samples
         current = self._unread_all()
         stall.samples, stall.sampled_at = current, now
-        stuck = [
-            (count, self._clients[peer])
-            for peer, count in current.items()
-            if count > 0 and peer in previous and count >= previous[peer]
-        ]
+        stuck = []
+        for peer, (unread, sent) in current.items():
+            if peer not in previous:
+                continue  # joined since: judged at the next look
+            was_unread, was_sent = previous[peer]
+            # A count that merely stayed the same is not enough: leave messages carry no fd
+            # and still go out, and a reading client may hold as many unread as before.
+            if was_unread > 0 and unread - was_unread >= sent - was_sent:
+                stuck.append((unread, self._clients[peer]))
         if not stuck:
             return
         largest = max(count for count, _client in stuck)
