@@ -424,6 +424,26 @@ def test_daemon_logs_to_a_log_file(short_tmp: Path) -> None:
     assert "server stopped" in logfile.read_text()
 
 
+def test_daemon_started_with_stdin_and_stdout_closed(short_tmp: Path) -> None:
+    sock, pidfile = short_tmp / "d.sock", short_tmp / "d.pid"
+
+    def close_stdio() -> None:
+        os.close(0)
+        os.close(1)
+
+    with stopped_at_exit(pidfile):
+        result = subprocess.run(
+            [*SERVER, "-S", str(sock), "--memfd", "-p", str(pidfile)],
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            preexec_fn=close_stdio,
+        )
+        assert result.returncode == 0, result.stderr
+        with RawPeer(str(sock)) as peer:
+            peer.wait(lambda: peer.complete(set(), 1))
+
+
 def test_unwritable_log_file_is_a_startup_error(short_tmp: Path) -> None:
     result = run_cli(
         "-F", "--memfd", "-S", str(short_tmp / "s"), "--log-file", str(short_tmp / "no" / "log")

@@ -416,6 +416,13 @@ def _run_foreground(config: ServerConfig, verbose: bool, log_file: str | None) -
 def _run_daemon(config: ServerConfig, verbose: bool, log_file: str | None) -> int:
     """Double fork and setsid; the launching process exits only once the daemon serves (0)
     or has failed to start (1, with the daemon's error printed here)."""
+    # Launched with 0, 1 or 2 closed, the report pipe would get one of those numbers, and
+    # the daemon's redirection of 0-2 to /dev/null would swallow its "OK".
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # takes the lowest free number: this one
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid > 0:
