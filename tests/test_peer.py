@@ -882,3 +882,31 @@ def test_notify_and_wait_from_threads(peers: Callable[..., Peer]) -> None:
         assert a.wait(timeout=WAIT) == i % VECTORS
     thread.join(WAIT)
     assert got == [i % VECTORS for i in range(rounds)]
+
+
+def test_256_vectors_per_peer_end_to_end(short_tmp: Path) -> None:
+    """The most vectors the server hands out (QEMU's device takes 64): every one of them,
+    both ways, between two host peers, and the fds all go on close."""
+    with ServerProcess(short_tmp, size="64K", vectors=256) as server:
+        baseline = len(os.listdir("/proc/self/fd"))
+        a = connect(server.socket_path, vectors=256, timeout=WAIT)
+        b = connect(server.socket_path, vectors=256, timeout=WAIT)
+        try:
+            see(a, {b.id})
+            see(b, {a.id})
+            assert a.vectors == b.vectors == 256
+            assert a.vectors_of(b.id) == b.vectors_of(a.id) == 256
+            for v in (0, 1, 63, 64, 128, 255):
+                a.notify(b.id, v)
+                assert b.wait(v, timeout=WAIT) == v
+                b.notify(a.id, v)
+                assert a.wait(v, timeout=WAIT) == v
+            for v in range(256):  # every vector rings its own eventfd, nothing crosses over
+                a.notify(b.id, v)
+            got = sorted(b.wait(timeout=WAIT) for _ in range(256))  # type: ignore[type-var]
+            assert got == list(range(256))
+            assert b.wait(timeout=0, spin=0) is None
+        finally:
+            a.close()
+            b.close()
+        assert len(os.listdir("/proc/self/fd")) == baseline

@@ -288,6 +288,19 @@ def test_daemon_default_pid_file_not_writable_suggests_p_or_f(open_dir: Path) ->
     assert not (open_dir / "s").exists()
 
 
+def test_memory_directory_the_server_cannot_write(open_dir: Path) -> None:
+    """-m DIR that exists but is not writable for the server's user (as a hugetlbfs mount
+    owned by root would be): a clear refusal, nothing left behind."""
+    locked = open_dir / "locked"
+    locked.mkdir(mode=0o755)  # root's; the server runs as nobody
+    result = run_cli("-F", "-S", str(open_dir / "s"), "-m", str(locked), as_nobody=True)
+    assert result.returncode == 1, result.stderr
+    assert f"directory {str(locked)!r} is not writable" in result.stderr
+    assert "serving" not in result.stderr
+    assert list(locked.iterdir()) == []
+    assert not (open_dir / "s").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # E. Empty values
 
