@@ -53,6 +53,23 @@ _BACKING_FLAGS = ("-M", "-m", "--file", "--memfd")
 _PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
 
 
+def wait_gone(pid: int, timeout: float = 10.0) -> None:
+    """Wait for a process that is not our child to exit (a zombie counts as gone: reaping it
+    is its new parent's business)."""
+
+    def gone() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    deadline = time.monotonic() + timeout
+    while not gone():
+        assert time.monotonic() < deadline, f"daemon {pid} did not exit"
+        time.sleep(0.02)
+
+
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the test process dies, so a test killed
     by a timeout (or by hand) never leaves a server running."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require
-from serverproc import RawPeer, ServerProcess, pump_all
+from serverproc import RawPeer, ServerProcess, pump_all, wait_gone
 
 from ivshmem.server import (
     Server,
@@ -671,23 +671,6 @@ def test_unwritable_memory_directory(short_tmp: Path) -> None:
 # Daemon mode
 
 
-def _wait_gone(pid: int, timeout: float = 10.0) -> None:
-    """Wait for a process that is not our child to exit (a zombie counts as gone: reaping it
-    is its new parent's business)."""
-
-    def gone() -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except FileNotFoundError:
-            return True
-
-    deadline = time.monotonic() + timeout
-    while not gone():
-        assert time.monotonic() < deadline, f"daemon {pid} did not exit"
-        time.sleep(0.02)
-
-
 def test_daemon_mode(short_tmp: Path) -> None:
     sock, pidfile = short_tmp / "d.sock", short_tmp / "d.pid"
     result = run_cli("-S", str(sock), "--memfd", "-p", str(pidfile))
@@ -707,7 +690,7 @@ def test_daemon_mode(short_tmp: Path) -> None:
         assert "is in use by a running server" in again.stderr
     finally:
         os.kill(pid, signal.SIGTERM)
-        _wait_gone(pid)
+        wait_gone(pid)
     assert not sock.exists() and not pidfile.exists()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require
-from serverproc import RawPeer, ServerProcess
+from serverproc import RawPeer, ServerProcess, wait_gone
 
 from ivshmem.errors import UsageError
 from ivshmem.memory import SharedMemory
@@ -376,21 +376,7 @@ def stopped_at_exit(pidfile: Path) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
             pid = int(pidfile.read_text())
             os.kill(pid, 15)
-            _wait_gone(pid)
-
-
-def _wait_gone(pid: int, timeout: float = 10.0) -> None:
-    def gone() -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except FileNotFoundError:
-            return True
-
-    deadline = time.monotonic() + timeout
-    while not gone():
-        assert time.monotonic() < deadline, f"daemon {pid} did not exit"
-        time.sleep(0.02)
+            wait_gone(pid)
 
 
 def test_daemon_closes_inherited_fds_and_warns_that_its_log_is_lost(short_tmp: Path) -> None:
