@@ -26,6 +26,7 @@ from test_channel_hostile import AREA, CAPACITY, _op
 from ivshmem.channel import ChannelCorrupted, UnexpectedMessageError
 from ivshmem.channel import ring as ringmod
 from ivshmem.channel.ring import RingReceiver, RingSender, init_area
+from ivshmem.errors import UsageError
 
 pytestmark = pytest.mark.skipif(
     not ringmod.ACCELERATED and not os.environ.get("CI"),
@@ -164,3 +165,32 @@ def test_release_revokes_views_and_sizes_match_capacity() -> None:
     with pytest.raises(ValueError):
         reserved[0] = 1  # the reservation's view is revoked by commit()
     assert side.rx.try_recv() == bytes(4)
+
+
+def test_the_c_core_takes_its_bounds_from_its_buffer_not_from_settable_values() -> None:
+    """Private attributes are not an interface, but poking them must not make C write
+    outside the ring: the sizes are read-only, and everything else is checked or falls back
+    to the Python twin."""
+    require(ringmod.ACCELERATED, "the ring's C core did not build")
+    side = _Side(python=False)
+    for name in ("capacity", "_mask", "_half"):
+        with pytest.raises(AttributeError):
+            setattr(side.tx, name, 1 << 20)
+    view = side.tx.try_reserve(16)
+    assert view is not None
+    del side.tx._resv_view  # commit() must not follow a NULL
+    with pytest.raises(UsageError, match="nothing reserved"):
+        side.tx.commit()
+    side.tx.cancel()
+    side.tx._rpos = AREA  # a reservation that would end outside the ring
+    side.tx._resv_view = memoryview(bytearray(16))
+    side.tx._rlen = 16
+    with pytest.raises(IndexError):  # handed to the Python twin, whose views are bounded
+        side.tx.commit()
+    with pytest.raises(ValueError, match="outside its buffer"):
+        side.rx.set_guard(side.words, 2**63 - 1, 0)
+    other = _Side(python=False)
+    assert other.tx.try_send(b"abc")
+    del other.rx._views
+    with pytest.raises(AttributeError):  # a clear error from Python, not a crash in C
+        other.rx.try_recv_view()

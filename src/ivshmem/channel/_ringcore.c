@@ -159,6 +159,10 @@ static PyObject *Core_bind(Core *self, PyObject *area) {
     }
     self->q = (volatile u64 *)self->area.buf;
     self->data = (char *)self->area.buf + CTRL_SIZE;
+    /* The bounds every access below relies on: from the buffer held, read-only to Python. */
+    self->capacity = cap;
+    self->mask = cap - 1;
+    self->half = cap >> 1;
     Py_RETURN_NONE;
 }
 
@@ -177,7 +181,7 @@ static PyObject *Core_bind_guard(Core *self, PyObject *const *args, Py_ssize_t n
     Py_buffer buf;
     if (PyObject_GetBuffer(args[0], &buf, PyBUF_C_CONTIGUOUS) < 0)
         return NULL;
-    if (index < 0 || (index + 1) * 8 > buf.len || ((uintptr_t)buf.buf & 7)) {
+    if (index < 0 || index >= buf.len / 8 || ((uintptr_t)buf.buf & 7)) {
         PyBuffer_Release(&buf);
         PyErr_SetString(PyExc_ValueError, "guard word is outside its buffer or misaligned");
         return NULL;
@@ -558,7 +562,7 @@ static PyObject *Core_try_reserve(Core *self, PyObject *const *args, Py_ssize_t 
     self->rkind = kind;
     self->limit = -1;
     Py_INCREF(view);
-    Py_SETREF(self->resv_view, view);
+    Py_XSETREF(self->resv_view, view);
     return view;
 }
 
@@ -590,7 +594,11 @@ static PyObject *Core_commit(Core *self, PyObject *const *args, Py_ssize_t nargs
     int flush = truth(a[1], 1);
     if (flush < 0)
         return NULL;
-    int simple = self->resv_view != Py_None && self->rskip == 0 &&
+    /* The reservation's fields are settable from Python: use them only when they describe a
+     * record inside the ring (the Python twin checks through its views otherwise). */
+    int simple = self->resv_view != NULL && self->resv_view != Py_None && self->rskip == 0 &&
+                 (self->rpos & 7) == 0 && self->rlen <= self->half &&
+                 self->rpos + HEADER + self->rlen <= self->capacity &&
                  ld_relaxed(self->guard) == self->guard_value;
     if (simple && a[0] != NULL && a[0] != Py_None) {
         long long m = PyLong_AsLongLong(a[0]);
@@ -721,7 +729,8 @@ static PyObject *take_view(Core *self, u64 kind, PyObject *kind_obj) {
     int r = next_record(self, kind, &pos, &n);
     if (r == 0)
         Py_RETURN_NONE;
-    if (r == 2 || self->rodata == NULL || !PyList_CheckExact(self->views)) {
+    if (r == 2 || self->rodata == NULL || self->views == NULL ||
+        !PyList_CheckExact(self->views)) {
         PyObject *call[2] = {(PyObject *)self, kind_obj};
         return PyObject_VectorcallMethod(str_take_view_py, call,
                                          (kind_obj ? 2 : 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
@@ -914,9 +923,9 @@ static PyMethodDef Core_methods[] = {
 #define OBJ(name, field) {name, T_OBJECT, offsetof(Core, field), 0, NULL}
 
 static PyMemberDef Core_members[] = {
-    U64("capacity", capacity),
-    U64("_mask", mask),
-    U64("_half", half),
+    {"capacity", T_ULONGLONG, offsetof(Core, capacity), READONLY, NULL},
+    {"_mask", T_ULONGLONG, offsetof(Core, mask), READONLY, NULL},
+    {"_half", T_ULONGLONG, offsetof(Core, half), READONLY, NULL},
     U64("_head", head),
     U64("_tail", tail),
     U64("_published", published),

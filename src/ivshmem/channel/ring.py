@@ -116,8 +116,17 @@ class _PythonCore:
     """What the C core (``_ringcore.RingCore``) provides, for when it is not there: the state
     lives in ordinary attributes and every method below runs as written."""
 
+    capacity: int
+    _mask: int
+    _half: int
+
     def _bind(self, area: memoryview) -> None:
-        """The C core holds the area's buffer here; Python needs nothing."""
+        """Take the sizes from the area (the C core also holds its buffer, and its sizes are
+        read-only: its bounds come from the buffer it holds, never from a settable value)."""
+        capacity = len(area) - CTRL_SIZE
+        self.capacity = capacity
+        self._mask = capacity - 1
+        self._half = capacity >> 1
 
     def _bind_guard(self, words: memoryview, index: int, value: int) -> None:
         """The C core holds the guard word's buffer here; Python needs nothing."""
@@ -172,20 +181,18 @@ class _Ring(_Base):
         capacity = size - CTRL_SIZE
         if capacity < MIN_CAPACITY or capacity & (capacity - 1):
             raise ChannelCorrupted(name, "size", f"area of {size} bytes is not 256 + 2**k")
-        self.capacity = capacity
-        self._mask = capacity - 1
         self._area = area
-        self._bind(area)
+        self._bind(area)  # sets capacity, _mask and _half
         self._q = area.cast("Q")
         self._data = area[CTRL_SIZE:]
         self._rodata = self._data.toreadonly()
         self._mm, self._mmoff = _mmap_window(self._data)
         self._broken: ChannelCorrupted | None = None
         # The guard: one shared word that must keep one value while this end may write
-        # (channel.py points it at the receiver's arena epoch, which the membership writer
-        # changes when it gives the arena to another peer). Checked before every write to
-        # the area, so an end whose peer left never writes into memory recycled for someone
-        # else. Without a guard, a private word that never changes.
+        # (channel.py points it at the receiver's membership slot's "joined" word, which the
+        # membership writer changes when it gives the arena to another peer). Checked before
+        # every write to the area, so an end whose peer left never writes into memory
+        # recycled for someone else. Without a guard, a private word that never changes.
         self._gq: memoryview = memoryview(bytearray(8)).cast("Q")
         self._gi = 0
         self._gv = 0
@@ -246,7 +253,6 @@ class RingSender(_Ring):
         self._resv_view: memoryview | None = None
         self._rpos = self._rskip = self._rlen = self._rkind = 0
         # Biggest record the fast path takes; -1 while broken or reserving (-> slow path).
-        self._half = self.capacity >> 1
         self._limit = self._half
 
     def _on_broken(self) -> None:
