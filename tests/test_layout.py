@@ -290,6 +290,61 @@ def test_a_static_table_never_reclaims(ep: ivshmem.RegionEndpoint) -> None:
         layout.allocate_channel(region, 0, 0, "one more", 7, 0, 512, init, lambda e: False)
 
 
+def _arena_words(region: Region, slot: int) -> memoryview:
+    base = region.arena_offset(slot)
+    return region.memory[base : base + 4096].cast("Q")
+
+
+def test_a_lying_free_entry_cannot_steer_an_allocation_out_of_the_arena(
+    ep: ivshmem.RegionEndpoint,
+) -> None:
+    region = format_region(ep, max_peers=3, peers=[0, 1, 2])
+
+    def init(area: memoryview) -> None:
+        area[:] = b"\xee" * len(area)
+
+    layout.allocate_channel(region, 0, 0, "a", 1, 0, 512, init)
+    before = bytes(ep.memory[region.arena_offset(1) : region.arena_offset(1) + region.arena_size])
+    # A liar marks entry 0 free and points it into arena 1 (and, in a second try, far away).
+    entry = layout._A_ENTRIES // 8  # word index of entry 0
+    words = _arena_words(region, 0)
+    for off in (region.arena_size + 4096, 2**40):
+        words[entry + 5] = off  # offset (name 32 bytes = 4 words, sender/receiver 1 word)
+        words[entry + 7] = layout._STATE_FREE
+        with pytest.raises(RegionCorrupted, match="outside the used space"):
+            layout.allocate_channel(region, 0, 0, "b", 2, 0, 512, init, lambda e: False)
+    after = bytes(ep.memory[region.arena_offset(1) : region.arena_offset(1) + region.arena_size])
+    assert after == before
+
+
+def test_overlapping_directory_entries_are_refused(ep: ivshmem.RegionEndpoint) -> None:
+    region = format_region(ep, max_peers=2, peers=[0, 1])
+
+    def init(area: memoryview) -> None:
+        pass
+
+    a = layout.allocate_channel(region, 0, 0, "a", 1, 0, 8192 + 256, init)
+    layout.allocate_channel(region, 0, 0, "b", 1, 0, 512, init)
+    words = _arena_words(region, 0)
+    second = (layout._A_ENTRIES + layout._ARENA_ENTRY_SIZE) // 8
+    words[second + 5] = a.offset - region.arena_offset(0) + 4096  # inside channel a
+    with pytest.raises(RegionCorrupted, match="overlaps"):
+        layout.read_arena(region, 0)
+
+
+def test_a_dead_owners_odd_directory_seqlock_does_not_outlive_its_slot(
+    ep: ivshmem.RegionEndpoint,
+) -> None:
+    region = format_region(ep, max_peers=1)
+    writer = MembershipWriter(region)
+    slot = writer.joined(5, 1)
+    # Peer 5 dies between the odd and the even store of an allocation.
+    _arena_words(region, slot)[layout._A_SEQ] = 7
+    writer.left(5)
+    assert writer.joined(6, 1) == slot
+    assert layout.read_arena(region, slot).entries == ()  # readable again, and empty
+
+
 # -- hostile bytes ---------------------------------------------------------------------------
 
 _REGION_ERRORS = (NotFormattedError, RegionCorrupted)

@@ -509,9 +509,11 @@ class _TableWriter:
             self._next = (slot + 1) % n
             generation = self._seq // 2 + 1
             # Reset the arena before publishing the slot: nobody owns it now (the slot is
-            # free), and the new owner starts writing only after it sees itself listed.
+            # free), and the new owner starts writing only after it sees itself listed. The
+            # directory seqlock too: a previous owner killed between its odd and even stores
+            # would otherwise leave every reader of the arena retrying for ever.
             arena = self._h.arenas_offset + slot * self._h.arena_size
-            struct.pack_into("<QQQQ", self._mem, arena, peer, generation, 0, 0)
+            struct.pack_into("<QQQQQ", self._mem, arena, peer, generation, 0, 0, 0)
             self._publish_slot(slot, PeerEntry(peer, slot, vectors, generation))
             return slot
 
@@ -702,20 +704,30 @@ def read_arena(region: Region, slot: int) -> _ArenaState:
         raise RegionCorrupted(where, "used", f"{used} is misaligned or beyond the arena")
     entries = []
     free: list[tuple[int, int, int]] = []
+    extents: list[tuple[int, int, int]] = []
     for i in range(count):
         raw, sender, receiver, off, length, state = _ARENA_ENTRY.unpack_from(
             page, _A_ENTRIES + i * _ARENA_ENTRY_SIZE
         )
         field = f"entry[{i}]"
+        # Free entries are reused in place by the owner, so their extents are checked like
+        # live ones: a liar must not steer an allocation outside this arena.
+        if off % PAGE or off < PAGE or length < MIN_AREA or off + length > PAGE + used:
+            raise RegionCorrupted(where, field, f"extent {off}+{length} outside the used space")
+        extents.append((off, length, i))
         if state == _STATE_FREE:
             free.append((i, off, length))
             continue
         name = _decode_name(raw, where, field)
         if state != _STATE_LIVE or sender > MAX_PEER_ID or receiver > MAX_PEER_ID:
             raise RegionCorrupted(where, field, "bad state or peer id")
-        if off % PAGE or off < PAGE or length < MIN_AREA or off + length > PAGE + used:
-            raise RegionCorrupted(where, field, f"extent {off}+{length} outside the used space")
         entries.append(ChannelEntry(name, sender, receiver, base + off, length, i))
+    # No two channels share memory: an honest owner never overlaps extents, and a liar who
+    # does could point a sender at another channel's ring.
+    extents.sort()
+    for (off_a, len_a, a), (off_b, _len_b, b) in itertools.pairwise(extents):
+        if off_a + len_a > off_b:
+            raise RegionCorrupted(where, f"entry[{b}]", f"overlaps entry[{a}]")
     return _ArenaState(owner, epoch, used, count, tuple(entries), tuple(free))
 
 
