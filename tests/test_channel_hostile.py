@@ -321,3 +321,16 @@ def test_receiver_survives_a_concurrent_scribbler(short_tmp: Path) -> None:
         assert bytes(region.memory[0:4096]) == canary
         after = region.memory[entry.offset + entry.size : entry.offset + entry.size + 4096]
         assert bytes(after) == before
+
+
+def test_array_header_with_a_zero_and_an_impossible_dimension() -> None:
+    """The byte count passes (0 elements), but numpy cannot make the shape: still only
+    ChannelCorrupted - and an honest empty array with a large dimension still decodes."""
+    code = b"<f8"
+    dims = (0, 2**63)
+    head = bytes([len(dims), len(code)]) + code.ljust(14, b"\0")
+    head += b"".join(d.to_bytes(8, "little") for d in dims)
+    with pytest.raises(ChannelCorrupted, match="array shape"):
+        _decode_array(memoryview(head), "victim")
+    honest = _encode_array_header(np.dtype("<f8"), (0, 1000))
+    assert _decode_array(memoryview(honest), "victim").shape == (0, 1000)

@@ -1071,6 +1071,11 @@ def _decode_array(view: memoryview, channel: str) -> Any:
             channel, "array shape", f"{dims} of {code} needs {count * dt.itemsize} bytes, "
             f"the message carries {n - offset}",
         )  # fmt: skip
-    if count == 0:
-        return np.empty(dims, dt)
-    return np.frombuffer(view, dt, count, offset).reshape(dims)
+    try:
+        if count == 0:
+            return np.empty(dims, dt)
+        return np.frombuffer(view, dt, count, offset).reshape(dims)
+    except ValueError as err:
+        # With a zero dimension the byte count says nothing about the others, and one numpy
+        # cannot represent (say 2**63) ends here: whatever numpy refuses is a lie too.
+        raise ChannelCorrupted(channel, "array shape", f"{dims} of {code}: {err}") from err
