@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the benchmark documentation with one full run of the messaging benchmarks:
 # docs/benchmarks.md, docs/bench/results.json and the PNG charts in docs/bench/.
-# Takes about three minutes; extra arguments go to `ivshmem bench` (e.g. --quick, --no-pin).
+# Takes about three minutes; extra arguments go to `ivshmem bench` (e.g. --quick, --pin never).
 # Installs the `bench` extra (pyzmq, faster-fifo, iceoryx2, matplotlib, numpy) into .venv first
 # if it is missing, so every transport is measured.
 set -euo pipefail

@@ -170,6 +170,12 @@ class Transport(abc.ABC):
     #: One line for the documentation: how the transport is used.
     notes: ClassVar[str] = ""
 
+    @classmethod
+    def notes_for(cls, variant: str) -> str:
+        """The documentation line for one variant (transports whose variants use different
+        calls say so here)."""
+        return cls.notes
+
     def __init__(self, ctx: SuiteContext, payload: int, kind: str, variant: str = "") -> None:
         if variant and variant not in self.variants:
             raise UsageError(f"{self.label} has no variant {variant!r}")

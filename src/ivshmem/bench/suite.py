@@ -232,7 +232,7 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
             "transport": cls.key,
             "variant": s.variant,
             "zero_copy": cls.zero_copy,
-            "notes": cls.notes,
+            "notes": cls.notes_for(s.variant),
             "available": reason is None,
             "reason": reason,
         }

@@ -165,6 +165,16 @@ class _ChannelBatchLink(_ChannelLink):
         return self._stamp.check(got.popleft())
 
 
+#: The calls each variant makes, for the documentation.
+_API_NOTES = {
+    "": "reserve/stamp/commit, recv_view/check/release",
+    "copy": "reserve, write the whole payload, stamp, commit; recv_view, copy it out "
+    "(one memmove), release, check",
+    "bytes": "stamp a buffer, send(buffer); recv() -> bytes, check",
+    "batch": f"send_many() of up to {BATCH} messages ({BATCH_BYTES >> 10} KiB), recv_many(); "
+    "round trips send each message alone",
+}
+
 _LINKS = {
     "": _ChannelLink,
     "copy": _ChannelCopyLink,
@@ -180,8 +190,12 @@ class ChannelSpinning(Transport):
     variants = ("copy", "bytes", "batch")
     notes = (
         "two open_region() endpoints on one formatted memfd region (static membership), "
-        "Sender/Receiver with spin=inf; reserve/stamp/commit, recv_view/check/release"
+        "Sender/Receiver with spin=inf"
     )
+
+    @classmethod
+    def notes_for(cls, variant: str) -> str:
+        return f"{cls.notes}; {_API_NOTES[variant]}"
 
     def prepare(self) -> None:
         from ...channel import format_region
@@ -220,6 +234,10 @@ class ChannelBlocking(Transport):
         "server keeps the membership table), Sender/Receiver with spin=0: sleep on the "
         "doorbell eventfd whenever there is nothing to do"
     )
+
+    @classmethod
+    def notes_for(cls, variant: str) -> str:
+        return f"{cls.notes}; {_API_NOTES[variant]}"
 
     def prepare(self) -> None:
         self.capacity = ring_capacity(self.payload, self.depth)
