@@ -31,6 +31,7 @@ from .errors import (
 from .memory import SharedMemory, parse_size
 from .pci import PciEndpoint, open_pci
 from .peer import (
+    FdLimitError,
     HandshakeTimeoutError,
     Peer,
     Reconnected,
@@ -52,6 +53,7 @@ __all__ = [
     "DoorbellUnavailableError",
     "Duplex",
     "Endpoint",
+    "FdLimitError",
     "HandshakeTimeoutError",
     "IvshmemError",
     "Membership",
