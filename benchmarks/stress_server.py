@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from serverproc import RawPeer, ServerProcess, pump_all
+from serverproc import RawPeer, ServerProcess, fork_client, membership_settled, pump_all
 
 KINDS = {
     "polite": 8,
@@ -78,19 +78,13 @@ def rss_anon_kib(pid: int) -> int:
 
 
 def settle(server: ServerProcess, survivors: list[RawPeer], baseline: int) -> None:
-    expected = {p.id for p in survivors}
 
     def settled() -> bool:
         for peer in survivors:
             peer.pump()
             if peer.eof:
                 raise Failure(f"the server hung up on survivor {peer.id}")
-        return (
-            set(server.peer_ids()) == expected
-            and all(set(p.peers) == expected - {p.id} for p in survivors)
-            and server.status()["counters"]["messages_queued"] == 0
-            and server.fd_count() == baseline
-        )
+        return membership_settled(server, survivors, baseline)
 
     try:
         server.wait_until(settled, timeout=120, what="membership and fds to settle")
@@ -164,25 +158,9 @@ class Stress:
 
     def _kill9(self, rng: random.Random) -> None:
         messages = rng.randint(0, 3 + self.vectors * (len(self.survivors) + 1))
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: read some messages, say so, wait to be killed
-            try:
-                os.close(read_end)
-                peer = RawPeer(self.path, blocking=True)
-                while peer.messages < messages and not peer.eof:
-                    peer.pump(1)
-                os.write(write_end, b"x")
-                time.sleep(60)
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        try:
-            os.read(read_end, 1)
-        finally:
-            os.close(read_end)
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        pid = fork_client(self.path, messages)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
     def _flood(self, rng: random.Random) -> None:
         joins = self.server.status()["counters"]["joins"]

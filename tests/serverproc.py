@@ -486,3 +486,40 @@ def pump_all(
                 peer.pump(256)
                 if peer.eof:
                     sel.unregister(peer.sock)
+
+
+def membership_settled(server: ServerProcess, survivors: list[RawPeer], baseline: int) -> bool:
+    """Whether the server's peers, every survivor's view of them and the server's fd count
+    agree, with nothing left queued (pump the survivors first: messages still queued for them
+    rightly keep departed peers' eventfds open in the server until sent)."""
+    expected = {p.id for p in survivors}
+    return (
+        set(server.peer_ids()) == expected
+        and all(set(p.peers) == expected - {p.id} for p in survivors)
+        and server.status()["counters"]["messages_queued"] == 0
+        and server.fd_count() == baseline
+    )
+
+
+def fork_client(path: str, messages: int) -> int:
+    """Fork a client that reads ``messages`` messages (or up to the server hanging up), then
+    waits to be killed; returns its pid once it has read them."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(read_end)
+            peer = RawPeer(path, blocking=True)
+            while peer.messages < messages and not peer.eof:
+                peer.pump(1)
+            os.write(write_end, b"x")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        if os.read(read_end, 1) != b"x":
+            raise RuntimeError(f"client {pid} died before reading {messages} messages")
+    finally:
+        os.close(read_end)
+    return pid

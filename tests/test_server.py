@@ -26,7 +26,14 @@ from pathlib import Path
 
 import pytest
 from conftest import require
-from serverproc import RawPeer, ServerProcess, pump_all, wait_gone
+from serverproc import (
+    RawPeer,
+    ServerProcess,
+    fork_client,
+    membership_settled,
+    pump_all,
+    wait_gone,
+)
 
 from ivshmem.server import (
     Server,
@@ -71,18 +78,12 @@ def assert_consistent(server: ServerProcess, survivors: list[RawPeer], baseline:
     """Wait until the server's membership, every survivor's view and the server's fd count
     agree. Survivors are drained as we go: messages still queued for them in the server
     rightly keep departed peers' eventfds open there until sent."""
-    expected = {p.id for p in survivors}
 
     def settled() -> bool:
         for peer in survivors:
             peer.pump()
             assert not peer.eof, "the server hung up on a survivor"
-        return (
-            set(server.peer_ids()) == expected
-            and all(set(p.peers) == expected - {p.id} for p in survivors)
-            and server.status()["counters"]["messages_queued"] == 0
-            and server.fd_count() == baseline
-        )
+        return membership_settled(server, survivors, baseline)
 
     try:
         server.wait_until(settled, timeout=30, what="membership and fds to settle")
@@ -871,28 +872,6 @@ def test_membership_observers_and_ring(short_tmp: Path) -> None:
 # matches the server's, and the server's fd count is back at its baseline.
 
 
-def _client_process(path: str, messages: int) -> int:
-    """Fork a client that reads ``messages`` messages, then waits to be killed."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(read_end)
-            peer = RawPeer(path, blocking=True)
-            while peer.messages < messages:
-                peer.pump(1)
-            os.write(write_end, b"x")
-            time.sleep(60)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    try:
-        assert os.read(read_end, 1) == b"x"
-    finally:
-        os.close(read_end)
-    return pid
-
-
 def _kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
@@ -907,7 +886,7 @@ def test_kill_9_of_clients_at_every_handshake_stage(short_tmp: Path) -> None:
         # 0 = connected, nothing read; 1 version; 2 id; 3 shared memory; 3 + 2 part of the
         # others' vectors; 3 + 6 + 1 part of its own; 3 + 6 + 3 complete.
         for stage in (0, 1, 2, 3, 5, 10, 12):
-            _kill(_client_process(server.socket_path, stage))
+            _kill(fork_client(server.socket_path, stage))
             assert_consistent(server, survivors, baseline)
         # And before the server even accepted it: freeze the server, connect, die, thaw.
         before = server.status()["counters"]
