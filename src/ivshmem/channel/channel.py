@@ -614,7 +614,9 @@ class Receiver(RingReceiver, _End):
     recv_view = _fast("_c_recv_view", _recv_view_py)
 
     def _recv_view_wait(self, timeout: float | None) -> memoryview:
-        """recv_view() once the ring was found empty (as in _recv_wait)."""
+        """recv_view() once the ring was found empty: _recv_wait with views. Not folded into
+        one method taking the take function: that costs an extra call on the round trip's
+        path (measured: 1.06 -> 1.10 us for a 64 B spinning round trip)."""
         if self._quick_spin and self._spin(S_HEAD, self._tail, _SPIN_BURST):  # as in recv
             view = self._take_view()
             if view is not None:
