@@ -22,6 +22,7 @@ and ``nofile`` gives it that open-file limit, soft and hard, so it cannot raise 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import resource
@@ -33,6 +34,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,6 +70,42 @@ def wait_gone(pid: int, timeout: float = 10.0) -> None:
     while not gone():
         assert time.monotonic() < deadline, f"daemon {pid} did not exit"
         time.sleep(0.02)
+
+
+_readable_package: str | None = None
+
+
+def server_as_user(uid: int, gid: int) -> tuple[list[str], dict[str, str]]:
+    """The command prefix and environment that run ``python -m ...`` as another user.
+
+    That user may not be able to read this checkout or its venv at all (a clone under /root
+    or in a 0700 temporary directory), so the server runs from a copy of the package in a
+    directory anyone can read (made once, removed at exit; the server needs nothing outside
+    the standard library), with an interpreter anyone can run: the system Python if there is
+    one. setpriv rather than setuid() before exec: it execs with root's capabilities and drops
+    them at the exec. A change of user clears the parent-death signal; setpriv sets it again.
+    """
+    global _readable_package
+    if _readable_package is None:
+        import ivshmem
+
+        top = tempfile.mkdtemp(prefix="ivt-pkg-", dir="/tmp")
+        atexit.register(shutil.rmtree, top, True)
+        shutil.copytree(
+            os.path.dirname(ivshmem.__file__),
+            os.path.join(top, "ivshmem"),
+            ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"),
+        )
+        for directory, _dirs, files in os.walk(top):
+            os.chmod(directory, 0o755)
+            for name in files:
+                os.chmod(os.path.join(directory, name), 0o644)
+        _readable_package = top
+    python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+    setpriv = shutil.which("setpriv") or "setpriv"
+    ids = ["--reuid", str(uid), "--regid", str(gid), "--clear-groups", "--pdeathsig", "TERM"]
+    env = {"PYTHONPATH": _readable_package, "PYTHONDONTWRITEBYTECODE": "1"}
+    return [setpriv, *ids, python], env
 
 
 def _die_with_parent() -> None:
@@ -127,19 +165,14 @@ class ServerProcess:
     # -- lifecycle ------------------------------------------------------------------------
 
     def command(self) -> list[str]:
-        args = [sys.executable, "-m", "ivshmem.cli.server", "-F", "-S", self.socket_path]
+        python = [sys.executable]
+        if self.run_as is not None:
+            python = server_as_user(*self.run_as)[0]
+        args = [*python, "-m", "ivshmem.cli.server", "-F", "-S", self.socket_path]
         args += ["-l", self.size, "-n", str(self.vectors)]
         if not any(flag in self.extra_args for flag in _BACKING_FLAGS):
             args.append("--memfd")
         args += self.extra_args
-        if self.run_as is not None:
-            # setpriv rather than setuid() before exec: it execs with root's capabilities
-            # (the interpreter may live where only root can look) and drops them all at the
-            # exec. A change of user clears the parent-death signal; setpriv sets it again.
-            uid, gid = self.run_as
-            setpriv = shutil.which("setpriv") or "setpriv"
-            ids = ["--reuid", str(uid), "--regid", str(gid), "--clear-groups"]
-            args = [setpriv, *ids, "--pdeathsig", "TERM", *args]
         return args
 
     def start(self) -> ServerProcess:
@@ -153,6 +186,8 @@ class ServerProcess:
         self._notify.settimeout(0.1)
         try:
             env = dict(os.environ if self.env is None else self.env)
+            if self.run_as is not None:
+                env.update(server_as_user(*self.run_as)[1])
             env["NOTIFY_SOCKET"] = self._notify_path
             env.setdefault("PYTHONUNBUFFERED", "1")
             with open(self.log_path, "ab") as log:

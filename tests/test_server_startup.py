@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require
-from serverproc import RawPeer, ServerProcess, wait_gone
+from serverproc import RawPeer, ServerProcess, server_as_user, wait_gone
 
 from ivshmem.errors import UsageError
 from ivshmem.memory import SharedMemory
@@ -37,15 +37,15 @@ def run_cli(
     pass_fds: Sequence[int] = (),
     timeout: float = 30.0,
 ) -> subprocess.CompletedProcess[str]:
-    prefix: list[str] = []
+    command, env = SERVER, None
     if as_nobody:
         require(os.geteuid() == 0, "running the server as another user needs root")
-        setpriv = shutil.which("setpriv")
-        require(setpriv, "setpriv (util-linux) is not installed")
-        assert setpriv is not None
-        prefix = [setpriv, "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
+        require(shutil.which("setpriv"), "setpriv (util-linux) is not installed")
+        python, extra = server_as_user(NOBODY, NOBODY)
+        command, env = [*python, *SERVER[1:]], {**os.environ, **extra}
     return subprocess.run(
-        [*prefix, *SERVER, *args],
+        [*command, *args],
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
