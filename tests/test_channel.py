@@ -317,6 +317,39 @@ def test_timeouts_and_close(pair: tuple[Any, Any]) -> None:
         tx2.send(bytes(500), timeout=5)
 
 
+def test_reserve_waits_for_room(pair: tuple[Any, Any]) -> None:
+    """reserve() on a full ring: times out, or returns once the receiver makes room, or ends
+    with ChannelClosedError when the receiver closes (the C core's reserve and the Python
+    one share this wait)."""
+    a, b = pair
+    rx = Receiver(b, "resv", sender=1, capacity=1024, spin=0)
+    tx = Sender(a, "resv", receiver=2, spin=0, liveness_interval=0.01)
+    tx.send(bytes(500))
+    tx.send(bytes(500))
+    with pytest.raises(ChannelTimeout):
+        tx.reserve(500, timeout=0.02)
+    with pytest.raises(ChannelTimeout):
+        tx.reserve(n=500, timeout=0.02)  # keywords, as the Python signature has them
+    timer = threading.Timer(0.05, rx.recv)
+    timer.start()
+    view = tx.reserve(500, timeout=5)  # room appears when the timer's recv() frees it
+    timer.join()
+    view[:3] = b"abc"
+    tx.commit(3)
+    assert len(rx.recv(timeout=1)) == 500 and rx.recv(timeout=1) == b"abc"
+    rx2 = Receiver(b, "resv2", sender=1, capacity=1024, spin=0)
+    tx2 = Sender(a, "resv2", receiver=2, spin=0, liveness_interval=0.01)
+    tx2.send(bytes(500))
+    tx2.send(bytes(500))
+    timer = threading.Timer(0.05, rx2.close)
+    timer.start()
+    with pytest.raises(ChannelClosedError, match="closed it"):
+        tx2.reserve(500, timeout=5)
+    timer.join()
+    with pytest.raises(TypeError):
+        tx.reserve()  # type: ignore[call-arg]
+
+
 def test_duplex_request_reply_in_threads(pair: tuple[Any, Any]) -> None:
     a, b = pair
     errors: list[BaseException] = []

@@ -76,7 +76,7 @@ typedef struct {
 
 static PyObject *str_take_py, *str_take_view_py, *str_slow_place, *str_try_reserve_py,
     *str_wake_receiver, *str_wake_sender, *str_guard_failed, *str_release, *str_send_wait,
-    *str_recv_wait, *str_recv_view_wait, *str_commit_py, *str_publish_tail;
+    *str_recv_wait, *str_recv_view_wait, *str_commit_py, *str_publish_tail, *str_reserve_wait;
 
 static inline u64 ld_relaxed(volatile u64 *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline u64 ld_acquire(volatile u64 *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -566,6 +566,27 @@ static PyObject *Core_try_reserve(Core *self, PyObject *const *args, Py_ssize_t 
     return view;
 }
 
+static const char *const reserve_names[] = {"n", "timeout"};
+
+/* reserve(n, timeout=None): try_reserve's attempt, else channel.py's _reserve_wait. */
+static PyObject *Core_reserve(Core *self, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames) {
+    PyObject *a[2];
+    if (parse_args(args, nargs, kwnames, reserve_names, 2, 2, a, "reserve") < 0)
+        return NULL;
+    if (a[0] == NULL) {
+        PyErr_SetString(PyExc_TypeError, "reserve() missing 'n'");
+        return NULL;
+    }
+    PyObject *view = Core_try_reserve(self, a, 1);
+    if (view != Py_None)
+        return view; /* a view, or NULL with the error set */
+    Py_DECREF(view);
+    PyObject *call[3] = {(PyObject *)self, a[0], a[1] ? a[1] : Py_None};
+    return PyObject_VectorcallMethod(str_reserve_wait, call, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                     NULL);
+}
+
 /* Revoke a handed-out view; a view exported further (numpy) cannot be: ignored, as in ring.py */
 static int release_view(PyObject *view) {
     PyObject *r = PyObject_CallMethodNoArgs(view, str_release);
@@ -906,6 +927,7 @@ static PyMethodDef Core_methods[] = {
     {"_c_send", (PyCFunction)(void (*)(void))Core_send, FASTKW, NULL},
     {"_c_try_send_many", (PyCFunction)(void (*)(void))Core_try_send_many, METH_FASTCALL, NULL},
     {"_c_try_reserve", (PyCFunction)(void (*)(void))Core_try_reserve, METH_FASTCALL, NULL},
+    {"_c_reserve", (PyCFunction)(void (*)(void))Core_reserve, FASTKW, NULL},
     {"_c_commit", (PyCFunction)(void (*)(void))Core_commit, FASTKW, NULL},
     {"_c_flush", (PyCFunction)Core_flush, METH_NOARGS, NULL},
     {"_c_take", (PyCFunction)Core_take, METH_NOARGS, NULL},
@@ -980,6 +1002,7 @@ static int intern_all(void) {
     INTERN(str_recv_wait, "_recv_wait");
     INTERN(str_recv_view_wait, "_recv_view_wait");
     INTERN(str_publish_tail, "_publish_tail");
+    INTERN(str_reserve_wait, "_reserve_wait");
 #undef INTERN
     return 0;
 }

@@ -832,16 +832,24 @@ class Sender(RingSender, _End):
             self.flush()
             await self._block_async(self._tail_moved, S_WAIT, self._receiver_closed, deadline)
 
-    def reserve(self, n: int, timeout: float | None = None) -> memoryview:
+    def _reserve_py(self, n: int, timeout: float | None = None) -> memoryview:
         """A writable view of ``n`` bytes inside the ring (zero copy); fill it, then
         :meth:`commit` (or :meth:`cancel`)."""
         view = self.try_reserve(n)
         if view is None:
-            deadline = _deadline(timeout)
-            while view is None:
-                self._wait_room(deadline)
-                view = self.try_reserve(n)
+            view = self._reserve_wait(n, timeout)
         return view
+
+    reserve = _fast("_c_reserve", _reserve_py)  # the C twin: the same attempt, then the wait
+
+    def _reserve_wait(self, n: int, timeout: float | None) -> memoryview:
+        """reserve() once the ring was found full."""
+        deadline = _deadline(timeout)
+        while True:
+            self._wait_room(deadline)
+            view = self.try_reserve(n)
+            if view is not None:
+                return view
 
     def reserve_array(self, shape: int | tuple[int, ...], dtype: Any = "f8",
                       timeout: float | None = None) -> Any:  # fmt: skip
