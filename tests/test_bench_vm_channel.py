@@ -1,12 +1,13 @@
 """Tests of the across-VM benchmark (``benchmarks/bench_vm_channel.py`` and its guest program
 ``benchmarks/vm_channel_guest.py``). They time nothing.
 
-* On the host, in a second: the message checker rejects a change in any byte, and the guest
-  program's channel and TCP phases move and verify every message over a real formatted
-  region and a real socket pair (the TCP receiver fed in pieces that split messages).
-* In the lab (about 20-40 s: two guests boot once): the whole benchmark with tiny sizes. Both
-  transports must have moved and verified every byte of every phase, and the printed table
-  and the JSON document must have their promised structure.
+* On the host, in a second: the message check rejects a change in any byte and any other
+  length, and the guest program's phases (both channel paths, TCP) move and verify every
+  message over a real formatted region and a real socket pair (the TCP receiver fed in
+  pieces that split messages), and stop at a corrupted, resized or missing message.
+* In the lab (about 20-40 s: two guests boot once): the whole benchmark with tiny sizes. All
+  three transports must have moved and verified every byte of every phase, and the printed
+  table and the JSON document must have their promised structure.
 """
 
 from __future__ import annotations
@@ -66,53 +67,64 @@ def in_thread(target: Callable[[], Any]) -> Callable[[], Any]:
     return join
 
 
-# -- the message checker ----------------------------------------------------------------------
+# -- the messages and their check ------------------------------------------------------------
+
+
+def test_messages_differ_within_the_spread_and_repeat_after_it() -> None:
+    msgs = Messages(PATTERN, 64)
+    assert msgs.spread == guest.MAX_SPREAD  # 16 MiB holds far more than 4096 such messages
+    phase = msgs.phase(10, msgs.spread + 1)
+    assert all(len(m) == 64 for m in phase)
+    assert len(set(phase[:-1])) == msgs.spread  # neighbours (and all others) differ
+    assert phase[-1] is phase[0]
+    assert msgs.phase(10 + msgs.spread, 3) == phase[:3]  # the sequence carries on across phases
+    assert Messages(PATTERN, 70000).spread == 239  # ~16 MiB of distinct 70000 B messages
+    assert guest.spread_for(1 << 20) == guest.MIN_SPREAD
 
 
 @pytest.mark.parametrize("size", [16, 17, 64, 1000])
-def test_checker_rejects_any_changed_byte(size: int) -> None:
+def test_check_rejects_any_changed_byte_and_any_other_length(size: int) -> None:
     msgs = Messages(PATTERN, size)
-    message = bytearray(size)
-    msgs.fill(message, 12345)
-    msgs.check(message, 12345)
-    msgs.check(memoryview(message), 12345)
+    (want,) = msgs.phase(12345, 1)
+    assert guest.same(want, want)
+    assert guest.same(bytearray(want), want) and guest.same(memoryview(want), want)
     for i in range(size):
-        bad = bytearray(message)
+        bad = bytearray(want)
         bad[i] ^= 0x40
-        with pytest.raises(CheckError):
-            msgs.check(bad, 12345)
-    with pytest.raises(CheckError, match="stamped"):
-        msgs.check(message, 12346)  # a repeated or skipped message
-    with pytest.raises(CheckError, match="bytes, expected"):
-        msgs.check(message[:-1], 12345)
+        assert not guest.same(bad, want)
+    assert not guest.same(want[:-1], want)
+    assert not guest.same(want + b"x", want)
+    assert not guest.same(msgs.phase(12346, 1)[0], want)  # a repeated or skipped message
 
 
-def test_consecutive_messages_differ_in_the_body() -> None:
-    """A receiver shown a stale message with a fresh stamp must notice: the bodies of
-    neighbouring sequence numbers come from different pattern offsets."""
-    msgs = Messages(PATTERN, 64)
-    a, b = bytearray(64), bytearray(64)
-    msgs.fill(a, 1)
-    msgs.fill(b, 2)
-    assert a[8:56] != b[8:56]
-    b[8:56] = a[8:56]
-    with pytest.raises(CheckError, match="payload differs"):
-        msgs.check(b, 2)
+def test_locate_names_the_first_wrong_message() -> None:
+    msgs = Messages(PATTERN, 100)
+    due = msgs.phase(50, 4)
+    got = [due[0], due[1], due[2][:-1], b"x" * 100]
+    assert str(msgs.locate(got, due, 50)) == "message 52 of 100 bytes: 99 bytes arrived"
+    got[2] = due[2]
+    assert str(msgs.locate(got, due, 50)) == "message 53 of 100 bytes: payload differs"
+    assert "3 arrived where 4 were due" in str(msgs.locate(due[:3], due, 50))
 
 
-def test_sizes_below_two_stamps_are_refused() -> None:
+def test_sizes_below_the_minimum_are_refused() -> None:
     with pytest.raises(SystemExit, match="minimum"):
         Messages(PATTERN, 15)
+    with pytest.raises(SystemExit, match="pattern is too short"):
+        Messages(PATTERN[:1000], 900)
 
 
-def test_schedule_warms_up_then_alternates() -> None:
-    assert guest.schedule(3, 10, 2) == [
-        (-1, "channel", 2), (-1, "tcp", 2),
-        (0, "channel", 10), (0, "tcp", 10),
-        (1, "tcp", 10), (1, "channel", 10),
-        (2, "channel", 10), (2, "tcp", 10),
+def test_schedule_warms_up_then_takes_turns() -> None:
+    c, z, t = guest.TRANSPORTS
+    assert (c, z, t) == ("channel", "zero_copy", "tcp")
+    assert guest.schedule(4, 10, 2) == [
+        (-1, c, 2), (-1, z, 2), (-1, t, 2),
+        (0, c, 10), (0, z, 10), (0, t, 10),
+        (1, z, 10), (1, t, 10), (1, c, 10),
+        (2, t, 10), (2, c, 10), (2, z, 10),
+        (3, c, 10), (3, z, 10), (3, t, 10),
     ]  # fmt: skip
-    assert guest.schedule(1, 5, 0) == [(0, "channel", 5), (0, "tcp", 5)]
+    assert guest.schedule(1, 5, 0) == [(0, c, 5), (0, z, 5), (0, t, 5)]
 
 
 # -- the guest program's phases, on the host --------------------------------------------------
@@ -133,50 +145,86 @@ def two_ends() -> Iterator[tuple[Any, Any]]:
         shm.close()
 
 
-@pytest.mark.parametrize("size", [64, 65536])
-def test_channel_phase_moves_and_checks_every_message(two_ends: tuple[Any, Any], size: int) -> None:
+@pytest.fixture
+def channels(two_ends: tuple[Any, Any]) -> Iterator[tuple[Sender, Receiver, Sender, Receiver]]:
+    """(bench sender, bench receiver, ack sender, ack receiver) as the guests open them."""
     a, b = two_ends
-    msgs = Messages(PATTERN, size)
     rx = Receiver(b, guest.CHANNEL, sender=0, capacity=1 << 20, timeout=10)
     ack_rx = Receiver(a, guest.ACK_CHANNEL, sender=1, capacity=4096, timeout=10)
     tx = Sender(a, guest.CHANNEL, receiver=1, timeout=10)
     ack_tx = Sender(b, guest.ACK_CHANNEL, receiver=0, timeout=10)
     try:
-        for first, count in ((0, 40), (40, 25)):  # the sequence carries on across phases
-            join = in_thread(functools.partial(guest.recv_channel, rx, ack_tx, msgs, first, count))
-            assert guest.send_channel(tx, ack_rx, msgs, first, count) > 0
-            assert join() >= 0
+        yield tx, rx, ack_tx, ack_rx
     finally:
         for end in (tx, ack_tx, rx, ack_rx):
             end.close()
 
 
-def test_channel_receiver_rejects_a_corrupted_message(two_ends: tuple[Any, Any]) -> None:
-    a, b = two_ends
+PATHS = [pytest.param(path, id=path) for path in ("channel", "zero_copy")]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("size", [64, 65536])
+def test_channel_phase_moves_and_checks_every_message(
+    channels: tuple[Sender, Receiver, Sender, Receiver], path: str, size: int
+) -> None:
+    tx, rx, ack_tx, ack_rx = channels
+    msgs = Messages(PATTERN, size)
+    for first, count in ((0, 40), (40, 25)):  # the sequence carries on across phases
+        join = in_thread(functools.partial(guest.RECV[path], rx, ack_tx, msgs, first, count))
+        assert guest.SEND[path](tx, ack_rx, msgs, first, count) > 0
+        assert join() >= 0
+
+
+def send_raw(tx: Sender, messages: list[bytes]) -> None:
+    for m in messages:
+        tx.send(m)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_channel_receivers_reject_a_corrupted_message(
+    channels: tuple[Sender, Receiver, Sender, Receiver], path: str
+) -> None:
+    tx, rx, ack_tx, _ = channels
     msgs = Messages(PATTERN, 256)
-    with (
-        Receiver(b, guest.CHANNEL, sender=0, capacity=1 << 16, timeout=10) as rx,
-        Sender(a, guest.CHANNEL, receiver=1, timeout=10) as tx,
-        Receiver(a, guest.ACK_CHANNEL, sender=1, capacity=4096, timeout=10),
-        Sender(b, guest.ACK_CHANNEL, receiver=0, timeout=10) as ack_tx,
-    ):
-        for seq in range(3):
-            view = tx.reserve(256)
-            msgs.fill(view, seq)
-            if seq == 2:
-                view[100] ^= 1
-            tx.commit()
-        with pytest.raises(CheckError, match="message 2 of 256 bytes: payload differs"):
-            guest.recv_channel(rx, ack_tx, msgs, 0, 3)
+    sent = [bytearray(m) for m in msgs.phase(0, 3)]
+    sent[2][100] ^= 1
+    send_raw(tx, [bytes(m) for m in sent])
+    with pytest.raises(CheckError, match=r"^message 2 of 256 bytes: payload differs$"):
+        guest.RECV[path](rx, ack_tx, msgs, 0, 3)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_channel_receivers_reject_a_message_of_another_size(
+    channels: tuple[Sender, Receiver, Sender, Receiver], path: str
+) -> None:
+    tx, rx, ack_tx, _ = channels
+    msgs = Messages(PATTERN, 256)
+    sent = msgs.phase(7, 3)
+    send_raw(tx, [sent[0], sent[1] + b"!", sent[2]])
+    with pytest.raises(CheckError, match=r"^message 8 of 256 bytes: 257 bytes arrived$"):
+        guest.RECV[path](rx, ack_tx, msgs, 7, 3)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_channel_receivers_reject_a_missing_message(
+    channels: tuple[Sender, Receiver, Sender, Receiver], path: str
+) -> None:
+    """A lost message shifts everything after it: the next one is not the one due."""
+    tx, rx, ack_tx, _ = channels
+    msgs = Messages(PATTERN, 64)
+    sent = msgs.phase(0, 5)
+    send_raw(tx, sent[:2] + sent[3:])
+    tx.send(sent[0])
+    with pytest.raises(CheckError, match=r"^message 2 of 64 bytes: payload differs$"):
+        guest.RECV[path](rx, ack_tx, msgs, 0, 5)
 
 
 @pytest.mark.parametrize(("size", "piece"), [(64, 1000), (3000, 1777), (70000, 65536)])
 def test_tcp_receiver_reassembles_messages_split_anywhere(size: int, piece: int) -> None:
     msgs = Messages(PATTERN, size)
     count, first = 37, 1000
-    stream = bytearray(size * count)
-    for i in range(count):
-        msgs.fill(memoryview(stream)[i * size : (i + 1) * size], first + i)
+    stream = b"".join(msgs.phase(first, count))
     left, right = socket.socketpair()
     with left, right:
         left.settimeout(10)
@@ -192,18 +240,26 @@ def test_tcp_receiver_reassembles_messages_split_anywhere(size: int, piece: int)
         join()
 
 
-def test_tcp_receiver_rejects_a_corrupted_byte() -> None:
+@pytest.mark.parametrize("offset", [0, 1499, 1500, 3 * 500 + 250, 4 * 500 - 1])
+def test_tcp_receiver_rejects_a_corrupted_byte(offset: int) -> None:
     msgs = Messages(PATTERN, 500)
-    stream = bytearray(500 * 4)
-    for i in range(4):
-        msgs.fill(memoryview(stream)[i * 500 : (i + 1) * 500], i)
-    stream[3 * 500 + 250] ^= 0x80
+    stream = bytearray(b"".join(msgs.phase(0, 4)))
+    stream[offset] ^= 0x80
     left, right = socket.socketpair()
     with left, right:
         right.settimeout(10)
         left.sendall(stream)
-        with pytest.raises(CheckError, match="message 3 of 500 bytes"):
+        with pytest.raises(CheckError, match=f"^message {offset // 500} of 500 bytes: payload"):
             guest.recv_tcp(right, msgs, 0, 4)
+
+
+def test_acknowledgements_must_match_what_was_sent() -> None:
+    msgs = Messages(PATTERN, 64)
+    guest.confirm(ACK.pack(10, 640), msgs, 10)
+    with pytest.raises(CheckError, match="verified 9 messages / 576 bytes, 10 / 640 were sent"):
+        guest.confirm(ACK.pack(9, 576), msgs, 10)
+    with pytest.raises(CheckError, match="acknowledgement of 3 bytes"):
+        guest.confirm(b"abc", msgs, 10)
 
 
 # -- the whole benchmark in two lab guests ----------------------------------------------------
@@ -233,7 +289,7 @@ def test_benchmark_in_two_guests(qemu_binary: str, short_tmp: Path) -> None:
         size, count = row["size"], row["messages"]
         assert count == plan[size]
         total = row["warmup_messages"] + reps * count
-        for transport in ("channel", "tcp"):
+        for transport in ("channel", "zero_copy", "tcp"):
             t = row[transport]
             assert t["verified_messages"] == total, (transport, size, t)
             assert t["verified_bytes"] == total * size, (transport, size, t)
@@ -241,8 +297,16 @@ def test_benchmark_in_two_guests(qemu_binary: str, short_tmp: Path) -> None:
             assert all(rate > 0 for rate in t["rep_messages_per_s"])
             assert t["messages_per_s"] == statistics.median(t["rep_messages_per_s"])
             assert t["mb_per_s"] == pytest.approx(t["messages_per_s"] * size / 1e6)
-        assert row["ratio"] == statistics.median(row["rep_ratios"])
-        assert row["meets_target"] == (row["ratio"] >= data["target_ratio"])
+        for path in ("channel", "zero_copy"):
+            vs = row["vs_tcp"][path]
+            assert vs["rep_ratios"] == [
+                c / t
+                for c, t in zip(
+                    row[path]["rep_messages_per_s"], row["tcp"]["rep_messages_per_s"], strict=True
+                )
+            ]
+            assert vs["ratio"] == statistics.median(vs["rep_ratios"])
+            assert vs["meets_target"] == (vs["ratio"] >= data["target_ratio"])
     assert data["target_ratio"] == 5.0
     assert data["tcg"] is True and "TCG" in data["note"]
     env_info = data["environment"]
@@ -250,21 +314,29 @@ def test_benchmark_in_two_guests(qemu_binary: str, short_tmp: Path) -> None:
     assert all(b > 0 for b in env_info["guest_boot_seconds"])
     verdict = data["verdict"]
     assert verdict["sizes"] == 2
-    assert verdict["sizes_meeting_target"] == sum(r["meets_target"] for r in data["results"])
+    for path in ("channel", "zero_copy"):
+        met = sum(r["vs_tcp"][path]["meets_target"] for r in data["results"])
+        assert verdict[path]["sizes_meeting_target"] == met
 
-    # The printed table: the TCG caveat, one line per size with its ratio, the verdict.
+    # The printed table: the TCG caveat, one line per size with both ratios, the verdicts.
     text = proc.stdout
     assert "TCG software emulation" in text
     assert "every byte of every message verified" in text
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("size"))
-    assert "channel/TCP" in lines[header] and "target >= 5x" in lines[header]
+    assert "ratio to TCP, target >= 5x" in lines[header - 1]
+    assert lines[header].split()[-3:] == ["send/recv_many", "zero", "copy"]
     for line, row in zip(lines[header + 2 : header + 4], data["results"], strict=True):
         cells = line.split()
         assert cells[0] == {64: "64B", 4096: "4K"}[row["size"]]
-        verdict_cell = "met" if row["meets_target"] else "NOT met"
-        assert line.endswith(f"{row['ratio']:.2f}x  {verdict_cell}"), line
-    assert "verdict: channel >= 5x TCP for" in text
+        assert float(cells[3].replace(",", "")) == round(row["channel"]["messages_per_s"])
+        vs = [row["vs_tcp"][p] for p in ("channel", "zero_copy")]
+        marks = " ".join(
+            f"{v['ratio']:.2f}x {'met' if v['meets_target'] else 'NOT met'}" for v in vs
+        )
+        assert " ".join(line.split("|")[-1].split()) == marks, line
+    assert "verdict, send/recv_many: >= 5x TCP for" in text
+    assert "verdict, zero copy: >= 5x TCP for" in text
 
     # Nothing left behind: guests, their job directories and sockets are gone.
     assert os.listdir(short_tmp) == ["result.json"]
