@@ -332,7 +332,7 @@ def print_table(data: dict[str, Any], out: IO[str]) -> None:
     groups = " | ".join(f"{LABELS[t]:^20}" for t in TRANSPORTS)
     marks = "  ".join(f"{LABELS[p]:>19}" for p in PATHS)
     title = f"ratio to TCP, target >= {TARGET_RATIO:g}x"
-    print(f"{'':15} | {groups} | {title:^{len(marks)}}", file=out)
+    print(f"{'':15} | {groups} | {title:^{len(marks)}}".rstrip(), file=out)
     cells = " | ".join(f"{'msg/s':>11} {'MB/s':>8}" for _ in TRANSPORTS)
     head = f"{'size':>6} {'messages':>8} | {cells} | {marks}"
     print(head, file=out)
