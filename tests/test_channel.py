@@ -586,6 +586,100 @@ def test_async_on_a_plain_region_polls(pair: tuple[Any, Any]) -> None:
         asyncio.run(timeout())
 
 
+@pytest.mark.parametrize("kind", ["plain", "doorbell"])
+def test_async_twins_move_everything_through_a_small_ring(
+    path: str, doorbells: dict[int, Sequence[int]], kind: str
+) -> None:
+    """send_many_async, reserve_async, send_array_async and reserve_array_async against
+    recv_many_async, recv_view_async and recv_array_async, both in one event loop, through
+    a ring far smaller than the traffic, so each side keeps waiting for the other (polling
+    on a plain region, sleeping on eventfd doorbells otherwise)."""
+
+    def endpoint(peer: int) -> Any:
+        return DoorbellEndpoint(path, peer, doorbells) if kind == "doorbell" else _plain(path, peer)
+
+    with endpoint(1) as a, endpoint(2) as b:
+        format_region(a, max_peers=4, peers={1: 2, 2: 2})
+        rx = Receiver(b, "atwins", sender=1, capacity=4096, spin=0)
+        tx = Sender(a, "atwins", receiver=2, spin=0)
+        small = [_payload(i, 1 + i % 200) for i in range(300)]
+        arrays = [np.arange(200, dtype="f8") * i for i in range(10)]
+
+        async def produce() -> None:
+            for i in range(0, len(small), 7):
+                await tx.send_many_async(small[i : i + 7], timeout=10)
+            for i in range(20):
+                view = await tx.reserve_async(300, timeout=10)
+                view[:] = _payload(1000 + i, 300)
+                tx.commit()
+            for arr in arrays:
+                await tx.send_array_async(arr, timeout=10)
+            for i in range(5):
+                out = await tx.reserve_array_async((3, 4), "i4", timeout=10)
+                out[...] = np.arange(12, dtype="i4").reshape(3, 4) + i
+                del out
+                tx.commit()
+            tx.close()
+
+        async def consume() -> None:
+            got: list[bytes] = []
+            while len(got) < len(small):
+                got += await rx.recv_many_async(len(small) - len(got), timeout=10)
+            assert got == small
+            for i in range(20):
+                view = await rx.recv_view_async(timeout=10)
+                assert bytes(view) == _payload(1000 + i, 300)
+                rx.release()
+            for arr in arrays:
+                assert np.array_equal(await rx.recv_array_async(timeout=10, copy=True), arr)
+            for i in range(5):
+                got_array = await rx.recv_array_async(timeout=10)
+                assert got_array.shape == (3, 4) and got_array.dtype == np.dtype("i4")
+                assert np.array_equal(got_array, np.arange(12).reshape(3, 4) + i)
+                del got_array
+                rx.release()
+            with pytest.raises(ChannelClosedError):
+                await rx.recv_many_async(timeout=10)
+
+        async def main() -> None:
+            await asyncio.wait_for(asyncio.gather(produce(), consume()), 60)
+
+        asyncio.run(main())
+        rx.close()
+
+
+def test_async_twins_time_out_and_refuse_closed_ends(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    rx = Receiver(b, "aclosed", sender=1, capacity=1024, spin=0)
+    tx = Sender(a, "aclosed", receiver=2, spin=0, liveness_interval=0.01)
+    tx.send(bytes(500))
+    tx.send(bytes(500))
+
+    async def full() -> None:
+        with pytest.raises(ChannelTimeout):
+            await tx.reserve_async(500, timeout=0.02)
+        with pytest.raises(ChannelTimeout):
+            await tx.send_many_async([b"x"] * 3, timeout=0.02)
+        with pytest.raises(ChannelTimeout):
+            await tx.send_array_async(np.zeros(50), timeout=0.02)
+        asyncio.get_running_loop().call_later(0.02, rx.close)
+        with pytest.raises(ChannelClosedError, match="closed it"):
+            await tx.reserve_async(500, timeout=5)
+
+    asyncio.run(full())
+    tx.close()
+    rx2 = Receiver(b, "aclosed2", sender=1, spin=0)
+
+    async def empty() -> None:
+        with pytest.raises(ChannelTimeout):
+            await rx2.recv_many_async(timeout=0.02)
+        rx2.close()
+        with pytest.raises(ChannelClosedError, match="is closed"):
+            await rx2.recv_many_async(timeout=1)
+
+    asyncio.run(empty())
+
+
 def test_sender_never_writes_into_a_recycled_arena(path: str) -> None:
     """The receiver leaves and a newcomer gets its slot (and arena): the old sender, which
     still has room in its ring, must fail with PeerGoneError without touching that memory."""

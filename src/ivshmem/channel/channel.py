@@ -573,6 +573,11 @@ class Receiver(RingReceiver, _End):
             raise ChannelClosedError(f"channel {self.name!r} is closed")
         self._block(S_HEAD, self._tail, self._has_data, R_WAIT, self._sender_closed, deadline)
 
+    async def _wait_data_async(self, deadline: float | None) -> None:
+        if self._closed:
+            raise ChannelClosedError(f"channel {self.name!r} is closed")
+        await self._block_async(self._has_data, R_WAIT, self._sender_closed, deadline)
+
     def _idle(self) -> None:
         if self._tail != self._released and not self._views:
             self._publish_tail()
@@ -659,15 +664,27 @@ class Receiver(RingReceiver, _End):
         data = self.try_recv()
         deadline = _deadline(timeout)
         while data is None:
-            await self._block_async(self._has_data, R_WAIT, self._sender_closed, deadline)
+            await self._wait_data_async(deadline)
             data = self.try_recv()
         return data
+
+    async def recv_many_async(
+        self, max_messages: int = 1024, timeout: float | None = None
+    ) -> list[bytes]:
+        """Asyncio twin of :meth:`recv_many`."""
+        out = self.take_many(max_messages)
+        if not out and max_messages > 0:
+            deadline = _deadline(timeout)
+            while not out:
+                await self._wait_data_async(deadline)
+                out = self.take_many(max_messages)
+        return out
 
     async def recv_view_async(self, timeout: float | None = None) -> memoryview:
         view = self.try_recv_view()
         deadline = _deadline(timeout)
         while view is None:
-            await self._block_async(self._has_data, R_WAIT, self._sender_closed, deadline)
+            await self._wait_data_async(deadline)
             view = self.try_recv_view()
         return view
 
@@ -675,7 +692,7 @@ class Receiver(RingReceiver, _End):
         view = self.try_recv_view(KIND_ARRAY)
         deadline = _deadline(timeout)
         while view is None:
-            await self._block_async(self._has_data, R_WAIT, self._sender_closed, deadline)
+            await self._wait_data_async(deadline)
             view = self.try_recv_view(KIND_ARRAY)
         array = self._decode(view)
         if copy:
@@ -825,12 +842,60 @@ class Sender(RingSender, _End):
                 i = self.try_send_many(batch, i)
         self.flush()
 
+    async def _wait_room_async(self, deadline: float | None) -> None:
+        """Asyncio twin of :meth:`_wait_room`."""
+        if self._closed:
+            raise ChannelClosedError(f"channel {self.name!r} is closed")
+        self.flush()
+        if self._receiver_closed():
+            raise ChannelClosedError(f"channel {self.name!r}: the receiver closed it")
+        await self._block_async(self._tail_moved, S_WAIT, self._receiver_closed, deadline)
+
     async def send_async(self, data: bytes | bytearray | memoryview,
-                         timeout: float | None = None) -> None:  # fmt: skip
+                         timeout: float | None = None, flush: bool = True) -> None:  # fmt: skip
+        """Asyncio twin of :meth:`send`."""
         deadline = _deadline(timeout)
-        while not self.try_send(data):
-            self.flush()
-            await self._block_async(self._tail_moved, S_WAIT, self._receiver_closed, deadline)
+        while not self.try_send(data, flush):
+            await self._wait_room_async(deadline)
+
+    async def send_many_async(
+        self, messages: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
+    ) -> None:
+        """Asyncio twin of :meth:`send_many`."""
+        batch = messages if isinstance(messages, Sequence) else list(messages)
+        end = len(batch)
+        i = self.try_send_many(batch)
+        deadline = _deadline(timeout)
+        while i < end:
+            await self._wait_room_async(deadline)
+            i = self.try_send_many(batch, i)
+        self.flush()
+
+    async def reserve_async(self, n: int, timeout: float | None = None) -> memoryview:
+        """Asyncio twin of :meth:`reserve`."""
+        view = self.try_reserve(n)
+        deadline = _deadline(timeout)
+        while view is None:
+            await self._wait_room_async(deadline)
+            view = self.try_reserve(n)
+        return view
+
+    async def reserve_array_async(self, shape: int | tuple[int, ...], dtype: Any = "f8",
+                                  timeout: float | None = None) -> Any:  # fmt: skip
+        """Asyncio twin of :meth:`reserve_array`."""
+        np, dt, dims, header = _array_plan(shape, dtype)
+        view = self.try_reserve(len(header) + dt.itemsize * _product(dims), KIND_ARRAY)
+        deadline = _deadline(timeout)
+        while view is None:
+            await self._wait_room_async(deadline)
+            view = self.try_reserve(len(header) + dt.itemsize * _product(dims), KIND_ARRAY)
+        return _array_in(np, view, header, dt, dims)
+
+    async def send_array_async(self, array: Any, timeout: float | None = None,
+                               flush: bool = True) -> None:  # fmt: skip
+        """Asyncio twin of :meth:`send_array`."""
+        a = _numpy().asarray(array)
+        self._fill_array(await self.reserve_array_async(a.shape, a.dtype, timeout), a, flush)
 
     def _reserve_py(self, n: int, timeout: float | None = None) -> memoryview:
         """A writable view of ``n`` bytes inside the ring (zero copy); fill it, then
@@ -855,30 +920,26 @@ class Sender(RingSender, _End):
                       timeout: float | None = None) -> Any:  # fmt: skip
         """A numpy array of ``shape``/``dtype`` living in the ring; fill it, then
         :meth:`commit`. The receiver gets it with ``recv_array``."""
-        np = _numpy()
-        dt = _check_dtype(np.dtype(dtype))
-        dims = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
-        header = _encode_array_header(dt, dims)
+        np, dt, dims, header = _array_plan(shape, dtype)
         nbytes = dt.itemsize * _product(dims)
         view = self.try_reserve(len(header) + nbytes, KIND_ARRAY)
         deadline = _deadline(timeout)
         while view is None:
             self._wait_room(deadline)
             view = self.try_reserve(len(header) + nbytes, KIND_ARRAY)
-        view[: len(header)] = header
-        if nbytes == 0:
-            return np.empty(dims, dt)
-        return np.frombuffer(view, dt, _product(dims), len(header)).reshape(dims)
+        return _array_in(np, view, header, dt, dims)
 
     def send_array(self, array: Any, timeout: float | None = None, flush: bool = True) -> None:
         """Send a numpy array: one copy, straight into the ring (dtype and shape travel in a
         small header)."""
-        np = _numpy()
-        a = np.asarray(array)
-        out = self.reserve_array(a.shape, a.dtype, timeout)
+        a = _numpy().asarray(array)
+        self._fill_array(self.reserve_array(a.shape, a.dtype, timeout), a, flush)
+
+    def _fill_array(self, out: Any, a: Any, flush: bool) -> None:
+        """Copy ``a`` into its reservation ``out`` and commit (cancel if the copy fails)."""
         try:
             if a.size:
-                np.copyto(out, a, casting="no")
+                _numpy().copyto(out, a, casting="no")
         except BaseException:
             self.cancel()
             raise
@@ -1038,6 +1099,24 @@ def _check_dtype(dt: Any) -> Any:
     if not _DTYPE_RE.match(dt.str):
         raise UsageError(f"dtype {dt} ({dt.str!r}) cannot travel over a channel")
     return dt
+
+
+def _array_plan(
+    shape: int | tuple[int, ...], dtype: Any
+) -> tuple[Any, Any, tuple[int, ...], bytes]:
+    """numpy, the checked dtype, the dimensions and the header of an array message."""
+    np = _numpy()
+    dt = _check_dtype(np.dtype(dtype))
+    dims = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+    return np, dt, dims, _encode_array_header(dt, dims)
+
+
+def _array_in(np: Any, view: memoryview, header: bytes, dt: Any, dims: tuple[int, ...]) -> Any:
+    """Write ``header`` at the start of the reserved ``view``; the array after it."""
+    view[: len(header)] = header
+    if dt.itemsize * _product(dims) == 0:
+        return np.empty(dims, dt)
+    return np.frombuffer(view, dt, _product(dims), len(header)).reshape(dims)
 
 
 def _encode_array_header(dt: Any, dims: tuple[int, ...]) -> bytes:
