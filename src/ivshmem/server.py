@@ -244,6 +244,8 @@ class ServerConfig:
     #: Keep a membership table in the region (``ivshmem.channel`` layout): the region is
     #: formatted at start unless it already is (a restarted server with a named backing).
     format_region: bool = False
+    #: Format the region even if it already carries a layout (erasing every channel in it).
+    reformat: bool = False
     #: Membership slots when the region is formatted here.
     max_peers: int = 16
     #: With ``format_region``: ring this vector on every peer when one joins or leaves.
@@ -281,6 +283,8 @@ class ServerConfig:
                 )
         if self.status_socket is not None and self.status_socket == self.socket_path:
             raise ServerConfigError("the status socket must differ from the ivshmem socket")
+        if self.reformat and not self.format_region:
+            raise ServerConfigError("--reformat formats the region: it needs --format")
         if self.membership_vector is not None:
             if not self.format_region:
                 raise ServerConfigError(
@@ -824,16 +828,40 @@ class Server:
     def _open_membership(self) -> None:
         """Map the region and take the membership table's writer role, formatting the
         region first unless it already carries the layout (kept across a restart)."""
-        from .channel import MembershipWriter, format_region, is_formatted
+        from .channel import MembershipWriter, Region, format_region, is_formatted
 
         assert self._shm is not None
         self._region_map = self._shm.map()
         memory = self._region_map.memory
-        if is_formatted(memory):
-            log.info("the region is already formatted: keeping its layout and content")
+        cfg = self.config
+        if cfg.reformat:
+            format_region(memory, max_peers=cfg.max_peers)
+            log.warning(
+                "reformatted the region for %d peers (--reformat): every channel it held is gone",
+                cfg.max_peers,
+            )
+        elif is_formatted(memory):
+            try:
+                region = Region(memory)
+            except IvshmemError as err:  # another version, resized, or a corrupted header
+                raise ServerConfigError(
+                    f"the region's channel layout cannot be used ({err}): add --reformat to "
+                    "lay it out afresh (this erases every channel in it)"
+                ) from None
+            log.info(
+                "the region is already formatted (for %d peers): keeping its layout and content",
+                region.max_peers,
+            )
+            if region.max_peers != cfg.max_peers:
+                log.warning(
+                    "--max-peers %d is not applied: the region keeps its layout for %d peers "
+                    "(--reformat lays it out afresh, erasing its channels)",
+                    cfg.max_peers,
+                    region.max_peers,
+                )
         else:
-            format_region(memory, max_peers=self.config.max_peers)
-            log.info("formatted the region for %d peers", self.config.max_peers)
+            format_region(memory, max_peers=cfg.max_peers)
+            log.info("formatted the region for %d peers", cfg.max_peers)
         self._membership = MembershipWriter(memory)
 
     def _membership_joined(self, peer: int) -> None:
@@ -870,6 +898,8 @@ class Server:
                 cfg.size,
                 format_size(size),
             )
+        if cfg.format_region and not cfg.reformat and cfg.backing in ("posix", "file"):
+            self._check_layout_fits(size)
         shm: SharedMemory
         try:
             if cfg.backing == "memfd":
@@ -913,6 +943,50 @@ class Server:
         self._shm = shm
         self._shm_ref = SharedFd(shm.fd, close=lambda _fd: shm.close())
         self._table = PeerTable(self._shm_ref, first_id=cfg.first_id)
+
+    def _check_layout_fits(self, size: int) -> None:
+        """Before a named region is grown: refuse to start if it carries a channel layout
+        that growing it would make stale (the layout records the region's size), or one of
+        another layout version, saying how to go on. Anything unusual about the file (missing,
+        a link, not ours) is left to the opening code, which explains it."""
+        from .channel.layout import LAYOUT_VERSION, PAGE, peek_header
+
+        cfg = self.config
+        path = (
+            cfg.shm_path if cfg.backing == "file" else f"/dev/shm/{validate_shm_name(cfg.shm_path)}"
+        )
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < PAGE:
+                return
+            header = peek_header(os.pread(fd, PAGE, 0))
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        if header is None:
+            return
+        version, formatted, _ = header
+        flag = "-M" if cfg.backing == "posix" else "--file"
+        erase = "--reformat to lay it out afresh (this erases every channel in it)"
+        if version != LAYOUT_VERSION:
+            raise ServerConfigError(
+                f"shared memory {path} ({flag}) carries a channel layout of version {version}; "
+                f"this server writes version {LAYOUT_VERSION}: add {erase}, or run the "
+                "version of this project that formatted it"
+            )
+        final = max(size, st.st_size)
+        if formatted != final:
+            raise ServerConfigError(
+                f"shared memory {path} ({flag}) carries a channel layout for "
+                f"{format_size(formatted)}, and would be {format_size(final)} with -l "
+                f"{format_size(size)}: start with -l {format_size(formatted)} to keep its "
+                f"channels, or add {erase}"
+            )
 
     def _open_in_directory(self, size: int) -> SharedMemory:
         directory = self.config.shm_path

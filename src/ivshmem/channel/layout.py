@@ -171,6 +171,16 @@ def is_formatted(target: Endpoint | memoryview | Any) -> bool:
     return len(mem) >= PAGE and bytes(mem[0:8]) == MAGIC
 
 
+def peek_header(page: bytes) -> tuple[int, int, int] | None:
+    """``(layout version, region size, max peers)`` as written in a region's first page, or
+    None when it carries no layout header (unchecked: for a server deciding, before it
+    resizes a region, whether the layout in it would still fit)."""
+    if len(page) < _HEADER.size or page[:8] != MAGIC:
+        return None
+    fields = _HEADER.unpack_from(page, 0)
+    return fields[1], fields[3], fields[5]
+
+
 def _parse_header(mem: memoryview) -> _Header:
     size = len(mem)
     if size < PAGE:

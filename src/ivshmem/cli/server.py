@@ -197,6 +197,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "table (which peers are present; guests read it, as the device cannot tell them)",
     )
     layout.add_argument(
+        "--reformat",
+        action="store_true",
+        help="like --format, but lay the region out afresh even if it already carries a "
+        "layout (of another version, for another size or --max-peers); erases every channel "
+        "in it",
+    )
+    layout.add_argument(
         "--max-peers",
         metavar="N",
         type=int,
@@ -311,7 +318,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue,
         max_queued_total=args.max_queued_total,
         first_id=args.first_id,
-        format_region=args.format_region,
+        format_region=args.format_region or args.reformat,
+        reformat=args.reformat,
         max_peers=args.max_peers,
         membership_vector=args.membership_vector,
         pidfile=os.path.abspath(pidfile) if pidfile else None,
