@@ -15,7 +15,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +270,50 @@ def test_reopened_receiver_continues(pair: tuple[Any, Any]) -> None:
     tx.send(b"3")
     rx = Receiver(b, "re", sender=1)
     assert [rx.recv(), rx.recv()] == [b"2", b"3"]
+
+
+def test_a_closed_end_neither_writes_nor_reads(pair: tuple[Any, Any]) -> None:
+    """Every call on a closed end raises ChannelClosedError at once, whether or not the ring
+    has room or data, and writes nothing; a new end for the channel carries on."""
+    a, b = pair
+    rx = Receiver(b, "shut", sender=1, capacity=1024)
+    tx = Sender(a, "shut", receiver=2)
+    tx.send(b"before")
+    tx.close()
+    head = rx._q[ringmod.S_HEAD]
+    writes: list[Callable[[], object]] = [
+        lambda: tx.send(b"x"),
+        lambda: tx.try_send(b"x"),
+        lambda: tx.send_many([b"x", b"y"]),
+        lambda: tx.reserve(8),
+        lambda: tx.try_reserve(8),
+        lambda: tx.send_array(np.zeros(2)),
+        lambda: asyncio.run(tx.send_async(b"x")),
+    ]
+    for write in writes:
+        with pytest.raises(ChannelClosedError, match="is closed"):
+            write()
+    assert rx._q[ringmod.S_HEAD] == head  # not one byte more
+    tx.close()  # again: nothing happens
+    assert rx.recv(timeout=1) == b"before"
+    rx.close()
+    tx2 = Sender(a, "shut", receiver=2)
+    tx2.send(b"kept for the next receiver")
+    reads: list[Callable[[], object]] = [
+        lambda: rx.recv(timeout=1),
+        lambda: rx.try_recv(),
+        lambda: rx.recv_view(timeout=1),
+        lambda: rx.try_recv_view(),
+        lambda: rx.recv_many(timeout=1),
+        lambda: rx.take_many(5),
+        lambda: rx.recv_array(timeout=1),
+        lambda: asyncio.run(rx.recv_async(timeout=1)),
+    ]
+    for read in reads:
+        with pytest.raises(ChannelClosedError, match="is closed"):
+            read()
+    rx2 = Receiver(b, "shut", sender=1)
+    assert rx2.recv(timeout=1) == b"kept for the next receiver"
 
 
 def test_sender_waits_for_the_receiver_then_times_out(pair: tuple[Any, Any]) -> None:

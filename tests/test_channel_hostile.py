@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -281,35 +282,48 @@ def test_receiver_survives_a_concurrent_scribbler(short_tmp: Path) -> None:
         )
         child.start()
         outcomes = {"message": 0, "corrupt": 0, "timeout": 0, "reopen_refused": 0}
+
+        def reopen(end: Callable[[], Any]) -> Any:
+            """A new end for the channel (a closed one refuses every call), or None while
+            the scribbled area makes opening it fail."""
+            try:
+                return end()
+            except ChannelCorrupted:
+                outcomes["reopen_refused"] += 1
+                return None
+
+        sender: Sender | None = tx
+        receiver: Receiver | None = rx
         end = time.monotonic() + 1.5
         try:
             while time.monotonic() < end:
-                try:
-                    tx.try_send(b"m" * random.randrange(300))
-                except ChannelCorrupted:
-                    tx.close()
+                if sender is None:
+                    sender = reopen(lambda: Sender(a, "target", receiver=2))
+                if sender is not None:
                     try:
-                        tx = Sender(a, "target", receiver=2)
+                        sender.try_send(b"m" * random.randrange(300))
                     except ChannelCorrupted:
-                        outcomes["reopen_refused"] += 1
+                        sender.close()
+                        sender = reopen(lambda: Sender(a, "target", receiver=2))
+                if receiver is None:
+                    receiver = reopen(lambda: Receiver(b, "target", sender=1, spin=0))
+                if receiver is None:
+                    continue
                 try:
                     try:
-                        m = rx.recv(timeout=0.005)
+                        m = receiver.recv(timeout=0.005)
                         assert len(m) <= 2048
                         outcomes["message"] += 1
                     except UnexpectedMessageError:
                         # Consume the forged kind - which the scribbler may have changed
                         # again meanwhile, into something corrupt.
-                        rx.try_recv_view(ringmod.KIND_ARRAY)
+                        receiver.try_recv_view(ringmod.KIND_ARRAY)
                 except ChannelTimeout:
                     outcomes["timeout"] += 1
                 except ChannelCorrupted:
                     outcomes["corrupt"] += 1
-                    rx.close()
-                    try:
-                        rx = Receiver(b, "target", sender=1, spin=0)
-                    except ChannelCorrupted:
-                        outcomes["reopen_refused"] += 1
+                    receiver.close()
+                    receiver = reopen(lambda: Receiver(b, "target", sender=1, spin=0))
         finally:
             child.join(10)
             if child.is_alive():

@@ -66,6 +66,7 @@ typedef struct {
     u64 capacity, mask, half;
     u64 head, tail, published, released, notified, release_every;
     long long limit;
+    char closed; /* this end is closed (ring.py's _closed): reads go to the Python twins */
     u64 rpos, rskip, rlen, rkind;
     PyObject *views;      /* list of receive views handed out (receiver) */
     PyObject *broken;     /* ChannelCorrupted once broken, else None */
@@ -680,7 +681,7 @@ static PyObject *Core_flush(Core *self, PyObject *unused) {
 /* Where the next ordinary record of ``kind`` is: 1 found (pos, n), 0 empty, 2 not ordinary
  * (hand over to Python). Reads the head (acquire) only when the known records are used up. */
 static int next_record(Core *self, u64 kind, u64 *pos_out, u64 *n_out) {
-    if (self->broken != Py_None)
+    if (self->broken != Py_None || self->closed)
         return 2;
     u64 tail = self->tail;
     if (tail == self->head) {
@@ -955,6 +956,7 @@ static PyMemberDef Core_members[] = {
     U64("_notified", notified),
     U64("_release_every", release_every),
     {"_limit", T_LONGLONG, offsetof(Core, limit), 0, NULL},
+    {"_closed", T_BOOL, offsetof(Core, closed), 0, NULL},
     U64("_rpos", rpos),
     U64("_rskip", rskip),
     U64("_rlen", rlen),

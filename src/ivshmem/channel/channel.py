@@ -454,6 +454,10 @@ class _End:
         _open_ends.discard(self._key)
 
 
+#: The guard of a closed Sender: a private word that is never 1.
+_CLOSED_GUARD = memoryview(bytearray(8)).cast("Q")
+
+
 def _claim(key: tuple[int, int, str], label: str) -> None:
     if key in _open_ends:
         raise UsageError(
@@ -950,9 +954,11 @@ class Sender(RingSender, _End):
         self._ring_peer(vector)
 
     def _guard_failed(self) -> None:
+        self._limit = -1
+        if self._closed:  # close() points the guard at _CLOSED_GUARD: no more writes
+            raise ChannelClosedError(f"channel {self.name!r} is closed")
         # The receiver left (its membership slot changed), and its arena may be recycled
         # for a newcomer: not one more byte goes there.
-        self._limit = -1
         raise PeerGoneError(self.name, self.peer)
 
     def close(self) -> None:
@@ -977,6 +983,10 @@ class Sender(RingSender, _End):
                 with contextlib.suppress(ChannelError):
                     self._ring_peer(q[R_VECTOR])
         finally:
+            # Every write path checks the guard first, the C core's too: pointed at a word
+            # that never holds 1, it turns any later send, reserve, commit or flush into
+            # ChannelClosedError (see _guard_failed) at no cost to the paths themselves.
+            self.set_guard(_CLOSED_GUARD, 0, 1)
             self._forget()
 
     def __enter__(self) -> Sender:

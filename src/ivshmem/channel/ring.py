@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ..errors import UsageError
 from ._ordering import _acquire, _release
-from .errors import ChannelCorrupted, UnexpectedMessageError
+from .errors import ChannelClosedError, ChannelCorrupted, UnexpectedMessageError
 
 __all__ = [
     "ACCELERATED",
@@ -188,6 +188,10 @@ class _Ring(_Base):
         self._rodata = self._data.toreadonly()
         self._mm, self._mmoff = _mmap_window(self._data)
         self._broken: ChannelCorrupted | None = None
+        # Set when this end is closed (channel.py): a receiver then reads nothing more (the
+        # C core sends its reads here, to the *_py twins, which raise). A closed sender is
+        # stopped by its guard instead (see channel.py, Sender.close).
+        self._closed = False
         # The guard: one shared word that must keep one value while this end may write
         # (channel.py points it at the receiver's membership slot's "joined" word, which the
         # membership writer changes when it gives the arena to another peer). Checked before
@@ -597,6 +601,8 @@ class RingReceiver(_Ring):
         The hot path: one load of the head (only when the known records are used up), one
         load of the record header, checks on private values, one copy. Anything unusual
         (WRAP, array, corrupt, broken) goes through :meth:`_next`."""
+        if self._closed:
+            self._refuse_closed()
         tail = self._tail
         if tail == self._head and self._read_head() == tail:
             return None
@@ -642,6 +648,8 @@ class RingReceiver(_Ring):
         is not plain (WRAP, array, corrupt) ends the batch, so an error never swallows the
         messages already copied; a call that starts at such a record hands it to
         :meth:`_take`, which handles a WRAP and reports anything else."""
+        if self._closed:
+            self._refuse_closed()
         out: list[bytes] = []
         if max_messages <= 0:
             return out
@@ -703,6 +711,8 @@ class RingReceiver(_Ring):
 
     def _take_view_py(self, kind: int = KIND_DATA) -> memoryview | None:
         """try_recv_view() without giving space back on empty (see :meth:`_take`)."""
+        if self._closed:
+            self._refuse_closed()
         tail = self._tail
         if tail == self._head and self._read_head() == tail:
             return None
@@ -731,6 +741,9 @@ class RingReceiver(_Ring):
         return view
 
     _take_view = _fast("_c_take_view", _take_view_py)
+
+    def _refuse_closed(self) -> None:
+        raise ChannelClosedError(f"channel {self.name!r} is closed")
 
     def _unexpected(self, got: int, wanted: int) -> None:
         names = {KIND_DATA: "bytes", KIND_ARRAY: "array"}
