@@ -665,7 +665,16 @@ class RingReceiver(_Ring):
         head = self._head
         while len(out) < max_messages:
             if tail == head:  # the known records are used up: look for more (once each)
-                head = self._read_head()
+                if out:
+                    # With messages in hand, an impossible head ends the batch instead of
+                    # raising (the next call reports it): they are delivered, not lost.
+                    head = q[S_HEAD]
+                    if head & 7 or head < self._head or head - self._released > cap:
+                        head = tail
+                        break
+                    self._head = head
+                else:
+                    head = self._read_head()
                 if tail == head:
                     break
             pos = tail & mask
