@@ -11,6 +11,7 @@ module, which scripts/test.sh also exercises by running the channel tests again 
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import subprocess
@@ -197,3 +198,117 @@ def test_the_c_core_takes_its_bounds_from_its_buffer_not_from_settable_values() 
     del other.rx._views
     with pytest.raises(AttributeError):  # a clear error from Python, not a crash in C
         other.rx.try_recv_view()
+
+
+# -- private state set from Python never takes the C core outside the area --------------------
+# The fields below are members of the C core that Python code can set (the Python twins keep
+# them as attributes). Misusing them may raise anything, but must never make the C core
+# write or read outside the ring's area.
+
+PAD = mmap.PAGESIZE
+CANARY = 0x5A
+
+
+class _Sandwich:
+    """A ring area with canary bytes on both sides, inside one mapping."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.size = ringmod.CTRL_SIZE + capacity
+        self.mm = mmap.mmap(-1, PAD + self.size + PAD)
+        self.mm[:] = bytes([CANARY]) * len(self.mm)
+        self.area = memoryview(self.mm)[PAD : PAD + self.size]
+        init_area(self.area)
+
+    def outside_untouched(self) -> bool:
+        end = PAD + self.size
+        return self.mm[:PAD] == bytes([CANARY]) * PAD and self.mm[end:] == bytes([CANARY]) * PAD
+
+
+@pytest.mark.parametrize("rpos", [(1 << 64) - 2048, (1 << 64) - 8, 1 << 40, 4096 - 8])
+def test_commit_never_stores_outside_for_any_reservation_position(rpos: int) -> None:
+    s = _Sandwich()
+    tx = RingSender(s.area, "victim")
+    tx.try_reserve(8)
+    tx._rpos, tx._rlen = rpos, 2040
+    with contextlib.suppress(Exception):  # an error or a (lying) record inside the ring
+        tx.commit()
+    assert s.outside_untouched()
+
+
+def test_commit_uses_the_reservation_as_checked_even_if_index_moves_it() -> None:
+    s = _Sandwich()
+    tx = RingSender(s.area, "victim")
+    tx.try_reserve(8)
+
+    class Sly:
+        def __index__(self) -> int:
+            tx._rpos = 1 << 40  # moved while commit converts its argument
+            return 0
+
+    with pytest.raises(Exception):  # noqa: B017 - any error will do; no stray store will not
+        tx.commit(Sly())  # type: ignore[arg-type]
+    assert s.outside_untouched()
+
+
+def test_an_unaligned_private_tail_is_reported_not_read_past() -> None:
+    s = _Sandwich()
+    rx = RingReceiver(s.area, "victim")
+    rx._tail, rx._head = 4095, 8192
+    for read in (rx.try_recv, rx.try_recv_view, lambda: rx.take_many(4)):
+        with pytest.raises(ChannelCorrupted):
+            read()
+
+
+def test_a_placement_that_wraps_around_2_64_is_refused() -> None:
+    s = _Sandwich()
+
+    class Liar(RingSender):
+        def _slow_place(self, n: int) -> tuple[int, int] | None:
+            return self._tail, (1 << 64) - ((n + 15) & ~7)
+
+    tx = Liar(s.area, "victim")
+    tx._limit = -1
+    with pytest.raises(RuntimeError, match="would leave its ring"):
+        tx.try_send(b"\xaa" * 2000)
+    assert s.outside_untouched()
+
+
+def test_send_many_takes_the_bounds_afresh_after_python_code_ran() -> None:
+    big, small = _Sandwich(65536), _Sandwich(256)
+
+    class Rebinder(RingSender):
+        calls = 0
+
+        def _slow_place(self, n: int) -> tuple[int, int] | None:
+            Rebinder.calls += 1
+            if Rebinder.calls == 1:
+                self._bind(small.area)
+                self._bind_guard(self._gq, 0, 0)
+                self._limit, self._head = 1 << 40, 0
+                return 0, 0
+            return super()._slow_place(n)
+
+    tx = Rebinder(big.area, "victim")
+    tx._limit = -1
+    with pytest.raises(UsageError, match="does not fit"):
+        tx.try_send_many([b"a" * 8, b"b" * 4000])
+    assert small.outside_untouched() and big.outside_untouched()
+
+
+@pytest.mark.parametrize("counter", [1 << 63, (1 << 64) - 8])
+def test_ends_refuse_counters_near_the_top_of_the_word(counter: int) -> None:
+    """No counter may reach 2**64 while attached: a lying peer's start values are refused."""
+    s = _Sandwich()
+    words = s.area.cast("Q")
+    words[ringmod.S_HEAD] = words[ringmod.R_TAIL] = counter
+    for end in (RingSender, RingReceiver):
+        with pytest.raises(ChannelCorrupted, match="head/tail"):
+            end(s.area, "victim")
+
+
+@pytest.mark.parametrize("kind", [1 << 32, -1])
+def test_record_kinds_are_32_bit(kind: int) -> None:
+    s = _Sandwich()
+    for tx in (RingSender(s.area, "victim"), _PySender(s.area, "victim")):
+        with pytest.raises(UsageError, match="not a 32-bit value"):
+            tx.try_reserve(3, kind)

@@ -328,7 +328,8 @@ static int slow_place(Core *self, Py_ssize_t n, u64 need, u64 *head, u64 *pos) {
         return -1;
     if (!core_bound(self))
         return -1;
-    if ((p & 7) || p + need > self->capacity || h + need - self->tail > self->capacity) {
+    u64 cap = self->capacity;
+    if ((p & 7) || need > cap || p > cap - need || h + need - self->tail > cap) {
         PyErr_SetString(PyExc_RuntimeError, "ring: a placed record would leave its ring");
         return -1;
     }
@@ -475,7 +476,6 @@ static PyObject *Core_try_send_many(Core *self, PyObject *const *args, Py_ssize_
     PyObject *seq = PySequence_Fast(args[0], "try_send_many() needs a sequence of messages");
     if (seq == NULL)
         return NULL;
-    u64 cap = self->capacity, mask = self->mask;
     u64 head = self->head;
     if (i < 0)
         i = 0;
@@ -487,6 +487,14 @@ static PyObject *Core_try_send_many(Core *self, PyObject *const *args, Py_ssize_
             Py_DECREF(m);
             goto error;
         }
+        /* Python code may have run (a buffer exporter, _slow_place): take the ring's bounds
+         * afresh for every message. */
+        if (!core_bound(self)) {
+            bytes_release(&b);
+            Py_DECREF(m);
+            goto error;
+        }
+        u64 cap = self->capacity, mask = self->mask;
         Py_ssize_t n = b.len;
         u64 need = ((u64)n + 15) & ~(u64)7;
         u64 pos = head & mask;
@@ -543,14 +551,17 @@ static PyObject *Core_try_reserve(Core *self, PyObject *const *args, Py_ssize_t 
     u64 kind = KIND_DATA;
     if (nargs == 2) {
         kind = PyLong_AsUnsignedLongLong(args[1]);
-        if (kind == (u64)-1 && PyErr_Occurred())
-            return NULL;
+        if (kind == (u64)-1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return NULL;
+            PyErr_Clear(); /* negative or too big: the Python twin says what is wrong */
+        }
     }
     u64 need = ((u64)n + 15) & ~(u64)7;
     u64 head = self->head, cap = self->capacity;
     u64 pos = head & self->mask;
     if (n < 0 || self->data_view == NULL || (long long)need > self->limit || pos + need > cap ||
-        head + need - self->tail > cap)
+        head + need - self->tail > cap || kind > LEN_MASK)
         return PyObject_VectorcallMethod(str_try_reserve_py, (PyObject *[]){(PyObject *)self,
                                          args[0], nargs == 2 ? args[1] : NULL},
                                          (size_t)nargs + 1, NULL);
@@ -610,22 +621,29 @@ static PyObject *Core_commit(Core *self, PyObject *const *args, Py_ssize_t nargs
     PyObject *a[2];
     if (parse_args(args, nargs, kwnames, commit_names, 2, 1, a, "commit") < 0)
         return NULL;
-    if (!core_bound(self))
-        return NULL;
-    u64 length = self->rlen;
     int flush = truth(a[1], 1);
     if (flush < 0)
         return NULL;
-    /* The reservation's fields are settable from Python: use them only when they describe a
-     * record inside the ring (the Python twin checks through its views otherwise). */
-    int simple = self->resv_view != NULL && self->resv_view != Py_None && self->rskip == 0 &&
-                 (self->rpos & 7) == 0 && self->rlen <= self->half &&
-                 self->rpos + HEADER + self->rlen <= self->capacity &&
-                 ld_relaxed(self->guard) == self->guard_value;
-    if (simple && a[0] != NULL && a[0] != Py_None) {
-        long long m = PyLong_AsLongLong(a[0]);
+    /* Python code may run while the arguments are converted (__index__, __bool__): convert
+     * them first, then copy the reservation's fields once and use only the copies. */
+    long long m = -1;
+    int partial = a[0] != NULL && a[0] != Py_None;
+    if (partial) {
+        m = PyLong_AsLongLong(a[0]);
         if (m == -1 && PyErr_Occurred())
             return NULL;
+    }
+    if (!core_bound(self))
+        return NULL;
+    u64 pos = self->rpos, length = self->rlen, kind = self->rkind, cap = self->capacity;
+    /* The fields are settable from Python: use them only when they describe a record inside
+     * the ring, with no sum that could wrap (capacity >= 256, so cap - HEADER - pos is safe
+     * once pos <= cap - HEADER); anything else goes to the Python twin, which checks. */
+    int simple = self->resv_view != NULL && self->resv_view != Py_None && self->rskip == 0 &&
+                 (pos & 7) == 0 && pos <= cap - HEADER && length <= self->half &&
+                 length <= cap - HEADER - pos && kind < (1ULL << 32) &&
+                 ld_relaxed(self->guard) == self->guard_value;
+    if (simple && partial) {
         if (m < 0 || (u64)m > length)
             simple = 0; /* _commit_py says what is wrong */
         else
@@ -646,9 +664,8 @@ static PyObject *Core_commit(Core *self, PyObject *const *args, Py_ssize_t nargs
         Py_DECREF(kw);
         return r;
     }
-    u64 pos = self->rpos;
-    /* rpos/rlen were set by a reservation that fitted: the record stays inside the ring. */
-    st_relaxed((volatile u64 *)(self->data + pos), length | (self->rkind << KIND_SHIFT));
+    /* pos and length were checked above, and no Python code ran since. */
+    st_relaxed((volatile u64 *)(self->data + pos), length | (kind << KIND_SHIFT));
     u64 head = self->head + ((length + 15) & ~(u64)7);
     self->head = head;
     self->limit = (long long)self->half;
@@ -684,6 +701,8 @@ static int next_record(Core *self, u64 kind, u64 *pos_out, u64 *n_out) {
     if (self->broken != Py_None || self->closed)
         return 2;
     u64 tail = self->tail;
+    if (tail & 7) /* a private value set from Python: the twin reports it */
+        return 2;
     if (tail == self->head) {
         u64 head = ld_acquire(&self->q[S_HEAD]);
         if (head == tail)

@@ -159,6 +159,12 @@ def _fast(name: str, python: _F) -> _F:
     return cast(_F, getattr(_Base, name)) if ACCELERATED else python
 
 
+#: Head and tail count bytes from 0 and only grow: an honest ring needs centuries at memory
+#: speed to reach 2**63. An end refuses to attach to counters at or beyond it, so that no
+#: counter can pass 2**64 (where the unsigned words would wrap) while it is attached.
+_COUNTER_LIMIT = 1 << 63
+
+
 def init_area(area: memoryview) -> None:
     """Zero the control lines of a fresh channel area (done by its creator, before the
     directory entry that publishes it)."""
@@ -246,7 +252,7 @@ class RingSender(_Ring):
         q = self._q
         head = q[S_HEAD]  # our own word, left by an earlier sender object: validate it
         tail = q[R_TAIL]
-        if head & 7 or tail & 7 or not 0 <= head - tail <= self.capacity:
+        if head & 7 or tail & 7 or not 0 <= head - tail <= self.capacity or head >= _COUNTER_LIMIT:
             raise self._corrupt("head/tail", f"head {head} and tail {tail} are inconsistent")
         self._head = head  # private: the only copy we trust
         self._tail = tail  # last validated tail
@@ -404,6 +410,8 @@ class RingSender(_Ring):
         """A writable view of ``n`` bytes in the ring, or None if there is no room now."""
         if self._gq[self._gi] != self._gv:
             self._guard_failed()
+        if not 0 <= kind <= _LEN_MASK:
+            raise UsageError(f"channel {self.name!r}: record kind {kind} is not a 32-bit value")
         need = (n + 15) & -8
         head = self._head
         pos = head & self._mask
@@ -522,7 +530,7 @@ class RingReceiver(_Ring):
         q = self._q
         tail = q[R_TAIL]  # our own word from an earlier receiver object: validate it
         head = q[S_HEAD]
-        if head & 7 or tail & 7 or not 0 <= head - tail <= self.capacity:
+        if head & 7 or tail & 7 or not 0 <= head - tail <= self.capacity or head >= _COUNTER_LIMIT:
             raise self._corrupt("head/tail", f"head {head} and tail {tail} are inconsistent")
         self._tail = tail  # consumed (private, trusted)
         self._released = tail  # published to the sender
