@@ -404,3 +404,192 @@ def test_scribbled_membership_and_arena_give_only_region_errors(
     for entry in state.entries:
         assert base + 4096 <= entry.offset
         assert entry.offset + entry.size <= base + region.arena_size
+
+
+# -- argument checking: bad input is a UsageError, and nothing is written before it ----------
+
+
+class _Index:
+    """An integer type that is not int (like numpy's): accepted wherever an int is."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_peers": 4.0}, "max_peers must be an int, not float"),
+        ({"max_peers": 2.5}, "max_peers must be an int, not float"),
+        ({"max_peers": True}, "max_peers must be an int, not bool"),
+        ({"max_peers": "4"}, "max_peers must be an int, not str"),
+        ({"peers": {1: 2.0}}, "vector count of peer 1 must be an int, not float"),
+        ({"peers": {1: True}}, "vector count of peer 1 must be an int, not bool"),
+        ({"peers": {1: 2000}}, "vector count 2000 is outside"),
+        ({"peers": [1.5]}, "peer id must be an int, not float"),
+        ({"peers": {True: 1}}, "peer id must be an int, not bool"),
+        ({"peers": "12"}, "peers must be an iterable of peer ids or a {id: vectors} mapping"),
+        ({"peers": b"\x01"}, "peers must be an iterable of peer ids or a {id: vectors} mapping"),
+        ({"peers": 5}, "peers must be an iterable of peer ids or a {id: vectors} mapping, not int"),
+        ({"max_peers": 4, "peers": range(5)}, "5 static peers do not fit 4 slots"),
+        ({"allocations": {1: 10}}, "allocation names must be str, not int"),
+        ({"allocations": {"a": 2.5}}, "size of allocation 'a' must be an int, not float"),
+        ({"allocations": {"a": True}}, "size of allocation 'a' must be an int, not bool"),
+        ({"allocations": {"a": 0}}, "allocation 'a' needs a positive size in bytes"),
+        ({"allocations": 5}, "allocations must be a {name: size in bytes} mapping, not int"),
+        ({"allocations": "ab"}, "allocations must be a {name: size in bytes} mapping, not str"),
+        ({"allocations": {"ok": 1, "big": 1 << 40}}, "too small"),
+    ],
+)
+def test_a_failed_format_leaves_the_formatted_region_intact(
+    ep: ivshmem.RegionEndpoint, region_path: str, kwargs: dict[str, object], message: str
+) -> None:
+    region = format_region(ep, max_peers=4, peers={3: 2}, allocations={"keep": 10})
+    region.allocation("keep")[0:4] = b"data"
+    with pytest.raises(UsageError) as caught:
+        format_region(ep, **kwargs)  # type: ignore[arg-type]
+    assert message in str(caught.value)
+    # Nothing was written: another mapping attaches to the very same layout and contents.
+    with ivshmem.open_region(region_path, id=1) as other:
+        again = Region(other)
+        assert again.format_id == region.format_id
+        assert again.max_peers == 4 and again.allocations == region.allocations
+        assert bytes(again.allocation("keep")[0:4]) == b"data"
+        snap = Membership(again).snapshot(patience=0.05)
+        assert snap.writer == "static" and snap.peers == {3} and snap.entries[3].vectors == 2
+
+
+@pytest.mark.parametrize("target", [None, 42, "/dev/shm/region", Path("/dev/shm/region")])
+def test_the_region_must_be_an_endpoint_or_a_writable_buffer(target: object) -> None:
+    expected = "must be an ivshmem Endpoint, a Region or a writable buffer"
+    calls: list[Callable[[object], object]] = [
+        Region,
+        format_region,
+        is_formatted,
+        Membership,
+        MembershipWriter,
+    ]
+    for call in calls:
+        with pytest.raises(UsageError, match=expected) as caught:
+            call(target)
+        assert type(target).__name__ in str(caught.value)
+        if isinstance(target, (str, Path)):  # a path: say how to open it
+            assert "ivshmem.open_region(path" in str(caught.value)
+
+
+def test_unusable_buffers_are_refused() -> None:
+    with pytest.raises(UsageError, match="contiguous"):
+        format_region(memoryview(bytearray(2 * SIZE))[::2])
+    released = memoryview(bytearray(SIZE))
+    released.release()
+    with pytest.raises(UsageError, match="cannot be used"):
+        Region(released)
+    with pytest.raises(UsageError, match="must be writable"):
+        is_formatted(bytes(SIZE))
+
+
+def test_a_region_object_is_accepted_where_a_buffer_is(ep: ivshmem.RegionEndpoint) -> None:
+    region = format_region(ep, max_peers=2)
+    assert is_formatted(region)
+    assert Region(region).format_id == region.format_id
+    assert format_region(region, max_peers=2).format_id != region.format_id
+
+
+def test_region_methods_refuse_wrong_types(ep: ivshmem.RegionEndpoint) -> None:
+    region = format_region(ep, max_peers=4, allocations={"a": 1})
+    for slot in (1.5, "0", True, None):
+        with pytest.raises(UsageError, match="slot must be an int") as caught:
+            region.arena_offset(slot)  # type: ignore[arg-type]
+        assert type(slot).__name__ in str(caught.value)
+    with pytest.raises(UsageError, match=r"slot 4 is outside 0\.\.3"):
+        region.arena_offset(4)
+    assert region.arena_offset(_Index(1)) == region.arena_offset(1)  # type: ignore[arg-type]
+    names: list[object] = [[], 1, b"a"]
+    for name in names:
+        with pytest.raises(UsageError, match="allocation names are str"):
+            region.allocation(name)  # type: ignore[arg-type]
+    membership = region.membership
+    for patience in ("x", -1, float("nan"), True, None):
+        with pytest.raises(UsageError, match="patience must be a number of seconds >= 0"):
+            membership.snapshot(patience)  # type: ignore[arg-type]
+    assert membership.snapshot(0).writer == "none"  # an int number of seconds is fine
+    assert membership.snapshot(patience=float("inf")).peers == frozenset()
+
+
+def test_membership_writer_checks_before_writing(ep: ivshmem.RegionEndpoint) -> None:
+    region = format_region(ep, max_peers=2)
+    writer = MembershipWriter(region)
+    reader = Membership(region)
+    generation = reader.generation
+    bad_joins: list[tuple[object, object, str]] = [
+        (1, 2.0, "vector count must be an int, not float"),
+        (1, "2", "vector count must be an int, not str"),
+        (1, True, "vector count must be an int, not bool"),
+        (1.0, 1, "peer id must be an int, not float"),
+        (True, 1, "peer id must be an int, not bool"),
+        ("1", 1, "peer id must be an int, not str"),
+        (70000, 1, "peer id 70000 is outside 0..65535"),
+        (1, 2000, "vector count 2000 is outside"),
+    ]
+    for peer, vectors, message in bad_joins:
+        with pytest.raises(UsageError, match=message):
+            writer.joined(peer, vectors)  # type: ignore[arg-type]
+    for peer, message in [("1", "must be an int, not str"), (1.0, "not float"), (-1, "outside")]:
+        with pytest.raises(UsageError, match=message):
+            writer.left(peer)  # type: ignore[arg-type]
+    # Nothing was published, the seqlock is even, and the first slot is still the next one.
+    assert reader.generation == generation
+    assert reader.snapshot(patience=0.05).peers == frozenset()
+    assert writer.joined(_Index(1), _Index(2)) == 0  # type: ignore[arg-type]
+    entry = reader.snapshot().entries[1]
+    assert type(entry.peer) is int and entry.vectors == 2
+    assert writer.left(_Index(1)) and not writer.left(1)  # type: ignore[arg-type]
+
+
+def test_channel_directory_helpers_check_before_writing(ep: ivshmem.RegionEndpoint) -> None:
+    region = format_region(ep, max_peers=2, peers=[0, 1])
+
+    def init(area: memoryview) -> None:
+        pass
+
+    bad: list[tuple[tuple[object, ...], str]] = [
+        ((0, 0, "c", 70000, 0, 512, init), "sender id 70000 is outside"),
+        ((0, 0, "c", 1.0, 0, 512, init), "sender id must be an int, not float"),
+        ((0, 0, "c", 1, True, 512, init), "receiver id must be an int, not bool"),
+        ((0, "0", "c", 1, 0, 512, init), "owner id must be an int, not str"),
+        ((0.0, 0, "c", 1, 0, 512, init), "slot must be an int, not float"),
+        ((5, 0, "c", 1, 0, 512, init), "slot 5 is outside"),
+        ((0, 0, b"c", 1, 0, 512, init), "channel names must be str, not bytes"),
+        ((0, 0, "c", 1, 0, 600.5, init), "channel area size must be an int, not float"),
+        ((0, 0, "c", 1, 0, 100, init), "at least 512 bytes"),
+        ((0, 0, "c", 1, 0, 512, None), "init must be callable"),
+    ]
+    for args, message in bad:
+        with pytest.raises(UsageError, match=message):
+            layout.allocate_channel(region, *args)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="in_use must be callable"):
+        layout.allocate_channel(region, 0, 0, "c", 1, 0, 512, init, 1)  # type: ignore[arg-type]
+    arena = layout.read_arena(region, 0)  # still readable, and nothing was published
+    assert arena.entries == () and arena.count == 0 and arena.used == 0
+    with pytest.raises(UsageError, match="channel names must be str"):
+        layout.find_channel(region, 0, 5, 1, 0)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="sender id must be an int, not str"):
+        layout.find_channel(region, 0, "c", "1", 0)  # type: ignore[arg-type]
+    made = layout.allocate_channel(region, _Index(0), 0, "c", _Index(1), 0, 512, init)  # type: ignore[arg-type]
+    assert layout.find_channel(region, 0, "c", 1, 0) == made
+
+
+def test_integer_like_and_iterable_inputs_are_accepted(ep: ivshmem.RegionEndpoint) -> None:
+    region = format_region(
+        ep,
+        max_peers=_Index(3),  # type: ignore[arg-type]
+        peers=(peer for peer in [2, _Index(5), 2]),  # type: ignore[misc]
+        allocations=[("a", _Index(10))],  # type: ignore[arg-type]
+    )
+    assert region.max_peers == 3 and region.allocations["a"][1] == 4096
+    assert Membership(region).peers() == {2, 5}  # a repeated id counts once, as before
+    format_region(ep, peers={_Index(7): _Index(3)})  # type: ignore[dict-item]
+    assert Membership(ep).snapshot().entries[7].vectors == 3

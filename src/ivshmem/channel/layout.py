@@ -43,6 +43,8 @@ header) or :class:`RegionCorrupted` (naming the field).
 from __future__ import annotations
 
 import itertools
+import numbers
+import operator
 import os
 import struct
 import threading
@@ -123,18 +125,73 @@ def _round_up(n: int, unit: int) -> int:
     return (n + unit - 1) // unit * unit
 
 
+def _show(value: object) -> str:
+    """A short repr of a caller's argument for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int_arg(value: object, what: str) -> int:
+    """``value`` as an int, for an argument that must be one. Ints and integer types with
+    ``__index__`` (numpy's) pass; bools, floats, strings and the rest are refused, since a
+    float or a bool where a count or an id belongs is a mistake, not a number to round."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise UsageError(f"{what} must be an int, not {type(value).__name__} ({_show(value)})")
+
+
+def _seconds_arg(value: object, what: str) -> float:
+    """``value`` as a duration in seconds: a real number >= 0 (not a bool, not NaN)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        seconds = float(value)
+        if seconds >= 0:  # False for NaN too
+            return seconds
+    raise UsageError(f"{what} must be a number of seconds >= 0, not {_show(value)}")
+
+
 def _as_memory(target: Endpoint | memoryview | bytearray | Any) -> memoryview:
-    """The writable byte view of a region given as an endpoint or any writable buffer."""
-    mem = target.memory if isinstance(target, Endpoint) else memoryview(target)
+    """The writable byte view of a region given as an endpoint, a Region or any writable
+    buffer; UsageError for anything else."""
+    if isinstance(target, Region):
+        return target.memory
+    if isinstance(target, Endpoint):
+        mem = target.memory
+    else:
+        try:
+            mem = memoryview(target)
+        except TypeError:
+            hint = ""
+            if isinstance(target, (str, os.PathLike)):
+                hint = (
+                    ": for a file or shared-memory name, open it with "
+                    "ivshmem.open_region(path, id=..., size=...) and pass the endpoint"
+                )
+            raise UsageError(
+                "the region must be an ivshmem Endpoint, a Region or a writable buffer "
+                f"(bytearray, mmap, memoryview), not {type(target).__name__} "
+                f"({_show(target)}){hint}"
+            ) from None
+        except ValueError as err:  # a released memoryview
+            raise UsageError(f"the region's buffer cannot be used: {err}") from None
     if mem.readonly:
         raise UsageError("the region must be writable")
+    if not mem.c_contiguous:
+        raise UsageError("the region's buffer must be contiguous (not a strided view)")
     if mem.format != "B" or mem.ndim != 1:
         mem = mem.cast("B")
     return mem
 
 
-def _encode_name(name: str, limit: int, what: str) -> bytes:
-    raw = name.encode("utf-8")
+def _encode_name(name: object, limit: int, what: str) -> bytes:
+    if not isinstance(name, str):
+        raise UsageError(f"{what} names must be str, not {type(name).__name__} ({_show(name)})")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        raw = b""
     if not raw or len(raw) > limit or b"\0" in raw:
         raise UsageError(
             f"{what} name {name!r} must be 1..{limit} bytes of UTF-8 without NUL characters"
@@ -256,7 +313,8 @@ class Region:
     """A formatted region, attached: the parsed, validated header (a private copy).
 
     ``Region(endpoint_or_buffer)`` raises :class:`NotFormattedError` for an unformatted,
-    resized or foreign region and :class:`RegionCorrupted` for an impossible header.
+    resized or foreign region, :class:`RegionCorrupted` for an impossible header, and
+    :class:`~ivshmem.errors.UsageError` when given neither an endpoint nor a writable buffer.
     """
 
     def __init__(self, target: Endpoint | memoryview | Any) -> None:
@@ -288,6 +346,8 @@ class Region:
 
     def allocation(self, name: str) -> memoryview:
         """The memory of the user allocation ``name`` made at format time."""
+        if not isinstance(name, str):
+            raise UsageError(f"allocation names are str, not {type(name).__name__} ({_show(name)})")
         try:
             off, length = self._header.allocations[name]
         except KeyError:
@@ -302,6 +362,9 @@ class Region:
         return Membership(self)
 
     def arena_offset(self, slot: int) -> int:
+        """Region offset of the arena of membership slot ``slot``."""
+        if type(slot) is not int:  # the common case costs one identity test
+            slot = _int_arg(slot, "slot")
         if not 0 <= slot < self._header.max_peers:
             raise UsageError(f"slot {slot} is outside 0..{self._header.max_peers - 1}")
         return self._header.arenas_offset + slot * self._header.arena_size
@@ -334,23 +397,25 @@ def format_region(
     ids (or ``{id: vectors}``) that will use it. With a server, leave it out: the server keeps
     the table (:class:`MembershipWriter`). ``allocations`` reserves named, zeroed, page-aligned
     blocks (``{name: size}``), found again with :meth:`Region.allocation`.
+
+    Every argument is checked before the first byte is written: a call that raises
+    :class:`~ivshmem.errors.UsageError` leaves the region (and any layout in it) untouched.
     """
     check_platform()
     mem = _as_memory(target)
     size = len(mem)
+    max_peers = _int_arg(max_peers, "max_peers")
     if not 1 <= max_peers <= MAX_PEERS_LIMIT:
         raise UsageError(f"max_peers {max_peers} must be within 1..{MAX_PEERS_LIMIT}")
-    user = dict(allocations or {})
-    if len(user) > MAX_ALLOCATIONS - 2:
-        raise UsageError(f"at most {MAX_ALLOCATIONS - 2} named allocations fit the directory")
+    static = _static_peers(peers)
+    if len(static) > max_peers:
+        raise UsageError(f"{len(static)} static peers do not fit {max_peers} slots")
+    user = _user_allocations(allocations)
     m_off = PAGE
     m_size = _membership_bytes(max_peers)
     cursor = m_off + m_size
     placed: list[tuple[bytes, int, int]] = []
-    for name, length in user.items():
-        if not isinstance(length, int) or length <= 0:
-            raise UsageError(f"allocation {name!r} needs a positive size in bytes")
-        raw = _encode_name(name, _NAME_MAX, "allocation")
+    for raw, length in user:
         rounded = _round_up(length, PAGE)
         placed.append((raw, cursor, rounded))
         cursor += rounded
@@ -362,10 +427,8 @@ def format_region(
             f"a region of {size} bytes is too small for {max_peers} peer slots and the "
             f"requested allocations: it needs at least {need} bytes (or fewer max_peers)"
         )
-    static = _static_peers(peers)
-    if len(static) > max_peers:
-        raise UsageError(f"{len(static)} static peers do not fit {max_peers} slots")
 
+    # Nothing was written above this line.
     mem[0:8] = bytes(8)  # unpublish first: readers now see "not formatted" until the end
     mem[8:PAGE] = bytes(PAGE - 8)
     mem[m_off : m_off + m_size] = bytes(m_size)
@@ -396,19 +459,66 @@ def format_region(
 
 
 def _static_peers(peers: Mapping[int, int] | Iterable[int] | None) -> dict[int, int]:
+    """format_region's ``peers`` checked and normalised to ``{id: vectors}`` of plain ints
+    (a repeated id in a list counts once, as it always did)."""
     if peers is None:
         return {}
-    table = dict(peers) if isinstance(peers, Mapping) else dict.fromkeys(peers, 0)
-    for peer, vectors in table.items():
-        _check_peer(peer)
-        if not 0 <= vectors <= MAX_VECTORS:
-            raise UsageError(f"peer {peer}: vector count {vectors} is outside 0..{MAX_VECTORS}")
+    shape = "peers must be an iterable of peer ids or a {id: vectors} mapping"
+    if isinstance(peers, Mapping):
+        pairs: list[tuple[object, object]] = list(peers.items())
+    elif isinstance(peers, (str, bytes, bytearray, memoryview)):
+        # Iterable, but its items are characters or bytes, never what was meant.
+        raise UsageError(f"{shape}, not {type(peers).__name__} ({_show(peers)})")
+    else:
+        try:
+            ids = iter(peers)
+        except TypeError:
+            raise UsageError(f"{shape}, not {type(peers).__name__} ({_show(peers)})") from None
+        pairs = [(peer, 0) for peer in ids]
+    table: dict[int, int] = {}
+    for peer, vectors in pairs:
+        pid = _check_peer(peer)
+        count = _int_arg(vectors, f"the vector count of peer {pid}")
+        if not 0 <= count <= MAX_VECTORS:
+            raise UsageError(f"peer {pid}: vector count {count} is outside 0..{MAX_VECTORS}")
+        table[pid] = count
     return table
 
 
-def _check_peer(peer: int) -> None:
-    if not isinstance(peer, int) or not 0 <= peer <= MAX_PEER_ID:
-        raise UsageError(f"peer id {peer!r} is outside 0..{MAX_PEER_ID}")
+def _user_allocations(allocations: Mapping[str, int] | None) -> list[tuple[bytes, int]]:
+    """format_region's ``allocations`` checked: ``(encoded name, size)`` in the given order."""
+    if allocations is None:
+        return []
+    shape = "allocations must be a {name: size in bytes} mapping"
+    if isinstance(allocations, Mapping):
+        pairs: list[tuple[object, object]] = list(allocations.items())
+    elif isinstance(allocations, (str, bytes, bytearray, memoryview)):
+        raise UsageError(f"{shape}, not {type(allocations).__name__} ({_show(allocations)})")
+    else:  # (name, size) pairs, which dict() has always accepted here
+        try:
+            pairs = list(dict(allocations).items())
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"{shape}, not {type(allocations).__name__} ({_show(allocations)})"
+            ) from None
+    if len(pairs) > MAX_ALLOCATIONS - 2:
+        raise UsageError(f"at most {MAX_ALLOCATIONS - 2} named allocations fit the directory")
+    placed: list[tuple[bytes, int]] = []
+    for name, length in pairs:
+        raw = _encode_name(name, _NAME_MAX, "allocation")
+        nbytes = _int_arg(length, f"the size of allocation {name!r}")
+        if nbytes <= 0:
+            raise UsageError(f"allocation {name!r} needs a positive size in bytes, not {nbytes}")
+        placed.append((raw, nbytes))
+    return placed
+
+
+def _check_peer(peer: object, what: str = "peer id") -> int:
+    """``peer`` as a plain int within 0..MAX_PEER_ID; UsageError otherwise."""
+    pid = _int_arg(peer, what)
+    if not 0 <= pid <= MAX_PEER_ID:
+        raise UsageError(f"{what} {pid} is outside 0..{MAX_PEER_ID}")
+    return pid
 
 
 # -- membership -------------------------------------------------------------------------------
@@ -498,7 +608,10 @@ class _TableWriter:
         self._slots[slot] = entry
 
     def joined(self, peer: int, vectors: int) -> int:
-        _check_peer(peer)
+        # Checked (and made plain ints) before anything is written: a bad value found while
+        # publishing would leave the seqlock odd and the table unreadable.
+        peer = _check_peer(peer)
+        vectors = _int_arg(vectors, "vector count")
         if not 0 <= vectors <= MAX_VECTORS:
             raise UsageError(f"vector count {vectors} is outside 0..{MAX_VECTORS}")
         with self._lock:
@@ -528,6 +641,7 @@ class _TableWriter:
             return slot
 
     def left(self, peer: int) -> bool:
+        peer = _check_peer(peer)
         with self._lock:
             for slot, entry in enumerate(self._slots):
                 if entry is not None and entry.peer == peer:
@@ -600,6 +714,10 @@ class Membership:
         return (self._words[_M_SEQ] + 1) // 2
 
     def snapshot(self, patience: float = 0.5) -> MembershipSnapshot:
+        """A consistent copy of the table. A write still in progress after ``patience``
+        seconds (a stuck or hostile writer) raises :class:`RegionCorrupted`."""
+        if type(patience) is not float or not patience >= 0:  # one test in the common case
+            patience = _seconds_arg(patience, "patience")
         deadline = time.monotonic() + patience
         words, table, end = self._words, self._table, self._end
         tries = 0
@@ -744,6 +862,10 @@ def read_arena(region: Region, slot: int) -> _ArenaState:
 def find_channel(
     region: Region, slot: int, name: str, sender: int, receiver: int
 ) -> ChannelEntry | None:
+    """Channel ``name`` from ``sender`` to ``receiver`` as arena ``slot`` lists it, or None."""
+    _encode_name(name, CHANNEL_NAME_MAX, "channel")
+    sender = _check_peer(sender, "sender id")
+    receiver = _check_peer(receiver, "receiver id")
     for entry in read_arena(region, slot).entries:
         if (entry.name, entry.sender, entry.receiver) == (name, sender, receiver):
             return entry
@@ -786,9 +908,19 @@ def allocate_channel(
     writes nothing; a disconnected process that still maps the region and writes anyway meets
     a receiver that validates everything it reads (a ``ChannelCorrupted``, nothing worse).
     """
+    # Everything is checked before the lock and before any write: a sender id above
+    # MAX_PEER_ID, say, would publish an entry every reader then rejects as corrupt.
     raw = _encode_name(name, CHANNEL_NAME_MAX, "channel")
+    slot = _int_arg(slot, "slot")
+    owner = _check_peer(owner, "owner id")
+    sender = _check_peer(sender, "sender id")
+    receiver = _check_peer(receiver, "receiver id")
+    size = _int_arg(size, "channel area size")
     if size < MIN_AREA:
         raise UsageError(f"a channel area needs at least {MIN_AREA} bytes, not {size}")
+    for what, fn in (("init", init), ("in_use", in_use)):
+        if not callable(fn):
+            raise UsageError(f"{what} must be callable, not {type(fn).__name__}")
     rounded = _round_up(size, PAGE)
     with _alloc_lock:
         state = read_arena(region, slot)
