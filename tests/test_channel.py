@@ -13,6 +13,7 @@ import asyncio
 import multiprocessing
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -895,3 +896,127 @@ def test_batches_wrap_fill_and_arrive_in_order(pair: tuple[Any, Any]) -> None:
     t.join(30)
     assert got == sent
     assert rx.recv_many(0) == [] and rx.try_recv() is None
+
+
+# -- bad arguments: a clear UsageError before anything is written -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sender": 70000}, "sender peer id 70000 is outside 0..65535"),
+        ({"sender": -1}, "outside 0..65535"),
+        ({"sender": "1"}, "sender peer id must be an integer"),
+        ({"sender": 1.0}, "must be an integer"),
+        ({"sender": 1, "name": ""}, "1..32 bytes"),
+        ({"sender": 1, "name": "x" * 33}, "1..32 bytes"),
+        ({"sender": 1, "name": 123}, "a channel name is a str"),
+        ({"sender": 1, "name": "\udc80"}, "cannot be encoded"),
+        ({"sender": 1, "capacity": 1024.0}, "power of two"),
+        ({"sender": 1, "capacity": "1024"}, "power of two"),
+        ({"sender": 1, "spin": float("nan")}, "spin nan must be"),
+        ({"sender": 1, "spin": -1}, "spin -1 must be"),
+        ({"sender": 1, "timeout": -1}, "timeout -1 must be a number of seconds >= 0"),
+        ({"sender": 1, "timeout": "1"}, "timeout must be a number of seconds"),
+        ({"sender": 1, "liveness_interval": float("nan")}, "liveness_interval nan"),
+        ({"sender": 1, "liveness_interval": float("inf")}, "liveness_interval inf"),
+        ({"sender": 1, "liveness_interval": 3e6}, "longer than a day"),
+        ({"sender": 1, "poll_interval": 0}, "poll_interval 0 must be"),
+        ({"sender": 1, "vector": 1.0}, "vector must be an integer"),
+        ({"sender": 1, "membership_vector": True}, "membership_vector must be an integer"),
+    ],
+)
+def test_bad_end_arguments_are_refused_before_anything_is_written(
+    pair: tuple[Any, Any], kwargs: dict[str, Any], message: str
+) -> None:
+    a, b = pair
+    before = bytes(b.memory)
+    args = {"name": "fine", **kwargs}
+    with pytest.raises(UsageError, match=re.escape(message)):
+        Receiver(b, **args)
+    assert bytes(b.memory) == before
+    receiver = args.pop("sender")
+    if "capacity" not in args:  # a Receiver's option only
+        with pytest.raises(UsageError, match=re.escape(message).replace("sender", "receiver")):
+            Sender(a, receiver=receiver, **args)
+    # The region is intact: channels open and carry messages as before.
+    with Receiver(b, "after", sender=1) as rx, Sender(a, "after", receiver=2) as tx:
+        tx.send(b"ok")
+        assert rx.recv(timeout=5) == b"ok"
+
+
+def test_bad_message_arguments(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    rx = Receiver(b, "args", sender=1, capacity=1024)
+    tx = Sender(a, "args", receiver=2, spin=0)
+    refused: list[tuple[Callable[[], object], str]] = [
+        (lambda: tx.send(np.array([1, "x", None], dtype=object)), "Python objects"),  # type: ignore[arg-type]
+        (lambda: tx.send(memoryview(bytearray(b"abcdef"))[::2]), "not contiguous"),
+        (lambda: tx.send(np.arange(10)[::2]), "not contiguous"),  # type: ignore[arg-type]
+        (lambda: tx.send("text"), "not str"),  # type: ignore[arg-type]
+        (lambda: tx.send(None), "not NoneType"),  # type: ignore[arg-type]
+        (lambda: tx.try_send_many([b"a"], -1), "start -1 is negative"),
+        (lambda: tx.reserve(2**70), "does not fit"),
+        (lambda: tx.reserve("10"), "whole number of bytes"),  # type: ignore[arg-type]
+        (lambda: tx.reserve_array("12"), "not an array shape"),  # type: ignore[arg-type]
+        (lambda: tx.reserve_array((2, -1)), "not an array shape"),
+        (lambda: tx.send_many(b"abc"), "send() sends one message"),  # type: ignore[arg-type]
+        (lambda: rx.recv_many(-1), "max_messages -1 is outside"),
+        (lambda: rx.recv_many(1.5), "max_messages must be an integer"),  # type: ignore[arg-type]
+        (lambda: rx.recv_many(2**70), "outside 0.."),
+        (lambda: rx.recv(timeout=float("nan")), "timeout nan"),
+    ]
+    for call, message in refused:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            call()
+    assert rx.try_recv() is None  # nothing was sent by any of them
+    tx.reserve(8)
+    for n in (2**63, -1, 1.5, "1"):
+        with pytest.raises(UsageError, match="outside the reserved"):
+            tx.commit(n)  # type: ignore[arg-type]
+    tx.commit(2)
+    assert rx.recv(timeout=1) == bytes(2)
+    # What does travel: any C-contiguous buffer, whatever its item format; numpy ints as sizes.
+    tx.send(np.arange(3, dtype=">u2"))  # type: ignore[arg-type]
+    assert rx.recv(timeout=1) == np.arange(3, dtype=">u2").tobytes()
+    out = tx.reserve_array(np.int64(3), "i4")
+    out[:] = [1, 2, 3]
+    del out
+    tx.commit()
+    assert rx.recv_array(timeout=1, copy=True).tolist() == [1, 2, 3]
+    assert rx.recv_many(0) == []
+
+
+def test_send_many_says_how_much_went_out_when_it_fails(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    rx = Receiver(b, "partial", sender=1, capacity=1024)
+    tx = Sender(a, "partial", receiver=2, spin=0)
+    with pytest.raises(UsageError) as bad:
+        tx.send_many([b"a", b"b", None])  # type: ignore[list-item]
+    assert "none of the 3 messages was sent" in "".join(getattr(bad.value, "__notes__", []))
+    tx.send(b"later")
+    assert rx.recv_many(timeout=1) == [b"later"]  # a and b were not left behind
+    # Two fit, the ring is then full and nobody reads: they are sent, the rest is not.
+    with pytest.raises(ChannelTimeout) as late:
+        tx.send_many([bytes(400)] * 3, timeout=0.05)
+    notes = "".join(getattr(late.value, "__notes__", []))
+    assert "the first 2 of the 3 messages were sent" in notes
+    assert rx.recv_many(timeout=1) == [bytes(400)] * 2
+    assert rx.try_recv() is None
+
+
+def test_copied_array_keeps_earlier_views_valid(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    rx = Receiver(b, "keep", sender=1)
+    tx = Sender(a, "keep", receiver=2)
+    tx.send(b"held")
+    tx.send_array(np.arange(4))
+    view = rx.recv_view(timeout=1)
+    assert rx.recv_array(timeout=1, copy=True).tolist() == [0, 1, 2, 3]
+    assert bytes(view) == b"held"  # not revoked by the copy
+    rx.release()
+    with pytest.raises(ValueError):
+        bytes(view)
+    tx.send_array(np.arange(2))
+    assert rx.recv_array(timeout=1, copy=True).tolist() == [0, 1]
+    assert rx._views == []  # nothing else was held: the copied message went back at once

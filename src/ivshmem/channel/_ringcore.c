@@ -47,6 +47,7 @@
 #define R_VECTOR 18
 #define KIND_SHIFT 32
 #define KIND_DATA 1ULL
+#define KIND_ARRAY 2ULL
 #define LEN_MASK 0xFFFFFFFFULL
 #define NO_VECTOR 0xFFFFFFFFFFFFFFFFULL
 
@@ -77,7 +78,8 @@ typedef struct {
 
 static PyObject *str_take_py, *str_take_view_py, *str_slow_place, *str_try_reserve_py,
     *str_wake_receiver, *str_wake_sender, *str_guard_failed, *str_release, *str_send_wait,
-    *str_recv_wait, *str_recv_view_wait, *str_commit_py, *str_publish_tail, *str_reserve_wait;
+    *str_recv_wait, *str_recv_view_wait, *str_commit_py, *str_publish_tail, *str_reserve_wait,
+    *str_as_message, *str_try_send_many_py;
 
 static inline u64 ld_relaxed(volatile u64 *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline u64 ld_acquire(volatile u64 *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -300,6 +302,31 @@ static int bytes_get(PyObject *obj, Bytes *b) {
     return 0;
 }
 
+/* A message's bytes: bytes directly, else a C-contiguous buffer that holds no Python objects;
+ * anything else goes to ring.py's _as_message, which converts it or says why it cannot
+ * travel (so both twins accept and refuse the same messages). */
+static int message_get(Core *self, PyObject *obj, Bytes *b) {
+    if (PyBytes_CheckExact(obj))
+        return bytes_get(obj, b);
+    if (PyObject_GetBuffer(obj, &b->buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
+        if (b->buf.format == NULL || strchr(b->buf.format, 'O') == NULL) {
+            b->ptr = b->buf.buf;
+            b->len = b->buf.len;
+            b->held = 1;
+            return 0;
+        }
+        PyBuffer_Release(&b->buf);
+    } else {
+        PyErr_Clear();
+    }
+    PyObject *view = PyObject_CallMethodOneArg((PyObject *)self, str_as_message, obj);
+    if (view == NULL)
+        return -1;
+    int r = bytes_get(view, b); /* a flat 'B' memoryview: its buffer keeps it alive */
+    Py_DECREF(view);
+    return r;
+}
+
 static inline void bytes_release(Bytes *b) {
     if (b->held) {
         PyBuffer_Release(&b->buf);
@@ -385,7 +412,7 @@ static int send_one(Core *self, PyObject *data, int flush) {
     if (guard_ok(self) < 0)
         return -1;
     Bytes b;
-    if (bytes_get(data, &b) < 0)
+    if (message_get(self, data, &b) < 0)
         return -1;
     Py_ssize_t n = b.len;
     u64 need = ((u64)n + 15) & ~(u64)7;
@@ -473,17 +500,18 @@ static PyObject *Core_try_send_many(Core *self, PyObject *const *args, Py_ssize_
     }
     if (!core_bound(self) || guard_ok(self) < 0)
         return NULL;
+    if (i < 0)
+        return PyObject_CallMethodObjArgs((PyObject *)self, str_try_send_many_py, args[0],
+                                          args[1], NULL); /* says what is wrong */
     PyObject *seq = PySequence_Fast(args[0], "try_send_many() needs a sequence of messages");
     if (seq == NULL)
         return NULL;
-    u64 head = self->head;
-    if (i < 0)
-        i = 0;
+    u64 first = self->head, head = first;
     for (; i < PySequence_Fast_GET_SIZE(seq); i++) {
         PyObject *m = PySequence_Fast_GET_ITEM(seq, i);
         Py_INCREF(m);
         Bytes b;
-        if (bytes_get(m, &b) < 0) {
+        if (message_get(self, m, &b) < 0) {
             Py_DECREF(m);
             goto error;
         }
@@ -519,7 +547,7 @@ static PyObject *Core_try_send_many(Core *self, PyObject *const *args, Py_ssize_
     Py_DECREF(seq);
     return PyLong_FromSsize_t(i);
 error:
-    self->head = head;
+    self->head = first; /* unpublished: as if this call had written nothing (as in ring.py) */
     Py_DECREF(seq);
     return NULL;
 }
@@ -547,7 +575,7 @@ static PyObject *Core_try_reserve(Core *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     long long n = PyLong_AsLongLong(args[0]);
     if (n == -1 && PyErr_Occurred())
-        return NULL;
+        PyErr_Clear(); /* not an int, or too big: n = -1 sends it to the twin, which says so */
     u64 kind = KIND_DATA;
     if (nargs == 2) {
         kind = PyLong_AsUnsignedLongLong(args[1]);
@@ -561,7 +589,7 @@ static PyObject *Core_try_reserve(Core *self, PyObject *const *args, Py_ssize_t 
     u64 head = self->head, cap = self->capacity;
     u64 pos = head & self->mask;
     if (n < 0 || self->data_view == NULL || (long long)need > self->limit || pos + need > cap ||
-        head + need - self->tail > cap || kind > LEN_MASK)
+        head + need - self->tail > cap || (kind != KIND_DATA && kind != KIND_ARRAY))
         return PyObject_VectorcallMethod(str_try_reserve_py, (PyObject *[]){(PyObject *)self,
                                          args[0], nargs == 2 ? args[1] : NULL},
                                          (size_t)nargs + 1, NULL);
@@ -631,7 +659,7 @@ static PyObject *Core_commit(Core *self, PyObject *const *args, Py_ssize_t nargs
     if (partial) {
         m = PyLong_AsLongLong(a[0]);
         if (m == -1 && PyErr_Occurred())
-            return NULL;
+            PyErr_Clear(); /* m = -1: the twin says what is wrong */
     }
     if (!core_bound(self))
         return NULL;
@@ -1024,6 +1052,8 @@ static int intern_all(void) {
     INTERN(str_recv_view_wait, "_recv_view_wait");
     INTERN(str_publish_tail, "_publish_tail");
     INTERN(str_reserve_wait, "_reserve_wait");
+    INTERN(str_as_message, "_as_message");
+    INTERN(str_try_send_many_py, "_try_send_many_py");
 #undef INTERN
     return 0;
 }

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import operator
 import os
 import re
 import select
@@ -45,6 +47,7 @@ from typing import Any
 
 from ..endpoint import Endpoint
 from ..errors import DoorbellUnavailableError, PeersUnknownError, UsageError
+from ..protocol import MAX_PEER_ID, MAX_VECTORS
 from ._ordering import _acquire, _release, check_platform
 from .errors import (
     ChannelClosedError,
@@ -105,7 +108,66 @@ def _label(name: str, sender: int, receiver: int) -> str:
 def _deadline(timeout: float | None) -> float | None:
     if timeout is None:
         return None
-    return time.monotonic() + max(0.0, timeout)
+    return time.monotonic() + _seconds(timeout, "timeout", zero=True)
+
+
+#: Most messages one recv_many() may ask for (a list of that many is plenty for any ring).
+_MAX_BATCH = 1 << 30
+
+#: Longest liveness or poll interval: poll() takes milliseconds in a C int.
+_MAX_INTERVAL = 86400.0
+
+
+def _seconds(value: Any, what: str, *, zero: bool = False, inf: bool = False) -> float:
+    """``value`` as a number of seconds (> 0, or >= 0 with ``zero``; finite unless ``inf``),
+    else UsageError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UsageError(f"{what} must be a number of seconds, not {value!r}")
+    v = float(value)
+    if v != v or v < 0 or (v == 0 and not zero) or (v == math.inf and not inf):
+        need = ">= 0" if zero else "> 0"
+        raise UsageError(
+            f"{what} {value!r} must be a number of seconds {need}"
+            + (" (or float('inf'))" if inf else "")
+        )
+    return v
+
+
+def _integer(value: Any, what: str, low: int, high: int) -> int:
+    """``value`` as an int within ``low..high`` (not a bool or float), else UsageError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{what} must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise UsageError(f"{what} {value} is outside {low}..{high}")
+    return value
+
+
+def _check_end_options(
+    name: Any, peer: Any, role: str, vector: Any, membership_vector: Any, spin: Any,
+    timeout: Any, liveness_interval: Any, poll_interval: Any,
+) -> None:  # fmt: skip
+    """Every argument of a Sender or Receiver, checked before anything is written."""
+    if not isinstance(name, str):
+        raise UsageError(f"a channel name is a str, not {name!r}")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"channel name {name!r} cannot be encoded as UTF-8") from None
+    if not raw or len(raw) > CHANNEL_NAME_MAX or b"\0" in raw:
+        raise UsageError(
+            f"channel name {name!r} must be 1..{CHANNEL_NAME_MAX} bytes of UTF-8 without NUL "
+            "characters"
+        )
+    _integer(peer, f"{role} peer id", 0, MAX_PEER_ID)
+    for v, what in ((vector, "vector"), (membership_vector, "membership_vector")):
+        if v is not None:
+            _integer(v, what, 0, MAX_VECTORS - 1)
+    _seconds(spin, "spin", zero=True, inf=True)
+    if timeout is not None:
+        _seconds(timeout, "timeout", zero=True)
+    for value, what in ((liveness_interval, "liveness_interval"), (poll_interval, "poll_interval")):
+        if _seconds(value, what) > _MAX_INTERVAL:
+            raise UsageError(f"{what} {value!r} is longer than a day ({_MAX_INTERVAL:g} s)")
 
 
 class _End:
@@ -137,8 +199,6 @@ class _End:
         key: tuple[int, int, str],
         my_wait: int,
     ) -> None:
-        if spin < 0 or liveness_interval <= 0 or poll_interval <= 0:
-            raise UsageError("spin must be >= 0 and the intervals > 0")
         self.endpoint = endpoint
         self.region = region
         self.peer = peer
@@ -454,6 +514,35 @@ class _End:
         _open_ends.discard(self._key)
 
 
+def _batch(messages: Any) -> Sequence[Any]:
+    """send_many()'s messages as a sequence; one bytes-like object or str is refused (it
+    would be sent one byte or character at a time)."""
+    if isinstance(messages, bytes | bytearray | memoryview | str):
+        raise UsageError(
+            "send_many() takes a sequence of messages (a list of bytes objects); send() sends "
+            "one message"
+        )
+    try:
+        return messages if isinstance(messages, Sequence) else list(messages)
+    except TypeError:
+        raise UsageError(f"send_many() takes a sequence of messages, not {messages!r}") from None
+
+
+def _note_sent(err: BaseException, tx: Sender, sent: int, total: int) -> None:
+    """Say on ``err`` how much of a failed send_many() went out (everything before the call
+    that failed: a try_send_many() that raises has written nothing; earlier ones were
+    published before each wait for room)."""
+    with contextlib.suppress(ChannelError):
+        tx.flush()  # what is written goes out, so that the note is true
+    add_note = getattr(err, "add_note", None)  # Python 3.11+
+    if add_note is not None:
+        add_note(
+            f"send_many(): the first {sent} of the {total} messages were sent, none after"
+            if sent
+            else f"send_many(): none of the {total} messages was sent"
+        )
+
+
 #: The guard of a closed Sender: a private word that is never 1.
 _CLOSED_GUARD = memoryview(bytearray(8)).cast("Q")
 
@@ -515,12 +604,20 @@ class Receiver(RingReceiver, _End):
         poll_interval: float = DEFAULT_POLL_INTERVAL,
     ) -> None:
         check_platform()
-        if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or capacity & (capacity - 1):
+        _check_end_options(
+            name, sender, "sender", vector, membership_vector, spin, timeout,
+            liveness_interval, poll_interval,
+        )  # fmt: skip
+        if (
+            isinstance(capacity, bool)
+            or not isinstance(capacity, int)
+            or not MIN_CAPACITY <= capacity <= MAX_CAPACITY
+            or capacity & (capacity - 1)
+        ):
             raise UsageError(
-                f"capacity {capacity} must be a power of two within {MIN_CAPACITY}..{MAX_CAPACITY}"
+                f"capacity {capacity!r} must be a power of two within "
+                f"{MIN_CAPACITY}..{MAX_CAPACITY}"
             )
-        if len(name.encode()) > CHANNEL_NAME_MAX:
-            raise UsageError(f"channel name {name!r} is longer than {CHANNEL_NAME_MAX} bytes")
         region = Region(endpoint)
         me = endpoint.id
         label = _label(name, sender, me)
@@ -641,7 +738,9 @@ class Receiver(RingReceiver, _End):
         """At least one message (waiting up to ``timeout`` for it), then whatever else is
         already there, up to ``max_messages``, each copied out as bytes: one read of the
         head and at most one tail store for the whole batch (the fast way to stream small
-        messages; pair it with :meth:`Sender.send_many`)."""
+        messages; pair it with :meth:`Sender.send_many`). ``max_messages=0`` returns ``[]``
+        at once."""
+        self._batch_size(max_messages)
         out = self.take_many(max_messages)
         if not out and max_messages > 0:
             deadline = _deadline(timeout)
@@ -650,18 +749,30 @@ class Receiver(RingReceiver, _End):
                 out = self.take_many(max_messages)
         return out
 
+    def _batch_size(self, max_messages: Any) -> None:
+        _integer(max_messages, "max_messages", 0, _MAX_BATCH)
+        if self._closed:  # take_many(0) reads nothing, so would not notice
+            raise ChannelClosedError(f"channel {self.name!r} is closed")
+
     def recv_array(self, timeout: float | None = None, *, copy: bool = False) -> Any:
         """The next array message as a numpy array over shared memory (read-only, valid until
-        :meth:`release`), or a private copy with ``copy=True`` (released at once)."""
+        :meth:`release`), or a private copy with ``copy=True``. A copied message is given
+        back at once, unless views handed out earlier are still held: :meth:`release` frees
+        all at once, so it then waits for your next release()."""
+        held = bool(self._views)
         view = self.try_recv_view(KIND_ARRAY)
         deadline = _deadline(timeout)
         while view is None:
             self._wait_data(deadline)
             view = self.try_recv_view(KIND_ARRAY)
+        return self._array_out(view, copy, held)
+
+    def _array_out(self, view: memoryview, copy: bool, held: bool) -> Any:
         array = self._decode(view)
         if copy:
             array = array.copy()
-            self.release()
+            if not held:
+                self.release()
         return array
 
     async def recv_async(self, timeout: float | None = None) -> bytes:
@@ -676,6 +787,7 @@ class Receiver(RingReceiver, _End):
         self, max_messages: int = 1024, timeout: float | None = None
     ) -> list[bytes]:
         """Asyncio twin of :meth:`recv_many`."""
+        self._batch_size(max_messages)
         out = self.take_many(max_messages)
         if not out and max_messages > 0:
             deadline = _deadline(timeout)
@@ -693,16 +805,14 @@ class Receiver(RingReceiver, _End):
         return view
 
     async def recv_array_async(self, timeout: float | None = None, *, copy: bool = False) -> Any:
+        """Asyncio twin of :meth:`recv_array`."""
+        held = bool(self._views)
         view = self.try_recv_view(KIND_ARRAY)
         deadline = _deadline(timeout)
         while view is None:
             await self._wait_data_async(deadline)
             view = self.try_recv_view(KIND_ARRAY)
-        array = self._decode(view)
-        if copy:
-            array = array.copy()
-            self.release()
-        return array
+        return self._array_out(view, copy, held)
 
     def _decode(self, view: memoryview) -> Any:
         try:
@@ -772,6 +882,10 @@ class Sender(RingSender, _End):
         poll_interval: float = DEFAULT_POLL_INTERVAL,
     ) -> None:
         check_platform()
+        _check_end_options(
+            name, receiver, "receiver", vector, membership_vector, spin, timeout,
+            liveness_interval, poll_interval,
+        )  # fmt: skip
         region = Region(endpoint)
         me = endpoint.id
         label = _label(name, me, receiver)
@@ -835,16 +949,22 @@ class Sender(RingSender, _End):
     ) -> None:
         """Send every message in order, publishing once at the end (and whenever the ring
         fills): one index store, at most one fence and one doorbell per batch. ``timeout``
-        bounds the whole call."""
-        batch = messages if isinstance(messages, Sequence) else list(messages)
-        end = len(batch)
-        i = self.try_send_many(batch)
-        if i < end:
-            deadline = _deadline(timeout)
-            while i < end:
-                self._wait_room(deadline)  # publishes what is written first
-                i = self.try_send_many(batch, i)
-        self.flush()
+        bounds the whole call. If it raises (a message that cannot be sent, a timeout, the
+        receiver gone), the messages before a point named in the error's note were sent and
+        none after it."""
+        batch = _batch(messages)
+        i = 0
+        try:
+            i = self.try_send_many(batch)
+            if i < len(batch):
+                deadline = _deadline(timeout)
+                while i < len(batch):
+                    self._wait_room(deadline)  # publishes what is written first
+                    i = self.try_send_many(batch, i)
+            self.flush()
+        except BaseException as err:
+            _note_sent(err, self, i, len(batch))
+            raise
 
     async def _wait_room_async(self, deadline: float | None) -> None:
         """Asyncio twin of :meth:`_wait_room`."""
@@ -866,14 +986,18 @@ class Sender(RingSender, _End):
         self, messages: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> None:
         """Asyncio twin of :meth:`send_many`."""
-        batch = messages if isinstance(messages, Sequence) else list(messages)
-        end = len(batch)
-        i = self.try_send_many(batch)
-        deadline = _deadline(timeout)
-        while i < end:
-            await self._wait_room_async(deadline)
-            i = self.try_send_many(batch, i)
-        self.flush()
+        batch = _batch(messages)
+        i = 0
+        try:
+            i = self.try_send_many(batch)
+            deadline = _deadline(timeout)
+            while i < len(batch):
+                await self._wait_room_async(deadline)
+                i = self.try_send_many(batch, i)
+            self.flush()
+        except BaseException as err:
+            _note_sent(err, self, i, len(batch))
+            raise
 
     async def reserve_async(self, n: int, timeout: float | None = None) -> memoryview:
         """Asyncio twin of :meth:`reserve`."""
@@ -1117,8 +1241,28 @@ def _array_plan(
     """numpy, the checked dtype, the dimensions and the header of an array message."""
     np = _numpy()
     dt = _check_dtype(np.dtype(dtype))
-    dims = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+    dims = _shape(shape)
     return np, dt, dims, _encode_array_header(dt, dims)
+
+
+def _shape(shape: Any) -> tuple[int, ...]:
+    """An array shape (an int or a sequence of ints, each >= 0, numpy ints too), or
+    UsageError."""
+    dims: tuple[int, ...] | None = None
+    if not isinstance(shape, str | bytes):
+        try:
+            dims = (operator.index(shape),)
+        except TypeError:
+            with contextlib.suppress(TypeError):
+                dims = tuple(operator.index(d) for d in shape)
+    if dims is None or len(dims) > _MAX_NDIM or any(d < 0 for d in dims):
+        raise UsageError(
+            f"shape {shape!r} is not an array shape: an int or a sequence of at most "
+            f"{_MAX_NDIM} ints, each >= 0"
+        )
+    if _product(dims) > 1 << 62:
+        raise UsageError(f"shape {shape!r} has more elements than any channel can carry")
+    return dims
 
 
 def _array_in(np: Any, view: memoryview, header: bytes, dt: Any, dims: tuple[int, ...]) -> Any:
@@ -1130,8 +1274,6 @@ def _array_in(np: Any, view: memoryview, header: bytes, dt: Any, dims: tuple[int
 
 
 def _encode_array_header(dt: Any, dims: tuple[int, ...]) -> bytes:
-    if len(dims) > _MAX_NDIM or any(d < 0 for d in dims):
-        raise UsageError(f"shape {dims} is not sendable (at most {_MAX_NDIM} dimensions)")
     code: bytes = dt.str.encode("ascii")
     head: bytes = bytes([len(dims), len(code)]) + code.ljust(14, b"\0")
     head += b"".join(d.to_bytes(8, "little") for d in dims)

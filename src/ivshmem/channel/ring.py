@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import operator
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -291,6 +292,32 @@ class RingSender(_Ring):
             return None
         return (0, skip) if skip else (pos, 0)
 
+    def _as_message(self, data: Any) -> memoryview:
+        """A message other than bytes as flat bytes, or UsageError saying why it cannot
+        travel (the C core sends what it cannot take directly here too)."""
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise UsageError(
+                f"channel {self.name!r}: a message is bytes or another bytes-like object "
+                f"(bytearray, memoryview; numpy arrays go with send_array), not "
+                f"{type(data).__name__}"
+            ) from None
+        if "O" in view.format:
+            raise UsageError(
+                f"channel {self.name!r}: a buffer of Python objects (format {view.format!r}) "
+                "cannot travel: its bytes are addresses inside this process"
+            )
+        if not view.c_contiguous:
+            raise UsageError(
+                f"channel {self.name!r}: the message's memory is not contiguous: send "
+                "bytes(...) of it (or send_array() for a numpy array)"
+            )
+        try:
+            return view.cast("B")
+        except (TypeError, ValueError):  # a format cast() does not take (e.g. big-endian)
+            return memoryview(view.tobytes())
+
     def _check_size(self, n: int) -> int:
         if n < 0 or n > (self.capacity >> 1) - HEADER:
             raise UsageError(
@@ -311,7 +338,7 @@ class RingSender(_Ring):
         if self._gq[self._gi] != self._gv:
             self._guard_failed()
         if type(data) is not bytes:
-            data = memoryview(data).cast("B")
+            data = self._as_message(data)
         n = len(data)
         need = (n + 15) & -8
         head = self._head
@@ -345,7 +372,8 @@ class RingSender(_Ring):
         self, messages: Sequence[bytes | bytearray | memoryview], start: int = 0
     ) -> int:
         """Copy ``messages[start:]`` in, as many as fit now, *without* publishing them (call
-        :meth:`flush`); returns the index of the first message not written.
+        :meth:`flush`); returns the index of the first message not written. A message that
+        cannot be sent (wrong type, too big) raises, and then this call has written none.
 
         The batch path: one guard check per call, then per message only the size checks on
         private values, one slice copy and one header store; one index store and at most one
@@ -354,11 +382,13 @@ class RingSender(_Ring):
         message does.)"""
         if self._gq[self._gi] != self._gv:
             self._guard_failed()
+        if start < 0:
+            raise UsageError(f"channel {self.name!r}: try_send_many() start {start} is negative")
         q = self._q
         data_view = self._data
         mask = self._mask
         cap = self.capacity
-        head = self._head
+        first = head = self._head
         tail = self._tail
         limit = self._limit
         i = start
@@ -367,7 +397,7 @@ class RingSender(_Ring):
             while i < end:
                 m = messages[i]
                 if type(m) is not bytes:
-                    m = memoryview(m).cast("B")
+                    m = self._as_message(m)
                 n = len(m)
                 need = (n + 15) & -8
                 pos = head & mask
@@ -382,8 +412,10 @@ class RingSender(_Ring):
                 q[_DATA_WORD + (pos >> 3)] = n | _DATA_BITS
                 head += need
                 i += 1
-        finally:
-            self._head = head
+        except BaseException:
+            self._head = first  # unpublished: as if this call had written nothing
+            raise
+        self._head = head
         return i
 
     try_send_many = _fast("_c_try_send_many", _try_send_many_py)
@@ -410,8 +442,17 @@ class RingSender(_Ring):
         """A writable view of ``n`` bytes in the ring, or None if there is no room now."""
         if self._gq[self._gi] != self._gv:
             self._guard_failed()
-        if not 0 <= kind <= _LEN_MASK:
-            raise UsageError(f"channel {self.name!r}: record kind {kind} is not a 32-bit value")
+        if kind != KIND_DATA and kind != KIND_ARRAY:
+            raise UsageError(
+                f"channel {self.name!r}: record kind {kind!r} is neither KIND_DATA nor KIND_ARRAY"
+            )
+        if type(n) is not int:
+            try:
+                n = operator.index(n)
+            except TypeError:
+                raise UsageError(
+                    f"channel {self.name!r}: a size is a whole number of bytes, not {n!r}"
+                ) from None
         need = (n + 15) & -8
         head = self._head
         pos = head & self._mask
@@ -437,16 +478,17 @@ class RingSender(_Ring):
     def _commit_py(self, n: int | None = None, *, flush: bool = True) -> None:
         """Make the reserved bytes (or their first ``n``) one message; with ``flush=False``
         it is published by a later :meth:`flush` (batching: one index store, one check)."""
+        if self._gq[self._gi] != self._gv:
+            if self._resv_view is not None:
+                self.cancel()
+            self._guard_failed()
         if self._resv_view is None:
             raise UsageError(f"channel {self.name!r}: nothing reserved to commit")
         pos, skip, length, kind = self._rpos, self._rskip, self._rlen, self._rkind
         if n is not None:
-            if not 0 <= n <= length:
-                raise UsageError(f"commit({n}) is outside the reserved 0..{length} bytes")
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= length:
+                raise UsageError(f"commit({n!r}) is outside the reserved 0..{length} bytes")
             length = n
-        if self._gq[self._gi] != self._gv:
-            self.cancel()
-            self._guard_failed()
         q = self._q
         head = self._head
         if skip:
@@ -721,6 +763,10 @@ class RingReceiver(_Ring):
     def try_recv_view(self, kind: int = KIND_DATA) -> memoryview | None:
         """The next message as a read-only view into the ring (zero copy), or None. The view
         stays valid until :meth:`release`, which frees every view handed out so far."""
+        if kind != KIND_DATA and kind != KIND_ARRAY:
+            raise UsageError(
+                f"channel {self.name!r}: record kind {kind!r} is neither KIND_DATA nor KIND_ARRAY"
+            )
         view = self._take_view(kind)
         if view is None and self._tail != self._released and not self._views:
             self._publish_tail()
