@@ -333,9 +333,14 @@ def test_receiver_not_in_table_times_out(path: str) -> None:
 
 
 def test_plain_region_refuses_a_vector(pair: tuple[Any, Any]) -> None:
-    _, b = pair
-    with pytest.raises(DoorbellUnavailableError, match="plain region polls"):
-        Receiver(b, "v", sender=1, vector=0)
+    a, b = pair
+    before = bytes(b.memory)
+    for option in ("vector", "membership_vector"):
+        with pytest.raises(DoorbellUnavailableError, match=f"{option}=0 .* plain region polls"):
+            Receiver(b, "v", sender=1, **{option: 0})
+        with pytest.raises(DoorbellUnavailableError, match=f"{option}=0 .* plain region polls"):
+            Sender(a, "v", receiver=2, **{option: 0})
+    assert bytes(b.memory) == before  # refused before the channel was created
 
 
 def test_timeouts_and_close(pair: tuple[Any, Any]) -> None:

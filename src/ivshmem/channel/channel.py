@@ -143,8 +143,8 @@ def _integer(value: Any, what: str, low: int, high: int) -> int:
 
 
 def _check_end_options(
-    name: Any, peer: Any, role: str, vector: Any, membership_vector: Any, spin: Any,
-    timeout: Any, liveness_interval: Any, poll_interval: Any,
+    endpoint: Endpoint, name: Any, peer: Any, role: str, vector: Any, membership_vector: Any,
+    spin: Any, timeout: Any, liveness_interval: Any, poll_interval: Any,
 ) -> None:  # fmt: skip
     """Every argument of a Sender or Receiver, checked before anything is written."""
     if not isinstance(name, str):
@@ -162,6 +162,11 @@ def _check_end_options(
     for v, what in ((vector, "vector"), (membership_vector, "membership_vector")):
         if v is not None:
             _integer(v, what, 0, MAX_VECTORS - 1)
+            if endpoint.vectors == 0:
+                raise DoorbellUnavailableError(
+                    f"{endpoint!r} has no doorbell, so {what}={v} cannot be used: a plain "
+                    f"region polls; leave {what} out"
+                )
     _seconds(spin, "spin", zero=True, inf=True)
     if timeout is not None:
         _seconds(timeout, "timeout", zero=True)
@@ -244,10 +249,12 @@ class _End:
                 for fd in fds:
                     self._poller.register(fd, select.POLLIN)
                 self._fds = tuple(fds)
-        elif vector is not None:
+        elif vector is not None or membership_vector is not None:
+            option = "vector" if vector is not None else "membership_vector"
+            value = vector if vector is not None else membership_vector
             raise DoorbellUnavailableError(
-                f"{endpoint!r} has no doorbell, so vector={vector} cannot be used: a plain "
-                "region polls; leave vector out"
+                f"{endpoint!r} has no doorbell, so {option}={value} cannot be used: a plain "
+                f"region polls; leave {option} out"
             )
 
     def _advertised_vector(self) -> int:
@@ -605,7 +612,7 @@ class Receiver(RingReceiver, _End):
     ) -> None:
         check_platform()
         _check_end_options(
-            name, sender, "sender", vector, membership_vector, spin, timeout,
+            endpoint, name, sender, "sender", vector, membership_vector, spin, timeout,
             liveness_interval, poll_interval,
         )  # fmt: skip
         if (
@@ -883,7 +890,7 @@ class Sender(RingSender, _End):
     ) -> None:
         check_platform()
         _check_end_options(
-            name, receiver, "receiver", vector, membership_vector, spin, timeout,
+            endpoint, name, receiver, "receiver", vector, membership_vector, spin, timeout,
             liveness_interval, poll_interval,
         )  # fmt: skip
         region = Region(endpoint)
