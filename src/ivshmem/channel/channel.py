@@ -47,7 +47,7 @@ from typing import Any
 
 from ..endpoint import Endpoint
 from ..errors import DoorbellUnavailableError, PeersUnknownError, UsageError
-from ..protocol import MAX_PEER_ID, MAX_VECTORS
+from ..protocol import MAX_VECTORS
 from ._ordering import _acquire, _release, check_platform
 from .errors import (
     ChannelClosedError,
@@ -62,6 +62,9 @@ from .layout import (
     Membership,
     PeerEntry,
     Region,
+    _check_peer,
+    _int_arg,
+    _seconds_arg,
     allocate_channel,
     membership_guard,
     read_arena,
@@ -121,25 +124,20 @@ _MAX_INTERVAL = 86400.0
 def _seconds(value: Any, what: str, *, zero: bool = False, inf: bool = False) -> float:
     """``value`` as a number of seconds (> 0, or >= 0 with ``zero``; finite unless ``inf``),
     else UsageError naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise UsageError(f"{what} must be a number of seconds, not {value!r}")
-    v = float(value)
-    if v != v or v < 0 or (v == 0 and not zero) or (v == math.inf and not inf):
-        need = ">= 0" if zero else "> 0"
-        raise UsageError(
-            f"{what} {value!r} must be a number of seconds {need}"
-            + (" (or float('inf'))" if inf else "")
-        )
+    v = _seconds_arg(value, what)  # a real number >= 0, not NaN
+    if v == 0 and not zero:
+        raise UsageError(f"{what} must be a number of seconds > 0, not {value!r}")
+    if v == math.inf and not inf:
+        raise UsageError(f"{what} must be a finite number of seconds, not {value!r}")
     return v
 
 
 def _integer(value: Any, what: str, low: int, high: int) -> int:
     """``value`` as an int within ``low..high`` (not a bool or float), else UsageError."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(f"{what} must be an integer, not {value!r}")
-    if not low <= value <= high:
-        raise UsageError(f"{what} {value} is outside {low}..{high}")
-    return value
+    v = _int_arg(value, what)
+    if not low <= v <= high:
+        raise UsageError(f"{what} {v} is outside {low}..{high}")
+    return v
 
 
 def _check_end_options(
@@ -158,7 +156,7 @@ def _check_end_options(
             f"channel name {name!r} must be 1..{CHANNEL_NAME_MAX} bytes of UTF-8 without NUL "
             "characters"
         )
-    _integer(peer, f"{role} peer id", 0, MAX_PEER_ID)
+    _check_peer(peer, f"{role} peer id")
     for v, what in ((vector, "vector"), (membership_vector, "membership_vector")):
         if v is not None:
             _integer(v, what, 0, MAX_VECTORS - 1)
