@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import ivshmem
 from ivshmem.channel import (
+    ChannelClosedError,
     ChannelCorrupted,
     ChannelTimeout,
     Receiver,
@@ -281,7 +282,7 @@ def test_receiver_survives_a_concurrent_scribbler(short_tmp: Path) -> None:
             target=_scribble, args=(path, entry.offset, entry.size, 1.5, 3)
         )
         child.start()
-        outcomes = {"message": 0, "corrupt": 0, "timeout": 0, "reopen_refused": 0}
+        outcomes = {"message": 0, "corrupt": 0, "timeout": 0, "closed": 0, "reopen_refused": 0}
 
         def reopen(end: Callable[[], Any]) -> Any:
             """A new end for the channel (a closed one refuses every call), or None while
@@ -320,6 +321,8 @@ def test_receiver_survives_a_concurrent_scribbler(short_tmp: Path) -> None:
                         receiver.try_recv_view(ringmod.KIND_ARRAY)
                 except ChannelTimeout:
                     outcomes["timeout"] += 1
+                except ChannelClosedError:  # a scribbled "closed" flag: a clear error too
+                    outcomes["closed"] += 1
                 except ChannelCorrupted:
                     outcomes["corrupt"] += 1
                     receiver.close()

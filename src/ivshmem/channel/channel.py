@@ -19,12 +19,15 @@ channel, which is what :class:`Duplex` pairs up.
   on, so it polls: sleeps that double from 50 microseconds up to ``poll_interval``. Its
   waiting word stays even, so the sender never tries to ring it.
 
-While blocked, liveness of the other peer is checked every ``liveness_interval`` seconds, and
-at once when the ``membership_vector`` is rung: ``endpoint.peers`` where the endpoint knows
-them (a host peer), else the region's membership table when a server keeps it. A peer that
-left ends the wait with :class:`PeerGoneError` (a receiver first gets every message already
-in the ring). On a plain region with a static table nobody can tell, and waits simply go on
-until their timeout.
+While blocked, liveness of the other peer is checked every ``liveness_interval`` seconds -
+counted across calls, so that many short waits (a small timeout, or 0) are checked as one
+long one is - and, in blocking waits, at once when the ``membership_vector`` is rung: the
+region's membership table when a server keeps it, else ``endpoint.peers`` where the endpoint
+knows them (a host peer). A peer that left ends the wait with :class:`PeerGoneError`, and
+one that closed its end with :class:`ChannelClosedError` (a receiver first gets every
+message already in the ring); once found, every later wait says so at once. A close rings
+the other side, which says so as it wakes. On a plain region with a static table nobody can
+tell that a peer left, and waits simply go on until their timeout.
 
 Give each channel that blocks concurrently in one process its own vector when you can:
 two threads sleeping on one eventfd can take each other's wake-up (each then only notices
@@ -223,6 +226,11 @@ class _End:
         # sender's trace in the channel (_peer_attached).
         self._peer_seen = role == "sending" or bool(self._peer_present())
         self._recheck = False  # a membership ring is waiting for its liveness check
+        # When the next liveness probe is due, kept across calls: a caller that waits in
+        # many short calls (a timeout below the interval, or 0) is probed as often as one
+        # long wait is, and learns that the peer left instead of timing out forever. 0 after
+        # a probe found the peer gone or the channel closed: the next wait says so at once.
+        self._next_live = time.monotonic() + liveness_interval
         self._quick_spin = spin > 0 and not self._closed
         self._doorbell = endpoint.vectors > 0
         # The first doorbell sleep after opening is capped (see RingSender.flush).
@@ -288,14 +296,18 @@ class _End:
         return False
 
     def _peer_present(self) -> bool | None:
-        """Whether the other peer is connected now: the endpoint's peers where it knows them
-        (a host peer), else the region's membership table if a server keeps it."""
+        """Whether the other peer is connected now: the region's membership table if a
+        server keeps it, else the endpoint's peers where it knows them (a host peer). The
+        table comes first: the server updates it before it rings the membership vector and
+        before its message about the peer reaches our socket, so a wait woken by that ring
+        must not ask the socket, which may not have heard yet."""
+        snap = self._membership.snapshot()
+        if snap.live:
+            return self.peer in snap.peers
         try:
             return self.peer in self.endpoint.peers
         except PeersUnknownError:
-            pass
-        snap = self._membership.snapshot()
-        return (self.peer in snap.peers) if snap.live else None
+            return None
 
     def _peer_attached(self) -> bool:
         """Whether the other peer ever opened its end of this channel (a trace it leaves in
@@ -319,14 +331,25 @@ class _End:
         self._recheck = False
         closed = other_closed()
         alive = self.peer_alive()
+        done = closed or alive is False
+        self._next_live = 0.0 if done else time.monotonic() + self.liveness_interval
         if changed():  # also: the probe may have consumed a doorbell
-            self._recheck = alive is False  # deliver now, say so at the next wait
+            self._recheck = done  # deliver now, say so at the next wait
             return True
         if closed:
             raise ChannelClosedError(f"channel {self.name!r}: peer closed it")
         if alive is False:
             raise PeerGoneError(self.name, self.peer)
         return False
+
+    def _timed_out(self, changed: Callable[[], bool], other_closed: Callable[[], bool]) -> bool:
+        """At a wait's deadline: True if the ring changed after all; else raise what the
+        due liveness probe finds (the peer gone, the channel closed), or ChannelTimeout."""
+        if (self._recheck or time.monotonic() >= self._next_live) and self._liveness(
+            changed, other_closed
+        ):
+            return True
+        raise ChannelTimeout(f"channel {self.name!r}: timed out")
 
     # -- blocking machinery --------------------------------------------------------------
 
@@ -376,26 +399,32 @@ class _End:
             self._idle()  # not a quick turn-around: do what waiting longer needs
             now = time.monotonic()
             spin_end = now + self.spin
-            next_live = now + self.liveness_interval
             while True:
                 if spin(word, seen, _SPIN_BURST):
                     return
                 now = time.monotonic()
                 if now >= spin_end:
                     break
-                if deadline is not None and now >= deadline:
-                    raise ChannelTimeout(f"channel {self.name!r}: timed out")
-                if now >= next_live:  # only reached with a long (or infinite) spin
-                    if self._liveness(changed, other_closed):
-                        return
-                    next_live = now + self.liveness_interval
-        elif deadline is not None and time.monotonic() >= deadline:
-            raise ChannelTimeout(f"channel {self.name!r}: timed out")
+                if (
+                    deadline is not None
+                    and now >= deadline
+                    and self._timed_out(changed, other_closed)
+                ):
+                    return
+                # Reached only with a long (or infinite) spin:
+                if now >= self._next_live and self._liveness(changed, other_closed):
+                    return
+        elif (
+            deadline is not None
+            and time.monotonic() >= deadline
+            and self._timed_out(changed, other_closed)
+        ):
+            return
         # 2. Block (doorbell) or poll (plain region). Liveness is first probed one interval
         # in (probing costs system calls, and most waits end long before), or at once after
         # a membership ring whose check a message pre-empted.
         self._idle()
-        next_live = time.monotonic() + (0.0 if self._recheck else self.liveness_interval)
+        next_live = 0.0 if self._recheck else self._next_live
         sleep = _FIRST_POLL_SLEEP
         doorbell = self._doorbell
         try:
@@ -419,7 +448,7 @@ class _End:
                     if self._liveness(changed, other_closed):
                         return
                     now = time.monotonic()
-                    next_live = now + self.liveness_interval
+                    next_live = self._next_live
                 if deadline is not None and now >= deadline:
                     raise ChannelTimeout(f"channel {self.name!r}: timed out")
                 limit = next_live if deadline is None else min(deadline, next_live)
@@ -437,6 +466,8 @@ class _End:
                     sleep = min(sleep * 2, self.poll_interval)
                 if changed():  # woken: usually the data is there, no need to re-announce
                     return
+                if other_closed():  # woken by the other side's close(): say so now
+                    next_live = 0.0
         finally:
             if doorbell:
                 self._wait_seq += 2
@@ -479,10 +510,12 @@ class _End:
         other_closed: Callable[[], bool],
         deadline: float | None,
     ) -> None:
-        """Asyncio twin of :meth:`_block` (no spinning: that would stall the event loop)."""
+        """Asyncio twin of :meth:`_block` (no spinning: that would stall the event loop). It
+        sleeps on the channel's own vector only: a leave is seen at the next liveness probe,
+        and the membership vector does not speed that up here."""
         q = self._q
         self._idle()
-        next_live = time.monotonic() + self.liveness_interval
+        next_live = 0.0 if self._recheck else self._next_live
         sleep = _FIRST_POLL_SLEEP
         try:
             while True:
@@ -498,7 +531,7 @@ class _End:
                     if self._liveness(changed, other_closed):
                         return
                     now = time.monotonic()
-                    next_live = now + self.liveness_interval
+                    next_live = self._next_live
                 if deadline is not None and now >= deadline:
                     raise ChannelTimeout(f"channel {self.name!r}: timed out")
                 limit = next_live if deadline is None else min(deadline, next_live)
@@ -510,6 +543,8 @@ class _End:
                 else:
                     await asyncio.sleep(min(sleep, limit - now))
                     sleep = min(sleep * 2, self.poll_interval)
+                if not changed() and other_closed():  # the other side's close(): say so now
+                    next_live = 0.0
         finally:
             if self._doorbell:
                 self._wait_seq += 2
@@ -845,7 +880,13 @@ class Receiver(RingReceiver, _End):
             if self._gq[self._gi] == self._gv:  # the memory is still ours to write
                 with contextlib.suppress(ChannelError):
                     self._publish_tail()
-                self._q[R_FLAGS] = FLAG_CLOSED
+                q = self._q
+                q[R_FLAGS] = FLAG_CLOSED
+                _acquire()
+                _release()
+                if q[S_WAIT] & 1:  # wake a sender sleeping on a full ring: it says so now
+                    with contextlib.suppress(ChannelError):
+                        self._ring_peer(q[S_VECTOR])
         finally:
             self._forget()
 
