@@ -53,3 +53,20 @@ def short_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """pytest removes the temporary directories of passing tests (the retention policy in
+    pyproject.toml) but leaves their parent, /tmp/pytest-of-USER, behind even when empty:
+    remove that too, so a passing run leaves nothing in /tmp."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    base = getattr(factory, "_basetemp", None)
+    if base is None:
+        return
+    for directory in (base, base.parent):  # each only if empty (a failed test's is kept)
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            continue  # pytest removed it already
+        except OSError:
+            break
