@@ -105,6 +105,11 @@ def validate_shm_name(name: str) -> str:
     return bare
 
 
+def posix_shm_path(name: str) -> str:
+    """Where the POSIX shm object ``name`` lives: ``/dev/shm/NAME`` (the name checked)."""
+    return os.path.join("/dev/shm", validate_shm_name(name))
+
+
 class ShrinkRefusedError(UsageError):
     """An existing shared-memory object is larger than the size asked for.
 
@@ -185,8 +190,7 @@ class SharedMemory:
         never shrunk. With ``size=None`` it must exist and is used at its current size. A
         symbolic link is never followed. For ``owner_uid`` and ``group`` see :meth:`file`.
         """
-        bare = validate_shm_name(name)
-        path = os.path.join("/dev/shm", bare)
+        path = posix_shm_path(name)
         return cls._named(
             path,
             f"shared-memory object {name!r} ({path})",

@@ -71,6 +71,7 @@ from .memory import (
     SharedMemory,
     ShrinkRefusedError,
     format_size,
+    posix_shm_path,
     round_up_power_of_two,
     validate_shm_name,
 )
@@ -952,9 +953,7 @@ class Server:
         from .channel.layout import LAYOUT_VERSION, PAGE, peek_header
 
         cfg = self.config
-        path = (
-            cfg.shm_path if cfg.backing == "file" else f"/dev/shm/{validate_shm_name(cfg.shm_path)}"
-        )
+        path = cfg.shm_path if cfg.backing == "file" else posix_shm_path(cfg.shm_path)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:

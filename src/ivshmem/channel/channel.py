@@ -66,6 +66,7 @@ from .layout import (
     PeerEntry,
     Region,
     _check_peer,
+    _encode_name,
     _int_arg,
     _seconds_arg,
     allocate_channel,
@@ -151,14 +152,10 @@ def _check_end_options(
     if not isinstance(name, str):
         raise UsageError(f"a channel name is a str, not {name!r}")
     try:
-        raw = name.encode("utf-8")
+        name.encode("utf-8")
     except UnicodeEncodeError:
         raise UsageError(f"channel name {name!r} cannot be encoded as UTF-8") from None
-    if not raw or len(raw) > CHANNEL_NAME_MAX or b"\0" in raw:
-        raise UsageError(
-            f"channel name {name!r} must be 1..{CHANNEL_NAME_MAX} bytes of UTF-8 without NUL "
-            "characters"
-        )
+    _encode_name(name, CHANNEL_NAME_MAX, "channel")  # length and NUL characters
     _check_peer(peer, f"{role} peer id")
     for v, what in ((vector, "vector"), (membership_vector, "membership_vector")):
         if v is not None:
@@ -255,13 +252,6 @@ class _End:
                 for fd in fds:
                     self._poller.register(fd, select.POLLIN)
                 self._fds = tuple(fds)
-        elif vector is not None or membership_vector is not None:
-            option = "vector" if vector is not None else "membership_vector"
-            value = vector if vector is not None else membership_vector
-            raise DoorbellUnavailableError(
-                f"{endpoint!r} has no doorbell, so {option}={value} cannot be used: a plain "
-                f"region polls; leave {option} out"
-            )
 
     def _advertised_vector(self) -> int:
         """The vector the other side should ring: none when we never sleep on a doorbell (a
@@ -780,7 +770,8 @@ class Receiver(RingReceiver, _End):
         head and at most one tail store for the whole batch (the fast way to stream small
         messages; pair it with :meth:`Sender.send_many`). ``max_messages=0`` returns ``[]``
         at once."""
-        self._batch_size(max_messages)
+        if type(max_messages) is not int or not 0 < max_messages <= _MAX_BATCH:
+            self._batch_size(max_messages)  # raises, or 0: checks the end is open
         out = self.take_many(max_messages)
         if not out and max_messages > 0:
             deadline = _deadline(timeout)
@@ -790,6 +781,7 @@ class Receiver(RingReceiver, _End):
         return out
 
     def _batch_size(self, max_messages: Any) -> None:
+        """recv_many's max_messages when unusual (the usual case never calls this)."""
         _integer(max_messages, "max_messages", 0, _MAX_BATCH)
         if self._closed:  # take_many(0) reads nothing, so would not notice
             raise ChannelClosedError(f"channel {self.name!r} is closed")
@@ -827,7 +819,8 @@ class Receiver(RingReceiver, _End):
         self, max_messages: int = 1024, timeout: float | None = None
     ) -> list[bytes]:
         """Asyncio twin of :meth:`recv_many`."""
-        self._batch_size(max_messages)
+        if type(max_messages) is not int or not 0 < max_messages <= _MAX_BATCH:
+            self._batch_size(max_messages)  # raises, or 0: checks the end is open
         out = self.take_many(max_messages)
         if not out and max_messages > 0:
             deadline = _deadline(timeout)
