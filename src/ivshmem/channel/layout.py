@@ -43,8 +43,6 @@ header) or :class:`RegionCorrupted` (naming the field).
 from __future__ import annotations
 
 import itertools
-import numbers
-import operator
 import os
 import struct
 import threading
@@ -53,6 +51,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .._args import int_arg, peer_arg, seconds_arg, show
 from ..endpoint import Endpoint
 from ..errors import UsageError
 from ._ordering import check_platform
@@ -125,31 +124,11 @@ def _round_up(n: int, unit: int) -> int:
     return (n + unit - 1) // unit * unit
 
 
-def _show(value: object) -> str:
-    """A short repr of a caller's argument for an error message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _int_arg(value: object, what: str) -> int:
-    """``value`` as an int, for an argument that must be one. Ints and integer types with
-    ``__index__`` (numpy's) pass; bools, floats, strings and the rest are refused, since a
-    float or a bool where a count or an id belongs is a mistake, not a number to round."""
-    if not isinstance(value, bool):
-        try:
-            return operator.index(value)  # type: ignore[arg-type]
-        except TypeError:
-            pass
-    raise UsageError(f"{what} must be an int, not {type(value).__name__} ({_show(value)})")
-
-
-def _seconds_arg(value: object, what: str) -> float:
-    """``value`` as a duration in seconds: a real number >= 0 (not a bool, not NaN)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        seconds = float(value)
-        if seconds >= 0:  # False for NaN too
-            return seconds
-    raise UsageError(f"{what} must be a number of seconds >= 0, not {_show(value)}")
+# The argument rule of the whole public API lives in ivshmem._args (one module, so that the
+# channel layer and the peer/endpoint layer refuse the same values with the same words).
+_show = show
+_int_arg = int_arg
+_seconds_arg = seconds_arg
 
 
 def _as_memory(target: Endpoint | memoryview | bytearray | Any) -> memoryview:
@@ -515,10 +494,7 @@ def _user_allocations(allocations: Mapping[str, int] | None) -> list[tuple[bytes
 
 def _check_peer(peer: object, what: str = "peer id") -> int:
     """``peer`` as a plain int within 0..MAX_PEER_ID; UsageError otherwise."""
-    pid = _int_arg(peer, what)
-    if not 0 <= pid <= MAX_PEER_ID:
-        raise UsageError(f"{what} {pid} is outside 0..{MAX_PEER_ID}")
-    return pid
+    return peer_arg(peer, what)
 
 
 # -- membership -------------------------------------------------------------------------------
