@@ -13,8 +13,9 @@ import os
 import shlex
 
 from ._errors import (
+    BindFailedError,
     DevicePermissionError,
-    DriverBoundError,
+    DriverBindingError,
     NoIommuGroupError,
     VfioUnavailableError,
 )
@@ -70,7 +71,7 @@ def _write(device: IvshmemDevice, path: str, value: str, doing: str) -> None:
             f"{device.describe()}: no permission to {doing} ({path}): run as root"
         ) from err
     except OSError as err:
-        raise DriverBoundError(
+        raise BindFailedError(
             f"{device.describe()}: could not {doing} ({path}: {err.strerror or err}); "
             "the kernel log (dmesg) tells why",
             device.driver,
@@ -80,7 +81,7 @@ def _write(device: IvshmemDevice, path: str, value: str, doing: str) -> None:
 def _reread(device: IvshmemDevice) -> IvshmemDevice:
     fresh = read_device(device.path, device.sysfs_root)
     if fresh is None:
-        raise DriverBoundError(f"{device.describe()} disappeared while rebinding it", None)
+        raise BindFailedError(f"{device.describe()} disappeared while rebinding it", None)
     return fresh
 
 
@@ -155,9 +156,9 @@ def bind_vfio_pci(device: IvshmemDevice) -> IvshmemDevice:
         fresh = _probe_vfio(device)
     except BaseException as err:
         outcome, driver = _undo_bind(device, previous_override, unbound)
-        if isinstance(err, DriverBoundError):
+        if isinstance(err, DriverBindingError):
             err.driver = driver
-        if isinstance(err, (DriverBoundError, DevicePermissionError)) and len(err.args) == 1:
+        if isinstance(err, (DriverBindingError, DevicePermissionError)) and len(err.args) == 1:
             err.args = (f"{err.args[0]}; {outcome}",)
         raise
     return fresh
@@ -177,14 +178,14 @@ def _probe_vfio(device: IvshmemDevice) -> IvshmemDevice:
         # vfio-pci's probe fails (EINVAL) when the device has no IOMMU group.
         fresh = _reread(device)
         hint = _IOMMU_HINT if fresh.iommu_group is None else "see the kernel log (dmesg)"
-        raise DriverBoundError(
+        raise BindFailedError(
             f"{device.describe()}: {VFIO_PCI} refused the device "
             f"({err.strerror or errno.errorcode.get(err.errno or 0, err)}): {hint}",
             fresh.driver,
         ) from err
     fresh = _reread(device)
     if fresh.driver != VFIO_PCI:
-        raise DriverBoundError(
+        raise BindFailedError(
             f"{device.describe()}: binding to {VFIO_PCI} did not take (now bound to "
             f"{fresh.driver or 'no driver'}): see the kernel log (dmesg)",
             fresh.driver,

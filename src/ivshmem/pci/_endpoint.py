@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from .._args import flag_arg, int_arg, peer_arg, range_arg
 from ..endpoint import EventfdEndpoint
 from ..errors import (
     DeviceError,
@@ -32,8 +33,9 @@ from ._bind import VFIO_PCI, bind_commands, bind_vfio_pci, check_vfio_ready, unb
 from ._errors import (
     BarError,
     DevicePermissionError,
-    DriverBoundError,
     InterruptsUnavailableError,
+    WrongDriverError,
+    driver_error,
 )
 from ._mmio import (
     DOORBELL,
@@ -150,6 +152,8 @@ class PciEndpoint(EventfdEndpoint):
         A guest cannot know which ids are connected, so any id 0..65535 is accepted; QEMU
         silently drops a ring to an id (or a vector) that has no peer behind it.
         """
+        peer = int_arg(peer, "peer id")  # numpy ints pass; ranges: doorbell_value below
+        vector = int_arg(vector, "vector")
         self._check_open()
         if not self._device.doorbell:
             raise DoorbellUnavailableError(
@@ -270,10 +274,22 @@ def open_pci(
     for a doorbell device it may only repeat IVPosition.
     ``sysfs_root``/``dev_root``: where sysfs and /dev are (tests use fake trees).
     """
-    if interrupts not in (True, False, "auto"):
+    # The argument rule (ivshmem._args): checked before anything is opened.
+    if not (interrupts is True or interrupts is False or interrupts == "auto"):
         raise UsageError(f"interrupts must be True, False or 'auto', not {interrupts!r}")
-    if vectors is not None and (isinstance(vectors, bool) or vectors < 1):
-        raise UsageError(f"vectors must be a positive number, not {vectors!r}")
+    if device is not None and (isinstance(device, bool) or not isinstance(device, (str, int))):
+        raise UsageError(
+            f"device must be a PCI address (str), a device index (int) or None, not {device!r}"
+        )
+    bind_vfio = flag_arg(bind_vfio, "bind_vfio")
+    write_combining = flag_arg(write_combining, "write_combining")
+    if vectors is not None:
+        vectors = range_arg(vectors, "vectors", 1, MAX_VECTORS)
+    if id is not None:
+        id = peer_arg(id)
+    for name, value in (("sysfs_root", sysfs_root), ("dev_root", dev_root)):
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise UsageError(f"{name} must be a directory path (str), not {value!r}")
     dev = select_device(find_devices(sysfs_root), device, sysfs_root)
     if not dev.doorbell:
         if interrupts is True:
@@ -303,7 +319,7 @@ def _prepare_vfio(dev: IvshmemDevice, bind_vfio: bool) -> IvshmemDevice:
     if bind_vfio:
         return bind_vfio_pci(dev)
     check_vfio_ready(dev)  # a missing module or IOMMU is the more useful news
-    raise DriverBoundError(
+    raise driver_error(
         f"{dev.describe()} is bound to {dev.driver or 'no driver'}, not {VFIO_PCI}, so its "
         "interrupts cannot be received: open it with bind_vfio=True (as root), or bind it "
         f"yourself as root: {bind_commands(dev)}",
@@ -401,7 +417,7 @@ def _open_resource(dev: IvshmemDevice, index: int, wc: bool, size: int) -> BarMa
                     f"driver {dev.driver} claims it: unbind that driver first (as root: "
                     f"{unbind_command(dev)})"
                 )
-            raise DriverBoundError(
+            raise WrongDriverError(
                 f"{dev.describe()}: the kernel refused to map {path} (EINVAL): {hint}",
                 dev.driver,
             ) from err
@@ -412,7 +428,7 @@ def _open_resource(dev: IvshmemDevice, index: int, wc: bool, size: int) -> BarMa
 
 def read_ivposition(device: IvshmemDevice) -> int:
     """Read IVPosition through sysfs without opening the whole device (needs root; fails
-    with DriverBoundError while a VFIO user holds the device)."""
+    with WrongDriverError while a VFIO user holds the device)."""
     _check_bars(device)
     bar0 = device.bar(0)
     assert bar0 is not None

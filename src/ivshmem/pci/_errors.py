@@ -5,7 +5,10 @@ Every one names the device (by PCI address) and says what to do about it::
     DeviceError (ivshmem.errors)
     ├── NoSuchDeviceError          no ivshmem device, or none at that address / index
     ├── DevicePermissionError      sysfs or /dev/vfio refused access (run as root, lockdown)
-    ├── DriverBoundError           bound to another driver than the one this needs
+    ├── DriverBindingError         the device's driver binding does not allow the request
+    │   ├── WrongDriverError       another driver than the one needed holds the device
+    │   ├── NoDriverBoundError     no driver is bound, and the request needs one (vfio-pci)
+    │   └── BindFailedError        binding or unbinding a driver failed or did not take
     ├── NoIommuGroupError          VFIO asked for, but the device is in no IOMMU group
     ├── VfioUnavailableError       the vfio / vfio-pci modules are not loaded
     ├── InterruptsUnavailableError interrupts asked for on a device that has none (plain)
@@ -19,13 +22,18 @@ from ..errors import DeviceError
 
 __all__ = [
     "BarError",
+    "BindFailedError",
     "DevicePermissionError",
+    "DriverBindingError",
     "DriverBoundError",
     "InterruptsUnavailableError",
+    "NoDriverBoundError",
     "NoIommuGroupError",
     "NoSuchDeviceError",
     "VfioError",
     "VfioUnavailableError",
+    "WrongDriverError",
+    "driver_error",
 ]
 
 
@@ -37,13 +45,40 @@ class DevicePermissionError(DeviceError):
     """The kernel refused access to a sysfs or /dev/vfio file of the device."""
 
 
-class DriverBoundError(DeviceError):
-    """The device is bound to a driver other than the one the request needs."""
+class DriverBindingError(DeviceError):
+    """The device's driver binding does not allow what was asked (the base of the three
+    conditions below; ``except DriverBindingError`` catches them all)."""
 
     def __init__(self, message: str, driver: str | None) -> None:
         super().__init__(message)
         #: The driver currently bound (None when no driver is bound).
         self.driver = driver
+
+
+class WrongDriverError(DriverBindingError):
+    """A driver other than the one the request needs holds the device (or, for VFIO, another
+    device of its IOMMU group)."""
+
+
+class NoDriverBoundError(DriverBindingError):
+    """No driver is bound to the device, and the request needs one (vfio-pci)."""
+
+
+class BindFailedError(DriverBindingError):
+    """Binding or unbinding a driver failed, or did not take (the kernel log tells why)."""
+
+
+#: The name this error had before it was split by condition, kept so that existing
+#: ``except DriverBoundError`` clauses catch what they always caught (all three conditions).
+DriverBoundError = DriverBindingError
+
+
+def driver_error(message: str, driver: str | None) -> DriverBindingError:
+    """The right error for "the device is not bound to the driver it needs": bound to
+    ``driver``, or (None) to none at all."""
+    if driver is None:
+        return NoDriverBoundError(message, None)
+    return WrongDriverError(message, driver)
 
 
 class NoIommuGroupError(DeviceError):

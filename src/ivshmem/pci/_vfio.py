@@ -24,10 +24,11 @@ from typing import Any
 from ._errors import (
     BarError,
     DevicePermissionError,
-    DriverBoundError,
     NoIommuGroupError,
     VfioError,
     VfioUnavailableError,
+    WrongDriverError,
+    driver_error,
 )
 from ._mmio import BarMapping
 from ._sysfs import IvshmemDevice
@@ -191,7 +192,7 @@ class VfioDevice:
                     f"{name}: {path} does not exist: the vfio module is not loaded "
                     "(`modprobe vfio-pci`)"
                 ) from err
-            raise DriverBoundError(
+            raise driver_error(
                 f"{name}: {path} does not exist: the device is not bound to vfio-pci "
                 "(open it with bind_vfio=True, or bind it yourself)",
                 self.device.driver,
@@ -240,7 +241,7 @@ class VfioDevice:
         self._ioctl(group, VFIO_GROUP_GET_STATUS, status, f"reading the status of {group_path}")
         if not status.flags & VFIO_GROUP_FLAGS_VIABLE:
             others = _group_members(dev)
-            raise DriverBoundError(
+            raise WrongDriverError(
                 f"{name}: IOMMU group {dev.iommu_group} is not usable by VFIO because other "
                 f"devices in it are bound to host drivers ({others}): bind all of them to "
                 "vfio-pci (or unbind them), or put the ivshmem device in its own group",
