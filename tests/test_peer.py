@@ -91,13 +91,23 @@ Step = tuple[int, str | None] | str
 class ScriptedServer:
     """Accepts one client and sends it a script; closes its own copy of every fd it sends."""
 
-    def __init__(self, directory: Path, script: Sequence[Step], hold: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        script: Sequence[Step],
+        hold: bool = True,
+        backlog: int = 1,
+        gate: threading.Event | None = None,
+    ) -> None:
         self.path = str(directory / "scripted.sock")
         self.script = list(script)
         self.hold = hold
+        #: Accept nothing until ``gate`` is set; then first accept (and drop) ``skip`` clients.
+        self.gate = gate
+        self.skip = 0
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.path)
-        self.listener.listen(1)
+        self.listener.listen(backlog)
         self.release = threading.Event()
         self.failure: BaseException | None = None
         self.scratch = directory / "scratch"
@@ -127,6 +137,10 @@ class ScriptedServer:
 
     def _serve(self) -> None:
         try:
+            if self.gate is not None:
+                self.gate.wait(WAIT)
+                for _ in range(self.skip):
+                    self.listener.accept()[0].close()
             conn, _ = self.listener.accept()
             with conn:
                 split = False
@@ -161,6 +175,8 @@ class ScriptedServer:
             self.failure = err
 
     def stop(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
         self.release.set()
         self.thread.join(WAIT)
         self.listener.close()
@@ -181,8 +197,8 @@ def scripted(short_tmp: Path) -> Iterator[Callable[..., ScriptedServer]]:
     before = open_fds()
     servers: list[ScriptedServer] = []
 
-    def make(script: Sequence[Step], hold: bool = True) -> ScriptedServer:
-        server = ScriptedServer(short_tmp, script, hold)
+    def make(script: Sequence[Step], hold: bool = True, **kwargs: Any) -> ScriptedServer:
+        server = ScriptedServer(short_tmp, script, hold, **kwargs)
         servers.append(server)
         return server
 
@@ -328,6 +344,77 @@ def test_no_server(short_tmp: Path) -> None:
         connect(missing)
     with pytest.raises(UsageError, match="too long"):
         connect("/tmp/" + "x" * 200)
+
+
+def _fill_backlog(path: str) -> list[socket.socket]:
+    """Connect to ``path`` until its listen backlog is full (the next connect would fail with
+    EAGAIN); the connected sockets, for the caller to close."""
+    fillers: list[socket.socket] = []
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            return fillers
+        fillers.append(s)
+        assert len(fillers) < 64, "the backlog never filled"
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_connect_keeps_trying_while_the_servers_backlog_is_full(
+    scripted: Callable[..., ScriptedServer], use_async: bool
+) -> None:
+    # A flood (or a server short of fds) fills the listen backlog: connect() must wait for
+    # room until its timeout, as QEMU's blocking connect does, not fail with EAGAIN at once.
+    gate = threading.Event()
+    server = scripted([*HEADER, (3, "eventfd")], backlog=0, gate=gate)
+    fillers = _fill_backlog(server.path)
+    assert fillers
+    server.skip = len(fillers)
+    opener = threading.Timer(0.5, gate.set)  # the server catches up after half a second
+    opener.start()
+    started = time.monotonic()
+    try:
+        if use_async:
+            peer = asyncio.run(connect_async(server.path, timeout=WAIT, vectors=1))
+        else:
+            peer = connect(server.path, timeout=WAIT, vectors=1)
+        with peer:
+            assert (peer.id, peer.vectors) == (3, 1)
+        assert time.monotonic() - started >= 0.4  # it waited for room; nothing failed
+    finally:
+        opener.cancel()
+        gate.set()
+        for s in fillers:
+            s.close()
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_connect_gives_up_at_its_timeout_when_the_backlog_stays_full(
+    short_tmp: Path, use_async: bool
+) -> None:
+    before = open_fds()
+    path = str(short_tmp / "full.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)  # and never accepts
+    fillers = _fill_backlog(path)
+    try:
+        started = time.monotonic()
+        with pytest.raises(HandshakeTimeoutError, match=r"within 0.5 s: its listen backlog"):
+            if use_async:
+                asyncio.run(connect_async(path, timeout=0.5))
+            else:
+                connect(path, timeout=0.5)
+        assert 0.45 <= time.monotonic() - started < WAIT
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+        os.unlink(path)
+    assert open_fds() == before, "fds leaked"
 
 
 @pytest.mark.parametrize("kwargs", [{"vectors": 0}, {"vectors": 257}, {"timeout": 0}])

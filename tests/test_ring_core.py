@@ -245,7 +245,10 @@ def test_commit_uses_the_reservation_as_checked_even_if_index_moves_it() -> None
             tx._rpos = 1 << 40  # moved while commit converts its argument
             return 0
 
-    with pytest.raises(Exception):  # noqa: B017 - any error will do; no stray store will not
+    # The argument rule takes __index__ types (ivshmem._args), so the commit may go through
+    # or fail: either way only with the reservation as it was checked, never at the moved
+    # position.
+    with contextlib.suppress(Exception):
         tx.commit(Sly())  # type: ignore[arg-type]
     assert s.outside_untouched()
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from ._args import int_arg, peer_arg, seconds_arg, timeout_arg
 from .errors import (
     ClosedError,
     DoorbellUnavailableError,
@@ -38,6 +39,15 @@ __all__ = ["DEFAULT_SPIN", "Endpoint", "EventfdEndpoint", "RegionEndpoint", "ope
 
 #: Seconds :meth:`Endpoint.wait` spins (non-blocking reads) before it blocks.
 DEFAULT_SPIN = 50e-6
+
+#: poll() takes its timeout in milliseconds as a C int: longer waits are made of several.
+MAX_POLL_MS = 2**31 - 1
+#: The argument types a wait's hot path takes as they are; anything else is checked (and
+#: normalised, or refused) by the argument rule first (see ivshmem._args). type(True) is bool,
+#: so bools are never among them.
+NUMBER_TYPES = frozenset({int, float})
+VECTOR_TYPES = frozenset({int, type(None)})
+_INF = float("inf")
 
 _E = TypeVar("_E", bound="Endpoint")
 
@@ -124,7 +134,24 @@ class Endpoint(abc.ABC):
             import numpy as np
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise UsageError("numpy is not installed: pip install 'ivshmem[numpy]'") from err
-        return np.frombuffer(self.memory, dtype=dtype, count=count, offset=offset)
+        offset = int_arg(offset, "offset")
+        count = int_arg(count, "count")
+        try:
+            dtype = np.dtype(dtype)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"dtype {dtype!r} is not a numpy dtype: {err}") from None
+        memory = self.memory
+        if not 0 <= offset <= len(memory) or count < -1:
+            raise UsageError(
+                f"offset {offset} must be within 0..{len(memory)} and count {count} >= -1 "
+                "(-1: as many as fit)"
+            )
+        try:
+            return np.frombuffer(memory, dtype=dtype, count=count, offset=offset)
+        except (ValueError, OverflowError) as err:  # count or the dtype does not fit what is left
+            raise UsageError(
+                f"numpy(dtype={dtype}, offset={offset}, count={count}): {err}"
+            ) from None
 
     def __enter__(self: _E) -> _E:
         return self
@@ -164,14 +191,15 @@ class EventfdEndpoint(Endpoint):
         if self.closed:
             raise ClosedError(f"{type(self).__name__} is closed")
 
-    def _check_vector(self, vector: int) -> None:
-        if not 0 <= vector < self.vectors:
-            raise UnknownVectorError(vector, self.vectors)
+    def _check_vector(self, vector: object) -> int:
+        v = int_arg(vector, "vector")
+        if not 0 <= v < self.vectors:
+            raise UnknownVectorError(v, self.vectors)
+        return v
 
     def fileno(self, vector: int = 0) -> int:
         self._check_open()
-        self._check_vector(vector)
-        return self._own_fds()[vector]
+        return self._own_fds()[self._check_vector(vector)]
 
     def _candidates(self, vector: int | None) -> list[tuple[int, int]]:
         self._check_open()
@@ -180,7 +208,7 @@ class EventfdEndpoint(Endpoint):
             raise DoorbellUnavailableError(f"{self!r} has no vectors to wait on")
         if vector is None:
             return list(enumerate(fds))
-        self._check_vector(vector)
+        vector = self._check_vector(vector)
         return [(vector, fds[vector])]
 
     @staticmethod
@@ -226,8 +254,13 @@ class EventfdEndpoint(Endpoint):
         # close() drops them first), the spin, one poll(), one read. Anything else (an extra
         # fd readable, several vectors ready, no cached set yet) takes the full loop.
         sets = self._poll_sets
-        cached = None if sets is None else sets.get(vector)
-        if cached is None:
+        # type() first: True and 1.0 would find vector 1's set, and a list is unhashable.
+        cached = None if sets is None or type(vector) not in VECTOR_TYPES else sets.get(vector)
+        if (
+            cached is None
+            or not (timeout is None or (type(timeout) in NUMBER_TYPES and 0 <= timeout < _INF))
+            or not (spin is None or (type(spin) in NUMBER_TYPES and 0 <= spin < _INF))
+        ):
             return self._wait_slow(vector, timeout, spin)
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         budget = self.spin if spin is None else spin
@@ -249,9 +282,11 @@ class EventfdEndpoint(Endpoint):
                 return found
         return self._wait_slow(vector, None if deadline is None else _left(deadline), 0)
 
-    def _wait_slow(
-        self, vector: int | None, timeout: float | None, spin: float | None
-    ) -> int | None:
+    def _wait_slow(self, vector: object, timeout: object, spin: object) -> int | None:
+        # The argument rule (ivshmem._args) for whatever the hot path did not take.
+        vector = None if vector is None else int_arg(vector, "vector")
+        timeout = timeout_arg(timeout)
+        spin = None if spin is None else seconds_arg(spin, "spin", finite=True)
         self._check_open()
         budget = self.spin if spin is None else spin
         if budget > 0 and timeout != 0:
@@ -282,6 +317,8 @@ class EventfdEndpoint(Endpoint):
     async def wait_async(
         self, vector: int | None = None, timeout: float | None = None
     ) -> int | None:
+        vector = None if vector is None else int_arg(vector, "vector")
+        timeout = timeout_arg(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         while True:
@@ -345,7 +382,7 @@ class EventfdEndpoint(Endpoint):
 def _ms_until(deadline: float) -> int:
     """poll()'s timeout for ``deadline``: whole milliseconds, rounded up (never down to 0,
     which would make a short wait spin, nor to -1, which blocks)."""
-    return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+    return max(0, min(MAX_POLL_MS, int((deadline - time.monotonic()) * 1000 + 0.999)))
 
 
 def _left(deadline: float) -> float:
@@ -411,9 +448,11 @@ class RegionEndpoint(Endpoint):
     """
 
     def __init__(self, shm: SharedMemory, id: int = 0) -> None:
-        if not 0 <= id <= 0xFFFF:
+        try:
+            id = peer_arg(id)
+        except UsageError:
             shm.close()
-            raise UsageError(f"peer id {id} is out of range 0..65535")
+            raise
         self._shm = shm
         try:
             self._mapping: Mapping = shm.map()
@@ -492,13 +531,36 @@ def open_region(
     (duplicated; the caller keeps its own) or a :class:`SharedMemory` (taken over)."""
     from .memory import parse_size
 
+    id = peer_arg(id)
+    if size is not None and not isinstance(size, (int, str)):
+        raise UsageError(f"size must be a number of bytes or a str like '4M', not {size!r}")
     nbytes = None if size is None else parse_size(size)
     if isinstance(source, SharedMemory):
         shm = source
-    elif isinstance(source, int):
-        shm = SharedMemory.adopt(os.dup(source), "fd")
-    elif source.startswith("shm:"):
-        shm = SharedMemory.posix(source[4:], nbytes)
+    elif isinstance(source, int) and not isinstance(source, bool):
+        if source < 0:
+            raise UsageError(f"fd {source} is not a file descriptor (fds are >= 0)")
+        try:
+            fd = os.dup(source)
+        except OSError as err:
+            raise UsageError(f"fd {source} cannot be used: {err.strerror}") from None
+        except OverflowError:
+            raise UsageError(f"fd {source} is not a file descriptor (too large)") from None
+        shm = SharedMemory.adopt(fd, "fd")
+        if shm.size <= 0:
+            shm.close()
+            raise UsageError(f"fd {source} is an empty file: there is no region to map")
+    elif isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise UsageError(f"{path!r} is not a usable path or shm:NAME")
+        if path.startswith("shm:"):
+            shm = SharedMemory.posix(path[4:], nbytes)
+        else:
+            shm = SharedMemory.file(path, nbytes)
     else:
-        shm = SharedMemory.file(source, nbytes)
+        raise UsageError(
+            "open_region() takes a path, 'shm:NAME', an fd or a SharedMemory, "
+            f"not {type(source).__name__} ({source!r:.60})"
+        )
     return RegionEndpoint(shm, id)

@@ -72,7 +72,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .endpoint import EventfdEndpoint, Spinner, make_spinner
+from ._args import flag_arg, int_arg, peer_arg, range_arg, seconds_arg, timeout_arg
+from .endpoint import (
+    MAX_POLL_MS,
+    NUMBER_TYPES,
+    VECTOR_TYPES,
+    EventfdEndpoint,
+    Spinner,
+    make_spinner,
+)
 from .errors import (
     ClosedError,
     ConnectionLostError,
@@ -110,6 +118,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_INF = float("inf")
 
 #: Seconds :func:`connect` waits for the handshake by default.
 DEFAULT_TIMEOUT = 5.0
@@ -388,17 +398,52 @@ def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def _open_socket(path: str, timeout: float | None) -> socket.socket:
+    """A socket connected to ``path``, trying until ``timeout`` while the server's listen
+    backlog is full.
+
+    A Unix socket's connect() to a listener whose backlog is full (a flood of connects, a
+    server short of fds) fails at once with EAGAIN when the socket is non-blocking, and
+    Python's socket timeouts make it non-blocking. QEMU's blocking connect waits in the kernel
+    instead; so does this, with ``timeout=None``, and otherwise retries with a short back-off
+    until the deadline."""
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise UsageError(f"socket path must be a path, not {type(path).__name__}")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = _BACKLOG_FIRST
     sock = _new_socket()
     try:
-        sock.settimeout(timeout)
-        sock.connect(os.fspath(path))
+        sock.setblocking(deadline is None)
+        while True:
+            try:
+                sock.connect(os.fspath(path))
+                break
+            except BlockingIOError:
+                assert deadline is not None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _backlog_full(str(path), timeout) from None
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, _BACKLOG_MAX)
         sock.setblocking(False)
     except BaseException as err:
         sock.close()
+        if isinstance(err, IvshmemError):
+            raise
         raise _connect_error(str(path), err) from err
     return sock
+
+
+#: Back-off while a server's listen backlog is full: first pause, longest pause (seconds).
+_BACKLOG_FIRST = 0.001
+_BACKLOG_MAX = 0.05
+
+
+def _backlog_full(path: str, timeout: float | None) -> HandshakeTimeoutError:
+    return HandshakeTimeoutError(
+        f"the ivshmem server at {path} did not accept the connection within {timeout or 0:g} s: "
+        "its listen backlog stayed full (many clients connecting at once, or the server is out "
+        "of file descriptors: see its log); retry later or pass a longer timeout"
+    )
 
 
 def _new_socket() -> socket.socket:
@@ -468,7 +513,8 @@ class _Handshake:
 
     def step(self) -> float | None:
         """Read what is there; return None when the handshake is complete, else how long to
-        wait for the socket to become readable before calling again."""
+        wait (seconds; ``inf``: no limit) for the socket to become readable before calling
+        again."""
         while True:
             try:
                 message = self.conn.read_message()
@@ -488,10 +534,11 @@ class _Handshake:
             return None
         if self.deadline is not None and now >= self.deadline:
             raise self._timeout_error()
-        wait = None if self.deadline is None else self.deadline - now
+        # No deadline is an infinite wait, not None: None means "complete", and a handshake
+        # with timeout=None once ended here, before the shared memory had arrived.
+        wait = _INF if self.deadline is None else self.deadline - now
         if done is None:
-            rest = self.quiet - (now - self.last)
-            wait = rest if wait is None else min(wait, rest)
+            wait = min(wait, self.quiet - (now - self.last))
         return wait
 
     def _closed_error(self) -> IvshmemError:
@@ -534,7 +581,7 @@ def _handshake_sync(
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         while (wait := handshake.step()) is not None:
-            poller.poll(None if wait is None else max(0, int(wait * 1000) + 1))
+            poller.poll(-1 if wait == _INF else max(0, min(MAX_POLL_MS, int(wait * 1000) + 1)))
     except BaseException:
         conn.close()
         raise
@@ -546,20 +593,36 @@ async def _handshake_async(
 ) -> _Connection:
     loop = asyncio.get_running_loop()
     started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    pause = _BACKLOG_FIRST
     sock = _new_socket()
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, os.fspath(path)), timeout)
+        while True:
+            # A Unix socket's non-blocking connect() completes at once or fails with EAGAIN
+            # (never EINPROGRESS), so it is called directly: loop.sock_connect() would wait for
+            # writability, which an unconnected Unix socket reports at once, and then take the
+            # missing connection for an established one.
+            try:
+                sock.connect(os.fspath(path))
+                break
+            except BlockingIOError:
+                # The backlog is full (see _open_socket): try again until the deadline.
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise _backlog_full(str(path), timeout) from None
+                await asyncio.sleep(pause if left is None else min(pause, left))
+                pause = min(pause * 2, _BACKLOG_MAX)
     except BaseException as err:
         sock.close()
-        if isinstance(err, asyncio.CancelledError):
+        if isinstance(err, (asyncio.CancelledError, IvshmemError)):
             raise
         raise _connect_error(str(path), err) from err
     conn = _Connection(sock, path, vectors)
     try:
         handshake = _Handshake(conn, timeout, quiet, started)
         while (wait := handshake.step()) is not None:
-            await _readable(loop, sock.fileno(), wait)
+            await _readable(loop, sock.fileno(), None if wait == _INF else wait)
     except BaseException:
         conn.close()
         raise
@@ -931,6 +994,7 @@ class Peer(EventfdEndpoint):
 
     def vectors_of(self, peer: int) -> int:
         """How many vectors of ``peer`` we can ring (our own id included)."""
+        peer = peer_arg(peer)
         self.service()
         if peer == self._id:
             return len(self._own)
@@ -949,8 +1013,9 @@ class Peer(EventfdEndpoint):
         lock = self._lock
         lock.acquire()
         try:
-            fds = self._ring.get(peer)
-            if fds is not None and 0 <= vector < len(fds):
+            # The type() checks: True and 1.0 hash as 1, and would ring peer or vector 1.
+            fds = self._ring.get(peer) if type(peer) is int else None
+            if fds is not None and type(vector) is int and 0 <= vector < len(fds):
                 # Under the lock: a leave processed by another thread cannot close this fd (and
                 # let its number be reused for something else) between lookup and write.
                 try:
@@ -967,6 +1032,8 @@ class Peer(EventfdEndpoint):
         # peer's vectors arrive one message each, and the server may still be writing them: a
         # known peer with fewer vectors than we have (a server gives every peer the same count)
         # is still joining, so wait for the rest, briefly.
+        peer = peer_arg(peer)
+        vector = int_arg(vector, "vector")
         self._check_usable()
         if peer == self._id:
             with self._lock:
@@ -1011,8 +1078,7 @@ class Peer(EventfdEndpoint):
     def fileno(self, vector: int = 0) -> int:
         """The eventfd of our vector ``vector`` (changes when the peer reconnects)."""
         self._check_usable()
-        self._check_vector(vector)
-        return self._own[vector]
+        return self._own[self._check_vector(vector)]
 
     def _poller(self, vector: int | None) -> _Poller:
         """A poll set (cached until the fds change) of the wanted vector(s) and the socket."""
@@ -1054,9 +1120,14 @@ class Peer(EventfdEndpoint):
         # description, which every holder of an eventfd shares, and our server creates them
         # non-blocking while QEMU sets it on every eventfd it receives. It would also leave the
         # server socket (joins, leaves, the server going away) unwatched.
-        cached = self._pollers.get(vector)
-        if cached is None:
-            return self._wait(vector, None if timeout is None else _deadline(timeout))
+        # type() first: True and 1.0 would find vector 1's set, and a list is unhashable.
+        cached = self._pollers.get(vector) if type(vector) in VECTOR_TYPES else None
+        if (
+            cached is None
+            or not (timeout is None or (type(timeout) in NUMBER_TYPES and 0 <= timeout < _INF))
+            or not (spin is None or (type(spin) in NUMBER_TYPES and 0 <= spin < _INF))
+        ):
+            return self._wait_checked(vector, timeout, spin)
         budget = self.spin if spin is None else spin
         if timeout is None:
             deadline = None
@@ -1086,7 +1157,11 @@ class Peer(EventfdEndpoint):
                     else:
                         return single[1]
         # poll() counts whole milliseconds: round a timeout up, never down to "block".
-        ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+        ms = (
+            -1
+            if deadline is None
+            else max(0, min(MAX_POLL_MS, int((deadline - time.monotonic()) * 1000 + 0.999)))
+        )
         try:
             events = cached[0](ms)
         except RuntimeError:  # another thread is polling this set
@@ -1104,6 +1179,18 @@ class Peer(EventfdEndpoint):
                 else:
                     return found
         return self._wait(vector, deadline)
+
+    def _wait_checked(self, vector: object, timeout: object, spin: object) -> int | None:
+        """wait() for arguments its hot path does not take: check them (the argument rule,
+        see ivshmem._args), then wait."""
+        v = None if vector is None else int_arg(vector, "vector")
+        t = timeout_arg(timeout)
+        s = None if spin is None else seconds_arg(spin, "spin", finite=True)
+        if v is not None and self._conn is not None:
+            self._check_vector(v)
+        if self._pollers.get(v) is not None:
+            return self.wait(v, t, spin=s)  # plain values now: takes the hot path
+        return self._wait(v, None if t is None else _deadline(t))
 
     def _wait(self, vector: int | None, deadline: float | None) -> int | None:
         """The full wait loop, until ``deadline`` (time.monotonic(); None: no limit)."""
@@ -1125,7 +1212,7 @@ class Peer(EventfdEndpoint):
             if deadline is None:
                 ms = -1
             else:
-                ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+                ms = max(0, min(MAX_POLL_MS, int((deadline - time.monotonic()) * 1000 + 0.999)))
             try:
                 events = poll(ms)
             except RuntimeError:
@@ -1162,6 +1249,8 @@ class Peer(EventfdEndpoint):
     ) -> int | None:
         """Asyncio variant of :meth:`wait` (uses ``add_reader`` on the vector fds and the
         socket for the duration of the call: do not register them yourself meanwhile)."""
+        vector = None if vector is None else int_arg(vector, "vector")
+        timeout = timeout_arg(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         while True:
@@ -1254,13 +1343,22 @@ def _ring(fd: int) -> None:
 # Entry points
 
 
-def _check_args(vectors: int | None, timeout: float | None) -> None:
-    if vectors is not None and (
-        isinstance(vectors, bool) or not isinstance(vectors, int) or not 1 <= vectors <= MAX_VECTORS
-    ):
-        raise UsageError(f"vectors must be a number 1..{MAX_VECTORS} (or None), not {vectors!r}")
-    if timeout is not None and not timeout > 0:
-        raise UsageError(f"timeout must be a positive number of seconds (or None), not {timeout!r}")
+def _check_args(
+    socket_path: object, vectors: object, timeout: object, reconnect: object
+) -> tuple[str, int | None, float | None, bool]:
+    """connect()'s arguments by the argument rule (ivshmem._args), normalised."""
+    if not isinstance(socket_path, (str, os.PathLike)):
+        raise UsageError(
+            f"socket_path must be a path (str or os.PathLike), not {type(socket_path).__name__}"
+        )
+    path = os.fspath(socket_path)
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise UsageError(f"socket_path {path!r} is not a usable socket path")
+    v = None if vectors is None else range_arg(vectors, "vectors", 1, MAX_VECTORS)
+    t = timeout_arg(timeout)
+    if t == 0:
+        raise UsageError("timeout must be a number of seconds > 0 (or None for no limit), not 0")
+    return path, v, t, flag_arg(reconnect, "reconnect")
 
 
 def connect(
@@ -1281,8 +1379,7 @@ def connect(
     (the server closed before the handshake, e.g. refusing us), ProtocolError (the server broke
     the protocol; every fd received is closed).
     """
-    _check_args(vectors, timeout)
-    path = os.fspath(socket_path)
+    path, vectors, timeout, reconnect = _check_args(socket_path, vectors, timeout, reconnect)
     conn = _handshake_sync(path, timeout, vectors, HANDSHAKE_QUIET)
     return _make_peer(conn, timeout, vectors, reconnect)
 
@@ -1295,8 +1392,7 @@ async def connect_async(
     reconnect: bool = False,
 ) -> Peer:
     """Asyncio variant of :func:`connect` (the handshake does not block the event loop)."""
-    _check_args(vectors, timeout)
-    path = os.fspath(socket_path)
+    path, vectors, timeout, reconnect = _check_args(socket_path, vectors, timeout, reconnect)
     conn = await _handshake_async(path, timeout, vectors, HANDSHAKE_QUIET)
     return _make_peer(conn, timeout, vectors, reconnect)
 

@@ -79,7 +79,7 @@ typedef struct {
 static PyObject *str_take_py, *str_take_view_py, *str_slow_place, *str_try_reserve_py,
     *str_wake_receiver, *str_wake_sender, *str_guard_failed, *str_release, *str_send_wait,
     *str_recv_wait, *str_recv_view_wait, *str_commit_py, *str_publish_tail, *str_reserve_wait,
-    *str_as_message, *str_try_send_many_py;
+    *str_as_message, *str_try_send_many_py, *str_flag, *str_take_many_py;
 
 static inline u64 ld_relaxed(volatile u64 *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline u64 ld_acquire(volatile u64 *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -435,8 +435,33 @@ static int send_one(Core *self, PyObject *data, int flush) {
     return 1;
 }
 
-static int truth(PyObject *obj, int dflt) {
-    return obj == NULL ? dflt : PyObject_IsTrue(obj);
+/* A flag argument (flush): True or False; anything else goes to ring.py's _flag, which
+ * applies the argument rule (ivshmem._args) and raises. */
+static int truth(Core *self, PyObject *obj, int dflt) {
+    if (obj == NULL)
+        return dflt;
+    if (obj == Py_True || obj == Py_False)
+        return obj == Py_True;
+    PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, str_flag, obj);
+    if (r == NULL)
+        return -1;
+    int v = r == Py_True;
+    Py_DECREF(r);
+    return v;
+}
+
+/* An int argument the fast path may take: an exact int (not a bool, not an __index__ type)
+ * that fits ``*out``; 0 sends the call to the Python twin, which applies the rule. */
+static int plain_ssize(PyObject *obj, Py_ssize_t *out) {
+    if (!PyLong_CheckExact(obj))
+        return 0;
+    Py_ssize_t v = PyLong_AsSsize_t(obj);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = v;
+    return 1;
 }
 
 static const char *const send_names[] = {"data", "flush"};
@@ -451,7 +476,7 @@ static PyObject *Core_try_send(Core *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "try_send() missing 'data'");
         return NULL;
     }
-    int flush = truth(a[1], 1);
+    int flush = truth(self, a[1], 1);
     if (flush < 0 || !core_bound(self))
         return NULL;
     int r = send_one(self, a[0], flush);
@@ -472,7 +497,7 @@ static PyObject *Core_send(Core *self, PyObject *const *args, Py_ssize_t nargs,
         PyErr_SetString(PyExc_TypeError, "send() missing 'data'");
         return NULL;
     }
-    int flush = truth(a[2], 1);
+    int flush = truth(self, a[2], 1);
     if (flush < 0 || !core_bound(self))
         return NULL;
     int r = send_one(self, a[0], flush);
@@ -493,19 +518,22 @@ static PyObject *Core_try_send_many(Core *self, PyObject *const *args, Py_ssize_
         return NULL;
     }
     Py_ssize_t i = 0;
-    if (nargs == 2) {
-        i = PyLong_AsSsize_t(args[1]);
-        if (i == -1 && PyErr_Occurred())
-            return NULL;
-    }
+    int plain = nargs < 2 || plain_ssize(args[1], &i);
     if (!core_bound(self) || guard_ok(self) < 0)
         return NULL;
-    if (i < 0)
-        return PyObject_CallMethodObjArgs((PyObject *)self, str_try_send_many_py, args[0],
-                                          args[1], NULL); /* says what is wrong */
-    PyObject *seq = PySequence_Fast(args[0], "try_send_many() needs a sequence of messages");
-    if (seq == NULL)
-        return NULL;
+    PyObject *seq = NULL;
+    if (plain && i >= 0 && (PyList_CheckExact(args[0]) || PyTuple_CheckExact(args[0]))) {
+        seq = PySequence_Fast(args[0], "");
+        if (seq == NULL)
+            return NULL;
+        if (i > PySequence_Fast_GET_SIZE(seq))
+            Py_CLEAR(seq);
+    }
+    if (seq == NULL) /* an unusual start or sequence: the Python twin takes it or says why */
+        return PyObject_VectorcallMethod(str_try_send_many_py,
+                                         (PyObject *[]){(PyObject *)self, args[0],
+                                                        nargs == 2 ? args[1] : NULL},
+                                         (size_t)nargs + 1, NULL);
     u64 first = self->head, head = first;
     for (; i < PySequence_Fast_GET_SIZE(seq); i++) {
         PyObject *m = PySequence_Fast_GET_ITEM(seq, i);
@@ -573,16 +601,21 @@ static PyObject *Core_try_reserve(Core *self, PyObject *const *args, Py_ssize_t 
     }
     if (!core_bound(self) || guard_ok(self) < 0)
         return NULL;
-    long long n = PyLong_AsLongLong(args[0]);
-    if (n == -1 && PyErr_Occurred())
-        PyErr_Clear(); /* not an int, or too big: n = -1 sends it to the twin, which says so */
+    /* Only exact ints are taken here (not bools, floats or __index__ types): anything else,
+     * too big or negative, goes to the twin as n = -1 or kind = -1, and the twin says why. */
+    long long n = -1;
+    if (PyLong_CheckExact(args[0])) {
+        n = PyLong_AsLongLong(args[0]);
+        if (n == -1 && PyErr_Occurred())
+            PyErr_Clear();
+    }
     u64 kind = KIND_DATA;
     if (nargs == 2) {
-        kind = PyLong_AsUnsignedLongLong(args[1]);
-        if (kind == (u64)-1 && PyErr_Occurred()) {
-            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
-                return NULL;
-            PyErr_Clear(); /* negative or too big: the Python twin says what is wrong */
+        kind = (u64)-1;
+        if (PyLong_CheckExact(args[1])) {
+            kind = PyLong_AsUnsignedLongLong(args[1]);
+            if (kind == (u64)-1 && PyErr_Occurred())
+                PyErr_Clear();
         }
     }
     u64 need = ((u64)n + 15) & ~(u64)7;
@@ -649,14 +682,14 @@ static PyObject *Core_commit(Core *self, PyObject *const *args, Py_ssize_t nargs
     PyObject *a[2];
     if (parse_args(args, nargs, kwnames, commit_names, 2, 1, a, "commit") < 0)
         return NULL;
-    int flush = truth(a[1], 1);
+    int flush = truth(self, a[1], 1);
     if (flush < 0)
         return NULL;
     /* Python code may run while the arguments are converted (__index__, __bool__): convert
      * them first, then copy the reservation's fields once and use only the copies. */
     long long m = -1;
     int partial = a[0] != NULL && a[0] != Py_None;
-    if (partial) {
+    if (partial && PyLong_CheckExact(a[0])) { /* not a bool or an __index__ type: the twin */
         m = PyLong_AsLongLong(a[0]);
         if (m == -1 && PyErr_Occurred())
             PyErr_Clear(); /* m = -1: the twin says what is wrong */
@@ -824,9 +857,16 @@ static PyObject *Core_take_view(Core *self, PyObject *const *args, Py_ssize_t na
     }
     u64 kind = KIND_DATA;
     if (nargs == 1) {
-        kind = PyLong_AsUnsignedLongLong(args[0]);
-        if (kind == (u64)-1 && PyErr_Occurred())
-            return NULL;
+        kind = (u64)-1; /* not an exact int, or out of range: no record has it; the twin says */
+        if (PyLong_CheckExact(args[0])) {
+            kind = PyLong_AsUnsignedLongLong(args[0]);
+            if (kind == (u64)-1 && PyErr_Occurred())
+                PyErr_Clear();
+        }
+        if (kind != KIND_DATA && kind != KIND_ARRAY)
+            return PyObject_VectorcallMethod(str_take_view_py,
+                                             (PyObject *[]){(PyObject *)self, args[0]},
+                                             2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     }
     if (!core_bound(self))
         return NULL;
@@ -851,9 +891,9 @@ static PyObject *Core_recv_view(Core *self, PyObject *const *args, Py_ssize_t na
 
 /* take_many(max_messages) -> list of bytes: one head read, at most one tail store. */
 static PyObject *Core_take_many(Core *self, PyObject *arg) {
-    Py_ssize_t max = PyLong_AsSsize_t(arg);
-    if (max == -1 && PyErr_Occurred())
-        return NULL;
+    Py_ssize_t max = -1;
+    if (!plain_ssize(arg, &max) || max < 0) /* the twin applies the argument rule */
+        return PyObject_CallMethodOneArg((PyObject *)self, str_take_many_py, arg);
     if (!core_bound(self))
         return NULL;
     PyObject *out = PyList_New(0);
@@ -1054,6 +1094,8 @@ static int intern_all(void) {
     INTERN(str_reserve_wait, "_reserve_wait");
     INTERN(str_as_message, "_as_message");
     INTERN(str_try_send_many_py, "_try_send_many_py");
+    INTERN(str_flag, "_flag");
+    INTERN(str_take_many_py, "_take_many_py");
 #undef INTERN
     return 0;
 }

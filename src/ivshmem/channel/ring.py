@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import operator
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from .._args import flag_arg, int_arg
 from ..errors import UsageError
 from ._ordering import _acquire, _release
 from .errors import ChannelClosedError, ChannelCorrupted, UnexpectedMessageError
@@ -209,6 +209,16 @@ class _Ring(_Base):
         self._gv = 0
         self._bind_guard(self._gq, 0, 0)
 
+    # -- the argument rule (ivshmem._args), for both cores ----------------------------------
+    # The C core takes exact ints and True/False itself and sends anything else here (or to
+    # the *_py twin, which calls these), so both cores accept and refuse the same values.
+
+    def _flag(self, value: object, what: str = "flush") -> bool:
+        return flag_arg(value, f"channel {self.name!r}: {what}")
+
+    def _int(self, value: object, what: str) -> int:
+        return value if type(value) is int else int_arg(value, f"channel {self.name!r}: {what}")
+
     def _corrupt(self, field: str, detail: str) -> ChannelCorrupted:
         err = ChannelCorrupted(self.name, field, detail)
         self._broken = err
@@ -335,6 +345,8 @@ class RingSender(_Ring):
         and (with ``flush``) one index store, one fence and one load of the receiver's wait
         word. Everything unusual (wrap, full ring, too big, broken, reservation open) goes to
         ``_slow_place``, reached because ``_limit`` is -1 in those states."""
+        if flush is not True and flush is not False:
+            flush = self._flag(flush)
         if self._gq[self._gi] != self._gv:
             self._guard_failed()
         if type(data) is not bytes:
@@ -382,8 +394,22 @@ class RingSender(_Ring):
         message does.)"""
         if self._gq[self._gi] != self._gv:
             self._guard_failed()
+        start = self._int(start, "try_send_many() start")
         if start < 0:
             raise UsageError(f"channel {self.name!r}: try_send_many() start {start} is negative")
+        if type(messages) is not list and type(messages) is not tuple:
+            try:
+                messages = list(messages)  # any iterable, as the C core takes it
+            except TypeError:
+                raise UsageError(
+                    f"channel {self.name!r}: try_send_many() takes a sequence of messages, not "
+                    f"{type(messages).__name__}"
+                ) from None
+        if not 0 <= start <= len(messages):
+            raise UsageError(
+                f"channel {self.name!r}: try_send_many() start {start} is outside "
+                f"0..{len(messages)} (the number of messages)"
+            )
         q = self._q
         data_view = self._data
         mask = self._mask
@@ -442,17 +468,15 @@ class RingSender(_Ring):
         """A writable view of ``n`` bytes in the ring, or None if there is no room now."""
         if self._gq[self._gi] != self._gv:
             self._guard_failed()
-        if kind != KIND_DATA and kind != KIND_ARRAY:
-            raise UsageError(
-                f"channel {self.name!r}: record kind {kind!r} is neither KIND_DATA nor KIND_ARRAY"
-            )
-        if type(n) is not int:
-            try:
-                n = operator.index(n)
-            except TypeError:
+        if type(kind) is not int or (kind != KIND_DATA and kind != KIND_ARRAY):
+            kind = self._int(kind, "record kind")
+            if kind != KIND_DATA and kind != KIND_ARRAY:
                 raise UsageError(
-                    f"channel {self.name!r}: a size is a whole number of bytes, not {n!r}"
-                ) from None
+                    f"channel {self.name!r}: record kind {kind!r} is neither KIND_DATA nor "
+                    "KIND_ARRAY"
+                )
+        if type(n) is not int:
+            n = self._int(n, "a size (a whole number of bytes)")
         need = (n + 15) & -8
         head = self._head
         pos = head & self._mask
@@ -478,6 +502,8 @@ class RingSender(_Ring):
     def _commit_py(self, n: int | None = None, *, flush: bool = True) -> None:
         """Make the reserved bytes (or their first ``n``) one message; with ``flush=False``
         it is published by a later :meth:`flush` (batching: one index store, one check)."""
+        if flush is not True and flush is not False:
+            flush = self._flag(flush)
         if self._gq[self._gi] != self._gv:
             if self._resv_view is not None:
                 self.cancel()
@@ -486,7 +512,15 @@ class RingSender(_Ring):
             raise UsageError(f"channel {self.name!r}: nothing reserved to commit")
         pos, skip, length, kind = self._rpos, self._rskip, self._rlen, self._rkind
         if n is not None:
-            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= length:
+            if type(n) is not int:
+                try:
+                    n = int_arg(n, "commit() size")
+                except UsageError:
+                    raise UsageError(
+                        f"commit({n!r}) is outside the reserved 0..{length} bytes (a size is an "
+                        "int, not a bool or a float)"
+                    ) from None
+            if not 0 <= n <= length:
                 raise UsageError(f"commit({n!r}) is outside the reserved 0..{length} bytes")
             length = n
         q = self._q
@@ -698,10 +732,16 @@ class RingReceiver(_Ring):
         is not plain (WRAP, array, corrupt) ends the batch, so an error never swallows the
         messages already copied; a call that starts at such a record hands it to
         :meth:`_take`, which handles a WRAP and reports anything else."""
+        if type(max_messages) is not int:
+            max_messages = self._int(max_messages, "max_messages")
+        if max_messages < 0:
+            raise UsageError(
+                f"channel {self.name!r}: max_messages {max_messages} is negative (0 or more)"
+            )
         if self._closed:
             self._refuse_closed()
         out: list[bytes] = []
-        if max_messages <= 0:
+        if max_messages == 0:
             return out
         q = self._q
         mask = self._mask
@@ -763,6 +803,8 @@ class RingReceiver(_Ring):
     def try_recv_view(self, kind: int = KIND_DATA) -> memoryview | None:
         """The next message as a read-only view into the ring (zero copy), or None. The view
         stays valid until :meth:`release`, which frees every view handed out so far."""
+        if type(kind) is not int:
+            kind = self._int(kind, "record kind")
         if kind != KIND_DATA and kind != KIND_ARRAY:
             raise UsageError(
                 f"channel {self.name!r}: record kind {kind!r} is neither KIND_DATA nor KIND_ARRAY"
