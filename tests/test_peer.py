@@ -346,6 +346,21 @@ def test_no_server(short_tmp: Path) -> None:
         connect("/tmp/" + "x" * 200)
 
 
+@pytest.mark.parametrize("use_async", [False, True])
+def test_a_handshake_without_timeout_waits_for_the_whole_handshake(
+    scripted: Callable[..., ScriptedServer], use_async: bool
+) -> None:
+    # timeout=None once made the handshake end at the first quiet moment (a "wait without
+    # limit" was taken for "complete"), before the shared memory had arrived.
+    server = scripted([(0, None), "pause", (3, None), "pause", (-1, "shm"), (3, "eventfd")])
+    if use_async:
+        peer = asyncio.run(connect_async(server.path, timeout=None, vectors=1))
+    else:
+        peer = connect(server.path, timeout=None, vectors=1)
+    with peer:
+        assert (peer.id, peer.vectors, peer.size) == (3, 1, 65536)
+
+
 def _fill_backlog(path: str) -> list[socket.socket]:
     """Connect to ``path`` until its listen backlog is full (the next connect would fail with
     EAGAIN); the connected sockets, for the caller to close."""
