@@ -444,11 +444,22 @@ def test_two_guests_and_a_host_peer_on_one_server(lab: Lab, short_tmp: Path) -> 
             )
             for i in range(2)
         ]
+        # Each Guest knows its QEMU's pid and the id the server gave it, while it runs,
+        # without the two guests being started one at a time.
+        assigned = [guest.peer_id(timeout=GUEST_TIMEOUT) for guest in guests]
+        assert guests[0].pid != guests[1].pid and all(alive(g.pid) for g in guests)
+        assert {p["pid"]: p["id"] for p in server.status()["peers"]} == {
+            **{g.pid: i for g, i in zip(guests, assigned, strict=True)},
+            os.getpid(): host.id,
+        }
         rings = [host.wait(timeout=GUEST_TIMEOUT) for _ in guests]
         results = [guest.wait() for guest in guests]
         for result in results:
             result.check()
+            assert result.qemu_warnings == ()  # QEMU had nothing to say
         seen = [report(result.output, "DOORBELL") for result in results]
+        # ...and it is the id each guest reads as its IVPosition.
+        assert [s["id"] for s in seen] == assigned
         ids = sorted(s["id"] for s in seen)
         assert rings == [1, 1]
         assert len(set(ids)) == 2 and host.id not in ids
@@ -462,6 +473,63 @@ def test_two_guests_and_a_host_peer_on_one_server(lab: Lab, short_tmp: Path) -> 
         while host.peers & set(ids) and time.monotonic() < deadline:
             host.wait(timeout=0.2)
         assert not host.peers & set(ids)
+
+
+def test_a_vector_count_other_than_the_servers_is_refused_before_booting(
+    qemu_binary: str, short_tmp: Path
+) -> None:
+    with (
+        ServerProcess(short_tmp, size="1M", vectors=2) as server,
+        Lab(qemu=qemu_binary, fetch=False) as lab,
+    ):
+        with pytest.raises(
+            LabUsageError,
+            match=r"gives every peer 2 vector\(s\) \(-n 2\), but this guest's ivshmem-doorbell "
+            r"asks for 1: QEMU would take only 1 and log 'Too many eventfd received'.*"
+            r"--vectors 2",
+        ):
+            lab.start(code="pass", server_socket=server.socket_path, vectors=1)
+        with pytest.raises(LabUsageError, match=r"no peer can ring vectors 2..2"):
+            lab.start(code="pass", server_socket=server.socket_path, vectors=3)
+        assert lab.guests == []
+        # The command line says the same in one line, and boots nothing.
+        done = lab_cli("run", "--socket", server.socket_path, "--vectors", "1", "-c", "pass")
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("ivshmem lab: the ivshmem server at ")
+        assert "asks for 1" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_a_guest_without_a_doorbell_has_no_peer_id(lab: Lab, short_tmp: Path) -> None:
+    region = short_tmp / "plain"
+    region.write_bytes(b"\0" * 65536)
+    guest = lab.start(code="pass", plain_path=region, timeout=GUEST_TIMEOUT)
+    try:
+        with pytest.raises(LabUsageError, match="no ivshmem-doorbell device"):
+            guest.peer_id()
+    finally:
+        guest.kill()
+        guest.close()
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(240)
+def test_qemus_warnings_reach_the_result_when_the_lab_cannot_check_vectors(
+    lab: Lab, short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server without a status socket (as QEMU's own) cannot be asked its -n: the lab says
+    # so, and what QEMU then complains about is in the result, not only in a log file.
+    with ServerProcess(
+        short_tmp, size="1M", vectors=2, extra_args=["--status-socket", ""]
+    ) as server:
+        with caplog.at_level("WARNING", logger="ivshmem.lab.guest"):
+            guest = lab.start(
+                code="pass", server_socket=server.socket_path, vectors=1, timeout=GUEST_TIMEOUT
+            )
+        assert "cannot check the vector count" in caplog.text
+        with pytest.raises(LabUsageError, match="has no status socket"):
+            guest.peer_id(timeout=1)
+        result = guest.wait().check()
+    assert any("Too many eventfd received" in line for line in result.qemu_warnings), result
 
 
 VFIO_GUEST = (

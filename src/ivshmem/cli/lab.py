@@ -161,6 +161,9 @@ def _run_guests(args: argparse.Namespace, program: str | None, positional: list[
                 else:
                     print(f"ivshmem lab: {_summary(result)}", file=sys.stderr)
                     status = status or (result.returncode or 0)
+                    # A failure's description has QEMU's log already; a success does not.
+                    for line in result.qemu_warnings:
+                        print(f"ivshmem lab: {guest.name}: QEMU: {line}", file=sys.stderr)
                 if args.console:
                     print(f"--- kernel console of {guest.name} ---", file=sys.stderr)
                     print(result.console.rstrip(), file=sys.stderr)

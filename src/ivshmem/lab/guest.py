@@ -24,24 +24,79 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from ..errors import UsageError
+from ..errors import IvshmemError, UsageError
 from ..memory import format_size, is_power_of_two, parse_size, round_up_power_of_two
-from .errors import GuestError, GuestTimeoutError, LabSetupError, LabUsageError
+from .errors import GuestError, GuestTimeoutError, LabError, LabSetupError, LabUsageError
 
 __all__ = ["Doorbell", "Guest", "GuestResult", "PlainRegion"]
 
+log = logging.getLogger(__name__)
+
 # Lines kept from the console and QEMU's log in error messages.
 _TAIL_LINES = 15
+
+
+def server_status(socket_path: str) -> dict[str, Any] | None:
+    """The JSON status of the ivshmem server listening at ``socket_path``, read from its status
+    socket (``SOCKET.status``, see ``ivshmem-server --status``); None when it has none (QEMU's
+    own server, or ours with ``--status-socket ''``) or does not answer."""
+    from ..server import query_status, status_path_for
+
+    status_path = status_path_for(socket_path)
+    if not Path(status_path).is_socket():
+        return None
+    try:
+        return query_status(status_path, timeout=5.0)
+    except IvshmemError:
+        return None
+
+
+def _check_vectors(path: str, vectors: int) -> None:
+    """Refuse a doorbell whose vector count differs from the server's ``-n``.
+
+    QEMU does not: with fewer vectors than the server's it logs "Too many eventfd received"
+    and drops the rest, so peers ring vectors the guest never sees; with more, the guest's
+    ``vectors`` counts vectors that nobody can ring. Both start and exit 0, silently."""
+    status = server_status(path)
+    if status is None:
+        log.warning(
+            "cannot check the vector count against the server at %s: it has no status socket "
+            "(%s.status); make sure its -n is %d",
+            path,
+            path,
+            vectors,
+        )
+        return
+    server_vectors = status.get("vectors")
+    if type(server_vectors) is not int or server_vectors == vectors:
+        return
+    if vectors < server_vectors:
+        effect = (
+            f"QEMU would take only {vectors} and log 'Too many eventfd received': rings of "
+            f"vectors {vectors}..{server_vectors - 1} from other peers would be lost"
+        )
+    else:
+        effect = (
+            f"the guest would see {vectors} vectors, but no peer can ring vectors "
+            f"{server_vectors}..{vectors - 1}: those rings would vanish"
+        )
+    raise LabUsageError(
+        f"the ivshmem server at {path} gives every peer {server_vectors} vector(s) (-n "
+        f"{server_vectors}), but this guest's ivshmem-doorbell asks for {vectors}: {effect}; "
+        f"use vectors={server_vectors} (ivshmem lab run --vectors {server_vectors})"
+    )
 
 
 @dataclass(frozen=True)
@@ -81,8 +136,13 @@ def device_arguments(devices: Sequence[Device]) -> list[str]:
                     f"no ivshmem server socket at {path}: start the server first "
                     f"(ivshmem-server -F -S {path} ...)"
                 )
-            if isinstance(device.vectors, bool) or not 1 <= device.vectors <= 1024:
+            if (
+                isinstance(device.vectors, bool)
+                or not isinstance(device.vectors, int)
+                or not 1 <= device.vectors <= 1024
+            ):
                 raise LabUsageError(f"vectors must be 1..1024, got {device.vectors!r}")
+            _check_vectors(path, device.vectors)
             args += ["-chardev", f"socket,id={ident},path={_escape(path)}"]
             args += ["-device", f"ivshmem-doorbell,chardev={ident},vectors={device.vectors}"]
         elif isinstance(device, PlainRegion):
@@ -148,6 +208,12 @@ class GuestResult:
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+    @property
+    def qemu_warnings(self) -> tuple[str, ...]:
+        """What QEMU itself said, line by line (in the lab it says nothing unless something is
+        wrong: "Too many eventfd received", a chardev that cannot connect...)."""
+        return tuple(line.strip() for line in self.qemu_log.splitlines() if line.strip())
 
     def describe(self) -> str:
         """A multi-line explanation for error messages: status, then the logs' tails."""
@@ -261,9 +327,12 @@ class Guest:
         timeout: float | None,
         echo: IO[str] | None,
         prefix: str,
+        devices: Sequence[Device] = (),
     ) -> None:
         self.name = name
         self.job_dir = job_dir
+        #: The ivshmem devices of this guest, in PCI order.
+        self.devices: tuple[Device, ...] = tuple(devices)
         self._changed = threading.Condition()
         self._output = _Output(echo, prefix, _ECHO_LOCK, self._changed)
         self._qemu_log = _Output(None, "", _ECHO_LOCK, threading.Condition())
@@ -290,7 +359,8 @@ class Guest:
         # Only QEMU holds the write ends now, so each reader sees EOF when QEMU exits.
         os.close(out_w)
         os.close(ctl_w)
-        self.pid = self._proc.pid
+        #: QEMU's process id (the process that connects to the servers).
+        self.pid: int = self._proc.pid
         assert self._proc.stdout is not None
         self._open_pipes = 3
         self._threads = [
@@ -374,6 +444,66 @@ class Guest:
         """Seconds from starting QEMU to the program starting, once it has started."""
         with self._changed:
             return None if self._started_at is None else self._started_at - self._t0
+
+    def peer_ids(self, timeout: float = 30.0) -> tuple[int, ...]:
+        """The peer id each of this guest's ivshmem-doorbell devices got from its server, in
+        device order: the id a host peer sees join, and the guest reads as IVPosition.
+
+        Learnt from each server's status socket (our server's default ``SOCKET.status``),
+        which lists every peer with the pid the kernel reported for its connection
+        (SO_PEERCRED): the peers whose pid is QEMU's are this guest's. This needs no help
+        from the guest and none from QEMU (7.2 has no monitor command for IVPosition), and
+        cannot be confused by other guests starting at the same time. QEMU connects while it
+        starts, before the guest boots; this waits up to ``timeout`` seconds for that.
+        Raises :class:`LabUsageError` (no doorbell, or a server without a status socket) and
+        :class:`LabError` (QEMU exited or did not connect in time).
+        """
+        sockets = [os.fspath(d.socket) for d in self.devices if isinstance(d, Doorbell)]
+        if not sockets:
+            raise LabUsageError(f"guest {self.name} has no ivshmem-doorbell device: no peer id")
+        wanted = Counter(sockets)
+        deadline = time.monotonic() + timeout
+        while True:
+            found: dict[str, list[int]] = {}
+            for path in wanted:
+                status = server_status(path)
+                if status is None:
+                    raise LabUsageError(
+                        f"the server at {path} has no status socket ({path}.status), so the "
+                        "lab cannot learn which peer id it gave this guest: run ivshmem-server "
+                        "with its status socket (the default)"
+                    )
+                peers = status.get("peers")
+                found[path] = sorted(
+                    p["id"]
+                    for p in (peers if isinstance(peers, list) else [])
+                    if isinstance(p, dict) and p.get("pid") == self.pid and type(p.get("id")) is int
+                )
+            if all(len(found[path]) >= n for path, n in wanted.items()):
+                # A QEMU with two doorbells on one server connects them in device order, and
+                # a server hands out increasing ids: the lowest belongs to the first device.
+                iters = {path: iter(ids) for path, ids in found.items()}
+                return tuple(next(iters[path]) for path in sockets)
+            if not self.running:
+                raise LabError(
+                    f"guest {self.name}: QEMU (pid {self.pid}) exited without holding a peer id "
+                    "on every server"
+                )
+            if time.monotonic() >= deadline:
+                raise LabError(
+                    f"guest {self.name}: QEMU (pid {self.pid}) is not among the peers of "
+                    f"{', '.join(wanted)} after {timeout:g} s"
+                )
+            time.sleep(0.05)
+
+    def peer_id(self, timeout: float = 30.0) -> int:
+        """The peer id of this guest's only ivshmem-doorbell device (see :meth:`peer_ids`)."""
+        ids = self.peer_ids(timeout)
+        if len(ids) != 1:
+            raise LabUsageError(
+                f"guest {self.name} has {len(ids)} ivshmem-doorbell devices: use peer_ids()"
+            )
+        return ids[0]
 
     def wait_for_output(self, text: str, timeout: float) -> str:
         """Block until the program's output contains ``text``; return the output so far.

@@ -387,6 +387,7 @@ class Lab:
                 timeout=timeout,
                 echo=echo,
                 prefix=prefix,
+                devices=all_devices,
             )
             self._guests.append(guest)
             return guest
