@@ -34,6 +34,7 @@ from ivshmem.channel.ring import RingReceiver, RingSender, init_area
 from ivshmem.endpoint import Endpoint
 from ivshmem.errors import DeviceError, UsageError
 from ivshmem.memory import MAX_SIZE
+from ivshmem.pci import PciEndpoint
 from ivshmem.peer import HandshakeTimeoutError, Peer, ServerUnavailableError
 
 pytestmark = pytest.mark.timeout(300)
@@ -296,6 +297,9 @@ def test_examples_from_the_issue(endpoints: dict[str, Endpoint], which: str) -> 
     for call in calls:
         with pytest.raises(UsageError):
             call()
+    if isinstance(ep, PciEndpoint):
+        with pytest.raises(UsageError, match="a peers source is a callable"):
+            ep.set_peers_source(odd)
     with pytest.raises(UsageError, match="fd -1"):
         ivshmem.open_region(-1)
     with pytest.raises(UsageError):

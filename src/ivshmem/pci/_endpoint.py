@@ -142,6 +142,10 @@ class PciEndpoint(EventfdEndpoint):
     def set_peers_source(self, source: PeersSource | None) -> None:
         """Make :attr:`peers` answer from ``source`` (e.g. a membership table kept in the
         shared region by a layer above); None restores "cannot be known"."""
+        if source is not None and not callable(source):
+            raise UsageError(
+                f"a peers source is a callable returning the peer ids (or None), not {source!r}"
+            )
         self._peers_source = source
 
     # -- doorbells -------------------------------------------------------------------------
