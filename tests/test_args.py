@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import require
 from fakesysfs import FakeSysfs
@@ -28,7 +29,7 @@ from serverproc import ServerProcess
 
 import ivshmem
 from ivshmem._args import flag_arg, int_arg, peer_arg, seconds_arg, timeout_arg
-from ivshmem.channel import Receiver, Sender, format_region
+from ivshmem.channel import Receiver, Sender, UnexpectedMessageError, format_region
 from ivshmem.channel import ring as ringmod
 from ivshmem.channel.ring import RingReceiver, RingSender, init_area
 from ivshmem.endpoint import Endpoint
@@ -96,6 +97,29 @@ def outcome(call: Callable[[], Any], allowed: tuple[type[BaseException], ...]) -
         return ("refused", type(err).__name__, str(err))
 
 
+def _valid_timeout(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 <= value < math.inf
+
+
+def _valid_flag(value: Any) -> bool:
+    return value is True or value is False
+
+
+def check_rule(call: str, value: Any, result: Any) -> None:
+    """A timeout or a flag outside the rule is refused even when the call would not need it
+    (a message already there, no wait): never accepted silently."""
+    if "(timeout)" in call and not _valid_timeout(value):
+        assert result[0] == "refused", f"{call} accepted timeout={value!r}"
+    if "(flush)" in call and not _valid_flag(value):
+        assert result[0] == "refused", f"{call} accepted flush={value!r}"
+    if "(spin)" in call and not (value is None or _valid_timeout(value)):
+        assert result[0] == "refused", f"{call} accepted spin={value!r}"
+
+
 # -- the rule itself --------------------------------------------------------------------------
 
 
@@ -112,7 +136,9 @@ def test_the_rule() -> None:
             seconds_arg(bad, "t")
     with pytest.raises(UsageError, match="finite"):
         seconds_arg(math.inf, "spin", finite=True)
-    assert timeout_arg(None) is None and timeout_arg(math.inf) is None
+    assert timeout_arg(None) is None and timeout_arg(2.5) == 2.5
+    with pytest.raises(UsageError, match="timeout must be a finite number of seconds, not inf"):
+        timeout_arg(math.inf)
     assert flag_arg(False, "flush") is False
     for bad in (0, 1, "yes", None):
         with pytest.raises(UsageError, match="flush must be True or False"):
@@ -275,9 +301,10 @@ def test_endpoint_arguments(
     ep = endpoints[which]
     _ring_own(ep)
     try:
-        outcome(lambda: ENDPOINT_CALLS[call](ep, value), (UsageError,))
+        result = outcome(lambda: ENDPOINT_CALLS[call](ep, value), (UsageError,))
     finally:
         _drain(ep)
+    check_rule(call, value, result)
     assert not ep.closed
 
 
@@ -326,8 +353,13 @@ def _reset(tx: Sender, rx: Receiver) -> None:
         tx.cancel()
     tx.flush()
     rx.release()
-    while rx.try_recv() is not None:
-        pass
+    while True:
+        try:
+            if rx.try_recv() is None:
+                break
+        except UnexpectedMessageError:  # an array left by send_array
+            rx.try_recv_view(ringmod.KIND_ARRAY)
+            rx.release()
     rx.release()
 
 
@@ -352,6 +384,16 @@ CHANNEL_CALLS: dict[str, Callable[[Sender, Receiver, Any], Any]] = {
     "recv_many(max_messages)": lambda tx, rx, v: (tx.send(b"m"), rx.recv_many(v)),
     "recv_many(timeout)": lambda tx, rx, v: (tx.send(b"m"), rx.recv_many(1, v)),
     "try_recv_view(kind)": lambda tx, rx, v: rx.try_recv_view(v),
+    "recv_async(timeout)": lambda tx, rx, v: (tx.send(b"m"), asyncio.run(rx.recv_async(v))),
+    "recv_many_async(timeout)": lambda tx, rx, v: (
+        tx.send(b"m"),
+        asyncio.run(rx.recv_many_async(1, v)),
+    ),
+    "send_async(timeout)": lambda tx, rx, v: asyncio.run(tx.send_async(b"x", v)),
+    "send_many_async(timeout)": lambda tx, rx, v: asyncio.run(tx.send_many_async([b"x"], v)),
+    "reserve_async(timeout)": lambda tx, rx, v: asyncio.run(tx.reserve_async(8, v)),
+    "send_array(timeout)": lambda tx, rx, v: tx.send_array(np.arange(3), v),
+    "recv_array(timeout)": lambda tx, rx, v: (tx.send_array(np.arange(3)), rx.recv_array(v)),
     "take_many(max_messages)": lambda tx, rx, v: (tx.send(b"m"), rx.take_many(v)),
 }
 
@@ -362,9 +404,10 @@ def test_channel_arguments(channel: tuple[Sender, Receiver], call: str, value: A
     tx, rx = channel
     _reset(tx, rx)
     try:
-        outcome(lambda: CHANNEL_CALLS[call](tx, rx, value), (UsageError,))
+        result = outcome(lambda: CHANNEL_CALLS[call](tx, rx, value), (UsageError,))
     finally:
         _reset(tx, rx)
+    check_rule(call, value, result)
 
 
 # -- the ring's two cores ---------------------------------------------------------------------
@@ -427,7 +470,8 @@ def _ring_outcome(
     """The outcome of ``call`` on a fresh ring of one core, with the bytes it left."""
     mm, tx, rx = _ring(python)
     try:
-        result = outcome(lambda: call(tx, rx, value), (UsageError,))
+        # A kind that is valid but not the next record's is that documented error.
+        result = outcome(lambda: call(tx, rx, value), (UsageError, UnexpectedMessageError))
         return (result, bytes(mm), tx._head, rx._tail)
     finally:
         rx.release()
@@ -441,6 +485,7 @@ def test_both_ring_cores_apply_one_rule(call: str, value: Any) -> None:
     _need_c_core()
     seen = [_ring_outcome(python, RING_CALLS[call], value) for python in (False, True)]
     assert seen[0] == seen[1], f"C core: {seen[0][0]}; Python core: {seen[1][0]}"
+    check_rule(call, value, seen[0][0])
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ ValueError, OSError or AttributeError from deep inside, and never silently accep
   and so are floats, even integral ones (``notify(peer, 1.0)``): a float where a count or an id
   belongs is a bug to report, not a number to round. Out of range is refused too.
 * **Seconds** (timeouts, spin budgets, intervals): a real number (``int``, ``float``,
-  ``fractions``...), not a bool, not NaN, never negative. A timeout may also be ``None`` (no
-  limit); ``inf`` means the same as ``None`` where a timeout may be unlimited.
+  ``fractions``...), not a bool, not NaN, never negative, and finite where it bounds a wait
+  (``timeout=None`` is "no limit").
 * **Flags** (``flush``, ``reconnect``, ``interrupts``...): ``True`` or ``False`` only.
 
 The C ring core takes only exact ``int`` and ``bool`` values itself and hands anything else to
@@ -85,18 +85,19 @@ def seconds_arg(value: object, what: str, *, finite: bool = False) -> float:
             seconds = float(value)
         except (OverflowError, ValueError):  # an int beyond a float's range
             seconds = math.inf
-        if seconds >= 0 and not (finite and seconds == math.inf):  # False for NaN too
+        if seconds >= 0:  # False for NaN too
+            if finite and seconds == math.inf:
+                raise UsageError(f"{what} must be a finite number of seconds, not {show(value)}")
             return seconds
-    bound = "a finite number" if finite else "a number"
-    raise UsageError(f"{what} must be {bound} of seconds >= 0, not {show(value)}")
+    raise UsageError(f"{what} must be a number of seconds >= 0, not {show(value)}")
 
 
 def timeout_arg(value: object, what: str = "timeout") -> float | None:
-    """A timeout: None (or ``inf``) for no limit, else seconds >= 0."""
+    """A timeout: None for no limit, else a finite number of seconds >= 0 (``inf`` is refused,
+    as the channels and Python's own timeouts refuse it: None says "no limit")."""
     if value is None:
         return None
-    seconds = seconds_arg(value, f"{what} (None for no limit)")
-    return None if seconds == math.inf else seconds
+    return seconds_arg(value, what, finite=True)
 
 
 def flag_arg(value: object, what: str) -> bool:

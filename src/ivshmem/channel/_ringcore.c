@@ -29,6 +29,7 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+#include <float.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define CPU_RELAX() _mm_pause()
@@ -79,7 +80,7 @@ typedef struct {
 static PyObject *str_take_py, *str_take_view_py, *str_slow_place, *str_try_reserve_py,
     *str_wake_receiver, *str_wake_sender, *str_guard_failed, *str_release, *str_send_wait,
     *str_recv_wait, *str_recv_view_wait, *str_commit_py, *str_publish_tail, *str_reserve_wait,
-    *str_as_message, *str_try_send_many_py, *str_flag, *str_take_many_py;
+    *str_as_message, *str_try_send_many_py, *str_flag, *str_take_many_py, *str_timeout;
 
 static inline u64 ld_relaxed(volatile u64 *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline u64 ld_acquire(volatile u64 *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -450,6 +451,29 @@ static int truth(Core *self, PyObject *obj, int dflt) {
     return v;
 }
 
+/* A timeout argument, checked before the first attempt so that a bad one is refused even when
+ * no wait is needed: None, or an exact float or int that is >= 0 and finite, passes here;
+ * anything else goes to ring.py's _timeout (the argument rule), which raises or accepts. */
+static int timeout_ok(Core *self, PyObject *obj) {
+    if (obj == NULL || obj == Py_None)
+        return 0;
+    if (PyFloat_CheckExact(obj)) {
+        double v = PyFloat_AS_DOUBLE(obj);
+        if (v >= 0 && v <= DBL_MAX)
+            return 0;
+    } else if (PyLong_CheckExact(obj)) {
+        long long v = PyLong_AsLongLong(obj);
+        if (v >= 0)
+            return 0;
+        PyErr_Clear();
+    }
+    PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, str_timeout, obj);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* An int argument the fast path may take: an exact int (not a bool, not an __index__ type)
  * that fits ``*out``; 0 sends the call to the Python twin, which applies the rule. */
 static int plain_ssize(PyObject *obj, Py_ssize_t *out) {
@@ -498,7 +522,7 @@ static PyObject *Core_send(Core *self, PyObject *const *args, Py_ssize_t nargs,
         return NULL;
     }
     int flush = truth(self, a[2], 1);
-    if (flush < 0 || !core_bound(self))
+    if (flush < 0 || timeout_ok(self, a[1]) < 0 || !core_bound(self))
         return NULL;
     int r = send_one(self, a[0], flush);
     if (r < 0)
@@ -651,6 +675,8 @@ static PyObject *Core_reserve(Core *self, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_TypeError, "reserve() missing 'n'");
         return NULL;
     }
+    if (timeout_ok(self, a[1]) < 0)
+        return NULL;
     PyObject *view = Core_try_reserve(self, a, 1);
     if (view != Py_None)
         return view; /* a view, or NULL with the error set */
@@ -815,7 +841,8 @@ static PyObject *Core_recv(Core *self, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames) {
     static const char *const names[] = {"timeout"};
     PyObject *a[1];
-    if (parse_args(args, nargs, kwnames, names, 1, 1, a, "recv") < 0 || !core_bound(self))
+    if (parse_args(args, nargs, kwnames, names, 1, 1, a, "recv") < 0 ||
+        timeout_ok(self, a[0]) < 0 || !core_bound(self))
         return NULL;
     PyObject *data = take(self);
     if (data != Py_None)
@@ -878,7 +905,8 @@ static PyObject *Core_recv_view(Core *self, PyObject *const *args, Py_ssize_t na
                                 PyObject *kwnames) {
     static const char *const names[] = {"timeout"};
     PyObject *a[1];
-    if (parse_args(args, nargs, kwnames, names, 1, 1, a, "recv_view") < 0 || !core_bound(self))
+    if (parse_args(args, nargs, kwnames, names, 1, 1, a, "recv_view") < 0 ||
+        timeout_ok(self, a[0]) < 0 || !core_bound(self))
         return NULL;
     PyObject *view = take_view(self, KIND_DATA, NULL);
     if (view != Py_None)
@@ -1096,6 +1124,7 @@ static int intern_all(void) {
     INTERN(str_try_send_many_py, "_try_send_many_py");
     INTERN(str_flag, "_flag");
     INTERN(str_take_many_py, "_take_many_py");
+    INTERN(str_timeout, "_timeout");
 #undef INTERN
     return 0;
 }

@@ -718,6 +718,8 @@ class Receiver(RingReceiver, _End):
     def _recv_py(self, timeout: float | None = None) -> bytes:
         """The next message as bytes. Raises ChannelTimeout, PeerGoneError (after the ring
         is drained), ChannelClosedError (the sender closed it and all was received)."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         data = self._take()
         if data is None:
             data = self._recv_wait(timeout)
@@ -742,6 +744,8 @@ class Receiver(RingReceiver, _End):
     def _recv_view_py(self, timeout: float | None = None) -> memoryview:
         """The next message as a read-only view into shared memory (no copy), valid until
         :meth:`release`."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         view = self._take_view()
         if view is None:
             view = self._recv_view_wait(timeout)
@@ -770,6 +774,8 @@ class Receiver(RingReceiver, _End):
         head and at most one tail store for the whole batch (the fast way to stream small
         messages; pair it with :meth:`Sender.send_many`). ``max_messages=0`` returns ``[]``
         at once."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         if type(max_messages) is not int or not 0 < max_messages <= _MAX_BATCH:
             self._batch_size(max_messages)  # raises, or 0: checks the end is open
         out = self.take_many(max_messages)
@@ -791,6 +797,8 @@ class Receiver(RingReceiver, _End):
         :meth:`release`), or a private copy with ``copy=True``. A copied message is given
         back at once, unless views handed out earlier are still held: :meth:`release` frees
         all at once, so it then waits for your next release()."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         held = bool(self._views)
         view = self.try_recv_view(KIND_ARRAY)
         deadline = _deadline(timeout)
@@ -808,6 +816,8 @@ class Receiver(RingReceiver, _End):
         return array
 
     async def recv_async(self, timeout: float | None = None) -> bytes:
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         data = self.try_recv()
         deadline = _deadline(timeout)
         while data is None:
@@ -819,6 +829,8 @@ class Receiver(RingReceiver, _End):
         self, max_messages: int = 1024, timeout: float | None = None
     ) -> list[bytes]:
         """Asyncio twin of :meth:`recv_many`."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         if type(max_messages) is not int or not 0 < max_messages <= _MAX_BATCH:
             self._batch_size(max_messages)  # raises, or 0: checks the end is open
         out = self.take_many(max_messages)
@@ -830,6 +842,8 @@ class Receiver(RingReceiver, _End):
         return out
 
     async def recv_view_async(self, timeout: float | None = None) -> memoryview:
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         view = self.try_recv_view()
         deadline = _deadline(timeout)
         while view is None:
@@ -839,6 +853,8 @@ class Receiver(RingReceiver, _End):
 
     async def recv_array_async(self, timeout: float | None = None, *, copy: bool = False) -> Any:
         """Asyncio twin of :meth:`recv_array`."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         held = bool(self._views)
         view = self.try_recv_view(KIND_ARRAY)
         deadline = _deadline(timeout)
@@ -969,6 +985,8 @@ class Sender(RingSender, _End):
     ) -> None:  # fmt: skip
         """Copy ``data`` in as one message (waiting for room). ``flush=False`` defers
         publishing to :meth:`flush`, for batches."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         if not self.try_send(data, flush):
             self._send_wait(data, timeout, flush)
 
@@ -991,6 +1009,8 @@ class Sender(RingSender, _End):
         bounds the whole call. If it raises (a message that cannot be sent, a timeout, the
         receiver gone), the messages before a point named in the error's note were sent and
         none after it."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         batch = _batch(messages)
         i = 0
         try:
@@ -1025,6 +1045,8 @@ class Sender(RingSender, _End):
         self, messages: Iterable[bytes | bytearray | memoryview], timeout: float | None = None
     ) -> None:
         """Asyncio twin of :meth:`send_many`."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         batch = _batch(messages)
         i = 0
         try:
@@ -1040,6 +1062,8 @@ class Sender(RingSender, _End):
 
     async def reserve_async(self, n: int, timeout: float | None = None) -> memoryview:
         """Asyncio twin of :meth:`reserve`."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         view = self.try_reserve(n)
         deadline = _deadline(timeout)
         while view is None:
@@ -1050,6 +1074,8 @@ class Sender(RingSender, _End):
     async def reserve_array_async(self, shape: int | tuple[int, ...], dtype: Any = "f8",
                                   timeout: float | None = None) -> Any:  # fmt: skip
         """Asyncio twin of :meth:`reserve_array`."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         np, dt, dims, header = _array_plan(shape, dtype)
         view = self.try_reserve(len(header) + dt.itemsize * _product(dims), KIND_ARRAY)
         deadline = _deadline(timeout)
@@ -1061,12 +1087,16 @@ class Sender(RingSender, _End):
     async def send_array_async(self, array: Any, timeout: float | None = None,
                                flush: bool = True) -> None:  # fmt: skip
         """Asyncio twin of :meth:`send_array`."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         a = _numpy().asarray(array)
         self._fill_array(await self.reserve_array_async(a.shape, a.dtype, timeout), a, flush)
 
     def _reserve_py(self, n: int, timeout: float | None = None) -> memoryview:
         """A writable view of ``n`` bytes inside the ring (zero copy); fill it, then
         :meth:`commit` (or :meth:`cancel`)."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         view = self.try_reserve(n)
         if view is None:
             view = self._reserve_wait(n, timeout)
@@ -1087,6 +1117,8 @@ class Sender(RingSender, _End):
                       timeout: float | None = None) -> Any:  # fmt: skip
         """A numpy array of ``shape``/``dtype`` living in the ring; fill it, then
         :meth:`commit`. The receiver gets it with ``recv_array``."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         np, dt, dims, header = _array_plan(shape, dtype)
         nbytes = dt.itemsize * _product(dims)
         view = self.try_reserve(len(header) + nbytes, KIND_ARRAY)
@@ -1099,6 +1131,8 @@ class Sender(RingSender, _End):
     def send_array(self, array: Any, timeout: float | None = None, flush: bool = True) -> None:
         """Send a numpy array: one copy, straight into the ring (dtype and shape travel in a
         small header)."""
+        if timeout is not None:
+            self._timeout(timeout)  # the argument rule, also when no wait is needed
         a = _numpy().asarray(array)
         self._fill_array(self.reserve_array(a.shape, a.dtype, timeout), a, flush)
 

@@ -41,7 +41,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from .._args import flag_arg, int_arg
+from .._args import flag_arg, int_arg, timeout_arg
 from ..errors import UsageError
 from ._ordering import _acquire, _release
 from .errors import ChannelClosedError, ChannelCorrupted, UnexpectedMessageError
@@ -215,6 +215,9 @@ class _Ring(_Base):
 
     def _flag(self, value: object, what: str = "flush") -> bool:
         return flag_arg(value, f"channel {self.name!r}: {what}")
+
+    def _timeout(self, value: object) -> float | None:
+        return timeout_arg(value)
 
     def _int(self, value: object, what: str) -> int:
         return value if type(value) is int else int_arg(value, f"channel {self.name!r}: {what}")
