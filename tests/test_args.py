@@ -363,6 +363,11 @@ def _reset(tx: Sender, rx: Receiver) -> None:
     rx.release()
 
 
+def _array_then_recv(tx: Sender, rx: Receiver, timeout: Any) -> Any:
+    tx.send_array(np.arange(3))
+    return rx.recv_array(timeout)
+
+
 CHANNEL_CALLS: dict[str, Callable[[Sender, Receiver, Any], Any]] = {
     "send(data)": lambda tx, rx, v: tx.send(v),
     "send(timeout)": lambda tx, rx, v: tx.send(b"x", v),
@@ -393,7 +398,7 @@ CHANNEL_CALLS: dict[str, Callable[[Sender, Receiver, Any], Any]] = {
     "send_many_async(timeout)": lambda tx, rx, v: asyncio.run(tx.send_many_async([b"x"], v)),
     "reserve_async(timeout)": lambda tx, rx, v: asyncio.run(tx.reserve_async(8, v)),
     "send_array(timeout)": lambda tx, rx, v: tx.send_array(np.arange(3), v),
-    "recv_array(timeout)": lambda tx, rx, v: (tx.send_array(np.arange(3)), rx.recv_array(v)),
+    "recv_array(timeout)": lambda tx, rx, v: _array_then_recv(tx, rx, v),
     "take_many(max_messages)": lambda tx, rx, v: (tx.send(b"m"), rx.take_many(v)),
 }
 
