@@ -315,7 +315,8 @@ _ECHO_LOCK = threading.Lock()
 
 class Guest:
     """A running guest. Created by :meth:`ivshmem.lab.Lab.start`; use :meth:`wait` for its
-    :class:`GuestResult`."""
+    :class:`GuestResult`. ``pid`` is QEMU's process id, :meth:`peer_id` the peer id its
+    server assigned (known as soon as QEMU has connected, before the guest boots)."""
 
     def __init__(
         self,

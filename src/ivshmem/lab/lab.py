@@ -301,7 +301,10 @@ class Lab:
         (source text) or ``module`` (run as ``python -m``); ``args`` become its ``sys.argv[1:]``.
         Devices: ``server_socket`` (+ ``vectors``) adds an ``ivshmem-doorbell`` connected to a
         server, ``plain_path`` (+ ``plain_size``) an ``ivshmem-plain`` over a shared file, and
-        ``devices`` any list of :class:`Doorbell` / :class:`PlainRegion`, in PCI order.
+        ``devices`` any list of :class:`Doorbell` / :class:`PlainRegion`, in PCI order. A
+        doorbell's ``vectors`` must be its server's ``-n``: the server is asked (through its
+        status socket) and a mismatch is refused before QEMU starts, since QEMU would run with
+        it silently. The returned guest's :meth:`Guest.peer_id` is the id its server gave it.
 
         The program runs as root in the guest, in ``cwd`` (default: this process's working
         directory), with stdin from /dev/null and an environment of PATH, HOME, locale and
