@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from serverproc import ServerProcess
 
 import ivshmem
+import ivshmem.pci
 from ivshmem._args import flag_arg, int_arg, peer_arg, seconds_arg, timeout_arg
 from ivshmem.channel import Receiver, Sender, UnexpectedMessageError, format_region
 from ivshmem.channel import ring as ringmod
@@ -256,6 +257,25 @@ def test_open_pci_arguments(fake_sys: FakeSysfs, param: str, value: Any) -> None
     result = outcome(lambda: ivshmem.open_pci(**kwargs), (UsageError, DeviceError))
     if result[0] == "ok":
         result[1].close()
+
+
+PCI_CALLS: dict[str, Callable[[FakeSysfs, Any], Any]] = {
+    "find_devices": lambda fake, v: ivshmem.pci.find_devices(v),
+    "normalize_address": lambda fake, v: ivshmem.pci.normalize_address(v),
+    "select_device": lambda fake, v: ivshmem.pci.select_device(
+        ivshmem.pci.find_devices(str(fake.root)), v, str(fake.root)
+    ),
+    "read_ivposition": lambda fake, v: ivshmem.pci.read_ivposition(v),
+    "bind_vfio_pci": lambda fake, v: ivshmem.pci.bind_vfio_pci(v),
+    "unbind_vfio_pci": lambda fake, v: ivshmem.pci.unbind_vfio_pci(v),
+    "parse_size": lambda fake, v: ivshmem.parse_size(v),
+}
+
+
+@PROPERTY
+@given(call=st.sampled_from(sorted(PCI_CALLS)), value=ODD)
+def test_pci_helper_arguments(fake_sys: FakeSysfs, call: str, value: Any) -> None:
+    outcome(lambda: PCI_CALLS[call](fake_sys, value), (UsageError, DeviceError))
 
 
 # -- the endpoint contract --------------------------------------------------------------------

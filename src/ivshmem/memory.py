@@ -48,8 +48,8 @@ def parse_size(text: str | int) -> int:
 
     Suffixes are binary (K = 1024). Raises :class:`UsageError` naming the text on bad input.
     """
-    if isinstance(text, bool):
-        raise UsageError(f"size {text!r} is not a number of bytes")
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise UsageError(f"size {text!r} is not a number of bytes (an int, or a str like '4M')")
     if isinstance(text, int):
         value = text
     else:

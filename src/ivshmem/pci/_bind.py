@@ -12,6 +12,7 @@ import logging
 import os
 import shlex
 
+from ..errors import UsageError
 from ._errors import (
     BindFailedError,
     DevicePermissionError,
@@ -60,6 +61,13 @@ def noiommu_enabled(sysfs_root: str = "/sys") -> bool:
 
 def vfio_pci_loaded(sysfs_root: str = "/sys") -> bool:
     return os.path.isdir(os.path.join(sysfs_root, "bus", "pci", "drivers", VFIO_PCI))
+
+
+def _check_device(device: object) -> None:
+    if not isinstance(device, IvshmemDevice):
+        raise UsageError(
+            f"expected an IvshmemDevice (from find_devices() or select_device()), not {device!r}"
+        )
 
 
 def _write(device: IvshmemDevice, path: str, value: str, doing: str) -> None:
@@ -137,6 +145,7 @@ def bind_vfio_pci(device: IvshmemDevice) -> IvshmemDevice:
     the device was changed, the previous driver_override is restored and the previous driver
     is bound again, so a failed attempt does not leave the device without its driver.
     """
+    _check_device(device)
     if device.driver == VFIO_PCI:
         return device
     check_vfio_ready(device)
@@ -235,6 +244,7 @@ def _undo_bind(
 def unbind_vfio_pci(device: IvshmemDevice) -> IvshmemDevice:
     """Undo :func:`bind_vfio_pci`: clear driver_override, unbind from vfio-pci and let the
     kernel probe its usual driver (usually none for ivshmem). Returns a fresh snapshot."""
+    _check_device(device)
     _write(device, device.file("driver_override"), "\n", "clear driver_override")
     if device.driver == VFIO_PCI:
         _write(

@@ -433,6 +433,10 @@ def _open_resource(dev: IvshmemDevice, index: int, wc: bool, size: int) -> BarMa
 def read_ivposition(device: IvshmemDevice) -> int:
     """Read IVPosition through sysfs without opening the whole device (needs root; fails
     with WrongDriverError while a VFIO user holds the device)."""
+    if not isinstance(device, IvshmemDevice):
+        raise UsageError(
+            f"expected an IvshmemDevice (from find_devices() or select_device()), not {device!r}"
+        )
     _check_bars(device)
     bar0 = device.bar(0)
     assert bar0 is not None

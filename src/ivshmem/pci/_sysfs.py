@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from ..errors import UsageError
 from ._errors import DevicePermissionError, NoSuchDeviceError
 
 __all__ = [
@@ -135,6 +136,8 @@ def normalize_address(text: str) -> str:
 
     Raises :class:`NoSuchDeviceError` for something that is not a PCI address.
     """
+    if not isinstance(text, str):
+        raise UsageError(f"a PCI address is a str such as '0000:00:04.0', not {text!r}")
     match = _ADDRESS_RE.match(text.strip().lower())
     if match is None:
         raise NoSuchDeviceError(
@@ -240,6 +243,8 @@ def find_devices(sysfs_root: str = "/sys") -> list[IvshmemDevice]:
 
     An empty list when there is none (or no PCI bus at all, as in a container).
     """
+    if not isinstance(sysfs_root, str) or not sysfs_root or "\0" in sysfs_root:
+        raise UsageError(f"sysfs_root must be a directory path (str), not {sysfs_root!r}")
     where = devices_dir(sysfs_root)
     try:
         names = sorted(os.listdir(where))
