@@ -499,6 +499,7 @@ def test_a_vector_count_other_than_the_servers_is_refused_before_booting(
         assert "asks for 1" in done.stderr and done.stderr.count("\n") == 1
 
 
+@pytest.mark.lab
 def test_a_guest_without_a_doorbell_has_no_peer_id(lab: Lab, short_tmp: Path) -> None:
     region = short_tmp / "plain"
     region.write_bytes(b"\0" * 65536)
