@@ -533,6 +533,22 @@ def test_qemus_warnings_reach_the_result_when_the_lab_cannot_check_vectors(
     assert any("Too many eventfd received" in line for line in result.qemu_warnings), result
 
 
+@pytest.mark.lab
+@pytest.mark.timeout(240)
+def test_cli_run_shows_qemus_warnings_of_a_guest_that_succeeded(
+    assets: Assets, short_tmp: Path
+) -> None:
+    with ServerProcess(
+        short_tmp, size="1M", vectors=2, extra_args=["--status-socket", ""]
+    ) as server:
+        done = lab_cli("run", "--socket", server.socket_path, "--vectors", "1", "-c", "pass")
+    assert done.returncode == 0, done.stderr
+    assert "cannot check the vector count" in done.stderr
+    assert re.search(r"ivshmem lab: g0: QEMU: .*Too many eventfd received", done.stderr), (
+        done.stderr
+    )
+
+
 VFIO_GUEST = (
     FIND_DEVICE
     + r"""
