@@ -168,11 +168,11 @@ def main() -> int:
     for name, value in medians.items():
         print(f"  {name:15s} {value:8.1f}")
     floor = medians["qtest, RAM"]
-    ours, theirs = medians["qtest, ours"], medians["qtest, QEMU's"]
+    ours_us, theirs_us = medians["qtest, ours"], medians["qtest, QEMU's"]
     print("ratios:")
-    print(f"  qtest ours / QEMU's              {ours / theirs:.2f}")
-    print(f"  ours above the qtest floor       {ours - floor:.1f} µs")
-    print(f"  QEMU's above the qtest floor     {theirs - floor:.1f} µs")
+    print(f"  qtest ours / QEMU's              {ours_us / theirs_us:.2f}")
+    print(f"  ours above the qtest floor       {ours_us - floor:.1f} µs")
+    print(f"  QEMU's above the qtest floor     {theirs_us - floor:.1f} µs")
     print(f"  socket round trip (device path)  {medians['socket']:.1f} µs")
     print(f"  of which Python handling         {medians['sans-IO']:.1f} µs")
     return 0
