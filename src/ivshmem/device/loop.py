@@ -399,6 +399,10 @@ class VmDevice:
                 return
             if payload is not None and not self.codec.last_no_reply:
                 self._send(payload, reply_fds)
+                # QEMU waits for this reply before it sends anything else: the next read would
+                # almost always find nothing. The selector (level-triggered) calls us again if
+                # there is more.
+                return
             if self.conn is None:
                 return
 
