@@ -197,3 +197,20 @@ def test_against_qemus_server_order(
             assert dev.read_register(reg.PEER_AT) == 12
     finally:
         greeter.join(timeout=10)
+
+
+def test_the_socket_path_is_checked(short_tmp: Path) -> None:
+    not_a_socket = short_tmp / "file"
+    not_a_socket.write_text("keep me")
+    done = run_device("--socket", str(not_a_socket), "--plain", "--size", "1M")
+    assert done.returncode == 2 and "is not a socket" in done.stderr
+    assert not_a_socket.read_text() == "keep me"
+    # A stale socket (nobody listening) is replaced; a live one is refused.
+    stale = short_tmp / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))
+    with serving([VmSpec(socket=str(stale), size=1 << 20)]):
+        done = run_device("--socket", str(stale), "--plain", "--size", "1M")
+        assert done.returncode == 2 and "in use" in done.stderr
+    assert not stale.exists()
+    assert sorted(p.name for p in short_tmp.iterdir()) == ["file"]

@@ -91,6 +91,7 @@ class VmDevice:
         self.owner = owner
         self.spec = spec
         self.name = spec.name or f"vm{index}"
+        self.index = index
         self.link: ServerLink | None = None
         self.own_fds: dict[int, int] = {}  # eventfd -> own vector
         self.server_key = os.path.realpath(spec.server) if spec.server else None
@@ -187,24 +188,35 @@ class VmDevice:
 
     def _listen(self, path: str) -> socket.socket:
         try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    probe.connect(path)
-                except OSError:
-                    os.unlink(path)  # a stale socket of a dead device process
-                else:
-                    raise UsageError(f"{self.name}: {path} is in use by a running process")
-                finally:
-                    probe.close()
+            mode = os.lstat(path).st_mode
         except FileNotFoundError:
             pass
+        else:
+            if not stat.S_ISSOCK(mode):
+                raise UsageError(f"{self.name}: {path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # a stale socket of a dead device process
+            else:
+                raise UsageError(f"{self.name}: {path} is in use by a running process")
+            finally:
+                probe.close()
+        # Bound and listening under a temporary name, then renamed: whoever sees the socket
+        # (QEMU, a script waiting for it) can connect at once.
+        staging = os.path.join(os.path.dirname(path), f".ivd-{os.getpid()}-{self.index}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(path)
+            sock.bind(staging)
             sock.listen(4)
+            os.rename(staging, path)
         except OSError as err:
             sock.close()
+            try:
+                os.unlink(staging)
+            except OSError:
+                pass
             raise UsageError(f"{self.name}: cannot listen on {path}: {err.strerror}") from err
         sock.setblocking(False)
         return sock
@@ -584,10 +596,13 @@ class DeviceServer:
             if callbacks is None:
                 continue
             on_read, on_write = callbacks
-            if mask & selectors.EVENT_WRITE and on_write is not None:
-                on_write(key.fd)
-            if mask & selectors.EVENT_READ and key.fd in self._callbacks:
-                on_read(key.fd)
+            try:
+                if mask & selectors.EVENT_WRITE and on_write is not None:
+                    on_write(key.fd)
+                if mask & selectors.EVENT_READ and key.fd in self._callbacks:
+                    on_read(key.fd)
+            except Exception:  # a bug must not take every VM of the process down with it
+                log.exception("unexpected error serving fd %d; carrying on", key.fd)
         now = time.monotonic()
         for vm in self.vms:
             if vm.reconnect_at is not None and vm.reconnect_at <= now:
