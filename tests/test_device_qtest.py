@@ -31,6 +31,9 @@ from ivshmem.device import VmSpec
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(180)]
 
 MIB = 1 << 20
+PCI_STATUS = 0x06
+STATUS_INTERRUPT = 0x08
+COMMAND_INTX_DISABLE = 0x400
 WAIT = 10.0  # hang catcher only
 
 
@@ -266,6 +269,18 @@ def test_intx_mode(qemu11: list[str], short_tmp: Path, server: ServerProcess) ->
             assert dev.read_register(reg.INTRSTATUS) == 1 << 0
             assert poll_until(lambda: _irq(qemu, "lower"), WAIT)
             assert dev.read_register(reg.INTRSTATUS) == 0
+            # PCI 2.3 INTx masking, as a guest's vfio-pci driver uses it: Interrupt Status
+            # shows the level, Interrupt Disable keeps the line down until it is cleared.
+            assert not pci.config_read(PCI_STATUS, 2) & STATUS_INTERRUPT
+            qemu.irq_events.clear()
+            pci.command = pci.command | COMMAND_INTX_DISABLE
+            ring_eventfd(host.peer_fds[me][1])
+            assert poll_until(lambda: pci.config_read(PCI_STATUS, 2) & STATUS_INTERRUPT, WAIT)
+            assert not _irq(qemu, "raise")
+            pci.command = pci.command & ~COMMAND_INTX_DISABLE
+            assert poll_until(lambda: _irq(qemu, "raise"), WAIT)
+            assert dev.read_register(reg.INTRSTATUS) == 1 << 1
+            assert not pci.config_read(PCI_STATUS, 2) & STATUS_INTERRUPT
             # The guest still rings the host.
             assert host.id is not None
             dev.ring(host.id, 1)

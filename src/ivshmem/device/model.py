@@ -56,6 +56,11 @@ _IRQ_NORESIZE = 8
 _DEVICE_PCI = 2
 _DEVICE_RESET = 1
 
+PCI_COMMAND = 0x04
+PCI_STATUS = 0x06
+COMMAND_INTX_DISABLE = 0x400
+STATUS_INTERRUPT = 0x08
+
 _ONE = (1).to_bytes(8, "little")
 _U32 = struct.Struct("<I")
 
@@ -163,6 +168,8 @@ class IvshmemFunction:
         for i, byte in enumerate(data):
             mask = self._wmask[offset + i]
             self.config[offset + i] = (self.config[offset + i] & ~mask) | (byte & mask)
+        if offset <= PCI_COMMAND + 1 and offset + len(data) > PCI_COMMAND:
+            self._update_intx()  # Interrupt Disable may have been cleared
 
     # -- registers -------------------------------------------------------------------------
 
@@ -249,11 +256,23 @@ class IvshmemFunction:
     def _update_intx(self) -> None:
         # INTx is level-triggered and, over vfio, automasked: we signal once and stay quiet
         # until QEMU unmasks (on the guest's next BAR access, before that access reaches us).
-        if not self.options.intx or self.intx_fd is None or self.intx_masked:
+        # The level also shows in PCI_STATUS's Interrupt Status bit: a guest's vfio-pci
+        # driver (INTx masking via PCI 2.3's Interrupt Disable) reads it to tell whether the
+        # shared interrupt line is ours; without it every INTx would look spurious. Interrupt
+        # Disable in PCI_COMMAND keeps the line from being raised, not the status bit.
+        if not self.options.intx:
             return
-        if self.intrstatus & self.intrmask:
-            self.intx_masked = True
-            _signal(self.intx_fd)
+        level = bool(self.intrstatus & self.intrmask)
+        if level:
+            self.config[PCI_STATUS] |= STATUS_INTERRUPT
+        else:
+            self.config[PCI_STATUS] &= ~STATUS_INTERRUPT & 0xFF
+        if not level or self.intx_fd is None or self.intx_masked:
+            return
+        if self.config[PCI_COMMAND + 1] << 8 & COMMAND_INTX_DISABLE:
+            return
+        self.intx_masked = True
+        _signal(self.intx_fd)
 
     def membership_event(self, bits: int) -> None:
         """Record ``bits`` in Events, bump Generation and ring EventVector."""
