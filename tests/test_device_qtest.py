@@ -275,7 +275,7 @@ def test_intx_mode(qemu11: list[str], short_tmp: Path, server: ServerProcess) ->
             qemu.irq_events.clear()
             pci.command = pci.command | COMMAND_INTX_DISABLE
             ring_eventfd(host.peer_fds[me][1])
-            assert poll_until(lambda: pci.config_read(PCI_STATUS, 2) & STATUS_INTERRUPT, WAIT)
+            assert poll_until(lambda: bool(pci.config_read(PCI_STATUS, 2) & STATUS_INTERRUPT), WAIT)
             assert not _irq(qemu, "raise")
             pci.command = pci.command & ~COMMAND_INTX_DISABLE
             assert poll_until(lambda: _irq(qemu, "raise"), WAIT)
