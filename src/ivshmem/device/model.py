@@ -43,7 +43,7 @@ NUM_REGIONS = 9  # BAR0-5, ROM, config, VGA
 NUM_IRQS = 5  # INTx, MSI, MSI-X, ERR, REQ
 IRQ_INTX = 0
 IRQ_MSIX = 2
-MAX_DMA_MAPS = 4096
+MAX_DMA_MAPS = 16384  # QEMU aborts the VM when a map fails: generous, yet bounded
 MAX_MSIX_VECTORS = 2048  # the MSI-X table size field is 11 bits
 
 _REGION_READ = 1
