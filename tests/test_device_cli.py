@@ -214,3 +214,25 @@ def test_the_socket_path_is_checked(short_tmp: Path) -> None:
         assert done.returncode == 2 and "in use" in done.stderr
     assert not stale.exists()
     assert sorted(p.name for p in short_tmp.iterdir()) == ["file"]
+
+
+def test_a_server_that_breaks_the_protocol_is_reported(short_tmp: Path) -> None:
+    path = short_tmp / "liar.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def lie() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(struct.pack("<q", 5))  # protocol version 5
+                conn.recv(1)
+
+        liar = threading.Thread(target=lie)
+        liar.start()
+        try:
+            done = run_device("--socket", str(short_tmp / "d.sock"), "--server", str(path))
+        finally:
+            liar.join(timeout=30)
+    assert done.returncode == 2
+    assert "protocol version 5" in done.stderr
