@@ -236,3 +236,24 @@ def test_a_server_that_breaks_the_protocol_is_reported(short_tmp: Path) -> None:
             liar.join(timeout=30)
     assert done.returncode == 2
     assert "protocol version 5" in done.stderr
+
+
+def test_plain_regions_from_a_posix_name_a_new_file_and_a_memfd(short_tmp: Path) -> None:
+    name = f"ivt-device-{os.getpid()}"
+    new_file = short_tmp / "new-region"
+    specs = [
+        VmSpec(socket=str(short_tmp / "a.sock"), region=f"/{name}", size=1 << 20),
+        VmSpec(socket=str(short_tmp / "b.sock"), region=str(new_file), size=2 << 20),
+        VmSpec(socket=str(short_tmp / "c.sock"), size=4 << 20),
+    ]
+    try:
+        with serving(specs) as device:
+            sizes = [vm.function.region_size for vm in device.vms]
+            assert sizes == [1 << 20, 2 << 20, 4 << 20]
+            assert os.path.getsize(f"/dev/shm/{name}") == 1 << 20
+            assert new_file.stat().st_size == 2 << 20
+            links = [os.readlink(f"/proc/self/fd/{vm.function.region_fd}") for vm in device.vms]
+            assert links[0] == f"/dev/shm/{name}" and links[1] == str(new_file)
+            assert links[2].startswith("/memfd:")
+    finally:
+        Path(f"/dev/shm/{name}").unlink(missing_ok=True)
