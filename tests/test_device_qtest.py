@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -392,6 +393,46 @@ def test_the_vm_survives_a_server_restart(qemu11: list[str], short_tmp: Path, ba
             if proc is not None and proc.alive:
                 proc.stop(check=False)
         region.unlink(missing_ok=True)
+
+
+def test_a_silent_server_does_not_hold_the_device(qemu11: list[str], short_tmp: Path) -> None:
+    sock = short_tmp / "dev.sock"
+    first = ServerProcess(short_tmp, size="1M", vectors=1).start()
+    second: ServerProcess | None = None
+    try:
+        spec = VmSpec(socket=str(sock), server=first.socket_path)
+        with serving([spec]) as device, attach(qemu11, short_tmp, sock) as qemu:
+            vm = device.vms[0]
+            vm.greeting_timeout = 0.5
+            dev = IvshmemDevice.find(qemu)
+            dev.read_register(reg.EVENTS)
+            first.stop()
+            # Something accepts connections at the server's path and never says a word.
+            silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                silent.bind(first.socket_path)
+                silent.listen(8)
+                assert poll_until(lambda: "no greeting" in vm.link.lost if vm.link else False, WAIT)
+                start = time.monotonic()
+                assert dev.read_register(reg.SERVER_STATE) == reg.SERVER_RECONNECTING
+                assert time.monotonic() - start < 1.0
+            finally:
+                silent.close()
+                os.unlink(first.socket_path)
+            second = ServerProcess(short_tmp, size="1M", vectors=1).start()
+            assert poll_until(
+                lambda: dev.read_register(reg.SERVER_STATE) == reg.SERVER_CONNECTED, WAIT
+            )
+            # The failed attempts told the guest nothing: one loss, one reconnection (to a
+            # memfd server, hence new memory).
+            events = dev.read_register(reg.EVENTS)
+            assert events == (
+                reg.EVENT_SERVER_LOST | reg.EVENT_RECONNECTED | reg.EVENT_REGION_CHANGED
+            )
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.alive:
+                proc.stop(check=False)
 
 
 # -- several VMs in one device process -----------------------------------------------------

@@ -186,6 +186,11 @@ class ServerLink:
             return False
         return True
 
+    def abort(self, why: str) -> None:
+        """Give up on this connection (e.g. a silent server); the loss is reported as usual."""
+        if self.sock is not None:
+            self._lost(why)
+
     def _lost(self, why: str) -> None:
         self.lost = why
         self.events.lost(why)  # first: the loop stops watching the socket before it closes
