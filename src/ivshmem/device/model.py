@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from .. import registers as reg
 from . import vfio_user as vu
 
-__all__ = ["BAR0_SIZE", "MSIX_BAR_SIZE", "DeviceOptions", "IvshmemFunction"]
+__all__ = [
+    "BAR0_SIZE",
+    "MAX_DMA_MAPS",
+    "MAX_MSIX_VECTORS",
+    "MSIX_BAR_SIZE",
+    "DeviceOptions",
+    "IvshmemFunction",
+]
 
 log = logging.getLogger("ivshmem.device")
 
@@ -244,7 +251,7 @@ class IvshmemFunction:
         bit ``vector`` and INTx if IntrMask lets it through. Without an eventfd (MSI-X not
         enabled yet) it is dropped, as QEMU's device drops it."""
         if self.options.intx:
-            if vector < 32:
+            if 0 <= vector < 32:
                 self.intrstatus |= 1 << vector
                 self._update_intx()
             return
