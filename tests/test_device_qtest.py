@@ -304,7 +304,7 @@ def test_a_system_reset_resets_the_registers_and_interrupts_work_again(
         ):
             dev = IvshmemDevice.find(qemu)
             me = dev.ivposition
-            host.wait(lambda: host.complete({me}, 1))
+            host.wait(lambda: host.complete({me}, 2))
             dev.write_register(reg.INTRMASK, 5)
             dev.write_register(reg.INTRSTATUS, 6)
             qemu.qmp("system_reset")  # QEMU sends DEVICE_RESET, as for its own device's reset
