@@ -6,6 +6,7 @@ opening the channel again."""
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import time
@@ -20,8 +21,10 @@ import ivshmem
 from ivshmem.channel import (
     ChannelLostError,
     Membership,
+    NotFormattedError,
     PeerGoneError,
     Receiver,
+    Region,
     Sender,
 )
 
@@ -241,3 +244,31 @@ def test_a_waiting_receiver_learns_of_the_restart(servers: Restartable) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_layout_of_version_1_is_refused_with_the_way_on(short_tmp: Path) -> None:
+    """Version 1 layouts (whose ends did not check their slot when reading) are refused by a
+    restarting --format server, before it changes anything, naming --reformat; a host that
+    attaches to one gets NotFormattedError saying the same."""
+    region = short_tmp / "region"
+    args = ["--file", str(region), "--format"]
+    with ServerProcess(short_tmp, size="1M", extra_args=args):
+        pass
+    with region.open("r+b") as f:
+        page = bytearray(f.read(4096))
+        struct.pack_into("<I", page, 8, 1)  # what the previous version wrote
+        f.seek(0)
+        f.write(page)
+    before = region.read_bytes()
+    cmd = [sys.executable, "-m", "ivshmem.cli.server", "-F", "-S", str(short_tmp / "s"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1, proc.stderr
+    assert "layout of version 1; this server writes version 2" in proc.stderr
+    assert "add --reformat" in proc.stderr and "Traceback" not in proc.stderr
+    assert region.read_bytes() == before
+    with ivshmem.open_region(str(region)) as ep:
+        with pytest.raises(NotFormattedError, match="layout version 1, this library"):
+            Region(ep)
+    with ServerProcess(short_tmp, size="1M", extra_args=[*args, "--reformat"]) as server:
+        with ivshmem.connect(server.socket_path) as peer:
+            assert Region(peer.memory).max_peers == 16

@@ -9,7 +9,7 @@
 Memory-ordering and trust arguments: ``_ordering.py``, ``layout.py``, ``ring.py``.
 """
 
-from .channel import DEFAULT_CAPACITY, Duplex, Receiver, Sender
+from .channel import DEFAULT_CAPACITY, Duplex, Receiver, Sender, max_message
 from .errors import (
     ChannelClosedError,
     ChannelCorrupted,
@@ -58,4 +58,5 @@ __all__ = [
     "UnsupportedPlatformError",
     "format_region",
     "is_formatted",
+    "max_message",
 ]

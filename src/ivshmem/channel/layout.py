@@ -67,9 +67,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..endpoint import Endpoint
-from ..errors import UsageError
+from ..errors import PeersUnknownError, UsageError
 from ._ordering import check_platform
-from .errors import NotFormattedError, RegionCorrupted, RegionFullError
+from .errors import ChannelError, NotFormattedError, RegionCorrupted, RegionFullError
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -804,6 +804,30 @@ class Membership:
     def peers(self) -> frozenset[int]:
         """Ids of the peers the table lists now."""
         return self.snapshot().peers
+
+
+def listed_peers(target: Endpoint | memoryview | Any, me: int, unknown: str) -> frozenset[int]:
+    """The other peers a server-kept membership table in ``target`` lists (every id but
+    ``me``): the answer of ``peers`` for endpoints that cannot learn it otherwise (a guest's
+    device, a plain region). Raises :class:`~ivshmem.errors.PeersUnknownError` with the
+    message ``unknown`` when the region carries no layout, and says why when its table is not
+    kept by a server (a static table lists who may use a region, not who is there) or cannot
+    be read."""
+    try:
+        if not is_formatted(target):
+            raise PeersUnknownError(unknown)
+        snapshot = Membership(target).snapshot()
+    except ChannelError as err:  # another version, resized, corrupted
+        raise PeersUnknownError(f"{unknown} (its membership table cannot be read: {err})") from err
+    if not snapshot.live:
+        why = (
+            "static (format_region(peers=...)): it lists who may use the region, not who is "
+            "connected; Membership(endpoint).snapshot().peers reads that list"
+            if snapshot.writer == "static"
+            else "kept by no server (start the server with --format)"
+        )
+        raise PeersUnknownError(f"{unknown}; the region's membership table is {why}")
+    return snapshot.peers - {me}
 
 
 # -- arenas: the channel directory of one peer ------------------------------------------------

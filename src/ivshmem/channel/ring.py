@@ -328,7 +328,8 @@ class RingSender(_Ring):
         if n < 0 or n > (self.capacity >> 1) - HEADER:
             raise UsageError(
                 f"channel {self.name!r}: a {n}-byte message does not fit; the most is "
-                f"{(self.capacity >> 1) - HEADER} bytes (half the capacity of {self.capacity})"
+                f"{(self.capacity >> 1) - HEADER} bytes (half the capacity of {self.capacity}, "
+                f"less the {HEADER}-byte record header: the end's max_message)"
             )
         return (n + 15) & ~7
 
