@@ -730,8 +730,8 @@ class Receiver(RingReceiver, _End):
         arr = rx.recv_array()                 # numpy view, valid until release()
         msg = await rx.recv_async()
 
-    ``capacity`` (a power of two, bytes of ring; the largest message is half of it) only
-    matters when the channel is created. ``spin`` seconds of spinning precede blocking
+    ``capacity`` (a power of two, bytes of ring; the largest message is :attr:`max_message`,
+    half of it less the 8-byte record header) only matters when the channel is created. ``spin`` seconds of spinning precede blocking
     (``float('inf')``: spin only, never sleep).
     """
 
