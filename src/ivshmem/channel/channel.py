@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..endpoint import Endpoint
-from ..errors import DoorbellUnavailableError, PeersUnknownError, UsageError
+from ..errors import DoorbellUnavailableError, IvshmemError, PeersUnknownError, UsageError
 from ..protocol import MAX_VECTORS
 from ._ordering import _acquire, _release, check_platform
 from .errors import (
@@ -264,6 +264,18 @@ class _End:
         self._wait_seq = (old & ~1) + 2 if old < 1 << 62 else 0
         self._q[my_wait] = self._wait_seq
         self._closed = False
+        # Whether the endpoint can say who is connected when no server keeps the table (a
+        # host peer can, from its socket): asked once now, so that an endpoint that cannot
+        # (a guest, a plain region: they answer only from a server-kept table) is never asked
+        # again - its answer would cost a parse of the region's header at every probe.
+        self._ask_endpoint = True
+        if not self._membership.snapshot().live:
+            try:
+                _ = endpoint.peers
+            except PeersUnknownError:
+                self._ask_endpoint = False
+            except IvshmemError:  # not connected just now (a peer reconnecting): ask later
+                pass
         # Seen present at least once (peer_alive): a sender found its receiver listed with
         # the channel created; a receiver learns it at a liveness check or from the
         # sender's trace in the channel (_peer_attached).
@@ -400,9 +412,12 @@ class _End:
         snap = self._membership.snapshot()
         if snap.live:
             return self.peer in snap.peers
+        if not self._ask_endpoint:
+            return None
         try:
             return self.peer in self.endpoint.peers
         except PeersUnknownError:
+            self._ask_endpoint = False
             return None
 
     def _peer_attached(self) -> bool:
@@ -731,8 +746,8 @@ class Receiver(RingReceiver, _End):
         msg = await rx.recv_async()
 
     ``capacity`` (a power of two, bytes of ring; the largest message is :attr:`max_message`,
-    half of it less the 8-byte record header) only matters when the channel is created. ``spin`` seconds of spinning precede blocking
-    (``float('inf')``: spin only, never sleep).
+    half of it less the 8-byte record header) only matters when the channel is created.
+    ``spin`` seconds of spinning precede blocking (``float('inf')``: spin only, never sleep).
     """
 
     def __init__(
