@@ -25,7 +25,10 @@ long one is - and, in blocking waits, at once when the ``membership_vector`` is 
 region's membership table when a server keeps it, else ``endpoint.peers`` where the endpoint
 knows them (a host peer). A peer that left ends the wait with :class:`PeerGoneError`, and
 one that closed its end with :class:`ChannelClosedError` (a receiver first gets every
-message already in the ring); once found, every later wait says so at once. A close rings
+message already in the ring); once found, every later wait says so at once. An end whose
+memory may have been handed to someone else - the server restarted, or this peer was
+disconnected - raises :class:`ChannelLostError` at its next call and touches nothing more
+(see ``layout.py``, "Restarts"). A close rings
 the other side, which says so as it wakes. On a plain region with a static table nobody can
 tell that a peer left, and waits simply go on until their timeout.
 

@@ -942,10 +942,12 @@ def find_channel(
 def membership_guard(region: Region, entry: PeerEntry) -> tuple[memoryview, int, int]:
     """``(words, index, value)`` for Ring.set_guard: the "joined" word of ``entry``'s
     membership slot, which the membership writer changes when the peer leaves (to 0) and
-    again when the slot goes to a newcomer, whose arena it resets only after that. An end
-    that checks this word before every write therefore never writes into an arena recycled
-    for someone else (short of the check racing a leave *and* a join in the microseconds
-    before its store; the newcomer would then see garbage it validates like any other). The
+    again when the slot goes to a newcomer, whose arena it resets only after that (and a
+    restarted server clears every slot first). An end that checks this word before every
+    write therefore never writes into an arena recycled for someone else (short of the check
+    racing a leave *and* a join in the microseconds before its store; the newcomer would then
+    see garbage it validates like any other), and a receiver that checks it after copying a
+    message out never hands over bytes written by the arena's next user. The
     word is in the membership table, which every peer reads anyway; it is one aligned
     8-byte word, so it needs no seqlock."""
     h = region._header
