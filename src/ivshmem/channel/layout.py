@@ -446,8 +446,19 @@ def format_region(
             f"requested allocations: it needs at least {need} bytes (or fewer max_peers)"
         )
 
+    try:  # the layout being replaced, if it is one of ours
+        previous: _Header | None = _parse_header(mem)
+    except ChannelError:
+        previous = None
+
     # Nothing was written above this line.
     mem[0:8] = bytes(8)  # unpublish first: readers now see "not formatted" until the end
+    if previous is not None:
+        # Clear the old membership table whole, first: every "joined" word in it is some
+        # open end's guard, and one left behind (a bigger table than the new one, its tail
+        # now inside an arena) would keep that end believing its memory is still its own.
+        old_off, old_size = previous.membership_offset, previous.membership_size
+        mem[old_off : old_off + old_size] = bytes(old_size)
     mem[8:PAGE] = bytes(PAGE - 8)
     mem[m_off : m_off + m_size] = bytes(m_size)
     for _, off, length in placed:
