@@ -208,8 +208,8 @@ class _Ring(_Base):
         # the word before the memory can go to anyone else, and loads are not reordered with
         # loads (_ordering.py), so a message copied while the word still held its value was
         # not yet overwritten - nobody else's bytes are ever delivered (a view still shows
-        # whatever is written later: release() then fails the same way). Without a guard, a
-        # private word that never changes.
+        # whatever is written there later). Without a guard, a private word that never
+        # changes.
         self._gq: memoryview = memoryview(bytearray(8)).cast("Q")
         self._gi = 0
         self._gv = 0
