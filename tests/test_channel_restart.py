@@ -19,6 +19,7 @@ from serverproc import ServerProcess
 
 import ivshmem
 from ivshmem.channel import (
+    ChannelCorrupted,
     ChannelLostError,
     Membership,
     NotFormattedError,
@@ -26,6 +27,14 @@ from ivshmem.channel import (
     Receiver,
     Region,
     Sender,
+)
+from ivshmem.channel.ring import (
+    CTRL_SIZE,
+    KIND_ARRAY,
+    KIND_DATA,
+    RingReceiver,
+    RingSender,
+    init_area,
 )
 
 CAPACITY = 4096
@@ -272,3 +281,49 @@ def test_a_layout_of_version_1_is_refused_with_the_way_on(short_tmp: Path) -> No
     with ServerProcess(short_tmp, size="1M", extra_args=[*args, "--reformat"]) as server:
         with ivshmem.connect(server.socket_path) as peer:
             assert Region(peer.memory).max_peers == 16
+
+
+class _PyReceiver(RingReceiver):
+    """The Python twins forced (what IVSHMEM_PURE_PYTHON=1 does for the whole module)."""
+
+    _take = RingReceiver._take_py
+    take_many = RingReceiver._take_many_py
+    _take_view = RingReceiver._take_view_py
+
+
+@pytest.mark.parametrize("core", [RingReceiver, _PyReceiver], ids=["default-core", "python"])
+@pytest.mark.parametrize("call", ["try_recv", "take_many", "try_recv_view", "array view"])
+def test_the_ring_checks_the_guard_after_every_copy(core: type[RingReceiver], call: str) -> None:
+    """Both cores, every read path: a message found while the guard word still held its
+    value, but copied out after it changed, is not handed over."""
+    area = memoryview(bytearray(CTRL_SIZE + 1024))
+    init_area(area)
+    tx = RingSender(area, "t")
+    rx = core(area, "t")
+    guard = memoryview(bytearray(8)).cast("Q")
+    guard[0] = 7
+    rx.set_guard(guard, 0, 7)
+    kind = KIND_ARRAY if call == "array view" else KIND_DATA
+    view = tx.try_reserve(5, kind)
+    assert view is not None
+    view[:] = b"first"
+    del view
+    tx.commit()
+    assert rx.try_recv_view(kind) is not None if kind == KIND_ARRAY else rx.try_recv()
+    rx.release()
+    view = tx.try_reserve(6, kind)
+    assert view is not None
+    view[:] = b"second"
+    del view
+    tx.commit()
+    guard[0] = 8  # the memory changed hands (a restart) after the message was published
+    reads: dict[str, Callable[[], object]] = {
+        "try_recv": rx.try_recv,
+        "take_many": lambda: rx.take_many(10),
+        "try_recv_view": rx.try_recv_view,
+        "array view": lambda: rx.try_recv_view(KIND_ARRAY),
+    }
+    with pytest.raises(ChannelCorrupted, match="guard"):
+        reads[call]()
+    with pytest.raises(ChannelCorrupted):  # and it stays broken
+        reads[call]()
