@@ -6,6 +6,7 @@ opening the channel again."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import subprocess
 import sys
@@ -234,7 +235,8 @@ def test_a_guest_like_end_that_keeps_its_id_is_lost_too(servers: Restartable) ->
         b.close()
 
 
-def test_a_waiting_receiver_learns_of_the_restart(servers: Restartable) -> None:
+@pytest.mark.parametrize("waiting", ["recv", "recv_async"])
+def test_a_waiting_receiver_learns_of_the_restart(servers: Restartable, waiting: str) -> None:
     """A receiver blocked with nothing to read learns of the restart at its next liveness
     check, even when a newcomer of its sender's id is listed (nothing says "left")."""
     a = ivshmem.connect(servers.path)
@@ -245,7 +247,10 @@ def test_a_waiting_receiver_learns_of_the_restart(servers: Restartable) -> None:
         others = [ivshmem.connect(servers.path) for _ in range(2)]  # ids 0 and 1 again
         try:
             with pytest.raises(ChannelLostError, match="server restarted"):
-                rx.recv(timeout=WAIT)
+                if waiting == "recv":
+                    rx.recv(timeout=WAIT)
+                else:
+                    asyncio.run(rx.recv_async(timeout=WAIT))
         finally:
             for p in others:
                 p.close()
