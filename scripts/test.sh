@@ -18,4 +18,5 @@ fi
 echo "test.sh: the channel tests again, pure Python (IVSHMEM_PURE_PYTHON=1)" >&2
 export IVSHMEM_PURE_PYTHON=1
 exec .venv/bin/python -m pytest -q tests/test_channel.py tests/test_channel_leave.py \
-    tests/test_channel_hostile.py tests/test_channel_fuzz.py tests/test_layout.py
+    tests/test_channel_hostile.py tests/test_channel_fuzz.py tests/test_layout.py \
+    tests/test_channel_restart.py tests/test_channel_max_message.py

@@ -26,6 +26,7 @@ from ivshmem.channel import (
     ChannelCorrupted,
     ChannelTimeout,
     Receiver,
+    RegionCorrupted,
     Sender,
     UnexpectedMessageError,
     format_region,
@@ -351,3 +352,36 @@ def test_array_header_with_a_zero_and_an_impossible_dimension() -> None:
         _decode_array(memoryview(head), "victim")
     honest = _encode_array_header(np.dtype("<f8"), (0, 1000))
     assert _decode_array(memoryview(honest), "victim").shape == (0, 1000)
+
+
+@pytest.mark.parametrize("reopened", ["same channel", "new channel"])
+def test_a_forged_free_entry_is_never_laid_over_a_live_channel(
+    short_tmp: Path, reopened: str
+) -> None:
+    """One 8-byte word marks a live directory entry FREE: the owner's next Receiver must not
+    initialise a channel over the live one (its message in flight would be lost), and says
+    which entry was forged instead."""
+    path = str(short_tmp / "region")
+    with ivshmem.open_region(path, id=1, size=1 << 20) as a, ivshmem.open_region(path, id=2) as b:
+        region = format_region(a, max_peers=4, peers=[1, 2])
+        rx = Receiver(b, "live", sender=1, capacity=4096, spin=0)
+        tx = Sender(a, "live", receiver=2)
+        tx.send(b"in flight")
+        slot = layout.Membership(region).snapshot().entries[2].slot
+        entry = layout.find_channel(region, slot, "live", 1, 2)
+        assert entry is not None
+        state = region.arena_offset(slot) + layout._A_ENTRIES + entry.index * 64
+        state += layout._ENTRY_STATE
+        region.memory[state : state + 8].cast("Q")[0] = layout._STATE_FREE  # the forgery
+        area = bytes(region.memory[entry.offset : entry.offset + entry.size])
+        name = "live" if reopened == "same channel" else "newcomer"
+        with pytest.raises(RegionCorrupted, match=r"entry\[0\]") as info:
+            Receiver(b, name, sender=1, capacity=4096, spin=0)
+        assert info.value.where == f"arena {slot}"
+        assert "live (1->2) is open" in str(info.value)
+        assert bytes(region.memory[entry.offset : entry.offset + entry.size]) == area
+        assert rx.recv(timeout=1) == b"in flight"  # still there, still ours
+        tx.send(b"and the next")
+        assert rx.recv(timeout=1) == b"and the next"
+        rx.close()
+        tx.close()

@@ -82,7 +82,7 @@ def test_unformatted_region_is_a_clear_error(ep: ivshmem.RegionEndpoint) -> None
 def test_other_layout_version_is_refused(ep: ivshmem.RegionEndpoint) -> None:
     format_region(ep)
     struct.pack_into("<I", ep.memory, 8, layout.LAYOUT_VERSION + 1)
-    with pytest.raises(NotFormattedError, match="layout version 2"):
+    with pytest.raises(NotFormattedError, match=f"layout version {layout.LAYOUT_VERSION + 1}"):
         Region(ep)
 
 
@@ -593,3 +593,23 @@ def test_integer_like_and_iterable_inputs_are_accepted(ep: ivshmem.RegionEndpoin
     assert Membership(region).peers() == {2, 5}  # a repeated id counts once, as before
     format_region(ep, peers={_Index(7): _Index(3)})  # type: ignore[dict-item]
     assert Membership(ep).snapshot().entries[7].vectors == 3
+
+
+def test_reformatting_clears_the_whole_old_membership_table(short_tmp: Path) -> None:
+    """Every "joined" word of the old table is an open end's guard: a reformat for fewer
+    peers, whose table is smaller, clears the old one whole, so that no guard survives in
+    memory the new layout gives to an arena."""
+    path = str(short_tmp / "region")
+    with ivshmem.open_region(path, id=0, size=16 << 20) as ep:
+        old = format_region(ep, max_peers=600, peers=range(600))
+        m_off = old._header.membership_offset
+        m_size = old._header.membership_size
+        assert m_size > 2 * layout.PAGE
+        joined = layout.Membership(old).snapshot().entries[599].joined
+        words, index, value = layout.membership_guard(old, layout.PeerEntry(599, 599, 0, joined))
+        assert words[index] == value != 0
+        new = format_region(ep, max_peers=2, peers=[0, 1])
+        assert new._header.membership_size < m_size
+        # The guard word now lies in arena 0's channel space, which formatting leaves alone.
+        assert m_off + index * 8 >= new._header.arenas_offset + layout.PAGE
+        assert words[index] == 0

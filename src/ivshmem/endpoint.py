@@ -479,11 +479,16 @@ class RegionEndpoint(Endpoint):
 
     @property
     def peers(self) -> frozenset[int]:
-        from .errors import PeersUnknownError
+        """The other peers connected to the server that keeps this region's membership table
+        (a server started with --format, whose named backing this endpoint opened);
+        PeersUnknownError otherwise: a plain region alone cannot know them."""
+        from .channel.layout import listed_peers
 
-        raise PeersUnknownError(
-            "a plain region has no server, so its peers cannot be known: use a doorbell "
-            "server, or a formatted region's membership table"
+        return listed_peers(
+            self.memory,
+            self._id,
+            "a plain region has no server, so its peers cannot be known unless a server "
+            "started with --format keeps the region's membership table",
         )
 
     def _no_doorbell(self) -> DoorbellUnavailableError:

@@ -9,11 +9,12 @@
 Memory-ordering and trust arguments: ``_ordering.py``, ``layout.py``, ``ring.py``.
 """
 
-from .channel import DEFAULT_CAPACITY, Duplex, Receiver, Sender
+from .channel import DEFAULT_CAPACITY, Duplex, Receiver, Sender, max_message
 from .errors import (
     ChannelClosedError,
     ChannelCorrupted,
     ChannelError,
+    ChannelLostError,
     ChannelTimeout,
     CorruptedError,
     NotFormattedError,
@@ -38,6 +39,7 @@ __all__ = [
     "ChannelClosedError",
     "ChannelCorrupted",
     "ChannelError",
+    "ChannelLostError",
     "ChannelTimeout",
     "CorruptedError",
     "Duplex",
@@ -56,4 +58,5 @@ __all__ = [
     "UnsupportedPlatformError",
     "format_region",
     "is_formatted",
+    "max_message",
 ]

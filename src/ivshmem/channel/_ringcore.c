@@ -227,6 +227,13 @@ static inline int guard_ok(Core *self) {
     return ld_relaxed(self->guard) == self->guard_value ? 0 : guard_failed(self);
 }
 
+/* The receiver's check after copying a message out (ring.py, _Ring.__init__): the compiler
+ * barrier keeps the payload's loads before the guard's (x86-64 keeps loads in order). */
+static inline int guard_after_read(Core *self) {
+    __asm__ __volatile__("" ::: "memory");
+    return ld_relaxed(self->guard) == self->guard_value ? 0 : guard_failed(self);
+}
+
 /* Make the head visible, then ring the receiver if (and only if) it sleeps. */
 static int publish_head(Core *self, u64 head) {
     volatile u64 *q = self->q;
@@ -820,6 +827,10 @@ static PyObject *take(Core *self) {
     PyObject *out = PyBytes_FromStringAndSize(self->data + pos + HEADER, (Py_ssize_t)n);
     if (out == NULL)
         return NULL;
+    if (guard_after_read(self) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
     u64 tail = self->tail + ((n + 15) & ~(u64)7);
     self->tail = tail;
     if (tail - self->released >= self->release_every && publish_tail(self) < 0) {
@@ -868,6 +879,10 @@ static PyObject *take_view(Core *self, u64 kind, PyObject *kind_obj) {
     PyObject *view = slice_of(self->rodata, pos + HEADER, pos + HEADER + n);
     if (view == NULL)
         return NULL;
+    if (guard_after_read(self) < 0) {
+        Py_DECREF(view);
+        return NULL;
+    }
     if (PyList_Append(self->views, view) < 0) {
         Py_DECREF(view);
         return NULL;
@@ -956,6 +971,8 @@ static PyObject *Core_take_many(Core *self, PyObject *arg) {
         if (err < 0)
             goto error;
     }
+    if (PyList_GET_SIZE(out) > 0 && guard_after_read(self) < 0)
+        goto error;
     if (self->tail - self->released >= self->release_every && publish_tail(self) < 0)
         goto error;
     return out;

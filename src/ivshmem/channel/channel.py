@@ -25,7 +25,10 @@ long one is - and, in blocking waits, at once when the ``membership_vector`` is 
 region's membership table when a server keeps it, else ``endpoint.peers`` where the endpoint
 knows them (a host peer). A peer that left ends the wait with :class:`PeerGoneError`, and
 one that closed its end with :class:`ChannelClosedError` (a receiver first gets every
-message already in the ring); once found, every later wait says so at once. A close rings
+message already in the ring); once found, every later wait says so at once. An end whose
+memory may have been handed to someone else - the server restarted, or this peer was
+disconnected - raises :class:`ChannelLostError` at its next call and touches nothing more
+(see ``layout.py``, "Restarts"). A close rings
 the other side, which says so as it wakes. On a plain region with a static table nobody can
 tell that a peer left, and waits simply go on until their timeout.
 
@@ -49,13 +52,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..endpoint import Endpoint
-from ..errors import DoorbellUnavailableError, PeersUnknownError, UsageError
+from ..errors import DoorbellUnavailableError, IvshmemError, PeersUnknownError, UsageError
 from ..protocol import MAX_VECTORS
 from ._ordering import _acquire, _release, check_platform
 from .errors import (
     ChannelClosedError,
     ChannelCorrupted,
     ChannelError,
+    ChannelLostError,
     ChannelTimeout,
     PeerGoneError,
 )
@@ -91,9 +95,10 @@ from .ring import (
     RingSender,
     _fast,
     init_area,
+    max_payload,
 )
 
-__all__ = ["DEFAULT_CAPACITY", "Duplex", "Receiver", "Sender"]
+__all__ = ["DEFAULT_CAPACITY", "Duplex", "Receiver", "Sender", "max_message"]
 
 DEFAULT_CAPACITY = 1 << 16
 MAX_CAPACITY = 1 << 32  # the record length field is 32 bits; payloads are at most half
@@ -104,8 +109,43 @@ _FIRST_POLL_SLEEP = 50e-6
 _SPIN_BURST = 256  # spin turns between clock reads
 
 # Open ends in this process, so the same end of a channel cannot be opened twice (two writers
-# of one word would break the single-writer argument). Keyed by region format id, offset, role.
-_open_ends: set[tuple[int, int, str]] = set()
+# of one word would break the single-writer argument), and so that no channel is laid over one
+# still open here. Keyed by region format id, offset, role and tenancy (the "joined" word of
+# the receiver's membership slot when the end was opened: its guard); the value is the area's
+# size and the channel's label. An end of an earlier tenancy (opened before a server restart,
+# say) is dead - its guard failed - and does not keep a new channel from that memory.
+_OpenKey = tuple[int, int, str, int]
+_open_ends: dict[_OpenKey, tuple[int, str]] = {}
+
+
+def _held(fmt: int, tenancy: int) -> Callable[[int, int], str | None]:
+    """allocate_channel's ``held``: the label of an end open in this process on region bytes
+    ``[offset, offset + size)`` of format ``fmt`` under ``tenancy``, or None."""
+
+    def held(offset: int, size: int) -> str | None:
+        for (f, off, _role, t), (length, label) in list(_open_ends.items()):
+            if f == fmt and t == tenancy and off < offset + size and offset < off + length:
+                return label
+        return None
+
+    return held
+
+
+def max_message(capacity: int) -> int:
+    """The largest message a channel of ``capacity`` bytes of ring carries: half the capacity
+    minus the 8-byte record header (a record never wraps around the ring's end, so a bigger
+    one could wait for ever for room): 32760 bytes for the default 65536. ``Sender`` and
+    ``Receiver`` say it as ``max_message``; ``send`` refuses bigger messages with UsageError."""
+    if (
+        isinstance(capacity, bool)
+        or not isinstance(capacity, int)
+        or not MIN_CAPACITY <= capacity <= MAX_CAPACITY
+        or capacity & (capacity - 1)
+    ):
+        raise UsageError(
+            f"capacity {capacity!r} must be a power of two within {MIN_CAPACITY}..{MAX_CAPACITY}"
+        )
+    return max_payload(capacity)
 
 
 def _label(name: str, sender: int, receiver: int) -> str:
@@ -181,6 +221,10 @@ class _End:
 
     _q: memoryview
     name: str
+    capacity: int
+    _broken: ChannelCorrupted | None
+    _closed: bool
+    _on_broken: Callable[[], None]
     _corrupt: Callable[[str, str], ChannelCorrupted]
     set_guard: Callable[[memoryview, int, int], None]
     _spin: Callable[[int, int, int], bool]
@@ -199,8 +243,9 @@ class _End:
         liveness_interval: float,
         poll_interval: float,
         role: str,
-        key: tuple[int, int, str],
+        key: _OpenKey,
         my_wait: int,
+        run: int,
     ) -> None:
         self.endpoint = endpoint
         self.region = region
@@ -211,6 +256,10 @@ class _End:
         self._membership = Membership(region)
         self._role = role
         self._key = key
+        # The table writer's run when this end was opened: a guard that fails under another
+        # run means the server restarted (see _loss).
+        self._run = run
+        self._opened_as = endpoint.id
         # Continue from our own word's last value so that every "waiting" number we ever
         # store is new: the other side rings once per new odd number, and a number it has
         # already rung for (left by an earlier object on this end) would be skipped.
@@ -218,6 +267,18 @@ class _End:
         self._wait_seq = (old & ~1) + 2 if old < 1 << 62 else 0
         self._q[my_wait] = self._wait_seq
         self._closed = False
+        # Whether the endpoint can say who is connected when no server keeps the table (a
+        # host peer can, from its socket): asked once now, so that an endpoint that cannot
+        # (a guest, a plain region: they answer only from a server-kept table) is never asked
+        # again - its answer would cost a parse of the region's header at every probe.
+        self._ask_endpoint = True
+        if not self._membership.snapshot().live:
+            try:
+                _ = endpoint.peers
+            except PeersUnknownError:
+                self._ask_endpoint = False
+            except IvshmemError:  # not connected just now (a peer reconnecting): ask later
+                pass
         # Seen present at least once (peer_alive): a sender found its receiver listed with
         # the channel created; a receiver learns it at a liveness check or from the
         # sender's trace in the channel (_peer_attached).
@@ -260,6 +321,66 @@ class _End:
             return NO_VECTOR
         return self.vector
 
+    # -- a lost channel ------------------------------------------------------------------
+
+    #: Why this end is lost (its guard failed: see layout.py, "Restarts"), once known.
+    _lost_reason: tuple[bool, str] | None = None
+    #: The endpoint's id when this end was opened; -1 until _setup (the ring's own checks
+    #: in __init__ come before it, with the private guard that cannot fail).
+    _opened_as = -1
+
+    def _loss(self) -> PeerGoneError:
+        """The error of an end whose guard failed, decided once: ChannelLostError when the
+        server restarted or, for a receiver, when this peer was disconnected (its own slot
+        changed); PeerGoneError when a sender's receiver left."""
+        if self._lost_reason is None:
+            me = self.endpoint.id
+            if self._membership.run != self._run:
+                self._lost_reason = (True, (
+                    "the ivshmem server restarted: the new server rebuilt the membership table "
+                    "and hands the arenas out again, so this end may not touch the channel's "
+                    "memory any more (peers that reconnect get new ids); open a new end with "
+                    "the ids the peers have now"
+                ))  # fmt: skip
+            elif me != self._opened_as:
+                self._lost_reason = (True, (
+                    f"this peer reconnected (its id changed from {self._opened_as} to {me}), "
+                    "and the channel belongs to its old id: open a new end"
+                ))  # fmt: skip
+            elif self._role == "receiving":
+                self._lost_reason = (True, (
+                    f"this peer (id {self._opened_as}) is no longer listed in "
+                    "the membership slot the channel was opened under (it was disconnected), "
+                    "so the arena holding the channel may be given to another peer"
+                ))  # fmt: skip
+            else:
+                self._lost_reason = (False, "")
+        lost, reason = self._lost_reason
+        if lost:
+            return ChannelLostError(self.name, self.peer, reason)
+        return PeerGoneError(self.name, self.peer)
+
+    def _fail_lost(self) -> None:
+        """Raise the loss, and break this end for good: every later call goes to the slow
+        paths (the C core's too), which raise it again through _check_broken."""
+        err = self._loss()
+        if self._broken is None:
+            self._broken = ChannelCorrupted(self.name, "guard", str(err))
+            self._on_broken()
+        raise err
+
+    def _check_lost(self) -> None:
+        """Raise the loss if this end's guard failed or its endpoint reconnected under a new
+        id (nothing for an end this process closed: a closed sender's guard is pointed
+        elsewhere on purpose). Checked at every liveness probe and before every block: the
+        doorbell fds this end holds die with the endpoint's old connection."""
+        if self._lost_reason is not None or (
+            self._opened_as >= 0
+            and not self._closed
+            and (self._gq[self._gi] != self._gv or self.endpoint.id != self._opened_as)
+        ):
+            self._fail_lost()
+
     # -- liveness ------------------------------------------------------------------------
 
     def peer_alive(self) -> bool | None:
@@ -294,9 +415,12 @@ class _End:
         snap = self._membership.snapshot()
         if snap.live:
             return self.peer in snap.peers
+        if not self._ask_endpoint:
+            return None
         try:
             return self.peer in self.endpoint.peers
         except PeersUnknownError:
+            self._ask_endpoint = False
             return None
 
     def _peer_attached(self) -> bool:
@@ -319,6 +443,7 @@ class _End:
         message is in the ring, so the re-check finds it; checking the ring first would
         leave a window in which both happen unnoticed and the message is dropped."""
         self._recheck = False
+        self._check_lost()  # nothing more is delivered from memory that may be reused
         closed = other_closed()
         alive = self.peer_alive()
         done = closed or alive is False
@@ -379,6 +504,7 @@ class _End:
         ``deadline``, PeerGoneError, or ChannelClosedError when ``other_closed()`` says so.
         Callers compute the deadline once per call, so a peer that makes the word flicker
         cannot extend a timeout; every loop here is bounded by the clock."""
+        self._check_lost()
         q = self._q
         # 1. Spin: the fastest reaction. A first burst reads only the one word (no clock, no
         # calls: a few tens of ns per turn); then the clock is read every _SPIN_BURST turns.
@@ -503,6 +629,7 @@ class _End:
         """Asyncio twin of :meth:`_block` (no spinning: that would stall the event loop). It
         sleeps on the channel's own vector only: a leave is seen at the next liveness probe,
         and the membership vector does not speed that up here."""
+        self._check_lost()
         q = self._q
         self._idle()
         next_live = 0.0 if self._recheck else self._next_live
@@ -541,7 +668,12 @@ class _End:
                 q[my_wait] = self._wait_seq
 
     def _forget(self) -> None:
-        _open_ends.discard(self._key)
+        _open_ends.pop(self._key, None)
+
+    @property
+    def max_message(self) -> int:
+        """The largest message this channel carries (:func:`max_message` of its capacity)."""
+        return max_payload(self.capacity)
 
 
 def _batch(messages: Any) -> Sequence[Any]:
@@ -577,23 +709,25 @@ def _note_sent(err: BaseException, tx: Sender, sent: int, total: int) -> None:
 _CLOSED_GUARD = memoryview(bytearray(8)).cast("Q")
 
 
-def _claim(key: tuple[int, int, str], label: str) -> None:
+def _claim(key: _OpenKey, size: int, label: str) -> None:
     if key in _open_ends:
         raise UsageError(
             f"the {key[2]} end of channel {label} is already open in this process: share "
             "that object (with your own locking between threads) instead of opening it twice"
         )
-    _open_ends.add(key)
+    _open_ends[key] = (size, label)
 
 
-def _own_slot(region: Region, endpoint: Endpoint, deadline: float | None) -> PeerEntry:
-    """This peer's membership entry, waiting for the server to list it."""
+def _own_slot(region: Region, endpoint: Endpoint, deadline: float | None) -> tuple[PeerEntry, int]:
+    """This peer's membership entry and the table writer's run, waiting for the server to
+    list it."""
     me = endpoint.id
     membership = Membership(region)
     while True:
-        entry = membership.snapshot().entries.get(me)
+        snap = membership.snapshot()
+        entry = snap.entries.get(me)
         if entry is not None:
-            return entry
+            return entry, snap.run
         if deadline is not None and time.monotonic() >= deadline:
             raise ChannelTimeout(
                 f"peer {me} is not in the region's membership table: the server lists peers "
@@ -614,9 +748,9 @@ class Receiver(RingReceiver, _End):
         arr = rx.recv_array()                 # numpy view, valid until release()
         msg = await rx.recv_async()
 
-    ``capacity`` (a power of two, bytes of ring; the largest message is half of it) only
-    matters when the channel is created. ``spin`` seconds of spinning precede blocking
-    (``float('inf')``: spin only, never sleep).
+    ``capacity`` (a power of two, bytes of ring; the largest message is :attr:`max_message`,
+    half of it less the 8-byte record header) only matters when the channel is created.
+    ``spin`` seconds of spinning precede blocking (``float('inf')``: spin only, never sleep).
     """
 
     def __init__(
@@ -638,48 +772,42 @@ class Receiver(RingReceiver, _End):
             endpoint, name, sender, "sender", vector, membership_vector, spin, timeout,
             liveness_interval, poll_interval,
         )  # fmt: skip
-        if (
-            isinstance(capacity, bool)
-            or not isinstance(capacity, int)
-            or not MIN_CAPACITY <= capacity <= MAX_CAPACITY
-            or capacity & (capacity - 1)
-        ):
-            raise UsageError(
-                f"capacity {capacity!r} must be a power of two within "
-                f"{MIN_CAPACITY}..{MAX_CAPACITY}"
-            )
+        max_message(capacity)  # checks the capacity
         region = Region(endpoint)
         me = endpoint.id
         label = _label(name, sender, me)
-        listed = _own_slot(region, endpoint, _deadline(timeout))
+        listed, run = _own_slot(region, endpoint, _deadline(timeout))
         slot = listed.slot
         fmt = region.format_id
+        # An end open here keeps its channel's space, and no channel is laid over it.
+        held = _held(fmt, listed.joined)
 
-        def in_use(e: ChannelEntry) -> bool:  # an end open here keeps its channel's space
-            return any((fmt, e.offset, role) in _open_ends for role in ("receiving", "sending"))
+        def in_use(e: ChannelEntry) -> bool:
+            return held(e.offset, e.size) is not None
 
         entry = allocate_channel(
-            region, slot, me, name, sender, me, CTRL_SIZE + capacity, init_area, in_use
-        )
-        key = (region.format_id, entry.offset, "receiving")
-        _claim(key, label)
+            region, slot, me, name, sender, me, CTRL_SIZE + capacity, init_area, in_use,
+            held=held,
+        )  # fmt: skip
+        key = (fmt, entry.offset, "receiving", listed.joined)
+        _claim(key, entry.size, label)
         try:
             area = region.memory[entry.offset : entry.offset + entry.size]
             RingReceiver.__init__(self, area, label)
             self.set_guard(*membership_guard(region, listed))
             self._setup(
                 endpoint, region, sender, vector, membership_vector, spin,
-                liveness_interval, poll_interval, "receiving", key, R_WAIT,
+                liveness_interval, poll_interval, "receiving", key, R_WAIT, run,
             )  # fmt: skip
             q = self._q
             q[R_VECTOR] = self._advertised_vector()
             q[R_FLAGS] = 0
         except BaseException:
-            _open_ends.discard(key)
+            _open_ends.pop(key, None)
             raise
         self.channel = name
         self.sender = sender
-        weakref.finalize(self, _open_ends.discard, key)
+        weakref.finalize(self, _open_ends.pop, key, None)
 
     # -- readiness ------------------------------------------------------------------------
 
@@ -811,6 +939,8 @@ class Receiver(RingReceiver, _End):
         array = self._decode(view)
         if copy:
             array = array.copy()
+            if self._gq[self._gi] != self._gv:  # after the copy, as recv() does
+                self._fail_lost()
             if not held:
                 self.release()
         return array
@@ -873,10 +1003,20 @@ class Receiver(RingReceiver, _End):
         self._ring_peer(vector)
 
     def _guard_failed(self) -> None:
-        # Our own membership slot changed: the server considers this peer gone, and our
-        # arena may be given to someone else. Write nothing more there.
+        # Our own membership slot changed (this peer was disconnected, or the server
+        # restarted), and our arena may be given to someone else: read and write nothing
+        # more there.
         self._head = self._tail
-        raise PeerGoneError(self.name, self.endpoint.id)
+        self._fail_lost()
+
+    def _corrupt(self, field: str, detail: str) -> ChannelCorrupted:
+        err = RingReceiver._corrupt(self, field, detail)
+        self._check_lost()  # impossible words in memory given to someone else: say that
+        return err
+
+    def _check_broken(self) -> None:
+        self._check_lost()
+        RingReceiver._check_broken(self)
 
     def close(self) -> None:
         """Release everything, tell the sender (its blocked sends end), forget the end."""
@@ -944,26 +1084,28 @@ class Sender(RingSender, _End):
         region = Region(endpoint)
         me = endpoint.id
         label = _label(name, me, receiver)
-        entry, listed = _find_remote(endpoint, region, name, receiver, _deadline(timeout), label)
-        key = (region.format_id, entry.offset, "sending")
-        _claim(key, label)
+        entry, listed, run = _find_remote(
+            endpoint, region, name, receiver, _deadline(timeout), label
+        )
+        key = (region.format_id, entry.offset, "sending", listed.joined)
+        _claim(key, entry.size, label)
         try:
             area = region.memory[entry.offset : entry.offset + entry.size]
             RingSender.__init__(self, area, label)
             self.set_guard(*membership_guard(region, listed))
             self._setup(
                 endpoint, region, receiver, vector, membership_vector, spin,
-                liveness_interval, poll_interval, "sending", key, S_WAIT,
+                liveness_interval, poll_interval, "sending", key, S_WAIT, run,
             )  # fmt: skip
             q = self._q
             q[S_VECTOR] = self._advertised_vector()
             q[S_FLAGS] = 0
         except BaseException:
-            _open_ends.discard(key)
+            _open_ends.pop(key, None)
             raise
         self.channel = name
         self.receiver = receiver
-        weakref.finalize(self, _open_ends.discard, key)
+        weakref.finalize(self, _open_ends.pop, key, None)
 
     def _tail_moved(self) -> bool:
         return self._q[R_TAIL] != self._tail
@@ -1154,9 +1296,18 @@ class Sender(RingSender, _End):
         self._limit = -1
         if self._closed:  # close() points the guard at _CLOSED_GUARD: no more writes
             raise ChannelClosedError(f"channel {self.name!r} is closed")
-        # The receiver left (its membership slot changed), and its arena may be recycled
-        # for a newcomer: not one more byte goes there.
-        raise PeerGoneError(self.name, self.peer)
+        # The receiver left or the server restarted (its membership slot changed), and its
+        # arena may be recycled for a newcomer: not one more byte goes there.
+        self._fail_lost()
+
+    def _corrupt(self, field: str, detail: str) -> ChannelCorrupted:
+        err = RingSender._corrupt(self, field, detail)
+        self._check_lost()  # impossible words in memory given to someone else: say that
+        return err
+
+    def _check_broken(self) -> None:
+        self._check_lost()
+        RingSender._check_broken(self)
 
     def close(self) -> None:
         """Publish what is committed, mark the channel closed (the receiver gets
@@ -1203,9 +1354,9 @@ def _find_remote(
     receiver: int,
     deadline: float | None,
     label: str,
-) -> tuple[ChannelEntry, PeerEntry]:
+) -> tuple[ChannelEntry, PeerEntry, int]:
     """Wait until the receiver is listed and has created the channel; return the channel's
-    entry and the receiver's membership entry it was found under.
+    entry, the receiver's membership entry it was found under and the table writer's run.
 
     A receiver that was seen present and then leaves ends the wait with PeerGoneError
     (where presence can be known: the endpoint's peers, or a server-kept table); one never
@@ -1222,7 +1373,7 @@ def _find_remote(
             if arena.owner == receiver:
                 for entry in arena.entries:
                     if (entry.name, entry.sender, entry.receiver) == (name, me, receiver):
-                        return entry, peer
+                        return entry, peer, snap.run
         try:
             present: bool | None = receiver in endpoint.peers
         except PeersUnknownError:

@@ -8,6 +8,7 @@
     │   ├── RegionCorrupted           the header, directory, membership table or an arena
     │   └── ChannelCorrupted          one channel's control words or records
     ├── PeerGoneError                 the peer at the other end of a channel left
+    │   └── ChannelLostError          the channel's memory was taken back (a server restart)
     ├── ChannelClosedError            the sender closed the channel and everything was received
     ├── ChannelTimeout                a wait ran out of time; also a TimeoutError
     ├── RegionFullError               no room left (arena, directory or membership table)
@@ -26,6 +27,7 @@ __all__ = [
     "ChannelClosedError",
     "ChannelCorrupted",
     "ChannelError",
+    "ChannelLostError",
     "ChannelTimeout",
     "CorruptedError",
     "NotFormattedError",
@@ -75,6 +77,25 @@ class PeerGoneError(ChannelError):
         self.channel = channel
         self.peer = peer
         super().__init__(f"channel {channel!r}: peer {peer} left")
+
+
+class ChannelLostError(PeerGoneError):
+    """This end of the channel cannot go on: the membership slot it was opened under was
+    cleared, so its memory may already belong to another channel. It happens when the server
+    restarts (a new server rebuilds the membership table and hands the arenas out again) or
+    when this peer itself was disconnected. Nothing more is read from or written to the
+    channel; open a new end with the ids the peers have now.
+
+    A subclass of :class:`PeerGoneError`, so code that reopens a channel when its peer leaves
+    handles this too. ``reason`` says which of the two happened."""
+
+    def __init__(self, channel: str, peer: int, reason: str) -> None:
+        super().__init__(channel, peer)
+        self.reason = reason
+        self.args = (f"channel {channel!r} is lost: {reason}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class ChannelClosedError(ChannelError):

@@ -28,6 +28,19 @@ never needed:
   process-wide lock (several threads may open channels), and only one process has a given
   peer id.
 
+**Restarts.** A restarted server takes the table over with a new writer: it clears every slot
+(the peers it lists are the ones connected to *it*), writes a new ``run`` word, and continues
+the generation count, so that the "joined" word of every slot changes and never takes a value
+it had before (a fresh format starts the count at a random value, so a ``--reformat`` does not
+repeat old values either). Arenas are then handed out again as peers join. Every channel end
+is bound to the "joined" word of its receiver's slot as it was when the end was opened (its
+*guard*, :func:`membership_guard`): it checks it before every write and, a receiver, after
+copying every message out and before handing it over. Once the word changed, the end raises
+:class:`ChannelLostError` (:class:`PeerGoneError` when the receiver simply left) and never
+touches the channel again. So channels do not survive a restart (host peers come back with new
+ids, guests cannot come back at all), but no end opened before it can read a byte of the
+channels laid out after it.
+
 Why per-peer arenas rather than one pool with an allocation lock: a shared bump pointer needs
 compare-and-swap (a dependency such as ``atomics``, whose wheels stop at Python 3.11), and a
 lock held by a peer that dies stays held. And QEMU's server gives a reconnecting VM a new id,
@@ -53,9 +66,9 @@ from typing import Any
 
 from .._args import int_arg, peer_arg, seconds_arg, show
 from ..endpoint import Endpoint
-from ..errors import UsageError
+from ..errors import PeersUnknownError, UsageError
 from ._ordering import check_platform
-from .errors import NotFormattedError, RegionCorrupted, RegionFullError
+from .errors import ChannelError, NotFormattedError, RegionCorrupted, RegionFullError
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -73,7 +86,10 @@ __all__ = [
 
 PAGE = 4096
 MAGIC = b"IVSHREGN"
-LAYOUT_VERSION = 1
+#: 2: the membership table records which writer keeps it (``run``), generations start at a
+#: random value, and every channel end checks its membership slot before it delivers a message
+#: (so that an end opened before a server restart never reads the arena's next user).
+LAYOUT_VERSION = 2
 
 #: Most peers a region can be formatted for (the membership table and arenas scale with it).
 MAX_PEERS_LIMIT = 1024
@@ -93,8 +109,10 @@ MAX_ALLOCATIONS = (PAGE - _DIR_OFFSET) // _DIR_ENTRY_SIZE  # 62
 _KIND_MEMBERSHIP, _KIND_ARENAS, _KIND_USER = 1, 2, 3
 _NAME_MAX = 40
 
-# Membership table: word 0 seqlock, word 1 writer kind, word 2 max_peers; slots from byte 64.
-_M_SEQ, _M_KIND, _M_MAXPEERS = 0, 1, 2
+# Membership table: word 0 seqlock, word 1 writer kind, word 2 max_peers, word 3 the writer's
+# run (a random non-zero number each writer picks when it takes the table: a restarted server
+# writes a new one); slots from byte 64.
+_M_SEQ, _M_KIND, _M_MAXPEERS, _M_RUN = 0, 1, 2, 3
 _M_SLOTS = 64
 _SLOT = struct.Struct("<IIQ")  # peer id (EMPTY if free), vectors, generation at join
 _SLOT_SIZE = 16
@@ -407,8 +425,19 @@ def format_region(
             f"requested allocations: it needs at least {need} bytes (or fewer max_peers)"
         )
 
+    try:  # the layout being replaced, if it is one of ours
+        previous: _Header | None = _parse_header(mem)
+    except ChannelError:
+        previous = None
+
     # Nothing was written above this line.
     mem[0:8] = bytes(8)  # unpublish first: readers now see "not formatted" until the end
+    if previous is not None:
+        # Clear the old membership table whole, first: every "joined" word in it is some
+        # open end's guard, and one left behind (a bigger table than the new one, its tail
+        # now inside an arena) would keep that end believing its memory is still its own.
+        old_off, old_size = previous.membership_offset, previous.membership_size
+        mem[old_off : old_off + old_size] = bytes(old_size)
     mem[8:PAGE] = bytes(PAGE - 8)
     mem[m_off : m_off + m_size] = bytes(m_size)
     for _, off, length in placed:
@@ -430,11 +459,19 @@ def format_region(
         m_off, m_size, a_off, arena, 0,
     )  # fmt: skip
     header = _Header(size, format_id, max_peers, m_off, m_size, a_off, arena, {})
-    writer = _TableWriter(mem, header, WRITER_STATIC if static else WRITER_NONE, start_seq=0)
+    # The generation count starts at a random value: a "joined" word of the previous layout
+    # (a channel end's guard) must not come back in this one.
+    writer = _TableWriter(mem, header, WRITER_STATIC if static else WRITER_NONE, _fresh_seq())
     for peer, vectors in static.items():
         writer.joined(peer, vectors)
     mem[0:8] = MAGIC
     return Region(mem)
+
+
+def _fresh_seq() -> int:
+    """A random, even starting value for a new membership table's sequence word (far below
+    the 2**62 at which a writer takes the word for garbage)."""
+    return int.from_bytes(os.urandom(6), "little") << 1
 
 
 def _static_peers(peers: Mapping[int, int] | Iterable[int] | None) -> dict[int, int]:
@@ -517,6 +554,9 @@ class MembershipSnapshot:
     generation: int
     writer: str  # "none" (nobody keeps the table), "static", or "server"
     entries: Mapping[int, PeerEntry]
+    #: The writer's run: a random number that changes when another writer (a restarted
+    #: server) takes the table over.
+    run: int = 0
 
     @property
     def peers(self) -> frozenset[int]:
@@ -545,6 +585,8 @@ class _TableWriter:
         self._table_words_base = _M_SLOTS
         self._slots: list[PeerEntry | None] = [None] * header.max_peers
         self._seq = start_seq + (start_seq & 1)
+        #: Non-zero, and new for every writer: tells ends that the table was taken over.
+        self.run = int.from_bytes(os.urandom(8), "little") | 1
         self._next = 0
         self._lock = threading.Lock()  # the server may call from several threads
         self._words[_M_SEQ] = self._seq + 1
@@ -554,6 +596,7 @@ class _TableWriter:
             self._table[word + 1] = 0
         self._words[_M_KIND] = kind
         self._words[_M_MAXPEERS] = header.max_peers
+        self._words[_M_RUN] = self.run
         self._seq += 2
         self._words[_M_SEQ] = self._seq
 
@@ -639,14 +682,20 @@ class MembershipWriter:
         region = _region(target)
         words = region.memory[region._header.membership_offset :][:_M_SLOTS].cast("Q")
         # Continue the generation count of a previous writer (a restarted server), so that a
-        # reader that cached a generation sees a change; an absurd value restarts from zero.
+        # reader that cached a generation sees a change and no slot's "joined" word (a channel
+        # end's guard) takes a value it had before; an absurd value restarts at random.
         old = words[_M_SEQ]
-        start = old if old < 1 << 62 else 0
+        start = old if old < 1 << 62 else _fresh_seq()
         self._table = _TableWriter(region.memory, region._header, WRITER_SERVER, start)
 
     @property
     def generation(self) -> int:
         return self._table.generation
+
+    @property
+    def run(self) -> int:
+        """The random number this writer wrote into the table when it took it over."""
+        return self._table.run
 
     @property
     def peers(self) -> frozenset[int]:
@@ -689,6 +738,11 @@ class Membership:
         """Changes whenever a peer joins or leaves (one load; no consistency needed)."""
         return (self._words[_M_SEQ] + 1) // 2
 
+    @property
+    def run(self) -> int:
+        """The table writer's run (one load): changes when a restarted server takes over."""
+        return int(self._words[_M_RUN])
+
     def snapshot(self, patience: float = 0.5) -> MembershipSnapshot:
         """A consistent copy of the table. A write still in progress after ``patience``
         seconds (a stuck or hostile writer) raises :class:`RegionCorrupted`."""
@@ -716,7 +770,7 @@ class Membership:
 
     def _parse(self, seq: int, copy: bytes) -> MembershipSnapshot:
         where = "membership table"
-        kind, max_peers = struct.unpack_from("<QQ", copy, 8)
+        kind, max_peers, run = struct.unpack_from("<QQQ", copy, 8)
         if kind not in _WRITER_NAMES:
             raise RegionCorrupted(where, "writer", f"unknown writer kind {kind}")
         if max_peers != self._max:
@@ -732,11 +786,35 @@ class Membership:
             if peer in entries:
                 raise RegionCorrupted(where, field, f"peer {peer} is listed twice")
             entries[peer] = PeerEntry(peer, slot, vectors, joined)
-        return MembershipSnapshot(seq // 2, _WRITER_NAMES[kind], entries)
+        return MembershipSnapshot(seq // 2, _WRITER_NAMES[kind], entries, run)
 
     def peers(self) -> frozenset[int]:
         """Ids of the peers the table lists now."""
         return self.snapshot().peers
+
+
+def listed_peers(target: Endpoint | memoryview | Any, me: int, unknown: str) -> frozenset[int]:
+    """The other peers a server-kept membership table in ``target`` lists (every id but
+    ``me``): the answer of ``peers`` for endpoints that cannot learn it otherwise (a guest's
+    device, a plain region). Raises :class:`~ivshmem.errors.PeersUnknownError` with the
+    message ``unknown`` when the region carries no layout, and says why when its table is not
+    kept by a server (a static table lists who may use a region, not who is there) or cannot
+    be read."""
+    try:
+        if not is_formatted(target):
+            raise PeersUnknownError(unknown)
+        snapshot = Membership(target).snapshot()
+    except ChannelError as err:  # another version, resized, corrupted
+        raise PeersUnknownError(f"{unknown} (its membership table cannot be read: {err})") from err
+    if not snapshot.live:
+        why = (
+            "static (format_region(peers=...)): it lists who may use the region, not who is "
+            "connected; Membership(endpoint).snapshot().peers reads that list"
+            if snapshot.writer == "static"
+            else "kept by no server (start the server with --format)"
+        )
+        raise PeersUnknownError(f"{unknown}; the region's membership table is {why}")
+    return snapshot.peers - {me}
 
 
 # -- arenas: the channel directory of one peer ------------------------------------------------
@@ -851,10 +929,12 @@ def find_channel(
 def membership_guard(region: Region, entry: PeerEntry) -> tuple[memoryview, int, int]:
     """``(words, index, value)`` for Ring.set_guard: the "joined" word of ``entry``'s
     membership slot, which the membership writer changes when the peer leaves (to 0) and
-    again when the slot goes to a newcomer, whose arena it resets only after that. An end
-    that checks this word before every write therefore never writes into an arena recycled
-    for someone else (short of the check racing a leave *and* a join in the microseconds
-    before its store; the newcomer would then see garbage it validates like any other). The
+    again when the slot goes to a newcomer, whose arena it resets only after that (and a
+    restarted server clears every slot first). An end that checks this word before every
+    write therefore never writes into an arena recycled for someone else (short of the check
+    racing a leave *and* a join in the microseconds before its store; the newcomer would then
+    see garbage it validates like any other), and a receiver that checks it after copying a
+    message out never hands over bytes written by the arena's next user. The
     word is in the membership table, which every peer reads anyway; it is one aligned
     8-byte word, so it needs no seqlock."""
     h = region._header
@@ -868,6 +948,7 @@ _alloc_lock = threading.Lock()  # one allocator per process per arena: serialise
 def allocate_channel(
     region: Region, slot: int, owner: int, name: str, sender: int, receiver: int, size: int,
     init: Any, in_use: Callable[[ChannelEntry], bool] = lambda entry: True,
+    *, held: Callable[[int, int], str | None] = lambda offset, size: None,
 ) -> ChannelEntry:  # fmt: skip
     """Create (or find) channel ``name`` from ``sender`` in arena ``slot``, owned by ``owner``.
 
@@ -883,6 +964,14 @@ def allocate_channel(
     in place, under the directory seqlock, for a channel that fits its area. A departed sender
     writes nothing; a disconnected process that still maps the region and writes anyway meets
     a receiver that validates everything it reads (a ``ChannelCorrupted``, nothing worse).
+
+    **Never over a live end.** ``held(offset, size)`` names a channel end this process has
+    open on region bytes ``[offset, offset + size)`` under the arena's current owner (or
+    returns None). Before anything is written, every free entry and the space chosen for the
+    new channel are checked against it: an entry marked free over a channel still open here
+    was forged by another peer (an honest owner frees only channels nobody here uses), and is
+    reported as :class:`RegionCorrupted` naming it, instead of being laid over a live channel
+    and losing its messages.
     """
     # Everything is checked before the lock and before any write: a sender id above
     # MAX_PEER_ID, say, would publish an entry every reader then rejects as corrupt.
@@ -894,7 +983,7 @@ def allocate_channel(
     size = _int_arg(size, "channel area size")
     if size < MIN_AREA:
         raise UsageError(f"a channel area needs at least {MIN_AREA} bytes, not {size}")
-    for what, fn in (("init", init), ("in_use", in_use)):
+    for what, fn in (("init", init), ("in_use", in_use), ("held", held)):
         if not callable(fn):
             raise UsageError(f"{what} must be callable, not {type(fn).__name__}")
     rounded = _round_up(size, PAGE)
@@ -904,10 +993,18 @@ def allocate_channel(
             raise RegionCorrupted(
                 f"arena {slot}", "owner", f"{state.owner}, but the table gives it to {owner}"
             )
+        base = region.arena_offset(slot)
+        for index, off, length in state.free:
+            label = held(base + off, length)
+            if label is not None:
+                raise RegionCorrupted(
+                    f"arena {slot}", f"entry[{index}]",
+                    f"marked free, but channel {label} is open on its memory in this process "
+                    "(another peer wrote the entry's state word): the channel is left as it is",
+                )  # fmt: skip
         for entry in state.entries:
             if (entry.name, entry.sender, entry.receiver) == (name, sender, receiver):
                 return entry
-        base = region.arena_offset(slot)
         mem = region.memory
         words = mem[base : base + 64].cast("Q")
         fits = [(i, off, n) for i, off, n in state.free if _round_up(n, PAGE) >= rounded]
@@ -918,6 +1015,7 @@ def allocate_channel(
             fits = _reclaim(region, slot, state, rounded, in_use)
         if fits:
             index, off, _ = min(fits, key=lambda f: f[2])  # the smallest area that fits
+            _check_unheld(slot, f"entry[{index}]", base + off, size, held)
             entry_off = base + _A_ENTRIES + index * _ARENA_ENTRY_SIZE
             words[_A_SEQ] = state_seq = words[_A_SEQ] | 1  # odd: readers retry
             try:
@@ -939,12 +1037,26 @@ def allocate_channel(
                 f"{region.arena_size - off} left: use a smaller capacity, or format the region "
                 "bigger or with fewer max_peers"
             )
+        _check_unheld(slot, "used", base + off, size, held)
         init(mem[base + off : base + off + size])
         entry_off = base + _A_ENTRIES + count * _ARENA_ENTRY_SIZE
         _ARENA_ENTRY.pack_into(mem, entry_off, raw, sender, receiver, off, size, _STATE_LIVE)
         words[_A_USED] = state.used + rounded
         words[_A_COUNT] = count + 1  # the publishing store
         return ChannelEntry(name, sender, receiver, base + off, size, count)
+
+
+def _check_unheld(
+    slot: int, field: str, offset: int, size: int, held: Callable[[int, int], str | None]
+) -> None:
+    """RegionCorrupted if space the directory says is free holds a channel open here."""
+    label = held(offset, size)
+    if label is not None:
+        raise RegionCorrupted(
+            f"arena {slot}", field,
+            f"gives bytes {offset}+{size} to a new channel, but channel {label} is open on "
+            "them in this process (another peer rewrote the directory)",
+        )  # fmt: skip
 
 
 def _reclaim(

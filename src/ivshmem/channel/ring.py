@@ -203,7 +203,13 @@ class _Ring(_Base):
         # (channel.py points it at the receiver's membership slot's "joined" word, which the
         # membership writer changes when it gives the arena to another peer). Checked before
         # every write to the area, so an end whose peer left never writes into memory
-        # recycled for someone else. Without a guard, a private word that never changes.
+        # recycled for someone else. A receiver also checks it after copying a message out
+        # (and after making a view), before handing it over: the membership writer changes
+        # the word before the memory can go to anyone else, and loads are not reordered with
+        # loads (_ordering.py), so a message copied while the word still held its value was
+        # not yet overwritten - nobody else's bytes are ever delivered (a view still shows
+        # whatever is written there later). Without a guard, a private word that never
+        # changes.
         self._gq: memoryview = memoryview(bytearray(8)).cast("Q")
         self._gi = 0
         self._gv = 0
@@ -335,7 +341,8 @@ class RingSender(_Ring):
         if n < 0 or n > (self.capacity >> 1) - HEADER:
             raise UsageError(
                 f"channel {self.name!r}: a {n}-byte message does not fit; the most is "
-                f"{(self.capacity >> 1) - HEADER} bytes (half the capacity of {self.capacity})"
+                f"{(self.capacity >> 1) - HEADER} bytes (half the capacity of {self.capacity}, "
+                f"less the {HEADER}-byte record header: the end's max_message)"
             )
         return (n + 15) & ~7
 
@@ -718,6 +725,8 @@ class RingReceiver(_Ring):
             data = mm[start : start + n]
         else:
             data = bytes(self._data[pos + HEADER : pos + HEADER + n])
+        if self._gq[self._gi] != self._gv:  # after the copy: see _Ring.__init__, the guard
+            self._guard_failed()
         tail += need
         self._tail = tail
         if tail - self._released >= self._release_every and not self._views:
@@ -796,6 +805,8 @@ class RingReceiver(_Ring):
             else:
                 append(bytes(data_view[pos + HEADER : pos + HEADER + n]))
             tail += need
+        if out and self._gq[self._gi] != self._gv:  # after the copies (see _Ring.__init__)
+            self._guard_failed()
         self._tail = tail
         if tail - self._released >= self._release_every and not self._views:
             self._publish_tail()
@@ -844,6 +855,9 @@ class RingReceiver(_Ring):
             need = (n + 15) & -8
             pos = start - HEADER
         view = self._rodata[pos + HEADER : pos + HEADER + n]
+        if self._gq[self._gi] != self._gv:  # see _Ring.__init__, the guard
+            view.release()
+            self._guard_failed()
         self._views.append(view)
         self._tail = tail + need
         return view

@@ -24,7 +24,6 @@ from ..endpoint import EventfdEndpoint
 from ..errors import (
     DeviceError,
     DoorbellUnavailableError,
-    PeersUnknownError,
     UnknownVectorError,
     UsageError,
 )
@@ -130,14 +129,27 @@ class PciEndpoint(EventfdEndpoint):
 
     @property
     def peers(self) -> frozenset[int]:
+        """The other peers connected to the server: from :meth:`set_peers_source` if one was
+        given, else from the region's membership table when the server keeps one
+        (``--format``); PeersUnknownError otherwise."""
         self._check_open()
-        if self._peers_source is None:
-            raise PeersUnknownError(
-                f"{self._device.describe()}: a guest cannot learn from the device which peers "
-                "are connected (the server tells only QEMU, which shows the guest nothing but "
-                "its own IVPosition); use a formatted region's membership table"
-            )
-        return self._peers_source()
+        if self._peers_source is not None:
+            return self._peers_source()
+        return self._peers_from_table()
+
+    def _peers_from_table(self) -> frozenset[int]:
+        """The fallback of :attr:`peers`: the membership table a server with ``--format``
+        keeps in the shared region (every listed id but ours)."""
+        from ..channel.layout import listed_peers
+
+        return listed_peers(
+            self._shared.memory,
+            self._id,
+            f"{self._device.describe()}: a guest cannot learn from the device which peers are "
+            "connected (the server tells only QEMU, which shows the guest nothing but its own "
+            "IVPosition); with a server started with --format, peers answers from the "
+            "region's membership table",
+        )
 
     def set_peers_source(self, source: PeersSource | None) -> None:
         """Make :attr:`peers` answer from ``source`` (e.g. a membership table kept in the
