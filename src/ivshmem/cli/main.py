@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "ivshmem.cli.info",
     "ivshmem.cli.status",
     "ivshmem.cli.samples",
+    "ivshmem.cli.bridge",
 )
 
 
