@@ -97,7 +97,7 @@ class Link:
 
     def deliver_and_ack(self) -> None:
         items = self.inb.take(1000)
-        self.ring += [m for _, _, m in items]
+        self.ring += [bytes(m) for _, _, m in items]
         if items:
             epoch, seq, _ = items[-1]
             self.inb.delivered_upto(epoch, seq + 1)
@@ -160,7 +160,7 @@ def test_receiver_restart_resumes_and_drops_duplicates() -> None:
     link.deliver_and_ack()  # a, b, c acknowledged
     more = [b"d", b"e"]
     link.data(link.out.take(more), more)
-    link.ring += [m for _, _, m in link.inb.take(10)]  # delivered, then the bridge died
+    link.ring += [bytes(m) for _, _, m in link.inb.take(10)]  # delivered, then the bridge died
     link.inb = Inbound(8, 1 << 20)  # the restarted receiving bridge knows nothing
     assert link.inb.on_data(Data(link.out.epoch, 3, more)) == (0, True)  # asks for HELLO
     link.resume()

@@ -17,7 +17,13 @@ into a bigger buffer). Header (little-endian)::
     magic "IVB1" | kind u8 | 3 zero bytes | epoch u64 | a u64 | b u64 | count u32 | count x u32
 
 ``a`` is the first sequence number (DATA, RESUME) or delivered (ACK); ``b`` is received
-(ACK) and 0 elsewhere; ``count`` and the lengths exist in DATA frames only.
+(ACK), 1 in a DATA frame whose sender wants an ACK as soon as it is delivered, 0 elsewhere;
+``count`` and the lengths exist in DATA frames only.
+
+**Acknowledgements are lazy.** The receiving bridge acknowledges every ``keepalive`` seconds
+and at once only when a DATA frame asks (its sender has half its window outstanding): a
+stream that flows freely costs no ACK per frame, and no wake-up of either bridge's thread on
+the round trip's path.
 
 **Why these rules give order, once, and backpressure.** The epoch is a random number drawn
 when a sending bridge starts, so a restarted sender is told apart from late frames of the
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -51,6 +58,7 @@ __all__ = [
     "FrameError",
     "Hello",
     "Inbound",
+    "Message",
     "Outbound",
     "Resume",
     "decode",
@@ -76,11 +84,16 @@ class FrameError(ValueError):
     """A frame on a bridged key that is not one of ours or breaks the rules: refused."""
 
 
+#: A message as the receiving bridge holds it: a slice of the frame it came in (no copy).
+Message = bytes | memoryview
+
+
 @dataclass(frozen=True)
 class Data:
     epoch: int
     seq: int
-    messages: list[bytes]
+    messages: Sequence[Message]
+    ack: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,12 +117,13 @@ class Hello:
 Frame = Data | Resume | Ack | Hello
 
 
-def encode_data(epoch: int, seq: int, lengths: list[int]) -> bytes:
-    """The attachment of a DATA frame whose payload is messages of ``lengths`` back to back."""
+def encode_data(epoch: int, seq: int, lengths: list[int], ack: bool = False) -> bytes:
+    """The attachment of a DATA frame whose payload is messages of ``lengths`` back to back;
+    ``ack`` asks for an ACK as soon as it is delivered."""
     n = len(lengths)
     return b"".join(
         (
-            HEADER.pack(MAGIC, KIND_DATA, epoch, seq, 0),
+            HEADER.pack(MAGIC, KIND_DATA, epoch, seq, int(ack)),
             _COUNT.pack(n),
             struct.pack(f"<{n}I", *lengths),
         )
@@ -157,8 +171,8 @@ def _decode_data(
     attachment: bytes, payload: bytes, epoch: int, seq: int, b: int, max_message: int
 ) -> Data:
     end = HEADER.size + _COUNT.size
-    if len(attachment) < end or b:
-        raise FrameError("DATA header truncated or with a non-zero reserved field")
+    if len(attachment) < end or b > 1:
+        raise FrameError("DATA header truncated or with a bad ACK request field")
     (n,) = _COUNT.unpack_from(attachment, HEADER.size)
     if not 0 < n <= MAX_BATCH:
         raise FrameError(f"DATA frame with {n} messages (1..{MAX_BATCH})")
@@ -172,14 +186,14 @@ def _decode_data(
     if max(lengths) > max_message:
         raise FrameError(f"a message of {max(lengths)} bytes; the local ring takes {max_message}")
     if n == 1:
-        return Data(epoch, seq, [payload])
+        return Data(epoch, seq, [payload], bool(b))
     view = memoryview(payload)
-    out: list[bytes] = []
+    out: list[Message] = []
     at = 0
     for length in lengths:
-        out.append(bytes(view[at : at + length]))
+        out.append(view[at : at + length])
         at += length
-    return Data(epoch, seq, out)
+    return Data(epoch, seq, out, bool(b))
 
 
 class Outbound:
@@ -200,6 +214,13 @@ class Outbound:
         self.dropped = 0  # messages dropped by the drop policy (counted by the caller)
         self.remote_received = 0  # the last ACK's "received"
         self.remote_known = False  # an ACK of this epoch has arrived
+
+    def wants_ack(self) -> bool:
+        """Whether the next frame should ask for an ACK: half the window is outstanding."""
+        return (
+            len(self._unacked) * 2 >= self.window_messages
+            or self.unacked_bytes * 2 >= self.window_bytes
+        )
 
     def credit(self) -> int:
         """How many messages may be read from the local ring now (0: the window is full)."""
@@ -255,7 +276,7 @@ class Inbound:
         self.epoch: int | None = None
         self.received = 0  # messages of this epoch that reached the queue
         self.delivered = 0  # of those, how many are in the local ring
-        self.queue: deque[tuple[int, int, bytes]] = deque()  # (epoch, seq, message)
+        self.queue: deque[tuple[int, int, Message]] = deque()  # (epoch, seq, message)
         self.queued_bytes = 0
         self.duplicates = 0
 
@@ -298,7 +319,7 @@ class Inbound:
         self.received += len(fresh)
         return len(fresh), False
 
-    def take(self, limit: int) -> list[tuple[int, int, bytes]]:
+    def take(self, limit: int) -> list[tuple[int, int, Message]]:
         """Up to ``limit`` queued messages for delivery (they stay counted until
         :meth:`delivered_upto`)."""
         out = []
@@ -307,7 +328,7 @@ class Inbound:
         self.queued_bytes -= sum(len(m) for _, _, m in out)
         return out
 
-    def put_back(self, items: list[tuple[int, int, bytes]]) -> None:
+    def put_back(self, items: list[tuple[int, int, Message]]) -> None:
         """Messages taken but not delivered (the local receiver went away): first again."""
         self.queue.extendleft(reversed(items))
         self.queued_bytes += sum(len(m) for _, _, m in items)

@@ -38,6 +38,7 @@ from .core import (
     FrameError,
     Hello,
     Inbound,
+    Message,
     Outbound,
     Resume,
     decode,
@@ -51,7 +52,7 @@ __all__ = ["Bridge", "ZenohMissingError", "open_session"]
 
 log = logging.getLogger("ivshmem.bridge")
 
-_FRAME_BYTES = 1 << 20  # a DATA frame gathers messages up to about this many bytes
+_FRAME_BYTES = 1 << 18  # a DATA frame gathers messages up to about this many bytes
 _OPEN_RETRY = 0.2
 _READ_WAIT = 0.05  # longest a route waits in its ring before looking at its flags again
 _NO_LIMIT = 1 << 31
@@ -161,6 +162,7 @@ class _OutRoute(_Route):
         self.resend_from: int | None = None  # asked for a resend (HELLO, foreign epoch)
         self.stall_seen = (-1, 0.0)  # (remote_received, since when) while messages wait
         self.closed_for_loss = False
+        self.urgent = False  # stopping: every frame asks for an ACK
         zenoh = _zenoh()
         self.pub = bridge.session.declare_publisher(
             self.data_key,
@@ -196,6 +198,7 @@ class _OutRoute(_Route):
     def _publish(self, seq: int, messages: list[bytes]) -> None:
         """DATA frames for ``messages`` numbered from ``seq``, about _FRAME_BYTES each."""
         epoch = self.state.epoch
+        ack = self.urgent or self.state.wants_ack()
         i = 0
         n = len(messages)
         while i < n:
@@ -208,7 +211,8 @@ class _OutRoute(_Route):
                 j += 1
             batch = messages[i:j]
             payload = batch[0] if len(batch) == 1 else b"".join(batch)
-            self.pub.put(payload, attachment=encode_data(epoch, seq + i, [len(m) for m in batch]))
+            lengths = [len(m) for m in batch]
+            self.pub.put(payload, attachment=encode_data(epoch, seq + i, lengths, ack))
             i = j
 
     def _resend(self, start: int) -> None:
@@ -319,6 +323,7 @@ class _OutRoute(_Route):
         """On a clean stop: relay what the local sender already wrote (a restarted bridge is
         a new peer, so the old channel's leftovers would reach nobody), for at most
         ``remote_timeout``."""
+        self.urgent = True
         deadline = time.monotonic() + self.bridge.config.remote_timeout
         while time.monotonic() < deadline:
             credit = self._housekeeping()
@@ -340,6 +345,8 @@ class _OutRoute(_Route):
         every message read from the ring, resending if it asks, so that stopping and
         restarting a bridge loses nothing."""
         deadline = time.monotonic() + self.bridge.config.remote_timeout
+        if self.state.outstanding:
+            self._resend(self.state.remote_received)  # asking for the ACK that frees them
         while self.state.outstanding and time.monotonic() < deadline:
             self._housekeeping()
             with self.cond:
@@ -351,7 +358,15 @@ class _OutRoute(_Route):
 
 
 class _InRoute(_Route):
-    """Zenoh -> local ring."""
+    """Zenoh -> local ring.
+
+    Delivery has a fast path: when nothing is queued and the route's thread is not in the
+    middle of a delivery, the Zenoh callback copies a frame's messages straight into the
+    ring while they fit (never waiting), which spares a thread hand-off per message on the
+    round trip. Everything that does not fit is queued for the thread, which waits for room.
+    The acknowledgement always comes from the thread (a put from inside Zenoh's callback
+    could wait on Zenoh itself). ``busy`` (under ``cond``) makes the two take turns on the
+    Sender, which is not meant for two threads at once."""
 
     def __init__(self, bridge: Bridge, route: InRoute, vector: int | None) -> None:
         super().__init__(bridge, f"in:{route.site}/{route.channel}->{route.peer}", vector)
@@ -362,7 +377,11 @@ class _InRoute(_Route):
         self.state = Inbound(cfg.window_messages, cfg.window_bytes)
         self.max_message = _NO_LIMIT
         self.hello_wanted = True
+        self.ack_due = False  # the thread should send an ACK now
+        self.ack_requested = False  # a frame asked for one since the last ACK
         self.delivered = 0
+        self.tx: Sender | None = None
+        self.busy = False
         zenoh = _zenoh()
         self.pub = bridge.session.declare_publisher(
             self.ack_key,
@@ -388,16 +407,45 @@ class _InRoute(_Route):
                     queued, hello = self.state.on_data(frame)
                     if hello:
                         self.hello_wanted = True
-                    if queued or hello:
+                    if frame.ack:
+                        self.ack_requested = True
+                    if queued and not self.busy and self.tx is not None:
+                        self._deliver_now(self.tx)
+                    if self.state.queue or hello or self.ack_due:
                         self.cond.notify_all()
                 else:
                     raise FrameError(f"{type(frame).__name__} frame on a data key")
         except FrameError as err:
             self.refuse(self.data_key, err)
+        except IvshmemError as err:  # the local end broke: the thread reopens it
+            log.info("%s: direct delivery failed (%s)", self.name, err)
+
+    def _deliver_now(self, tx: Sender) -> None:
+        """The fast path (cond held, not busy): what fits in the ring now, without waiting."""
+        st = self.state
+        queue = st.queue
+        done = 0
+        last: tuple[int, int, Message] | None = None
+        try_send = tx.try_send
+        while queue:
+            item = queue[0]
+            if not try_send(item[2], False):
+                break
+            queue.popleft()
+            st.queued_bytes -= len(item[2])
+            last = item
+            done += 1
+        if last is not None:
+            tx.flush()
+            st.delivered_upto(last[0], last[1] + 1)
+            self.delivered += done
+            if self.ack_requested:
+                self.ack_due = True
 
     def _ack(self) -> None:
         with self.cond:
             st = self.state
+            self.ack_due = self.ack_requested = False
             if self.hello_wanted or st.epoch is None:
                 frame = encode_hello()
             else:
@@ -416,27 +464,38 @@ class _InRoute(_Route):
         self.max_message = tx.capacity // 2 - 8
         return tx
 
+    def _close_tx(self) -> None:
+        with self.cond:
+            tx, self.tx = self.tx, None
+        if tx is not None:
+            with contextlib.suppress(IvshmemError):
+                tx.close()
+
     def run(self) -> None:
         keepalive = self.bridge.config.keepalive
-        tx: Sender | None = None
         next_ack = 0.0
         try:
             while not self.stopping:
                 now = time.monotonic()
-                if now >= next_ack:
+                if now >= next_ack or self.ack_due:
                     self._ack()
                     next_ack = now + keepalive
-                if tx is None:
+                if self.tx is None:
                     tx = self._open()
                     if tx is None:
                         self.bridge._stop.wait(_OPEN_RETRY)
                         continue
                     log.info("%s: delivering to peer %d as channel %r", self.name,
                              self.route.peer, self.route.local_channel)  # fmt: skip
+                    with self.cond:
+                        self.tx = tx
+                tx = self.tx
+                assert tx is not None
                 with self.cond:
-                    if not self.state.queue:
+                    if not self.state.queue and not self.ack_due:
                         self.cond.wait(min(keepalive, max(0.0, next_ack - time.monotonic())))
                     items = self.state.take(1024)
+                    self.busy = bool(items)
                 if not items:
                     continue
                 sent = 0
@@ -444,11 +503,10 @@ class _InRoute(_Route):
                     sent = self._deliver(tx, items, keepalive)
                 except IvshmemError as err:
                     log.info("%s: local channel ended (%s); reopening", self.name, err)
-                    with contextlib.suppress(IvshmemError):
-                        tx.close()
-                    tx = None
+                    self._close_tx()
                 finally:
                     with self.cond:
+                        self.busy = False
                         if sent < len(items):
                             self.state.put_back(items[sent:])
                         if sent:
@@ -456,16 +514,15 @@ class _InRoute(_Route):
                             self.state.delivered_upto(epoch, seq + 1)
                 if sent:
                     self.delivered += sent
-                    self._ack()
-                    next_ack = time.monotonic() + keepalive
+                    if self.ack_requested:
+                        self._ack()
+                        next_ack = time.monotonic() + keepalive
         finally:
-            if tx is not None:
-                with contextlib.suppress(IvshmemError):
-                    tx.close()
+            self._close_tx()
             with contextlib.suppress(Exception):
                 self._ack()  # what was delivered last, so the sender can forget it
 
-    def _deliver(self, tx: Sender, items: list[tuple[int, int, bytes]], keepalive: float) -> int:
+    def _deliver(self, tx: Sender, items: list[tuple[int, int, Message]], keepalive: float) -> int:
         """Send ``items`` into the ring; returns how many went. A full ring is waited for in
         slices of ``keepalive`` with a keepalive in between, so a slow local receiver is
         never mistaken for a lost bridge."""
