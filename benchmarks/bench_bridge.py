@@ -226,7 +226,7 @@ class Sites:
     """Two servers, two bridges (ping a -> b, pong b -> a), the parent's peer on A and the
     child on B."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, bridge_args: list[str]) -> None:
         from ivshmem import connect
         from ivshmem.channel import Receiver, Sender
 
@@ -244,7 +244,7 @@ class Sites:
             self.child = Child("bridged", str(tmp / "b.sock"))
             child_id = int(self.child.first.split()[1])
             pa, pb = free_port(), free_port()
-            common = ["--capacity", str(CAPACITY)]
+            common = ["--capacity", str(CAPACITY), *bridge_args]
             self.bridges.append(BridgeProcess(
                 ["--site", "a", "--socket", str(tmp / "a.sock"), "--listen",
                  f"tcp/127.0.0.1:{pa}", "--out", f"ping:{self.peer.id}", "--in",
@@ -305,13 +305,15 @@ class Sites:
             stop_server(s)
 
 
-def run(repeats: int, scale: float, sizes: tuple[int, ...]) -> dict[str, Any]:
+def run(
+    repeats: int, scale: float, sizes: tuple[int, ...], bridge_args: list[str]
+) -> dict[str, Any]:
     before = zenoh_shm_files()
     results: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="ivbb-", dir="/tmp") as d:
         port = free_port()
         session, pub, raw_child = raw_variant(port)
-        sites = Sites(Path(d))
+        sites = Sites(Path(d), bridge_args)
         try:
             for rep in range(repeats):
                 for size in sizes:
@@ -380,9 +382,14 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--bridge-args",
+        default="",
+        help="extra options for both bridges, e.g. '--window-messages 4096'",
+    )
     args = parser.parse_args()
     sizes = tuple(int(s) for s in args.sizes.split(","))
-    result = run(args.repeats, args.scale, sizes)
+    result = run(args.repeats, args.scale, sizes, args.bridge_args.split())
     _print(result, args.repeats)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -16,6 +16,7 @@ TOML (every key optional except ``site`` and at least one route)::
     window_messages = 1024
     window_bytes = "8M"
     capacity = "64K"              # ring size of the channels the bridge creates (out routes)
+    spin = 50e-6                  # seconds the bridge's channel ends spin before sleeping
 
     [zenoh]
     mode = "peer"                 # peer, client or router
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..channel.channel import DEFAULT_CAPACITY
+from ..channel.channel import DEFAULT_CAPACITY, DEFAULT_SPIN
 from ..channel.layout import CHANNEL_NAME_MAX
 from ..errors import UsageError
 from ..memory import parse_size
@@ -205,6 +206,7 @@ class BridgeConfig:
     window_messages: int = DEFAULT_WINDOW_MESSAGES
     window_bytes: int = DEFAULT_WINDOW_BYTES
     capacity: int = DEFAULT_CAPACITY
+    spin: float = DEFAULT_SPIN
     zenoh: ZenohOptions = field(default_factory=ZenohOptions)
 
     def check(self) -> None:
@@ -219,6 +221,8 @@ class BridgeConfig:
             raise ConfigError("--region needs --id N: the bridge's peer id in the region")
         if self.on_remote_lost not in ("wait", "error"):
             raise ConfigError(f"on_remote_lost {self.on_remote_lost!r}: 'wait' or 'error'")
+        if not 0 <= self.spin <= 1:
+            raise ConfigError(f"spin {self.spin}: 0..1 seconds")
         if not 0 < self.keepalive < self.remote_timeout:
             raise ConfigError("keepalive must be positive and shorter than remote_timeout")
         if not 0 < self.window_messages <= 1 << 20:
@@ -248,7 +252,7 @@ class BridgeConfig:
 
 _TOP = {
     "site", "prefix", "socket", "region", "id", "on_remote_lost", "remote_timeout",
-    "keepalive", "window_messages", "window_bytes", "capacity", "zenoh", "out", "in",
+    "keepalive", "window_messages", "window_bytes", "capacity", "spin", "zenoh", "out", "in",
 }  # fmt: skip
 _ZENOH = {"mode", "listen", "connect", "scouting", "config", "shared_memory"}
 
@@ -315,5 +319,6 @@ def _from_doc(doc: dict[str, Any]) -> BridgeConfig:
         window_messages=int(doc.get("window_messages", DEFAULT_WINDOW_MESSAGES)),
         window_bytes=parse_size(wb),
         capacity=parse_size(cap),
+        spin=float(doc.get("spin", DEFAULT_SPIN)),
         zenoh=zopts,
     )

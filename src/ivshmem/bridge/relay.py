@@ -52,7 +52,7 @@ __all__ = ["Bridge", "ZenohMissingError", "open_session"]
 
 log = logging.getLogger("ivshmem.bridge")
 
-_FRAME_BYTES = 1 << 18  # a DATA frame gathers messages up to about this many bytes
+_FRAME_BYTES = 60 << 10  # a DATA frame gathers messages up to about this many bytes
 _OPEN_RETRY = 0.2
 _READ_WAIT = 0.05  # longest a route waits in its ring before looking at its flags again
 _NO_LIMIT = 1 << 31
@@ -263,6 +263,7 @@ class _OutRoute(_Route):
             return Receiver(
                 ep, self.route.channel, self.route.peer, vector=self.vector,
                 timeout=_OPEN_RETRY, capacity=self.bridge.config.capacity,
+                spin=self.bridge.config.spin,
             )  # fmt: skip
         except IvshmemError as err:
             self.note_open_failure("receiving", err)
@@ -456,7 +457,7 @@ class _InRoute(_Route):
         try:
             tx = Sender(
                 self.bridge.endpoint, self.route.local_channel, self.route.peer,
-                vector=self.vector, timeout=_OPEN_RETRY,
+                vector=self.vector, timeout=_OPEN_RETRY, spin=self.bridge.config.spin,
             )  # fmt: skip
         except IvshmemError as err:
             self.note_open_failure("sending", err)

@@ -72,6 +72,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="ring size of the channels the bridge receives on (default 64K; the largest "
         "message is half of it)",
     )  # fmt: skip
+    fail.add_argument(
+        "--spin", type=float, metavar="S",
+        help="seconds the bridge's channel ends spin before sleeping on a doorbell (default "
+        "50e-6): longer costs CPU and shortens the round trip",
+    )  # fmt: skip
     z = parser.add_argument_group("Zenoh (passed through)")
     z.add_argument("--mode", choices=("peer", "client", "router"), help="default peer")
     z.add_argument("--listen", action="append", default=[], metavar="ENDPOINT",
@@ -91,7 +96,7 @@ def build_config(args: argparse.Namespace) -> BridgeConfig:
 
     cfg = load_toml(args.config) if args.config else BridgeConfig(site="")
     for name in ("site", "prefix", "socket", "region", "on_remote_lost", "remote_timeout",
-                 "window_messages"):  # fmt: skip
+                 "window_messages", "spin"):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
