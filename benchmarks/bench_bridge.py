@@ -176,6 +176,24 @@ class Child:
             self.proc.wait()
 
 
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, all threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU microseconds per message of each named process over one measurement."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.start = {name: _cpu(pid) for name, pid in pids.items()}
+
+    def per_message(self, count: int) -> dict[str, float]:
+        return {n: (_cpu(p) - self.start[n]) * 1e6 / count for n, p in self.pids.items()}
+
+
 def _payload(size: int) -> bytes:
     return os.urandom(size)
 
@@ -194,15 +212,21 @@ def raw_variant(port: int) -> tuple[Any, Any, Child]:
     return session, pub, child
 
 
-def raw_throughput(pub: Any, child: Child, size: int, count: int) -> float:
+def raw_throughput(
+    pub: Any, child: Child, size: int, count: int, cpu: dict[str, list[float]]
+) -> float:
     data = _payload(size)
     child.say(f"count {count}")
     child.expect("armed")
+    meter = CpuMeter({"raw publisher": os.getpid(), "raw subscriber": child.proc.pid})
     t0 = time.perf_counter()
     for _ in range(count):
         pub.put(data)
     child.expect("done")
-    return count / (time.perf_counter() - t0)
+    rate = count / (time.perf_counter() - t0)
+    for name, us in meter.per_message(count).items():
+        cpu.setdefault(name, []).append(us)
+    return rate
 
 
 def raw_round_trip(session: Any, pub: Any, child: Child, size: int, rounds: int) -> float:
@@ -266,17 +290,25 @@ class Sites:
             self.close()
             raise
 
-    def throughput(self, size: int, count: int) -> float:
+    def throughput(self, size: int, count: int, cpu: dict[str, list[float]]) -> float:
         assert self.child is not None
         data = _payload(size)
         self.child.say(f"count {count}")
         self.child.expect("armed")
+        pids = {"sender (host peer A)": os.getpid(), "receiver (host peer B)": self.child.proc.pid}
+        for name, b in zip(("bridge A", "bridge B"), self.bridges, strict=True):
+            assert b.proc is not None
+            pids[name] = b.proc.pid
+        meter = CpuMeter(pids)
         t0 = time.perf_counter()
         send = self.tx.send
         for _ in range(count):
             send(data, 60)
         self.child.expect("done")
-        return count / (time.perf_counter() - t0)
+        rate = count / (time.perf_counter() - t0)
+        for name, us in meter.per_message(count).items():
+            cpu.setdefault(name, []).append(us)
+        return rate
 
     def round_trip(self, size: int, rounds: int) -> float:
         assert self.child is not None
@@ -310,6 +342,7 @@ def run(
 ) -> dict[str, Any]:
     before = zenoh_shm_files()
     results: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="ivbb-", dir="/tmp") as d:
         port = free_port()
         session, pub, raw_child = raw_variant(port)
@@ -319,9 +352,11 @@ def run(
                 for size in sizes:
                     count, rounds = _counts(size, scale)
                     r = results.setdefault(str(size), {})
+                    c = cpu.setdefault(str(size), {})
                     r.setdefault("raw_msgs_per_s", []).append(
-                        raw_throughput(pub, raw_child, size, count))  # fmt: skip
-                    r.setdefault("bridged_msgs_per_s", []).append(sites.throughput(size, count))
+                        raw_throughput(pub, raw_child, size, count, c))  # fmt: skip
+                    r.setdefault("bridged_msgs_per_s", []).append(
+                        sites.throughput(size, count, c))  # fmt: skip
                     r.setdefault("raw_rtt_s", []).append(
                         raw_round_trip(session, pub, raw_child, size, rounds))  # fmt: skip
                     r.setdefault("bridged_rtt_s", []).append(sites.round_trip(size, rounds))
@@ -348,6 +383,7 @@ def run(
             "rtt_ratio": rtt,
             "throughput_ok": tput >= THROUGHPUT_TARGET,
             "rtt_ok": rtt <= ROUND_TRIP_TARGET,
+            "cpu_us_per_msg": {k: statistics.median(v) for k, v in cpu[key].items()},
             "all": {k: v for k, v in r.items()},
         }
     return out
@@ -364,6 +400,10 @@ def _print(result: dict[str, Any], repeats: int) -> None:
             f"{r['raw_rtt_us']:>10.0f} {r['bridged_rtt_us']:>9.0f} "
             f"{r['rtt_ratio']:>5.2f}{'' if r['rtt_ok'] else '!'}"
         )
+    print("  CPU per message during the throughput runs, us (median; all threads):")
+    for size, r in result["sizes"].items():
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us_per_msg"].items())
+        print(f"  {int(size):>8}  {parts}")
     print(f"  targets: throughput >= {THROUGHPUT_TARGET}x raw, round trip <= "
           f"{ROUND_TRIP_TARGET}x raw ('!' marks a miss)")  # fmt: skip
     if result["zenoh_shm_left"]:
