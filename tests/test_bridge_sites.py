@@ -392,3 +392,36 @@ def test_sigterm_leaves_nothing(sites: tuple[Site, Site]) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert signal.SIGTERM  # the bridges exit 0 on SIGTERM
+
+
+def test_local_server_restart_stops_the_bridge_and_a_new_one_resumes(
+    sites: tuple[Site, Site],
+) -> None:
+    """Server B goes away: bridge B says so and exits with status 3 (for its supervisor);
+    what A sends meanwhile waits in A's window, and once server B and a new bridge B are
+    back, it arrives in order."""
+    a, b = sites
+    ba = a.start_bridge(None, ["--out", "frames:0"])
+    bb = b.start_bridge(a, ["--in", "a/frames:0"])
+    rx = Receiver(b.peer, "frames", bb.peer_id, timeout=20)
+    tx = Sender(a.peer, "frames", ba.peer_id, timeout=20)
+    _stream(tx, 0, 100)
+    assert _collect(rx, 99) == list(range(100))
+    rx.close()
+    b.peer.close()
+    b.server.stop()
+    assert bb.proc is not None
+    assert bb.proc.wait(20) == 3
+    assert "lost the local ivshmem server" in bb.log()
+    bb._finish()
+    _stream(tx, 100, 200)  # held by bridge A: nobody acknowledges them yet
+    b.server = ServerProcess(
+        b.tmp, size="32M", vectors=4, extra_args=["--format", "--max-peers", "4"]
+    ).start()
+    b.peer = connect(b.server.socket_path, vectors=4)
+    assert b.peer.id == 0  # a fresh server starts again at 0
+    bb2 = b.start_bridge(a, ["--in", "a/frames:0"])
+    rx2 = Receiver(b.peer, "frames", bb2.peer_id, timeout=20)
+    assert _collect(rx2, 199) == list(range(100, 200))
+    tx.close()
+    rx2.close()

@@ -48,7 +48,7 @@ from .core import (
     encode_resume,
 )
 
-__all__ = ["Bridge", "ZenohMissingError", "open_session"]
+__all__ = ["Bridge", "ServerLostError", "ZenohMissingError", "open_session"]
 
 log = logging.getLogger("ivshmem.bridge")
 
@@ -56,6 +56,11 @@ _FRAME_BYTES = 60 << 10  # a DATA frame gathers messages up to about this many b
 _OPEN_RETRY = 0.2
 _READ_WAIT = 0.05  # longest a route waits in its ring before looking at its flags again
 _NO_LIMIT = 1 << 31
+_SERVER_CHECK = 0.2  # seconds between looks at the local server's socket
+
+
+class ServerLostError(IvshmemError):
+    """The local ivshmem server went away; the bridge stopped."""
 
 
 class ZenohMissingError(IvshmemError):
@@ -565,7 +570,7 @@ class Bridge:
             if cfg.socket is not None:
                 from ..peer import connect
 
-                self.endpoint = connect(cfg.socket, reconnect=True)
+                self.endpoint = connect(cfg.socket)
             else:
                 assert cfg.region is not None and cfg.region_id is not None
                 self.endpoint = open_region(cfg.region, id=cfg.region_id)
@@ -592,12 +597,36 @@ class Bridge:
         return self.endpoint.id
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Until :meth:`stop` or a route fails (its error is raised); True when stopped."""
-        stopped = self._stop.wait(timeout)
-        for route in self.routes:
-            if route.error is not None:
-                raise route.error
-        return stopped
+        """Until :meth:`stop`, a route fails or the local server goes away (the error is
+        raised: ServerLostError for the server); True when stopped, False at ``timeout``.
+
+        The local server is watched here: a restarted server gives every peer a new id, and
+        the local programs must address the bridge's new one anyway, so a bridge whose server
+        went away stops (relaying what it holds and waiting for those ACKs, as on SIGTERM)
+        and exits with an error, for its supervisor to start it again (systemd:
+        ``Restart=on-failure``); the restarted bridge resumes its streams."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        service = getattr(self.endpoint, "service", None)
+        while True:
+            left = (
+                _SERVER_CHECK
+                if deadline is None
+                else min(_SERVER_CHECK, deadline - time.monotonic())
+            )
+            stopped = self._stop.wait(max(0.0, left))
+            for route in self.routes:
+                if route.error is not None:
+                    raise route.error
+            if stopped:
+                return True
+            if service is not None:
+                try:
+                    service()
+                except IvshmemError as err:
+                    self._stop.set()
+                    raise ServerLostError(f"lost the local ivshmem server: {err}") from err
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
 
     def stop(self) -> None:
         self._stop.set()

@@ -125,7 +125,9 @@ def build_config(args: argparse.Namespace) -> BridgeConfig:
 
 def run(args: argparse.Namespace) -> int:
     from .._signals import exit_on_termination
-    from ..bridge.relay import Bridge, describe
+    from ..bridge.relay import Bridge, ServerLostError, describe
+
+    status = 0
 
     try:
         cfg = build_config(args)
@@ -139,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
                 bridge.wait()
             except (KeyboardInterrupt, SystemExit):
                 pass
+            except ServerLostError as err:
+                print(f"ivshmem bridge: error: {err}; stopping (start it again once the "
+                      "server is back)", file=sys.stderr)  # fmt: skip
+                status = 3
             finally:
                 bridge.close()
                 if args.stats:
@@ -146,4 +152,4 @@ def run(args: argparse.Namespace) -> int:
     except IvshmemError as err:
         print(f"ivshmem bridge: error: {err}", file=sys.stderr)
         return 1
-    return 0
+    return status
