@@ -425,3 +425,56 @@ def test_local_server_restart_stops_the_bridge_and_a_new_one_resumes(
     assert _collect(rx2, 199) == list(range(100, 200))
     tx.close()
     rx2.close()
+
+
+def test_plain_region_and_toml_configuration(sites: tuple[Site, Site]) -> None:
+    """Site B without a server: a plain formatted region file, the bridge configured by a
+    TOML file (--region, --id, routes and Zenoh's endpoints from the file)."""
+    from ivshmem.channel import format_region
+    from ivshmem.endpoint import open_region
+
+    a, b = sites
+    ba = a.start_bridge(None, ["--out", "frames:0"])
+    region = b.tmp / "plain.region"
+    ep = open_region(str(region), id=0, size="8M")
+    try:
+        format_region(ep, peers=[0, 1], max_peers=2)
+        toml = b.tmp / "bridge.toml"
+        toml.write_text(
+            f"""
+site = "b"
+region = "{region}"
+id = 1
+[zenoh]
+listen = ["tcp/127.0.0.1:{b.port}"]
+connect = ["tcp/127.0.0.1:{a.port}"]
+[[in]]
+site = "a"
+channel = "frames"
+peer = 0
+"""
+        )
+        bb = BridgeProcess(["--config", str(toml)], b.tmp / "bridge-b.log").start()
+        b.bridge = bb
+        assert bb.peer_id == 1
+        rx = Receiver(ep, "frames", 1, timeout=20)
+        tx = Sender(a.peer, "frames", ba.peer_id, timeout=20)
+        expected = [_message(i, s) for i, s in enumerate([10, 100, 1000, 10_000] * 50)]
+        got: list[bytes] = []
+
+        def read() -> None:
+            for _ in expected:
+                got.append(rx.recv(timeout=30))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        for m in expected:
+            tx.send(m, timeout=30)
+        reader.join(60)
+        assert got == expected
+        tx.close()
+        rx.close()
+        assert bb.stop() == 0
+    finally:
+        ep.close()
+        region.unlink()
