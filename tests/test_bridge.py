@@ -96,11 +96,11 @@ class Link:
         return self.inb.on_data(frame)[1]
 
     def deliver_and_ack(self) -> None:
-        items = self.inb.take(1000)
-        self.ring += [bytes(m) for _, _, m in items]
-        if items:
-            epoch, seq, _ = items[-1]
-            self.inb.delivered_upto(epoch, seq + 1)
+        chunks = self.inb.take(1000)
+        self.ring += [bytes(m) for _, _, msgs in chunks for m in msgs]
+        if chunks:
+            epoch, seq, msgs = chunks[-1]
+            self.inb.delivered_upto(epoch, seq + len(msgs))
         assert self.inb.epoch is not None
         self.out.on_ack(Ack(self.inb.epoch, self.inb.delivered, self.inb.received))
 
@@ -160,7 +160,8 @@ def test_receiver_restart_resumes_and_drops_duplicates() -> None:
     link.deliver_and_ack()  # a, b, c acknowledged
     more = [b"d", b"e"]
     link.data(link.out.take(more), more)
-    link.ring += [bytes(m) for _, _, m in link.inb.take(10)]  # delivered, then the bridge died
+    # delivered, then the bridge died before it acknowledged them
+    link.ring += [bytes(m) for _, _, msgs in link.inb.take(10) for m in msgs]
     link.inb = Inbound(8, 1 << 20)  # the restarted receiving bridge knows nothing
     assert link.inb.on_data(Data(link.out.epoch, 3, more)) == (0, True)  # asks for HELLO
     link.resume()
@@ -175,12 +176,26 @@ def test_resend_within_one_epoch_is_deduplicated() -> None:
     assert inb.on_data(Data(9, 0, [b"a", b"b"])) == (2, False)
     assert inb.on_data(Data(9, 0, [b"a", b"b", b"c"])) == (1, False)
     assert inb.on_data(Data(9, 5, [b"z"])) == (0, True)  # a gap
-    assert [m for _, _, m in inb.take(10)] == [b"a", b"b", b"c"]
+    assert [m for _, _, msgs in inb.take(10) for m in msgs] == [b"a", b"b", b"c"]
     assert inb.duplicates == 2
     with pytest.raises(FrameError):
         inb.on_resume(Resume(9, 7))  # beyond what we received
     inb.on_resume(Resume(10, 0))  # a restarted sender: new epoch
     assert inb.on_data(Data(10, 0, [b"new"])) == (1, False)
+
+
+def test_take_and_put_back_keep_counts() -> None:
+    inb = Inbound(100, 1 << 20)
+    inb.on_resume(Resume(1, 0))
+    for i in range(3):
+        inb.on_data(Data(1, 2 * i, [b"x%d" % i, b"y%d" % i]))
+    chunks = inb.take(3)  # whole chunks, at most 3 messages unless one chunk is more
+    assert [c[1] for c in chunks] == [0]
+    assert inb.queued_messages == 4 and inb.queued_bytes == 8
+    inb.put_back(chunks)
+    assert inb.queued_messages == 6 and inb.queued_bytes == 12
+    assert [c[1] for c in inb.take(100)] == [0, 2, 4]
+    assert inb.queued_messages == 0 and inb.queued_bytes == 0
 
 
 def test_inbound_queue_is_bounded() -> None:

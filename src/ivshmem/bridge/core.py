@@ -54,6 +54,7 @@ __all__ = [
     "KIND_RESUME",
     "MAGIC",
     "Ack",
+    "Chunk",
     "Data",
     "FrameError",
     "Hello",
@@ -266,6 +267,12 @@ class Outbound:
         return len(self._unacked)
 
 
+#: A run of consecutive messages of one epoch, as queued by the receiving bridge: (epoch,
+#: sequence number of the first, the messages). Queued and delivered whole (the ring's batch
+#: path), so the per-message work in Python is one list entry.
+Chunk = tuple[int, int, list[Message]]
+
+
 class Inbound:
     """The receiving bridge's side of one stream: which sender epoch it follows, what has
     been received and delivered, and the bounded queue between the two."""
@@ -276,7 +283,8 @@ class Inbound:
         self.epoch: int | None = None
         self.received = 0  # messages of this epoch that reached the queue
         self.delivered = 0  # of those, how many are in the local ring
-        self.queue: deque[tuple[int, int, Message]] = deque()  # (epoch, seq, message)
+        self.queue: deque[Chunk] = deque()
+        self.queued_messages = 0
         self.queued_bytes = 0
         self.duplicates = 0
 
@@ -301,37 +309,42 @@ class Inbound:
         if data.seq > self.received:
             return 0, True  # a gap: frames lost on the way; the sender resends
         skip = self.received - data.seq
-        fresh = data.messages[skip:]
+        fresh = list(data.messages[skip:])
         if not fresh:
             self.duplicates += len(data.messages)
             return 0, False
         size = sum(map(len, fresh))
         if self.queue and (
-            len(self.queue) + len(fresh) > self.window_messages
+            self.queued_messages + len(fresh) > self.window_messages
             or self.queued_bytes + size > self.window_bytes
         ):
             return 0, False  # beyond our window: not received, so resent later
         self.duplicates += skip
-        seq = self.received
-        epoch = self.epoch
-        self.queue.extend((epoch, seq + i, m) for i, m in enumerate(fresh))
+        self.queue.append((self.epoch, self.received, fresh))
+        self.queued_messages += len(fresh)
         self.queued_bytes += size
         self.received += len(fresh)
         return len(fresh), False
 
-    def take(self, limit: int) -> list[tuple[int, int, Message]]:
-        """Up to ``limit`` queued messages for delivery (they stay counted until
-        :meth:`delivered_upto`)."""
-        out = []
-        for _ in range(min(limit, len(self.queue))):
-            out.append(self.queue.popleft())
-        self.queued_bytes -= sum(len(m) for _, _, m in out)
+    def take(self, limit: int) -> list[Chunk]:
+        """Queued chunks, whole, up to about ``limit`` messages (at least one chunk), for
+        delivery; what is not delivered goes back with :meth:`put_back`."""
+        out: list[Chunk] = []
+        n = 0
+        while self.queue and (not out or n + len(self.queue[0][2]) <= limit):
+            chunk = self.queue.popleft()
+            out.append(chunk)
+            n += len(chunk[2])
+            self.queued_bytes -= sum(map(len, chunk[2]))
+        self.queued_messages -= n
         return out
 
-    def put_back(self, items: list[tuple[int, int, Message]]) -> None:
-        """Messages taken but not delivered (the local receiver went away): first again."""
-        self.queue.extendleft(reversed(items))
-        self.queued_bytes += sum(len(m) for _, _, m in items)
+    def put_back(self, chunks: list[Chunk]) -> None:
+        """Chunks (or their tails) taken but not delivered: first again."""
+        for chunk in reversed(chunks):
+            self.queue.appendleft(chunk)
+            self.queued_messages += len(chunk[2])
+            self.queued_bytes += sum(map(len, chunk[2]))
 
     def delivered_upto(self, epoch: int, seq: int) -> None:
         """Messages of ``epoch`` below ``seq`` are in the local ring."""

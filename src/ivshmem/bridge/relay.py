@@ -34,11 +34,11 @@ from .config import BridgeConfig, InRoute, OutRoute
 from .core import (
     MAX_BATCH,
     Ack,
+    Chunk,
     Data,
     FrameError,
     Hello,
     Inbound,
-    Message,
     Outbound,
     Resume,
     decode,
@@ -431,19 +431,23 @@ class _InRoute(_Route):
         st = self.state
         queue = st.queue
         done = 0
-        last: tuple[int, int, Message] | None = None
-        try_send = tx.try_send
+        last: tuple[int, int] | None = None
         while queue:
-            item = queue[0]
-            if not try_send(item[2], False):
+            epoch, seq, msgs = queue[0]
+            k = tx.try_send_many(msgs)
+            if k:
+                last = (epoch, seq + k)
+                done += k
+                st.queued_bytes -= sum(map(len, msgs[:k]))
+            if k < len(msgs):
+                if k:
+                    queue[0] = (epoch, seq + k, msgs[k:])
                 break
             queue.popleft()
-            st.queued_bytes -= len(item[2])
-            last = item
-            done += 1
         if last is not None:
+            st.queued_messages -= done
             tx.flush()
-            st.delivered_upto(last[0], last[1] + 1)
+            st.delivered_upto(*last)
             self.delivered += done
             if self.ack_requested:
                 self.ack_due = True
@@ -500,24 +504,31 @@ class _InRoute(_Route):
                 with self.cond:
                     if not self.state.queue and not self.ack_due:
                         self.cond.wait(min(keepalive, max(0.0, next_ack - time.monotonic())))
-                    items = self.state.take(1024)
-                    self.busy = bool(items)
-                if not items:
+                    chunks = self.state.take(1024)
+                    self.busy = bool(chunks)
+                if not chunks:
                     continue
-                sent = 0
+                done: list[Chunk] = []
+                left: list[Chunk] = chunks
                 try:
-                    sent = self._deliver(tx, items, keepalive)
-                except IvshmemError as err:
-                    log.info("%s: local channel ended (%s); reopening", self.name, err)
+                    done, left = self._deliver(tx, chunks, keepalive)
+                except _Partial as part:
+                    done, left = part.done, part.left
+                    log.info("%s: local channel ended (%s); reopening", self.name,
+                             part.__cause__)  # fmt: skip
                     self._close_tx()
+                except IvshmemError as err:  # nothing went (a message the ring refuses)
+                    log.warning("%s: cannot deliver (%s); reopening", self.name, err)
+                    self._close_tx()
+                    self.bridge._stop.wait(_OPEN_RETRY)
                 finally:
                     with self.cond:
                         self.busy = False
-                        if sent < len(items):
-                            self.state.put_back(items[sent:])
-                        if sent:
-                            epoch, seq, _ = items[sent - 1]
-                            self.state.delivered_upto(epoch, seq + 1)
+                        self.state.put_back(left)
+                        if done:
+                            epoch, seq, msgs = done[-1]
+                            self.state.delivered_upto(epoch, seq + len(msgs))
+                sent = sum(len(c[2]) for c in done)
                 if sent:
                     self.delivered += sent
                     if self.ack_requested:
@@ -528,24 +539,50 @@ class _InRoute(_Route):
             with contextlib.suppress(Exception):
                 self._ack()  # what was delivered last, so the sender can forget it
 
-    def _deliver(self, tx: Sender, items: list[tuple[int, int, Message]], keepalive: float) -> int:
-        """Send ``items`` into the ring; returns how many went. A full ring is waited for in
-        slices of ``keepalive`` with a keepalive in between, so a slow local receiver is
-        never mistaken for a lost bridge."""
-        # An error can only come out of a wait for room, which publishes (flushes) what was
-        # written before it: so the first ``i`` messages are in the ring whatever happens.
-        i = 0
-        n = len(items)
-        while i < n:
+    def _deliver(
+        self, tx: Sender, chunks: list[Chunk], keepalive: float
+    ) -> tuple[list[Chunk], list[Chunk]]:
+        """Send ``chunks`` into the ring, waiting for room as long as it takes; returns (what
+        went, what did not: only when stopping). A full ring is waited for in slices of
+        ``keepalive`` with a keepalive in between, so a slow local receiver is never taken
+        for a lost bridge. An error raises _Partial saying what went: it can only come out
+        of a wait for room, which publishes (flushes) what was written before it, so what
+        went is in the ring whatever happens."""
+        done: list[Chunk] = []
+        for n, (epoch, seq, msgs) in enumerate(chunks):
+            i = 0
             try:
-                tx.send(items[i][2], keepalive, flush=False)
-                i += 1
-            except ChannelTimeout:
-                self._ack()
-                if self.stopping:
-                    break
+                while i < len(msgs):
+                    i = tx.try_send_many(msgs, i)
+                    if i < len(msgs):
+                        try:
+                            tx.send(msgs[i], keepalive)  # waits for room, then publishes
+                            i += 1
+                        except ChannelTimeout:
+                            self._ack()
+                            if self.stopping:
+                                raise
+            except (IvshmemError, ChannelTimeout) as err:
+                with contextlib.suppress(IvshmemError):
+                    tx.flush()
+                if i:
+                    done.append((epoch, seq, msgs[:i]))
+                left = [(epoch, seq + i, msgs[i:]), *chunks[n + 1 :]]
+                if isinstance(err, ChannelTimeout) and self.stopping:
+                    return done, left
+                raise _Partial(done, left) from err
+            done.append((epoch, seq, msgs))
         tx.flush()
-        return i
+        return done, []
+
+
+class _Partial(IvshmemError):
+    """A delivery that stopped part way: ``done`` went into the ring, ``left`` did not."""
+
+    def __init__(self, done: list[Chunk], left: list[Chunk]) -> None:
+        super().__init__("delivery interrupted")
+        self.done = done
+        self.left = left
 
 
 class Bridge:
