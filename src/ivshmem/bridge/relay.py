@@ -166,7 +166,6 @@ class _OutRoute(_Route):
         self.lost_logged = False
         self.resend_from: int | None = None  # asked for a resend (HELLO, foreign epoch)
         self.stall_seen = (-1, 0.0)  # (remote_received, since when) while messages wait
-        self.closed_for_loss = False
         self.urgent = False  # stopping: every frame asks for an ACK
         zenoh = _zenoh()
         self.pub = bridge.session.declare_publisher(
@@ -191,9 +190,11 @@ class _OutRoute(_Route):
             with self.cond:
                 self.heard = time.monotonic()
                 if isinstance(frame, Hello) or frame.epoch != self.state.epoch:
+                    # A receiving bridge that does not know our epoch (it restarted, or
+                    # missed our RESUME): tell it where we are and resend what it lacks.
                     self.resend_from = self.state.acked
-                elif self.state.on_ack(frame):
-                    pass
+                else:
+                    self.state.on_ack(frame)
                 self.cond.notify_all()
         except FrameError as err:
             self.refuse(self.ack_key, err)
