@@ -358,7 +358,12 @@ def test_malformed_and_foreign_frames_are_refused(sites: tuple[Site, Site]) -> N
     # A hostile publisher on B's own data and ack keys (it connects to B directly).
     session = zenoh_session(connect=[f"tcp/127.0.0.1:{b.port}"])
     try:
-        time.sleep(1.0)  # let the routes be declared to each other
+        data = session.declare_publisher("ivshmem/a/frames/data")
+        ack = session.declare_publisher("ivshmem/b/frames/ack")
+        deadline = time.monotonic() + 20
+        while not (data.matching_status.matching and ack.matching_status.matching):
+            assert time.monotonic() < deadline, "bridge B's subscribers never showed up"
+            time.sleep(0.05)
         bad = [
             (b"plain bytes, no attachment", None),
             (b"x", b"NOPE" + bytes(40)),
@@ -368,9 +373,14 @@ def test_malformed_and_foreign_frames_are_refused(sites: tuple[Site, Site]) -> N
             (b"", b"IVB1\x03" + bytes(3) + struct.pack("<QQQ", 1, 5, 2)),  # ACK on data key
         ]
         for payload, attachment in bad:
-            session.put("ivshmem/a/frames/data", payload, attachment=attachment)
-        session.put("ivshmem/b/frames/ack", b"garbage")
-        time.sleep(1.0)
+            data.put(payload, attachment=attachment)
+        ack.put(b"garbage")
+        deadline = time.monotonic() + 20
+        while b.bridge.log().count("refused a frame") < len(bad) + 1:
+            assert time.monotonic() < deadline, b.bridge.log()
+            time.sleep(0.05)
+        data.undeclare()
+        ack.undeclare()
     finally:
         session.close()
     tx.send(b"second", timeout=10)
