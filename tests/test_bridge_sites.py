@@ -345,6 +345,29 @@ def test_remote_lost_gives_the_sender_a_clear_error(sites: tuple[Site, Site]) ->
     assert "nothing from the receiving bridge" in ba.log()
     tx.close()
     rx.close()
+    # The remote comes back: bridge A opens its end again, a new local Sender works, and
+    # what A held unacknowledged arrives first.
+    bb2 = b.start_bridge(a, ["--in", "a/frames:0"])
+    rx2 = Receiver(b.peer, "frames", bb2.peer_id, timeout=20)
+    deadline = time.monotonic() + 30
+    while True:
+        tx2 = Sender(a.peer, "frames", ba.peer_id, timeout=20)
+        try:
+            tx2.send(b"after", timeout=5)
+            break
+        except ChannelClosedError:  # attached before bridge A reopened its end
+            tx2.close()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    got = [rx2.recv(timeout=20)]
+    while got[-1] != b"after":
+        got.append(rx2.recv(timeout=20))
+    # B was killed: "one", delivered but perhaps not yet acknowledged, may come again.
+    if got[0] == b"one":
+        got.pop(0)
+    assert all(m == bytes(1000) for m in got[:-1]), {bytes(m[:10]) for m in got}
+    tx2.close()
+    rx2.close()
 
 
 def test_malformed_and_foreign_frames_are_refused(sites: tuple[Site, Site]) -> None:
