@@ -337,6 +337,47 @@ class Sites:
             stop_server(s)
 
 
+class LocalEcho:
+    """The local hop alone, for "where the time goes": the same echo between two host peers
+    of one server, through one channel each way, waiting the same way (spin, then sleep)."""
+
+    def __init__(self, tmp: Path) -> None:
+        from ivshmem import connect
+        from ivshmem.channel import Receiver, Sender
+
+        sock = str(tmp / "local.sock")
+        self.server = start_server(
+            sock, ["-l", "64M", "-n", "4", "--memfd", "--format", "--max-peers", "4"],
+            str(tmp / "local.server.log"),
+        )  # fmt: skip
+        self.peer = connect(sock, vectors=4)
+        self.child = Child("bridged", sock)
+        child_id = int(self.child.first.split()[1])
+        self.child.say(f"bridge {self.peer.id}")  # the child treats us as its bridge
+        self.rx = Receiver(self.peer, "pong", child_id, capacity=CAPACITY, vector=1, timeout=30)
+        self.child.expect("armed")
+        self.tx = Sender(self.peer, "ping", child_id, vector=0, timeout=30)
+
+    def round_trip(self, size: int, rounds: int) -> float:
+        data = _payload(size)
+        self.child.say(f"echo {rounds + 10}")
+        self.child.expect("armed")
+        times = []
+        for _ in range(rounds + 10):
+            t0 = time.perf_counter()
+            self.tx.send(data, 60)
+            self.rx.recv(60)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[10:])
+
+    def close(self) -> None:
+        self.tx.close()
+        self.rx.close()
+        self.child.close()
+        self.peer.close()
+        stop_server(self.server)
+
+
 def run(
     repeats: int, scale: float, sizes: tuple[int, ...], bridge_args: list[str]
 ) -> dict[str, Any]:
@@ -347,6 +388,7 @@ def run(
         port = free_port()
         session, pub, raw_child = raw_variant(port)
         sites = Sites(Path(d), bridge_args)
+        local = LocalEcho(Path(d))
         try:
             for rep in range(repeats):
                 for size in sizes:
@@ -360,8 +402,10 @@ def run(
                     r.setdefault("raw_rtt_s", []).append(
                         raw_round_trip(session, pub, raw_child, size, rounds))  # fmt: skip
                     r.setdefault("bridged_rtt_s", []).append(sites.round_trip(size, rounds))
+                    r.setdefault("local_rtt_s", []).append(local.round_trip(size, rounds))
                     print(f"  repetition {rep + 1} size {size}: done", file=sys.stderr)
         finally:
+            local.close()
             sites.close()
             raw_child.close()
             pub.undeclare()
@@ -381,6 +425,7 @@ def run(
             "raw_rtt_us": med["raw_rtt_s"] * 1e6,
             "bridged_rtt_us": med["bridged_rtt_s"] * 1e6,
             "rtt_ratio": rtt,
+            "local_channel_rtt_us": med["local_rtt_s"] * 1e6,
             "throughput_ok": tput >= THROUGHPUT_TARGET,
             "rtt_ok": rtt <= ROUND_TRIP_TARGET,
             "cpu_us_per_msg": {k: statistics.median(v) for k, v in cpu[key].items()},
@@ -400,6 +445,9 @@ def _print(result: dict[str, Any], repeats: int) -> None:
             f"{r['raw_rtt_us']:>10.0f} {r['bridged_rtt_us']:>9.0f} "
             f"{r['rtt_ratio']:>5.2f}{'' if r['rtt_ok'] else '!'}"
         )
+    print("  the local hop alone: channel echo between two host peers of one server, us:")
+    print("  " + ", ".join(f"{int(k)} B {r['local_channel_rtt_us']:.0f}"
+                           for k, r in result["sizes"].items()))  # fmt: skip
     print("  CPU per message during the throughput runs, us (median; all threads):")
     for size, r in result["sizes"].items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us_per_msg"].items())
