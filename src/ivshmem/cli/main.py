@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "ivshmem.cli.status",
     "ivshmem.cli.device",
     "ivshmem.cli.samples",
+    "ivshmem.cli.bridge",
 )
 
 
