@@ -70,3 +70,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             continue  # pytest removed it already
         except OSError:
             break
+
+
+@pytest.fixture(scope="session")
+def qemu11() -> list[str]:
+    """The argv prefix of a QEMU >= 10.1 (vfio-user-pci, -accel qtest): PATH's, or Debian
+    trixie's built once into the lab cache (needs root and the Debian mirror)."""
+    from ivshmem.lab import qemu11 as q11
+
+    try:
+        found = q11.prepare()
+    except q11.Qemu11Unavailable as err:
+        require(False, f"no QEMU >= 10.1: {err}")
+        raise  # unreachable: require() skipped or failed
+    return found.argv()

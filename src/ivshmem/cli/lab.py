@@ -4,7 +4,7 @@
 
     ivshmem lab run [-n N] [--socket SOCK | --plain FILE] [--iommu] PROGRAM.py [ARGS...]
     ivshmem lab run -c "import ivshmem; print('hi')"
-    ivshmem lab fetch [--update]
+    ivshmem lab fetch [--update] [--qemu11]
     ivshmem lab clean
 
 ``run`` exits with the guest's exit status (the first non-zero one with several guests), 124
@@ -90,6 +90,11 @@ def register(subparsers: Any) -> None:
         "--update", action="store_true", help="fetch Debian's current kernel even if one is cached"
     )
     fetch.add_argument("--cache", metavar="DIR", help="lab cache (default ~/.cache/ivshmem/lab)")
+    fetch.add_argument(
+        "--qemu11",
+        action="store_true",
+        help="also get a QEMU >= 10.1 (vfio-user-pci): PATH's, or Debian trixie's into the cache",
+    )
     fetch.set_defaults(func=_fetch)
 
     clean_parser = sub.add_parser("clean", help="remove the lab's cache")
@@ -190,6 +195,17 @@ def _fetch(args: argparse.Namespace) -> int:
     print(f"kernel     {kernel.version} ({kernel.package}; boots as {boot})")
     print(f"busybox    {assets.busybox}")
     print(f"initramfs  {assets.initramfs}")
+    if args.qemu11:
+        from ..lab import qemu11
+
+        try:
+            with exit_on_termination():
+                found = qemu11.prepare(args.cache)
+        except LabError as err:
+            print(f"ivshmem lab: {err}", file=sys.stderr)
+            return 1
+        where = found.root if found.root is not None else found.binary
+        print(f"qemu11     {found.version_text} ({where})")
     return 0
 
 
