@@ -24,44 +24,80 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 from ..errors import UsageError
 from ..memory import format_size, is_power_of_two, parse_size, round_up_power_of_two
 from .errors import GuestError, GuestTimeoutError, LabSetupError, LabUsageError
 
-__all__ = ["Doorbell", "Guest", "GuestResult", "PlainRegion"]
+__all__ = [
+    "DEVICE_KINDS",
+    "DeviceKind",
+    "Doorbell",
+    "Guest",
+    "GuestResult",
+    "PlainRegion",
+    "VfioUser",
+]
 
 # Lines kept from the console and QEMU's log in error messages.
 _TAIL_LINES = 15
 
 
+#: Which ivshmem device a guest gets: QEMU's own (``ivshmem-doorbell``/``ivshmem-plain``) or
+#: this project's, served over vfio-user by an ``ivshmem-device`` process (QEMU >= 10.1).
+DeviceKind = Literal["qemu", "vfio-user"]
+DEVICE_KINDS: tuple[DeviceKind, ...] = ("qemu", "vfio-user")
+
+
 @dataclass(frozen=True)
 class Doorbell:
-    """An ``ivshmem-doorbell`` device connected to a server's Unix socket."""
+    """An ivshmem device with doorbells, connected to a server's Unix socket: QEMU's
+    ``ivshmem-doorbell`` (``device="qemu"``) or this project's (``device="vfio-user"``, for
+    which the lab starts an ``ivshmem-device`` process; ``device_args`` are passed to it,
+    e.g. ``("--intx",)``)."""
 
     socket: str | os.PathLike[str]
     vectors: int = 1
+    device: DeviceKind = "qemu"
+    device_args: tuple[str, ...] = field(default=())
 
 
 @dataclass(frozen=True)
 class PlainRegion:
-    """An ``ivshmem-plain`` device over a shared file (e.g. under ``/dev/shm``); ``size`` is the
-    file's size when not given, and must be a power of two (it becomes a PCI BAR)."""
+    """An ivshmem device without doorbells over a shared file (e.g. under ``/dev/shm``):
+    QEMU's ``ivshmem-plain`` or this project's in plain mode (``device="vfio-user"``);
+    ``size`` is the file's size when not given, and must be a power of two (it becomes a PCI
+    BAR)."""
 
     path: str | os.PathLike[str]
     size: int | str | None = None
+    device: DeviceKind = "qemu"
+    device_args: tuple[str, ...] = field(default=())
 
 
-Device = Doorbell | PlainRegion
+@dataclass(frozen=True)
+class VfioUser:
+    """This project's ivshmem device, already served over vfio-user at ``socket`` (by an
+    ``ivshmem-device`` process of your own). Needs QEMU >= 10.1."""
+
+    socket: str | os.PathLike[str]
+
+
+Device = Doorbell | PlainRegion | VfioUser
+
+
+def _same(path: str) -> str:
+    return path
 
 
 def _escape(value: str) -> str:
@@ -69,11 +105,37 @@ def _escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def device_arguments(devices: Sequence[Device]) -> list[str]:
-    """QEMU arguments for ``devices``, validated (socket present, size a power of two)."""
+def device_arguments(
+    devices: Sequence[Device], path_in_qemu: Callable[[str], str] = _same
+) -> list[str]:
+    """QEMU arguments for ``devices``, validated (socket present, size a power of two).
+
+    ``path_in_qemu`` rewrites host paths for a QEMU that sees the host's files elsewhere (the
+    QEMU 11 chroot). Devices of kind ``"vfio-user"`` must have been turned into
+    :class:`VfioUser` sockets first (the lab starts their ``ivshmem-device``).
+    """
     args: list[str] = []
     for i, device in enumerate(devices):
         ident = f"ivshmem{i}"
+        if isinstance(device, VfioUser):
+            path = os.path.abspath(os.fspath(device.socket))
+            if not Path(path).is_socket():
+                raise LabUsageError(
+                    f"no vfio-user socket at {path}: start the device first "
+                    f"(ivshmem-device ... {path})"
+                )
+            spec = {
+                "driver": "vfio-user-pci",
+                "id": ident,
+                "socket": {"type": "unix", "path": path_in_qemu(path)},
+            }
+            args += ["-device", json.dumps(spec, separators=(",", ":"))]
+            continue
+        if device.device != "qemu":
+            raise LabUsageError(
+                f"{device!r}: this project's device is served by an ivshmem-device process "
+                "the lab starts (Lab.start does it); device_arguments takes its VfioUser socket"
+            )
         if isinstance(device, Doorbell):
             path = os.fspath(device.socket)
             if not Path(path).is_socket():
@@ -83,14 +145,15 @@ def device_arguments(devices: Sequence[Device]) -> list[str]:
                 )
             if isinstance(device.vectors, bool) or not 1 <= device.vectors <= 1024:
                 raise LabUsageError(f"vectors must be 1..1024, got {device.vectors!r}")
-            args += ["-chardev", f"socket,id={ident},path={_escape(path)}"]
+            args += ["-chardev", f"socket,id={ident},path={_escape(path_in_qemu(path))}"]
             args += ["-device", f"ivshmem-doorbell,chardev={ident},vectors={device.vectors}"]
         elif isinstance(device, PlainRegion):
             path = os.fspath(device.path)
             size = _plain_size(path, device.size)
             args += [
                 "-object",
-                f"memory-backend-file,id={ident},share=on,mem-path={_escape(path)},size={size}",
+                f"memory-backend-file,id={ident},share=on,"
+                f"mem-path={_escape(path_in_qemu(os.path.abspath(path)))},size={size}",
             ]
             args += ["-device", f"ivshmem-plain,memdev={ident}"]
         else:

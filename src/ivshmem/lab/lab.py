@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -46,9 +46,21 @@ from ..errors import UsageError
 from ..memory import parse_size
 from .assets import Assets, prepare
 from .debian import Progress
+from .devicehost import DeviceHosts, check_device
 from .errors import LabSetupError, LabUsageError
-from .guest import Device, Doorbell, Guest, GuestResult, PlainRegion, device_arguments, spawn_qemu
+from .guest import (
+    DEVICE_KINDS,
+    Device,
+    DeviceKind,
+    Doorbell,
+    Guest,
+    GuestResult,
+    PlainRegion,
+    device_arguments,
+    spawn_qemu,
+)
 from .kernel import BASE_MODULES, IOMMU_MODULES
+from .vmm import QemuCommand, host_qemu, qemu11_command
 
 __all__ = ["Lab", "run_guests"]
 
@@ -74,6 +86,11 @@ def _close_all_labs() -> None:
         labs = list(_LIVE_LABS)
     for lab in labs:
         lab.close()
+
+
+def _ours(device: Device) -> bool:
+    """Whether ``device`` is this project's (served over vfio-user: needs QEMU >= 10.1)."""
+    return not isinstance(device, (Doorbell, PlainRegion)) or device.device != "qemu"
 
 
 def _visible_in_guest(path: str) -> bool:
@@ -186,6 +203,8 @@ class Lab:
                 "(apt-get install qemu-system-x86)"
             )
         self.qemu = qemu_path
+        self._qemu11: QemuCommand | None = None  # found when a guest first needs it
+        self._device_hosts: DeviceHosts | None = None  # ivshmem-device processes, when needed
         interpreter = os.fspath(python) if python is not None else sys.executable
         if not interpreter or not os.path.isabs(interpreter) or "=" in interpreter:
             raise LabUsageError(
@@ -223,6 +242,27 @@ class Lab:
                 self._assets = prepare(self._cache_dir, fetch=self._fetch, progress=self._progress)
             return self._assets
 
+    def qemu11_command(self) -> QemuCommand:
+        """The QEMU >= 10.1 guests with this project's device run under (found or prepared
+        once per lab: see :mod:`ivshmem.lab.qemu11`)."""
+        with self._lock:
+            if self._qemu11 is None:
+                from . import qemu11
+
+                found = qemu11.prepare(self._cache_dir, fetch=self._fetch, progress=self._progress)
+                self._qemu11 = qemu11_command(found)
+            return self._qemu11
+
+    def _serve(self, devices: Sequence[Device], name: str) -> list[Device]:
+        """``devices`` with each of this project's replaced by the vfio-user socket of an
+        ``ivshmem-device`` process the lab started for it."""
+        if self._device_hosts is None:
+            self._device_hosts = DeviceHosts(self._job_root() / "devices", self._in_spawner)
+        return [
+            self._device_hosts.serve(d, f"{name}-{i}") if _ours(d) else d
+            for i, d in enumerate(devices)
+        ]
+
     def _job_root(self) -> Path:
         if self._tmp is None:
             parent = Path(tempfile.gettempdir())
@@ -253,6 +293,11 @@ class Lab:
             where.mkdir()
             (where / package.name).symlink_to(package, target_is_directory=True)
         return where
+
+    def _in_spawner(self, fn: Callable[[], object]) -> object:
+        if self._spawner is None:
+            self._spawner = ThreadPoolExecutor(1, thread_name_prefix="ivshmem-lab-spawn")
+        return self._spawner.submit(fn).result()
 
     def _spawn(self, argv: Sequence[str], fds: Sequence[int]) -> subprocess.Popen[bytes]:
         # Forked from one thread that lives as long as the lab: QEMU's PR_SET_PDEATHSIG
@@ -288,6 +333,8 @@ class Lab:
         vectors: int = 1,
         plain_path: str | os.PathLike[str] | None = None,
         plain_size: int | str | None = None,
+        device: DeviceKind = "qemu",
+        qemu11: bool | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
@@ -301,7 +348,15 @@ class Lab:
         (source text) or ``module`` (run as ``python -m``); ``args`` become its ``sys.argv[1:]``.
         Devices: ``server_socket`` (+ ``vectors``) adds an ``ivshmem-doorbell`` connected to a
         server, ``plain_path`` (+ ``plain_size``) an ``ivshmem-plain`` over a shared file, and
-        ``devices`` any list of :class:`Doorbell` / :class:`PlainRegion`, in PCI order.
+        ``devices`` any list of :class:`Doorbell` / :class:`PlainRegion` / :class:`VfioUser`,
+        in PCI order.
+
+        ``device`` chooses the device of ``server_socket``/``plain_path``: ``"qemu"`` (QEMU's
+        own) or ``"vfio-user"`` (this project's: the lab starts an ``ivshmem-device`` process
+        serving the guest, stopped when the lab closes). A guest with this project's device
+        runs under QEMU >= 10.1 (:mod:`ivshmem.lab.qemu11`: PATH's, or Debian trixie's,
+        prepared in the lab cache once, as root); ``qemu11=True`` runs any guest under it (to
+        compare QEMU's device and ours under the same QEMU), ``False`` refuses.
 
         The program runs as root in the guest, in ``cwd`` (default: this process's working
         directory), with stdin from /dev/null and an environment of PATH, HOME, locale and
@@ -314,12 +369,23 @@ class Lab:
         chosen = [x for x in (program, code, module) if x is not None]
         if len(chosen) != 1:
             raise LabUsageError("give exactly one of program, code or module")
+        if device not in DEVICE_KINDS:
+            raise LabUsageError(f"device must be one of {', '.join(DEVICE_KINDS)}, not {device!r}")
         all_devices: list[Device] = list(devices)
         if server_socket is not None:
-            all_devices.append(Doorbell(server_socket, vectors))
+            all_devices.append(Doorbell(server_socket, vectors, device))
         if plain_path is not None:
-            all_devices.append(PlainRegion(plain_path, plain_size))
-        device_args = device_arguments(all_devices)
+            all_devices.append(PlainRegion(plain_path, plain_size, device))
+        needs11 = any(_ours(d) for d in all_devices)
+        if needs11 and qemu11 is False:
+            raise LabUsageError(
+                "this project's device (vfio-user) needs QEMU >= 10.1: leave qemu11 unset"
+            )
+        # Checked before anything starts: QEMU's devices fully, ours as far as their inputs go.
+        device_arguments([d for d in all_devices if not _ours(d)])
+        for ours in all_devices:
+            check_device(ours)
+        runner = self.qemu11_command() if (qemu11 or needs11) else host_qemu(self.qemu)
         if timeout is not None and timeout <= 0:
             raise LabUsageError(f"timeout must be positive, got {timeout!r}")
         script_path = None
@@ -362,7 +428,9 @@ class Lab:
             (job / "modules").write_text(self._module_list(assets))
 
             cmdline = self._kernel_cmdline(job)
-            base = self._qemu_base(assets, guest_name, cmdline, job)
+            base = self._qemu_base(assets, guest_name, cmdline, job, runner)
+            served = self._serve(all_devices, guest_name) if needs11 else all_devices
+            device_args = device_arguments(served, runner.path)
             tail = [*device_args, *self.extra_args, *extra_args]
 
             def command(output_fd: int, control_fd: int) -> list[str]:
@@ -494,9 +562,12 @@ class Lab:
             words.append("intel_iommu=on")
         return " ".join([*words, *self.kernel_args])
 
-    def _qemu_base(self, assets: Assets, name: str, cmdline: str, job: Path) -> list[str]:
+    def _qemu_base(
+        self, assets: Assets, name: str, cmdline: str, job: Path, runner: QemuCommand
+    ) -> list[str]:
+        at = runner.path
         argv = [
-            self.qemu,
+            *runner.prefix,
             "-name",
             f"ivshmem-lab-{name}",
             "-machine",
@@ -525,17 +596,18 @@ class Lab:
             argv += ["-device", "intel-iommu,intremap=on"]
         argv += [
             "-kernel",
-            str(assets.kernel.image),
+            at(str(assets.kernel.image)),
             "-initrd",
-            str(assets.initramfs),
+            at(str(assets.initramfs)),
             "-append",
             cmdline,
             "-chardev",
-            f"file,id=console,path={str(job / 'console.log').replace(',', ',,')}",
+            f"file,id=console,path={at(str(job / 'console.log')).replace(',', ',,')}",
             "-serial",
             "chardev:console",
             "-virtfs",
-            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+            f"local,path={at('/').replace(',', ',,')},mount_tag=hostroot,security_model=none,"
+            "readonly=on,multidevs=remap",
         ]
         return argv
 
@@ -552,6 +624,8 @@ class Lab:
             guest.kill()
         for guest in guests:
             guest.close()
+        if self._device_hosts is not None:
+            self._device_hosts.close()  # after the guests: QEMU must not see its device vanish
         if self._spawner is not None:
             self._spawner.shutdown(wait=True)
         if self._tmp is not None:
