@@ -123,22 +123,26 @@ class Qemu:
 
     def __init__(
         self,
-        binary: str,
+        binary: str | Sequence[str],
         workdir: Path,
         extra_args: Sequence[str] = (),
         *,
         name: str = "vm",
         machine: str = "q35",
+        accel: str = "tcg",
     ) -> None:
         self.name = name
         self._workdir = Path(workdir)
         self._qtest_path = self._workdir / f"{name}.qtest"
         self._qmp_path = self._workdir / f"{name}.qmp"
         self._log_path = self._workdir / f"{name}.log"
+        # ``binary`` may be an argv prefix (QEMU 11 runs chrooted: ivshmem.lab.qemu11); QEMU
+        # >= 6 has ``-accel qtest``, which starts faster and runs no guest code at all.
+        prefix = [binary] if isinstance(binary, str) else list(binary)
         self.argv: list[str] = [
-            binary,
+            *prefix,
             "-machine", machine,
-            "-accel", "tcg",
+            "-accel", accel,
             "-S",
             "-display", "none",
             "-nodefaults",

@@ -37,6 +37,7 @@ __all__ = [
     "EVENT_JOINED",
     "EVENT_LEFT",
     "EVENT_RECONNECTED",
+    "EVENT_REGION_CHANGED",
     "EVENT_SERVER_LOST",
     "EVENT_VECTOR",
     "EXT_FEATURES",
@@ -92,6 +93,9 @@ EVENT_JOINED = 1 << 0
 EVENT_LEFT = 1 << 1
 EVENT_RECONNECTED = 1 << 2  # a new server connection: ids may have changed, re-read IVPosition
 EVENT_SERVER_LOST = 1 << 3  # the server went away; doorbells are dead until it is back
+#: The restarted server shares other memory than BAR2 (a memfd server starts over): the
+#: guest keeps its old BAR2, which nobody else sees any more.
+EVENT_REGION_CHANGED = 1 << 4
 
 SERVER_PLAIN = 0
 SERVER_CONNECTED = 1

@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "ivshmem.cli.bench",
     "ivshmem.cli.info",
     "ivshmem.cli.status",
+    "ivshmem.cli.device",
     "ivshmem.cli.samples",
 )
 
