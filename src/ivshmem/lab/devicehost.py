@@ -47,14 +47,13 @@ def check_device(device: Device) -> None:
 
 def device_command(device: Doorbell | PlainRegion, socket: str) -> list[str]:
     """The ``ivshmem-device`` command line serving ``device`` at ``socket``."""
-    argv = [sys.executable, "-m", "ivshmem.device", "--socket", socket]
+    argv = [sys.executable, "-m", "ivshmem.cli.device", "--socket", socket]
     if isinstance(device, Doorbell):
         argv += ["--server", os.path.abspath(os.fspath(device.socket))]
         argv += ["--vectors", str(device.vectors)]
     else:
-        argv += ["--plain", os.path.abspath(os.fspath(device.path))]
-        if device.size is not None:
-            argv += ["--size", str(device.size)]
+        path = os.path.abspath(os.fspath(device.path))
+        argv += ["--plain", "--region", path, "--size", str(_plain_size(path, device.size))]
     return [*argv, *device.device_args]
 
 

@@ -593,7 +593,14 @@ class Lab:
             # remapping VFIO_SET_IOMMU fails with EPERM (vfio_iommu_type1 would need
             # allow_unsafe_interrupts). intremap=on is QEMU's default under TCG anyway; it is
             # spelled out so that it stays on, and needs no split irqchip (a KVM matter).
-            argv += ["-device", "intel-iommu,intremap=on"]
+            iommu = "intel-iommu,intremap=on"
+            if runner.vfio_user:
+                # A VFIO device behind a vIOMMU (vfio-user-pci is one) needs caching mode, so
+                # that QEMU hears of every mapping the guest makes and can pass it on (QEMU
+                # aborts the VM otherwise: "device requires caching mode"). Set for every
+                # guest of this QEMU, so that QEMU's device and ours run alike.
+                iommu += ",caching-mode=on"
+            argv += ["-device", iommu]
         argv += [
             "-kernel",
             at(str(assets.kernel.image)),
