@@ -57,6 +57,8 @@ _DEVICE_PCI = 2
 _DEVICE_RESET = 1
 
 _ONE = (1).to_bytes(8, "little")
+_STATUS_INTERRUPT = 0x08  # PCI_STATUS_INTERRUPT, in the status register's low byte (0x06)
+_COMMAND_INTX_OFF = 0x04  # PCI_COMMAND_INTX_DISABLE (bit 10), in the command's high byte
 _U32 = struct.Struct("<I")
 
 
@@ -163,6 +165,8 @@ class IvshmemFunction:
         for i, byte in enumerate(data):
             mask = self._wmask[offset + i]
             self.config[offset + i] = (self.config[offset + i] & ~mask) | (byte & mask)
+        if offset <= 0x05 < offset + len(data):
+            self._update_intx()  # Interrupt Disable changed: the line may rise or fall
 
     # -- registers -------------------------------------------------------------------------
 
@@ -249,9 +253,20 @@ class IvshmemFunction:
     def _update_intx(self) -> None:
         # INTx is level-triggered and, over vfio, automasked: we signal once and stay quiet
         # until QEMU unmasks (on the guest's next BAR access, before that access reaches us).
-        if not self.options.intx or self.intx_fd is None or self.intx_masked:
+        if not self.options.intx:
             return
-        if self.intrstatus & self.intrmask:
+        # PCI 2.3 INTx: the status register's Interrupt Status bit shows the line's state,
+        # and the command register's Interrupt Disable bit keeps it quiet. A guest's vfio-pci
+        # masks INTx with those bits and, finding the status bit clear, takes the interrupt
+        # for someone else's (and the kernel ends up disabling the IRQ: "nobody cared").
+        pending = bool(self.intrstatus & self.intrmask)
+        if pending:
+            self.config[0x06] |= _STATUS_INTERRUPT
+        else:
+            self.config[0x06] &= ~_STATUS_INTERRUPT & 0xFF
+        if self.intx_fd is None or self.intx_masked or self.config[0x05] & _COMMAND_INTX_OFF:
+            return
+        if pending:
             self.intx_masked = True
             _signal(self.intx_fd)
 
