@@ -144,10 +144,85 @@ def watch_joins(ep: Any) -> dict[str, Any]:
     return {"joined": joined, "events": int(seen)}
 
 
+def intx_and_restart(options: dict[str, Any]) -> None:
+    """Device 0: ours in INTx mode on a formatted region: the ping-pong sample with the host,
+    then rings to itself on two vectors (IntrStatus tells them apart) and from the host.
+    Device 1: ours (MSI-X, membership events on vector 1) on a server the host restarts:
+    BAR2 and its content stay, the guest is told, doorbells work again."""
+    import ivshmem
+    import ivshmem.samples.pingpong
+    from ivshmem.pci import MembershipEvent, find_devices
+
+    devices = find_devices()
+    emit(
+        "DEVICES",
+        {"devices": [[d.kind, d.interrupt_pin, d.msix_vectors] for d in devices]},
+    )
+    sample = ["ping", "--endpoint", "pci", "--device", "0", "--json", "--timeout", "120"]
+    sample += ["--peer", str(options["pong"]), "--count", "200"]
+    if ivshmem.samples.pingpong.main(sample) != 0:
+        raise SystemExit("the ping-pong sample failed over INTx")
+    with ivshmem.open_pci(0, interrupts=True, bind_vfio=True, vectors=2) as ep:
+        rings = []
+        for vector in (1, 0):
+            ep.notify(ep.id, vector)
+            rings.append(ep.wait(vector, timeout=WAIT))
+        emit("INTX", {"mode": ep.interrupt_mode, "self": rings, "id": ep.id})
+        deadline = time.monotonic() + WAIT
+        while not ep.peers - {int(options["pong"])}:  # the host's peer comes after INTX
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the host peer never joined (peers {ep.peers})")
+            time.sleep(0.05)
+        host = min(ep.peers - {int(options["pong"])})
+        ep.notify(host, 0)
+        from_host = ep.wait(0, timeout=WAIT)
+        emit("INTX-HOST", {"got": from_host, "host": host})
+
+    ep = ivshmem.open_pci(1, interrupts=True, bind_vfio=True)
+    marker = f"written by guest {ep.id} before the restart".encode()
+    ep.memory[4096 : 4096 + len(marker)] = marker
+    ep.take_events()
+    before = {"id": ep.id, "peers": sorted(ep.peers), "state": ep.server_state}
+    emit("BEFORE", before)
+    deadline = time.monotonic() + WAIT * 2
+    seen = MembershipEvent.NONE
+    states = set()
+    while not seen & MembershipEvent.RECONNECTED:
+        events = ep.wait_membership(timeout=max(0.0, deadline - time.monotonic()))
+        if not events:
+            raise SystemExit(f"not told of a reconnection within {WAIT * 2} s (saw {seen!r})")
+        seen |= events
+        states.add(ep.server_state)
+    # The new server's first peer may come later than the device: wait for the host's.
+    while not ep.peers:
+        if time.monotonic() > deadline:
+            raise SystemExit("no peer on the restarted server")
+        ep.wait_membership(timeout=1.0)
+    host = min(ep.peers)
+    kept = bytes(ep.memory[4096 : 4096 + len(marker)]) == marker
+    emit(
+        "AFTER",
+        {
+            "events": int(seen),
+            "states": sorted(states),
+            "state": ep.server_state,
+            "id": ep.id,
+            "kept": kept,
+            "host": host,
+        },
+    )
+    ep.notify(host, 0)
+    got = ep.wait(0, timeout=WAIT)
+    emit("DONE", {"ring_after_restart": got})
+    ep.close()
+
+
 def main(argv: list[str]) -> None:
     role, options = argv[0], json.loads(argv[1])
     if role == "main":
         main_guest(options)
+    elif role == "intx":
+        intx_and_restart(options)
     else:
         raise SystemExit(f"unknown role {role!r}")
 

@@ -245,6 +245,146 @@ def test_mixed_join_and_leave_interrupt(mixed: MixedRun) -> None:
     assert watched["events"] & reg.EVENT_JOINED and watched["events"] & reg.EVENT_LEFT
 
 
+# -- INTx, a sample, and a server restart ----------------------------------------------------
+
+
+@dataclass
+class IntxRun:
+    devices: list[list[Any]]
+    pong: dict[str, Any]
+    pong_status: int
+    intx: dict[str, Any]
+    intx_host: dict[str, Any]
+    host_got: int | None
+    before: dict[str, Any]
+    host_saw_marker: bool
+    after: dict[str, Any]
+    restarted_host_got: int | None
+    done: dict[str, Any]
+    status: int | None
+    output: str
+
+
+def _start_pong(server: ServerProcess) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "ivshmem.samples.pingpong", "pong", "--socket"]
+    argv += [server.socket_path, "--vectors", str(server.vectors), "--json"]
+    argv += ["--timeout", "300"]
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _run_intx(tmp: Path) -> IntxRun:
+    region = tmp / "restart.mem"
+    # Server "s" (formatted) serves the INTx device; "r" (a named file, so a restarted "r"
+    # shares the same memory) the device whose server is restarted.
+    with ServerProcess(tmp, "4M", 2, ["--format"], name="s.sock") as s:
+        pong = _start_pong(s)
+        try:
+            with Lab(iommu=True) as lab:
+                with (
+                    ServerProcess(tmp, "1M", 2, ["--file", str(region)], name="r.sock") as r,
+                    connect(r.socket_path, vectors=2) as watcher,
+                ):
+                    guest = lab.start(
+                        GUEST_PROGRAM,
+                        ["intx", json.dumps({"pong": 0})],
+                        devices=[
+                            Doorbell(s.socket_path, 2, "vfio-user", ("--intx",)),
+                            Doorbell(r.socket_path, 2, "vfio-user", ("--event-vector", "1")),
+                        ],
+                        timeout=LAB_TIMEOUT,
+                    )
+                    intx = report(guest.wait_for_output("INTX-END", LAB_TIMEOUT), "INTX")
+                    with connect(s.socket_path, vectors=2) as host:
+                        host_got = host.wait(0, timeout=60)
+                        host.notify(intx["id"], 0)
+                        guest.wait_for_output("INTX-HOST-END", LAB_TIMEOUT)
+                    before = report(guest.wait_for_output("BEFORE-END", LAB_TIMEOUT), "BEFORE")
+                    marker = f"written by guest {before['id']} before the restart".encode()
+                    host_saw_marker = bytes(watcher.memory[4096 : 4096 + len(marker)]) == marker
+                # "r" stopped: the device loses its server; then a new "r" on the same file.
+                with (
+                    ServerProcess(tmp, "1M", 2, ["--file", str(region)], name="r.sock") as r2,
+                    connect(r2.socket_path, vectors=2) as again,
+                ):
+                    after = report(guest.wait_for_output("AFTER-END", LAB_TIMEOUT), "AFTER")
+                    restarted_host_got = again.wait(0, timeout=60)
+                    deadline = time.monotonic() + 30
+                    while after["id"] not in again.peers and time.monotonic() < deadline:
+                        again.wait(timeout=0.1)
+                    again.notify(after["id"], 0)
+                    result = guest.wait(LAB_TIMEOUT)
+        finally:
+            if pong.poll() is None:
+                pong.kill()
+            pong_out, _ = pong.communicate(timeout=30)
+    pong_results = [json.loads(x) for x in pong_out.splitlines() if x.startswith("{")]
+    return IntxRun(
+        devices=report(result.output, "DEVICES")["devices"],
+        pong=pong_results[0] if pong_results else {"output": pong_out},
+        pong_status=pong.returncode,
+        intx=intx,
+        intx_host=report(result.output, "INTX-HOST"),
+        host_got=host_got,
+        before=before,
+        host_saw_marker=host_saw_marker,
+        after=after,
+        restarted_host_got=restarted_host_got,
+        done=report(result.output, "DONE") if "DONE {" in result.output else {},
+        status=result.returncode,
+        output=result.describe(),
+    )
+
+
+@pytest.fixture(scope="module")
+def intx_run() -> Iterator[IntxRun]:
+    qemu11_ready()
+    tmp = Path(tempfile.mkdtemp(prefix="ivx-", dir="/tmp"))
+    try:
+        yield _run_intx(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_intx_guest_succeeded(intx_run: IntxRun) -> None:
+    assert intx_run.status == 0, intx_run.output
+    # Device 0 in INTx mode: pin 1, no MSI-X, still a doorbell device; device 1 MSI-X.
+    assert intx_run.devices == [["doorbell", 1, None], ["doorbell", 0, 2]]
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_intx_sample_pingpong(intx_run: IntxRun) -> None:
+    assert intx_run.pong_status == 0, intx_run.pong
+    assert intx_run.pong["echoed"] > 200 and intx_run.pong["peer"] == intx_run.intx["id"]
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_intx_doorbells_both_ways(intx_run: IntxRun) -> None:
+    assert intx_run.intx["mode"] == "intx"
+    assert intx_run.intx["self"] == [1, 0]  # IntrStatus told the two vectors apart
+    assert intx_run.host_got == 0
+    assert intx_run.intx_host["got"] == 0
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_server_restart_seen_from_the_guest(intx_run: IntxRun) -> None:
+    from ivshmem import registers as reg
+
+    assert intx_run.before["state"] == "connected" and intx_run.host_saw_marker
+    after = intx_run.after
+    assert after["kept"], "BAR2 lost its content across the restart"
+    assert after["events"] & reg.EVENT_SERVER_LOST and after["events"] & reg.EVENT_RECONNECTED
+    assert after["state"] == "connected"
+    assert intx_run.restarted_host_got == 0  # the guest's ring reached the new server's peer
+    assert intx_run.done["ring_after_restart"] == 0  # and the new peer's ring reached it
+
+
 # -- plumbing without a boot -----------------------------------------------------------------
 
 
