@@ -72,15 +72,35 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             break
 
 
+_qemu11_prepared: list[object] = []  # [argv list] or [Qemu11Unavailable], once per session
+
+
+def _prepare_qemu11() -> object:
+    if not _qemu11_prepared:
+        from ivshmem.lab import qemu11 as q11
+
+        try:
+            _qemu11_prepared.append(q11.prepare().argv())
+        except q11.Qemu11Unavailable as err:
+            _qemu11_prepared.append(err)
+    return _qemu11_prepared[0]
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Build the QEMU 11 root (a minute or two, once per machine) before any test runs, so
+    the first test that needs it is not charged for the build by its timeout."""
+    if any("qemu11" in getattr(item, "fixturenames", ()) for item in items):
+        _prepare_qemu11()
+
+
 @pytest.fixture(scope="session")
 def qemu11() -> list[str]:
     """The argv prefix of a QEMU >= 10.1 (vfio-user-pci, -accel qtest): PATH's, or Debian
     trixie's built once into the lab cache (needs root and the Debian mirror)."""
-    from ivshmem.lab import qemu11 as q11
-
-    try:
-        found = q11.prepare()
-    except q11.Qemu11Unavailable as err:
-        require(False, f"no QEMU >= 10.1: {err}")
-        raise  # unreachable: require() skipped or failed
-    return found.argv()
+    prepared = _prepare_qemu11()
+    if not isinstance(prepared, list):
+        require(False, f"no QEMU >= 10.1: {prepared}")
+        raise AssertionError("unreachable: require() skipped or failed")
+    return [str(word) for word in prepared]

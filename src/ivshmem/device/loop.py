@@ -102,6 +102,10 @@ class VmDevice:
         self.reconnect_at: float | None = None
         self.reconnect_delay = RECONNECT_FIRST
         self.region_identity: tuple[int, int, int] | None = None
+        #: Doorbells to peers served by this process (straight to their guest) and through
+        #: the server's eventfds.
+        self.direct_rings = 0
+        self.server_rings = 0
         options = DeviceOptions(
             vectors=spec.vectors,
             intx=spec.intx,
@@ -325,9 +329,11 @@ class VmDevice:
         if local is not None:
             fds = link.peers.get(peer)
             if fds is not None and vector < len(fds):
+                self.direct_rings += 1
                 local.function.raise_vector(vector)
             return
-        link.ring(peer, vector)
+        if link.ring(peer, vector):
+            self.server_rings += 1
 
     # -- the vfio-user side ----------------------------------------------------------------
 
@@ -393,6 +399,10 @@ class VmDevice:
                 return
             if payload is not None and not self.codec.last_no_reply:
                 self._send(payload, reply_fds)
+                # QEMU waits for this reply before it sends anything else: the next read would
+                # almost always find nothing. The selector (level-triggered) calls us again if
+                # there is more.
+                return
             if self.conn is None:
                 return
 

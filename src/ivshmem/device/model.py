@@ -319,7 +319,11 @@ class IvshmemFunction:
         if request.start != 0 or request.count > 1:
             return errno.EINVAL
         if request.action == vu.IRQ_ACTION_TRIGGER:
-            if request.data == vu.IRQ_DATA_EVENTFD:
+            if request.data == vu.IRQ_DATA_NONE and request.count == 0:  # disable
+                if self.intx_fd is not None:
+                    os.close(self.intx_fd)
+                    self.intx_fd = None
+            elif request.data == vu.IRQ_DATA_EVENTFD:
                 old, self.intx_fd = self.intx_fd, fds.pop(0) if fds else None
                 if old is not None:
                     os.close(old)
