@@ -226,7 +226,9 @@ def test_full_demo_with_two_guests(qemu_binary: str) -> None:
     assert "on QEMU's ivshmem-doorbell" in out
     assert re.search(r"my device's registers list peers \[\d+, \d+\]", out), out  # host, vm-b
     assert "both guests opened the device with VFIO (MSI-X on)" in out
-    assert out.count("rang me; its slot says 'hello from guest peer") == 2  # guest -> guest
+    # guest -> guest. The slot may already hold the longer text with an apostrophe, which
+    # repr() quotes with double quotes (a guest on our device is slower to read it).
+    assert len(re.findall("rang me; its slot says ['\"]hello from guest peer", out)) == 2
     assert out.count("the host's slot says 'hello from host peer") == 2  # host -> guests
     assert out.count("I read guest") >= 2  # guest -> host, seen by the host
     assert out.count("doorbell round trip: median") == 2  # host -> guest and back
