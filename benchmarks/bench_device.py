@@ -1,24 +1,25 @@
 """Device benchmark: this project's ivshmem device (``ivshmem-device`` over vfio-user) beside
-QEMU's own ``ivshmem-doorbell``, under the same QEMU >= 10.1, the same accelerator (TCG) and
-in the same run.
+QEMU's own ``ivshmem-doorbell``, under the same QEMU >= 10.1, the same accelerator (TCG), in
+the same guests at the same moments.
 
-For each device, with the measuring code of ``bench_lab.py`` (its ``peer`` role), on a fresh
-``ivshmem-server`` each time:
+Each of the two guests has **both devices**, connected to one ``ivshmem-server`` (so both
+BAR2s are the same memory): device 0 is ours, device 1 QEMU's. Whatever is measured is
+measured on the two devices in alternation, one round or one copy at a time, so that the
+machine's load (it is shared and busy) hits both alike:
 
-* **guest <-> guest**: two guests on that device, seat 0 rings seat 1 and waits for the ring
-  back (median, p99, min of single round trips; one ring in flight);
-* **guest <-> host**: one guest (seat 0) and a host process (seat 1, ``ivshmem.connect``);
-* **BAR2 copy bandwidth**: seat 0 copies 1, 4 and 16 MiB between private memory and BAR2
-  (memoryview slices, numpy when installed), after seat 1 left; taken from the guest<->host
-  run's guest (its CPU is the only busy one then);
-* **register costs** (seat 0, before the round trips): one BAR0 read (IVPosition) and one
-  doorbell write to a peer id nobody has (the ring goes nowhere), each timed alone: what the
-  guest's vCPU pays per register access on that device.
+1. **guest <-> guest doorbell round trip**: guest 0 rings guest 1 through one device and
+   waits for the ring back through the same device, then the same through the other device,
+   and so on for ``--seconds`` (after a warm-up); one ring in flight;
+2. **guest <-> host round trip**: the same between guest 0 and a host process (``ivshmem.connect``)
+   that rings back whichever device rang it (guest 1 has left);
+3. **register costs**: one BAR0 read (IVPosition) and one doorbell write to a peer id nobody
+   has (the ring goes nowhere), timed one access at a time, alternating devices;
+4. **BAR2 copy bandwidth**: 1, 4 and 16 MiB copies between private memory and BAR2
+   (memoryview slices; numpy when installed), alternating devices copy by copy.
 
-The runs alternate between the devices (ours, QEMU's, ours, QEMU's) so that a change in the
-machine's load hits both alike. Prints a table with the ratios ours/QEMU's and the targets
-(BAR2 bandwidth >= 0.95x, doorbell round trip <= 1.5x). Takes several minutes: six guest
-boots. Needs root and QEMU >= 10.1 (the lab prepares Debian trixie's in its cache).
+Prints medians and the ratio ours/QEMU's with the targets (doorbell round trip <= 1.5x, BAR2
+bandwidth >= 0.95x). Two guest boots; takes a minute or two. Needs root and QEMU >= 10.1 (the
+lab prepares Debian trixie's in its cache).
 
     .venv/bin/python benchmarks/bench_device.py
     .venv/bin/python benchmarks/bench_device.py --seconds 5 --json
@@ -31,159 +32,317 @@ import json
 import os
 import platform
 import random
+import select
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import bench_lab
-
 import ivshmem
 from ivshmem._signals import exit_on_termination
+from ivshmem.launch import start_server, stop_server
 
 THIS = Path(__file__).resolve()
-REGISTERS_TAG = "REGISTER-COSTS"
-NOBODY = 0xFFFF  # a peer id no server hands out here: a ring to it goes nowhere
-DEVICES = ("vfio-user", "qemu")
-LABELS = {"vfio-user": "ours (vfio-user)", "qemu": "QEMU ivshmem-doorbell"}
+MIB = 1 << 20
+SIZES_MIB = (1, 4, 16)
+REGION = "32M"
+VECTORS = 2
+# The roster: one entry per participant (guest 0, guest 1, host): run tag, state, the
+# participant's peer id on device 0 (ours) and on device 1 (QEMU's); a host has one id.
+ENTRY = struct.Struct("<IIII")
+GUEST0, GUEST1, HOST = 0, 1, 2
+READY = 1
+STOP_GUEST1 = 256  # guest 0 sets these bytes before its last ring to each
+STOP_HOST = 257
+DATA_OFFSET = MIB
+WARMUP_ROUNDS = 20
+NOBODY = 0xFFFF  # a peer id nobody has here: a ring to it goes nowhere
+RESULT_TAG = "DEVICE-BENCH"
+NAMES = ("ours", "qemu")
 
 
-# -- in the guest ----------------------------------------------------------------------------
+# -- shared by every participant ------------------------------------------------------------
 
 
-def _time_each(op: Callable[[], object], seconds: float) -> list[float]:
-    times: list[float] = []
+def publish(memory: memoryview, seat: int, run: int, ids: tuple[int, int]) -> None:
+    # The ids first, then tag and state: a reader that sees the state trusts the ids (x86
+    # keeps stores in order, also between processes and TCG guests).
+    ENTRY.pack_into(memory, seat * ENTRY.size, 0, 0, *ids)
+    ENTRY.pack_into(memory, seat * ENTRY.size, run, READY, *ids)
+
+
+def await_seat(memory: memoryview, seat: int, run: int, seconds: float) -> tuple[int, int]:
+    end = time.monotonic() + seconds
+    while True:
+        tag, state, a, b = ENTRY.unpack_from(memory, seat * ENTRY.size)
+        if tag == run and state == READY:
+            return a, b
+        if time.monotonic() > end:
+            raise SystemExit(f"seat {seat} was not ready within {seconds} s")
+        time.sleep(0.005)
+
+
+def open_both() -> tuple[Any, Any]:
+    """Our device and QEMU's, told apart by the register extension."""
+    first = ivshmem.open_pci(0, interrupts=True, bind_vfio=True)
+    try:
+        second = ivshmem.open_pci(1, interrupts=True, bind_vfio=True)
+    except BaseException:
+        first.close()
+        raise
+    if first.extension is None:
+        first, second = second, first
+    if first.extension is None or second.extension is not None:
+        raise SystemExit("expected one device of ours and one of QEMU's")
+    return first, second
+
+
+# -- guest 0: measures ----------------------------------------------------------------------
+
+
+def alternate_round_trips(
+    ring: Sequence[Callable[[], None]], wait: Sequence[Callable[[], object]], seconds: float
+) -> list[list[float]]:
+    """Round trips alternating over the devices; per device the list of seconds."""
+    times: list[list[float]] = [[] for _ in ring]
     clock = time.perf_counter
-    end = clock() + seconds
-    while clock() < end or len(times) < 20:
+    end: float | None = None
+    i = 0
+    while end is None or clock() < end:
+        d = i % len(ring)
         start = clock()
-        op()
-        times.append(clock() - start)
+        ring[d]()
+        if wait[d]() is None:
+            raise SystemExit(f"round trip {i} on {NAMES[d]} stalled for 30 s")
+        took = clock() - start
+        if i >= WARMUP_ROUNDS * len(ring):
+            times[d].append(took)
+        elif i == WARMUP_ROUNDS * len(ring) - 1:
+            end = clock() + seconds
+        i += 1
     return times
 
 
-def register_costs(seconds: float) -> dict[str, float]:
-    """Seat 0 in a guest: the cost of one BAR0 read and one (lost) doorbell write, opened and
-    closed here so that bench_lab's peer opens the device afresh."""
-    with ivshmem.open_pci(interrupts=True, bind_vfio=True) as ep:
-        registers = ep._registers  # the register block itself: no endpoint checks timed
-        read = _time_each(registers.ivposition, seconds)
-        ring = _time_each(lambda: registers.ring(NOBODY, 0), seconds)
+def summary(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
     return {
-        "bar0_read_us": statistics.median(read) * 1e6,
-        "doorbell_write_us": statistics.median(ring) * 1e6,
-        "samples": float(len(read) + len(ring)),
+        "median_us": statistics.median(ordered) * 1e6,
+        "p99_us": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e6,
+        "min_us": ordered[0] * 1e6,
+        "rounds": float(len(ordered)),
     }
 
 
-def peer_main(argv: list[str]) -> int:
-    args = bench_lab_args(argv)
-    if args.seat == 0 and args.endpoint == "pci":
-        costs = register_costs(0.5)
-        print(f"{REGISTERS_TAG} {json.dumps(costs)}", flush=True)
-    return bench_lab.peer_main(args)
+def alternate_accesses(ops: Sequence[Callable[[], object]], seconds: float) -> list[float]:
+    """Median seconds of one call of each op, calls alternating."""
+    times: list[list[float]] = [[] for _ in ops]
+    clock = time.perf_counter
+    end = clock() + seconds
+    while clock() < end or len(times[0]) < 50:
+        for k, op in enumerate(ops):
+            start = clock()
+            op()
+            times[k].append(clock() - start)
+    return [statistics.median(t) for t in times]
 
 
-def bench_lab_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("role")
-    parser.add_argument("--endpoint", choices=["host", "pci"])
-    parser.add_argument("--socket")
-    parser.add_argument("--seat", type=int)
-    parser.add_argument("--run", type=int)
-    parser.add_argument("--seconds", type=float)
-    parser.add_argument("--copy-budget", type=float)
-    parser.add_argument("--sizes", type=int, nargs="+")
-    return parser.parse_args(argv)
+def alternate_copies(eps: Sequence[Any], sizes: Sequence[int], budget: float) -> dict[str, Any]:
+    """MiB/s per operation, size and device: medians of copies alternating device by device."""
+    largest = max(sizes) * MIB
+    private = memoryview(bytearray(os.urandom(largest)))
+    shared = [ep.memory[DATA_OFFSET : DATA_OFFSET + largest] for ep in eps]
+    ops: dict[str, Callable[[memoryview, int], object]] = {
+        "private->shared (memoryview)": lambda s, n: s[:n].__setitem__(slice(None), private[:n]),
+        "shared->private (memoryview)": lambda s, n: private[:n].__setitem__(slice(None), s[:n]),
+    }
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        private_np = np.frombuffer(private, dtype=np.uint8)
+        ops["private->shared (numpy.copyto)"] = lambda s, n: np.copyto(
+            np.frombuffer(s, dtype=np.uint8)[:n], private_np[:n]
+        )
+        ops["shared->private (numpy.copyto)"] = lambda s, n: np.copyto(
+            private_np[:n], np.frombuffer(s, dtype=np.uint8)[:n]
+        )
+    clock = time.perf_counter
+    rates: dict[str, Any] = {}
+    for name, op in ops.items():
+        rates[name] = {}
+        for mib in sizes:
+            n = mib * MIB
+            for s in shared:
+                op(s, n)  # fault every page in
+            times: list[list[float]] = [[] for _ in shared]
+            spent = 0.0
+            while len(times[0]) < 5 or spent < budget:
+                for k, s in enumerate(shared):
+                    start = clock()
+                    op(s, n)
+                    took = clock() - start
+                    times[k].append(took)
+                    spent += took
+            # Medians per device, and the median of the ratios of copies made one right after
+            # the other (a load burst from elsewhere hits a pair, not one device's column).
+            paired = statistics.median(b / a for a, b in zip(times[0], times[1], strict=True))
+            rates[name][str(mib)] = [*(mib / statistics.median(t) for t in times), paired]
+    return rates
+
+
+def guest0(args: argparse.Namespace) -> int:
+    ours, qemus = eps = open_both()
+    try:
+        memory = ours.memory
+        publish(memory, GUEST0, args.run, (ours.id, qemus.id))
+        peer = await_seat(memory, GUEST1, args.run, 300)
+        host = await_seat(memory, HOST, args.run, 300)[0]
+
+        def ringer(ep: Any, to: int, vector: int) -> Callable[[], None]:
+            # An endpoint's notify, or a register block's ring (the same store, unchecked).
+            act = ep.notify if hasattr(ep, "notify") else ep.ring
+            return lambda: act(to, vector)
+
+        def waiter(ep: Any) -> Callable[[], object]:
+            return lambda: ep.wait(0, timeout=30)
+
+        waits = [waiter(ep) for ep in eps]
+        gg = alternate_round_trips(
+            [ringer(ours, peer[0], 0), ringer(qemus, peer[1], 0)], waits, args.seconds
+        )
+        memory[STOP_GUEST1] = 1
+        ours.notify(peer[0], 0)
+        # The host tells the devices apart by vector: ours rings its vector 0, QEMU's 1.
+        gh = alternate_round_trips(
+            [ringer(ours, host, 0), ringer(qemus, host, 1)], waits, args.seconds
+        )
+        memory[STOP_HOST] = 1
+        ours.notify(host, 0)
+        time.sleep(1.0)  # let guest 1 power off and the host process end: their CPU is free
+        regs = [ep._registers for ep in eps]  # the register blocks: no endpoint checks timed
+        reads = alternate_accesses([r.ivposition for r in regs], 0.5)
+        writes = alternate_accesses([ringer(r, NOBODY, 0) for r in regs], 0.5)
+        copies = alternate_copies(eps, args.sizes, args.copy_budget)
+        result = {
+            "endpoints": [repr(ep) for ep in eps],
+            "guest_guest": [summary(t) for t in gg],
+            "guest_host": [summary(t) for t in gh],
+            "bar0_read_us": [t * 1e6 for t in reads],
+            "doorbell_write_us": [t * 1e6 for t in writes],
+            "copy_mib_s": copies,
+        }
+        print(f"{RESULT_TAG} {json.dumps(result)}", flush=True)
+    finally:
+        for ep in eps:
+            ep.close()
+    return 0
+
+
+# -- guest 1 and the host: echo -------------------------------------------------------------
+
+
+def guest1(args: argparse.Namespace) -> int:
+    ours, qemus = eps = open_both()
+    try:
+        memory = ours.memory
+        publish(memory, GUEST1, args.run, (ours.id, qemus.id))
+        back = await_seat(memory, GUEST0, args.run, 300)
+        fds = {ep.fileno(0): (ep, to) for ep, to in zip(eps, back, strict=True)}
+        while True:
+            ready, _, _ = select.select(list(fds), [], [], 120)
+            if not ready:
+                raise SystemExit("guest 0 went quiet for 120 s")
+            for fd in ready:
+                ep, to = fds[fd]
+                if ep.wait(0, timeout=0) is None:
+                    continue
+                if memory[STOP_GUEST1]:  # written before guest 0's last ring
+                    return 0
+                ep.notify(to, 0)
+    finally:
+        for ep in eps:
+            ep.close()
+
+
+def host_echo(args: argparse.Namespace) -> int:
+    with ivshmem.connect(args.socket, vectors=VECTORS, timeout=30) as ep:
+        memory = ep.memory
+        publish(memory, HOST, args.run, (ep.id, ep.id))
+        back = await_seat(memory, GUEST0, args.run, 300)
+        while True:
+            vector = ep.wait(timeout=300)
+            if vector is None:
+                raise SystemExit("guest 0 went quiet for 300 s")
+            if memory[STOP_HOST]:
+                return 0
+            ep.notify(back[vector], 0)
 
 
 # -- the orchestrator ------------------------------------------------------------------------
 
 
-def _parse(output: str, tag: str, who: str) -> dict[str, Any]:
-    for line in output.splitlines():
-        if line.startswith(tag + " "):
-            value: dict[str, Any] = json.loads(line[len(tag) + 1 :])
-            return value
-    raise SystemExit(f"{who} printed no {tag} line:\n{output}")
+def role_args(args: argparse.Namespace, role: str, run: int) -> list[str]:
+    words = ["--role", role, "--run", str(run), "--seconds", str(args.seconds)]
+    words += ["--copy-budget", str(args.copy_budget), "--sizes", *map(str, args.sizes)]
+    return words
 
 
-def run_once(
-    args: argparse.Namespace, tmp: Path, device: str, partner: str
-) -> tuple[dict[str, Any], dict[str, float], list[float]]:
-    """One measurement: seat 0 a guest on ``device``; seat 1 a guest on it too, or a host
-    process. Returns bench_lab's result, the register costs, and the guests' boot times."""
-    from ivshmem.lab import Lab
+def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from ivshmem.lab import Doorbell, Lab
 
     run = random.randrange(1, 1 << 32)
-    with bench_lab.server(tmp) as sock, Lab(iommu=True, memory="384M") as lab:
-
-        def guest(seat: int) -> Any:
-            return lab.start(
-                THIS,
-                bench_lab.peer_args(args, "pci", seat, run),
-                name=f"seat{seat}",
-                server_socket=sock,
-                vectors=1,
-                device=device,  # type: ignore[arg-type]
-                qemu11=True,  # QEMU's device under the same QEMU as ours
-                timeout=600,
-            )
-
-        seat0 = guest(0)
-        host: subprocess.Popen[str] | None = None
-        seat1 = None
-        if partner == "guest":
-            seat1 = guest(1)
-        else:
+    sock = str(tmp / "ivshmem.sock")
+    server = start_server(
+        sock, ["-l", REGION, "-n", str(VECTORS), "--memfd"], str(tmp / "server.log")
+    )
+    try:
+        with Lab(iommu=True, memory="384M") as lab:
+            devices = [Doorbell(sock, VECTORS, "vfio-user"), Doorbell(sock, VECTORS, "qemu")]
+            guests = [
+                lab.start(
+                    THIS,
+                    role_args(args, role, run),
+                    name=role,
+                    devices=devices,
+                    timeout=900,
+                )
+                for role in ("guest0", "guest1")
+            ]
             host = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(bench_lab.THIS),
-                    *bench_lab.peer_args(args, "host", 1, run),
-                    "--socket",
-                    sock,
-                ],
+                [sys.executable, str(THIS), *role_args(args, "host", run), "--socket", sock],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-        try:
-            results = [g.wait() for g in (seat0, seat1) if g is not None]
-            for r in results:
-                r.check()
-            if host is not None:
+            try:
+                results = [g.wait() for g in guests]
+                for r in results:
+                    r.check()
                 out = host.communicate(timeout=120)[0]
                 if host.returncode != 0:
-                    raise SystemExit(f"host seat 1 failed ({host.returncode}):\n{out}")
-        finally:
-            if host is not None and host.poll() is None:
-                host.kill()
-                host.communicate()
-    output = results[0].output
-    boots = [r.boot_seconds for r in results if r.boot_seconds is not None]
-    return (
-        bench_lab.parse_result(output, f"{device} seat 0"),
-        {k: float(v) for k, v in _parse(output, REGISTERS_TAG, f"{device} seat 0").items()},
-        boots,
-    )
-
-
-def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    figures: dict[str, dict[str, Any]] = {d: {} for d in DEVICES}
-    boots: list[float] = []
-    for partner in ("guest", "host"):
-        for device in DEVICES:
-            print(f"{LABELS[device]}: guest <-> {partner} ...", file=sys.stderr, flush=True)
-            result, costs, booted = run_once(args, tmp, device, partner)
-            boots += booted
-            figures[device][partner] = result
-            figures[device].setdefault("registers", []).append(costs)
-    return {"figures": figures, "boots": boots, "qemu": qemu11_version()}
+                    raise SystemExit(f"the host echo failed ({host.returncode}):\n{out}")
+            finally:
+                if host.poll() is None:
+                    host.kill()
+                    host.communicate()
+    finally:
+        stop_server(server)
+    for line in results[0].output.splitlines():
+        if line.startswith(RESULT_TAG + " "):
+            measured: dict[str, Any] = json.loads(line[len(RESULT_TAG) + 1 :])
+            break
+    else:
+        raise SystemExit(f"guest 0 printed no result:\n{results[0].output}")
+    measured["boots"] = [r.boot_seconds for r in results if r.boot_seconds is not None]
+    measured["qemu"] = qemu11_version()
+    measured["load"] = os.getloadavg()
+    return measured
 
 
 def qemu11_version() -> str:
@@ -194,99 +353,90 @@ def qemu11_version() -> str:
     return f"QEMU {found.version_text} ({where})"
 
 
-def _median_costs(entries: list[dict[str, float]], key: str) -> float:
-    return statistics.median(e[key] for e in entries)
-
-
-def rows(measured: dict[str, Any]) -> list[tuple[str, float, float, str, str]]:
-    """(measurement, ours, QEMU's, unit, target) for the table."""
-    ours, qemus = measured["figures"]["vfio-user"], measured["figures"]["qemu"]
+def rows(m: dict[str, Any]) -> list[tuple[str, float, float, str, str]]:
+    """(measurement, ours, QEMU's, unit, target)."""
     out: list[tuple[str, float, float, str, str]] = []
-    for partner in ("guest", "host"):
+    for key, what in (("guest_guest", "guest<->guest"), ("guest_host", "guest<->host")):
         for stat in ("median", "p99", "min"):
-            key = f"rtt_{stat}_us"
+            ours, qemus = (m[key][d][f"{stat}_us"] for d in (0, 1))
             target = "<= 1.5x" if stat == "median" else ""
-            out.append(
-                (
-                    f"doorbell round trip guest<->{partner}, {stat}",
-                    ours[partner][key],
-                    qemus[partner][key],
-                    "us",
-                    target,
-                )
-            )
-    for key, name in (
-        ("bar0_read_us", "BAR0 register read"),
-        ("doorbell_write_us", "doorbell write"),
-    ):
-        out.append(
-            (
-                f"{name} (one access)",
-                _median_costs(ours["registers"], key),
-                _median_costs(qemus["registers"], key),
-                "us",
-                "",
-            )
-        )
-    for op, by_size in ours["host"]["copy_mib_s"].items():
-        if "private->private" in op:
-            continue
-        for mib, rate in by_size.items():
-            q = qemus["host"]["copy_mib_s"].get(op, {}).get(mib, float("nan"))
-            out.append((f"BAR2 {op}, {mib} MiB", rate, q, "MiB/s", ">= 0.95x"))
+            out.append((f"doorbell round trip {what}, {stat}", ours, qemus, "us", target))
+    out.append(("BAR0 register read (one)", *m["bar0_read_us"], "us", ""))
+    out.append(("doorbell write (one, to nobody)", *m["doorbell_write_us"], "us", ""))
+    for op, by_size in m["copy_mib_s"].items():
+        for mib, (ours, qemus, _) in by_size.items():
+            out.append((f"BAR2 {op}, {mib} MiB", ours, qemus, "MiB/s", ">= 0.95x"))
     return out
 
 
-def print_table(measured: dict[str, Any]) -> None:
-    print()
+def paired_ratios(m: dict[str, Any]) -> list[tuple[str, float]]:
+    """Per copy: the median over back-to-back pairs of (our copy's rate / QEMU's)."""
+    return [
+        (f"BAR2 {op}, {mib} MiB", paired)
+        for op, by_size in m["copy_mib_s"].items()
+        for mib, (_, _, paired) in by_size.items()
+    ]
+
+
+def print_table(m: dict[str, Any]) -> None:
+    load = ", ".join(f"{x:.1f}" for x in m["load"])
     print(
-        f"{measured['qemu']}, TCG (no KVM), intel-iommu; host {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}; guest boots "
-        f"{', '.join(f'{b:.0f}' for b in measured['boots'])} s"
+        f"\n{m['qemu']}, TCG (no KVM), intel-iommu (caching-mode); host {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load average {load}; Python {platform.python_version()}; "
+        f"guest boots {', '.join(f'{b:.0f}' for b in m['boots'])} s"
     )
     print(
-        "The machine is shared and loaded by other work: compare the two columns (same run, "
-        "runs alternating), not the absolute figures.\n"
+        "Both devices in each guest, measured in alternation: compare the columns, not the "
+        "absolute figures\n(the machine is shared and loaded by other work).\n"
     )
-    table = rows(measured)
     cells = [
         (name, f"{o:.1f} {unit:<5}", f"{q:.1f} {unit:<5}", f"{o / q:.2f}x", target)
-        for name, o, q, unit, target in table
+        for name, o, q, unit, target in rows(m)
     ]
     head = ("measurement", "ours", "QEMU's", "ours/QEMU's", "target")
     widths = [max(len(row[i]) for row in [head, *cells]) for i in range(len(head))]
     for i, row in enumerate([head, *cells]):
-        print(
-            "  ".join(
-                [
-                    row[0].ljust(widths[0]),
-                    *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)),
-                ]
-            ).rstrip()
-        )
+        figures = (c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))
+        print("  ".join([row[0].ljust(widths[0]), *figures]).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    gg, gh = m["guest_guest"], m["guest_host"]
+    print(
+        f"\nround trips per device: guest<->guest {gg[0]['rounds']:.0f}/{gg[1]['rounds']:.0f}, "
+        f"guest<->host {gh[0]['rounds']:.0f}/{gh[1]['rounds']:.0f}"
+    )
+    print("BAR2 bandwidth, ours/QEMU's as the median of back-to-back copy pairs:")
+    pairs = paired_ratios(m)
+    for name, ratio in pairs:
+        print(f"  {name}: {ratio:.2f}x")
+    overall = statistics.geometric_mean(ratio for _, ratio in pairs)
+    print(f"  all BAR2 copies (geometric mean): {overall:.2f}x (target >= 0.95x)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["peer"]:
-        return peer_main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--role", choices=["guest0", "guest1", "host"], help=argparse.SUPPRESS)
+    parser.add_argument("--run", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--socket", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--seconds", type=float, default=3.0, help="seconds of round trips per run (3)"
+        "--seconds", type=float, default=3.0, help="seconds of round trips per phase (3)"
     )
     parser.add_argument(
-        "--copy-budget", type=float, default=0.3, help="seconds per copy measurement (0.3)"
+        "--copy-budget", type=float, default=1.0, help="seconds per copy measurement (1)"
     )
-    parser.add_argument(
-        "--sizes", type=int, nargs="+", default=list(bench_lab.SIZES_MIB), help="copy sizes, MiB"
-    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES_MIB), help="MiB")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if max(args.sizes) > 16 or min(args.sizes) < 1:
         parser.error("copy sizes must be 1..16 MiB (the region is 32 MiB)")
+    if args.role == "guest0":
+        return guest0(args)
+    if args.role == "guest1":
+        return guest1(args)
+    if args.role == "host":
+        return host_echo(args)
     with exit_on_termination(), tempfile.TemporaryDirectory(prefix="ivbd-", dir="/tmp") as tmp:
+        print("booting two guests, each with both devices ...", file=sys.stderr, flush=True)
         measured = measure(args, Path(tmp))
     if args.json:
         print(json.dumps(measured, indent=2))
