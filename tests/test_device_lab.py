@@ -451,3 +451,15 @@ def test_lab_run_cli_offers_the_device_choice() -> None:
         check=True,
     )
     assert "--device {qemu,vfio-user}" in done.stdout and "--qemu11" in done.stdout
+
+
+def test_a_device_that_cannot_start_is_reported_with_its_log(short_tmp: Path) -> None:
+    qemu11_ready()
+    with ServerProcess(short_tmp, "1M", 1) as server, Lab(iommu=True) as lab:
+        with pytest.raises(LabError, match=r"ivshmem-device for g0-0 exited with status 2") as err:
+            lab.start(
+                code="pass",
+                devices=[Doorbell(server.socket_path, 1, "vfio-user", ("--event-vector", "5"))],
+            )
+        assert "--event-vector 5 is not one of the device's vectors" in str(err.value)
+        assert lab.guests == []
