@@ -197,3 +197,63 @@ def test_against_qemus_server_order(
             assert dev.read_register(reg.PEER_AT) == 12
     finally:
         greeter.join(timeout=10)
+
+
+def test_the_socket_path_is_checked(short_tmp: Path) -> None:
+    not_a_socket = short_tmp / "file"
+    not_a_socket.write_text("keep me")
+    done = run_device("--socket", str(not_a_socket), "--plain", "--size", "1M")
+    assert done.returncode == 2 and "is not a socket" in done.stderr
+    assert not_a_socket.read_text() == "keep me"
+    # A stale socket (nobody listening) is replaced; a live one is refused.
+    stale = short_tmp / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))
+    with serving([VmSpec(socket=str(stale), size=1 << 20)]):
+        done = run_device("--socket", str(stale), "--plain", "--size", "1M")
+        assert done.returncode == 2 and "in use" in done.stderr
+    assert not stale.exists()
+    assert sorted(p.name for p in short_tmp.iterdir()) == ["file"]
+
+
+def test_a_server_that_breaks_the_protocol_is_reported(short_tmp: Path) -> None:
+    path = short_tmp / "liar.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def lie() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(struct.pack("<q", 5))  # protocol version 5
+                conn.recv(1)
+
+        liar = threading.Thread(target=lie)
+        liar.start()
+        try:
+            done = run_device("--socket", str(short_tmp / "d.sock"), "--server", str(path))
+        finally:
+            liar.join(timeout=30)
+    assert done.returncode == 2
+    assert "protocol version 5" in done.stderr
+
+
+def test_plain_regions_from_a_posix_name_a_new_file_and_a_memfd(short_tmp: Path) -> None:
+    name = f"ivt-device-{os.getpid()}"
+    new_file = short_tmp / "new-region"
+    specs = [
+        VmSpec(socket=str(short_tmp / "a.sock"), region=f"/{name}", size=1 << 20),
+        VmSpec(socket=str(short_tmp / "b.sock"), region=str(new_file), size=2 << 20),
+        VmSpec(socket=str(short_tmp / "c.sock"), size=4 << 20),
+    ]
+    try:
+        with serving(specs) as device:
+            sizes = [vm.function.region_size for vm in device.vms]
+            assert sizes == [1 << 20, 2 << 20, 4 << 20]
+            assert os.path.getsize(f"/dev/shm/{name}") == 1 << 20
+            assert new_file.stat().st_size == 2 << 20
+            links = [os.readlink(f"/proc/self/fd/{vm.function.region_fd}") for vm in device.vms]
+            assert links[0] == f"/dev/shm/{name}" and links[1] == str(new_file)
+            assert links[2].startswith("/memfd:")
+    finally:
+        Path(f"/dev/shm/{name}").unlink(missing_ok=True)

@@ -181,6 +181,14 @@ def test_bad_requests_get_error_replies(setup: tuple[DeviceServer, IvshmemDevice
             client.send(command, payload)
             flags, error, _ = client.reply()
             assert flags & vu.FLAG_ERROR and error == expected, (command, payload)
+        # BAR2 through messages (QEMU traps it while an INTx is pending): the shared memory.
+        client.send(vu.REGION_WRITE, struct.pack("<QII", 4096, 2, 5) + b"trap!")
+        assert not client.reply()[0] & vu.FLAG_ERROR
+        client.send(vu.REGION_READ, struct.pack("<QII", 4094, 2, 9))
+        flags, _, payload = client.reply()
+        assert not flags & vu.FLAG_ERROR and payload[16:] == b"\0\0trap!\0\0"
+        client.send(vu.REGION_READ, struct.pack("<QII", (1 << 20) - 4, 2, 8))  # past the end
+        assert client.reply()[1] == errno.EINVAL
         # The connection is still usable.
         client.send(vu.REGION_READ, struct.pack("<QII", reg.EXT_MAGIC, 0, 4))
         flags, error, payload = client.reply()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,9 @@ from ivshmem.device import VmSpec
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(180)]
 
 MIB = 1 << 20
+PCI_STATUS = 0x06
+STATUS_INTERRUPT = 0x08
+COMMAND_INTX_DISABLE = 0x400
 WAIT = 10.0  # hang catcher only
 
 
@@ -266,6 +270,18 @@ def test_intx_mode(qemu11: list[str], short_tmp: Path, server: ServerProcess) ->
             assert dev.read_register(reg.INTRSTATUS) == 1 << 0
             assert poll_until(lambda: _irq(qemu, "lower"), WAIT)
             assert dev.read_register(reg.INTRSTATUS) == 0
+            # PCI 2.3 INTx masking, as a guest's vfio-pci driver uses it: Interrupt Status
+            # shows the level, Interrupt Disable keeps the line down until it is cleared.
+            assert not pci.config_read(PCI_STATUS, 2) & STATUS_INTERRUPT
+            qemu.irq_events.clear()
+            pci.command = pci.command | COMMAND_INTX_DISABLE
+            ring_eventfd(host.peer_fds[me][1])
+            assert poll_until(lambda: bool(pci.config_read(PCI_STATUS, 2) & STATUS_INTERRUPT), WAIT)
+            assert not _irq(qemu, "raise")
+            pci.command = pci.command & ~COMMAND_INTX_DISABLE
+            assert poll_until(lambda: _irq(qemu, "raise"), WAIT)
+            assert dev.read_register(reg.INTRSTATUS) == 1 << 1
+            assert not pci.config_read(PCI_STATUS, 2) & STATUS_INTERRUPT
             # The guest still rings the host.
             assert host.id is not None
             dev.ring(host.id, 1)
@@ -377,6 +393,46 @@ def test_the_vm_survives_a_server_restart(qemu11: list[str], short_tmp: Path, ba
             if proc is not None and proc.alive:
                 proc.stop(check=False)
         region.unlink(missing_ok=True)
+
+
+def test_a_silent_server_does_not_hold_the_device(qemu11: list[str], short_tmp: Path) -> None:
+    sock = short_tmp / "dev.sock"
+    first = ServerProcess(short_tmp, size="1M", vectors=1).start()
+    second: ServerProcess | None = None
+    try:
+        spec = VmSpec(socket=str(sock), server=first.socket_path)
+        with serving([spec]) as device, attach(qemu11, short_tmp, sock) as qemu:
+            vm = device.vms[0]
+            vm.greeting_timeout = 0.5
+            dev = IvshmemDevice.find(qemu)
+            dev.read_register(reg.EVENTS)
+            first.stop()
+            # Something accepts connections at the server's path and never says a word.
+            silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                silent.bind(first.socket_path)
+                silent.listen(8)
+                assert poll_until(lambda: "no greeting" in vm.link.lost if vm.link else False, WAIT)
+                start = time.monotonic()
+                assert dev.read_register(reg.SERVER_STATE) == reg.SERVER_RECONNECTING
+                assert time.monotonic() - start < 1.0
+            finally:
+                silent.close()
+                os.unlink(first.socket_path)
+            second = ServerProcess(short_tmp, size="1M", vectors=1).start()
+            assert poll_until(
+                lambda: dev.read_register(reg.SERVER_STATE) == reg.SERVER_CONNECTED, WAIT
+            )
+            # The failed attempts told the guest nothing: one loss, one reconnection (to a
+            # memfd server, hence new memory).
+            events = dev.read_register(reg.EVENTS)
+            assert events == (
+                reg.EVENT_SERVER_LOST | reg.EVENT_RECONNECTED | reg.EVENT_REGION_CHANGED
+            )
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.alive:
+                proc.stop(check=False)
 
 
 # -- several VMs in one device process -----------------------------------------------------

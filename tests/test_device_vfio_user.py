@@ -243,3 +243,18 @@ def test_a_non_power_of_two_region_is_refused() -> None:
             IvshmemFunction("t", DeviceOptions(), fd, 3 << 20)
     finally:
         os.close(fd)
+
+
+def test_intx_ignores_vectors_it_cannot_show() -> None:
+    fd = os.memfd_create("t")
+    try:
+        os.ftruncate(fd, 1 << 20)
+        func = IvshmemFunction("t", DeviceOptions(intx=True), fd, 1 << 20)
+    finally:
+        os.close(fd)
+    for vector in (-1, 32, 255):  # an unknown own eventfd, beyond IntrStatus's 32 bits
+        func.raise_vector(vector)
+    assert func.intrstatus == 0
+    func.raise_vector(31)
+    assert func.intrstatus == 1 << 31
+    func.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,3 +108,34 @@ def test_building_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     with pytest.raises(q11.Qemu11Unavailable, match="needs root"):
         q11.prepare(tmp_path / "cache")
+
+
+def test_host_root_shows_the_hosts_tree(qemu11: list[str]) -> None:
+    found = qemu11_found()
+    if found.root is None:
+        pytest.skip("QEMU >= 10.1 runs from PATH: it sees the host's tree anyway")
+    # /var/tmp is not bound into the chroot; through host_root QEMU sees it.
+    fd, name = tempfile.mkstemp(prefix="ivt-q11-", dir="/var/tmp")
+    try:
+        os.write(fd, b"seen through /.host")
+        os.ftruncate(fd, 1 << 20)
+        args = [
+            "-machine", "q35", "-accel", "qtest", "-display", "none", "-nodefaults",
+            "-object", f"memory-backend-file,id=m,mem-path=/.host{name},size=1M,share=on",
+            "-device", "ivshmem-plain,memdev=m", "-monitor", "stdio",
+        ]  # fmt: skip
+        done = subprocess.run(
+            [*found.argv(host_root="/.host"), *args],
+            input="quit\n",  # the monitor quits QEMU once the machine is built
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0 and "No such file" not in done.stderr, done.stderr
+        without = subprocess.run(
+            [*found.argv(), *args], input="quit\n", capture_output=True, text=True, timeout=120
+        )
+        assert "No such file" in without.stderr  # the chroot alone does not see /var/tmp
+    finally:
+        os.close(fd)
+        os.unlink(name)

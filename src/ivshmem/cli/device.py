@@ -24,6 +24,7 @@ from typing import Any
 
 from .._signals import exit_on_termination
 from ..device import DeviceServer, VmSpec
+from ..device.model import MAX_MSIX_VECTORS
 from ..errors import IvshmemError, UsageError
 from ..memory import parse_size
 
@@ -134,8 +135,8 @@ def _spec(
         raise UsageError(f"{socket}: give --server PATH (doorbell mode) or --plain")
     if server is not None and (region is not None or size is not None):
         raise UsageError(f"{socket}: --region/--size are for --plain; the server gives BAR2")
-    if not 1 <= vectors <= 2048:
-        raise UsageError(f"{socket}: --vectors must be 1..2048, not {vectors}")
+    if not 1 <= vectors <= MAX_MSIX_VECTORS:
+        raise UsageError(f"{socket}: --vectors must be 1..{MAX_MSIX_VECTORS}, not {vectors}")
     if event_vector is not None:
         if plain:
             raise UsageError(f"{socket}: --event-vector needs a server (doorbell mode)")

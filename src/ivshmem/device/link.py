@@ -66,6 +66,8 @@ class ServerLink:
     #: Doorbell eventfds of the other peers, by id, in vector order.
     peers: dict[int, list[int]] = field(default_factory=dict)
     handshake_done: bool = False
+    #: Why the last connection ended.
+    lost: str = ""
     _decoder: Decoder = field(default_factory=Decoder)
     _state: ClientState | None = None
 
@@ -103,7 +105,7 @@ class ServerLink:
             try:
                 if not self.read_ready(blocking=True):
                     raise ServerUnavailableError(
-                        0, f"the ivshmem server at {self.path} hung up during the greeting"
+                        0, f"the ivshmem server at {self.path} failed its greeting: {self.lost}"
                     )
             except TimeoutError:
                 continue
@@ -184,7 +186,13 @@ class ServerLink:
             return False
         return True
 
+    def abort(self, why: str) -> None:
+        """Give up on this connection (e.g. a silent server); the loss is reported as usual."""
+        if self.sock is not None:
+            self._lost(why)
+
     def _lost(self, why: str) -> None:
+        self.lost = why
         self.events.lost(why)  # first: the loop stops watching the socket before it closes
         self.close()
 

@@ -44,6 +44,7 @@ MAX_BACKLOG = 1 << 20
 BATCH = 64
 RECONNECT_FIRST = 0.2
 RECONNECT_MAX = 2.0
+GREETING_TIMEOUT = 10.0
 _ANC_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * 4)
 
 Callback = Callable[[int], None]
@@ -91,6 +92,7 @@ class VmDevice:
         self.owner = owner
         self.spec = spec
         self.name = spec.name or f"vm{index}"
+        self.index = index
         self.link: ServerLink | None = None
         self.own_fds: dict[int, int] = {}  # eventfd -> own vector
         self.server_key = os.path.realpath(spec.server) if spec.server else None
@@ -101,6 +103,10 @@ class VmDevice:
         self.backlog_bytes = 0
         self.reconnect_at: float | None = None
         self.reconnect_delay = RECONNECT_FIRST
+        #: A reconnection whose server has not finished its greeting by then is dropped and
+        #: retried (a server that accepts and stays silent must not hold the device forever).
+        self.greeting_deadline: float | None = None
+        self.greeting_timeout = GREETING_TIMEOUT
         self.region_identity: tuple[int, int, int] | None = None
         #: Doorbells to peers served by this process (straight to their guest) and through
         #: the server's eventfds.
@@ -187,24 +193,35 @@ class VmDevice:
 
     def _listen(self, path: str) -> socket.socket:
         try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    probe.connect(path)
-                except OSError:
-                    os.unlink(path)  # a stale socket of a dead device process
-                else:
-                    raise UsageError(f"{self.name}: {path} is in use by a running process")
-                finally:
-                    probe.close()
+            mode = os.lstat(path).st_mode
         except FileNotFoundError:
             pass
+        else:
+            if not stat.S_ISSOCK(mode):
+                raise UsageError(f"{self.name}: {path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # a stale socket of a dead device process
+            else:
+                raise UsageError(f"{self.name}: {path} is in use by a running process")
+            finally:
+                probe.close()
+        # Bound and listening under a temporary name, then renamed: whoever sees the socket
+        # (QEMU, a script waiting for it) can connect at once.
+        staging = os.path.join(os.path.dirname(path), f".ivd-{os.getpid()}-{self.index}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(path)
+            sock.bind(staging)
             sock.listen(4)
+            os.rename(staging, path)
         except OSError as err:
             sock.close()
+            try:
+                os.unlink(staging)
+            except OSError:
+                pass
             raise UsageError(f"{self.name}: cannot listen on {path}: {err.strerror}") from err
         sock.setblocking(False)
         return sock
@@ -246,6 +263,7 @@ class VmDevice:
         self.own_fds[fd] = vector
         self.owner.watch(fd, self._own_ring)
         if first and self.function.server_state == reg.SERVER_RECONNECTING:
+            self.greeting_deadline = None
             self.function.server_state = reg.SERVER_CONNECTED
             self.function.peers = sorted(self.link.peers) if self.link else []
             self.owner.register_peer(self)
@@ -277,12 +295,17 @@ class VmDevice:
     def _lost(self, why: str) -> None:
         if self.link is not None and self.link.sock is not None:
             self.owner.unwatch(self.link.sock.fileno())  # before the link closes it
-        log.warning("%s: lost the ivshmem server (%s); reconnecting", self.name, why)
-        self.owner.unregister_peer(self)
+        self.greeting_deadline = None
         self._drop_own_fds()
-        self.function.peers = []
-        self.function.server_state = reg.SERVER_RECONNECTING
-        self.function.membership_event(reg.EVENT_SERVER_LOST)
+        if self.function.server_state == reg.SERVER_CONNECTED:
+            log.warning("%s: lost the ivshmem server (%s); reconnecting", self.name, why)
+            self.owner.unregister_peer(self)
+            self.function.peers = []
+            self.function.server_state = reg.SERVER_RECONNECTING
+            self.function.membership_event(reg.EVENT_SERVER_LOST)
+        else:  # a reconnection attempt failed: no news for the guest, just try again later
+            log.info("%s: reconnection failed (%s)", self.name, why)
+            self.reconnect_delay = min(self.reconnect_delay * 2, RECONNECT_MAX)
         self.reconnect_at = time.monotonic() + self.reconnect_delay
 
     def _drop_own_fds(self) -> None:
@@ -301,7 +324,13 @@ class VmDevice:
             self.reconnect_at = time.monotonic() + self.reconnect_delay
             return
         assert self.link.sock is not None
+        self.greeting_deadline = time.monotonic() + self.greeting_timeout
         self.owner.watch(self.link.sock.fileno(), self._server_readable)
+
+    def check_greeting(self, now: float) -> None:
+        if self.greeting_deadline is not None and self.greeting_deadline <= now:
+            assert self.link is not None
+            self.link.abort(f"no greeting within {self.greeting_timeout:g} s")
 
     def _server_readable(self, fd: int) -> None:
         assert self.link is not None
@@ -575,7 +604,7 @@ class DeviceServer:
 
     def run_once(self, timeout: float | None) -> None:
         now = time.monotonic()
-        due = [vm.reconnect_at for vm in self.vms if vm.reconnect_at is not None]
+        due = [t for vm in self.vms for t in (vm.reconnect_at, vm.greeting_deadline) if t]
         if due:
             wait = max(0.0, min(due) - now)
             timeout = wait if timeout is None else min(timeout, wait)
@@ -584,12 +613,16 @@ class DeviceServer:
             if callbacks is None:
                 continue
             on_read, on_write = callbacks
-            if mask & selectors.EVENT_WRITE and on_write is not None:
-                on_write(key.fd)
-            if mask & selectors.EVENT_READ and key.fd in self._callbacks:
-                on_read(key.fd)
+            try:
+                if mask & selectors.EVENT_WRITE and on_write is not None:
+                    on_write(key.fd)
+                if mask & selectors.EVENT_READ and key.fd in self._callbacks:
+                    on_read(key.fd)
+            except Exception:  # a bug must not take every VM of the process down with it
+                log.exception("unexpected error serving fd %d; carrying on", key.fd)
         now = time.monotonic()
         for vm in self.vms:
+            vm.check_greeting(now)
             if vm.reconnect_at is not None and vm.reconnect_at <= now:
                 vm.try_reconnect()
 

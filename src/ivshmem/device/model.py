@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from .. import registers as reg
 from . import vfio_user as vu
 
-__all__ = ["BAR0_SIZE", "MSIX_BAR_SIZE", "DeviceOptions", "IvshmemFunction"]
+__all__ = [
+    "BAR0_SIZE",
+    "MAX_DMA_MAPS",
+    "MAX_MSIX_VECTORS",
+    "MSIX_BAR_SIZE",
+    "DeviceOptions",
+    "IvshmemFunction",
+]
 
 log = logging.getLogger("ivshmem.device")
 
@@ -43,7 +50,7 @@ NUM_REGIONS = 9  # BAR0-5, ROM, config, VGA
 NUM_IRQS = 5  # INTx, MSI, MSI-X, ERR, REQ
 IRQ_INTX = 0
 IRQ_MSIX = 2
-MAX_DMA_MAPS = 4096
+MAX_DMA_MAPS = 16384  # QEMU aborts the VM when a map fails: generous, yet bounded
 MAX_MSIX_VECTORS = 2048  # the MSI-X table size field is 11 bits
 
 _REGION_READ = 1
@@ -56,9 +63,12 @@ _IRQ_NORESIZE = 8
 _DEVICE_PCI = 2
 _DEVICE_RESET = 1
 
+PCI_COMMAND = 0x04
+PCI_STATUS = 0x06
+COMMAND_INTX_DISABLE = 0x400
+STATUS_INTERRUPT = 0x08
+
 _ONE = (1).to_bytes(8, "little")
-_STATUS_INTERRUPT = 0x08  # PCI_STATUS_INTERRUPT, in the status register's low byte (0x06)
-_COMMAND_INTX_OFF = 0x04  # PCI_COMMAND_INTX_DISABLE (bit 10), in the command's high byte
 _U32 = struct.Struct("<I")
 
 
@@ -165,8 +175,8 @@ class IvshmemFunction:
         for i, byte in enumerate(data):
             mask = self._wmask[offset + i]
             self.config[offset + i] = (self.config[offset + i] & ~mask) | (byte & mask)
-        if offset <= 0x05 < offset + len(data):
-            self._update_intx()  # Interrupt Disable changed: the line may rise or fall
+        if offset <= PCI_COMMAND + 1 and offset + len(data) > PCI_COMMAND:
+            self._update_intx()  # Interrupt Disable may have been cleared
 
     # -- registers -------------------------------------------------------------------------
 
@@ -241,7 +251,7 @@ class IvshmemFunction:
         bit ``vector`` and INTx if IntrMask lets it through. Without an eventfd (MSI-X not
         enabled yet) it is dropped, as QEMU's device drops it."""
         if self.options.intx:
-            if vector < 32:
+            if 0 <= vector < 32:
                 self.intrstatus |= 1 << vector
                 self._update_intx()
             return
@@ -253,22 +263,23 @@ class IvshmemFunction:
     def _update_intx(self) -> None:
         # INTx is level-triggered and, over vfio, automasked: we signal once and stay quiet
         # until QEMU unmasks (on the guest's next BAR access, before that access reaches us).
+        # The level also shows in PCI_STATUS's Interrupt Status bit: a guest's vfio-pci
+        # driver (INTx masking via PCI 2.3's Interrupt Disable) reads it to tell whether the
+        # shared interrupt line is ours; without it every INTx would look spurious. Interrupt
+        # Disable in PCI_COMMAND keeps the line from being raised, not the status bit.
         if not self.options.intx:
             return
-        # PCI 2.3 INTx: the status register's Interrupt Status bit shows the line's state,
-        # and the command register's Interrupt Disable bit keeps it quiet. A guest's vfio-pci
-        # masks INTx with those bits and, finding the status bit clear, takes the interrupt
-        # for someone else's (and the kernel ends up disabling the IRQ: "nobody cared").
-        pending = bool(self.intrstatus & self.intrmask)
-        if pending:
-            self.config[0x06] |= _STATUS_INTERRUPT
+        level = bool(self.intrstatus & self.intrmask)
+        if level:
+            self.config[PCI_STATUS] |= STATUS_INTERRUPT
         else:
-            self.config[0x06] &= ~_STATUS_INTERRUPT & 0xFF
-        if self.intx_fd is None or self.intx_masked or self.config[0x05] & _COMMAND_INTX_OFF:
+            self.config[PCI_STATUS] &= ~STATUS_INTERRUPT & 0xFF
+        if not level or self.intx_fd is None or self.intx_masked:
             return
-        if pending:
-            self.intx_masked = True
-            _signal(self.intx_fd)
+        if self.config[PCI_COMMAND + 1] << 8 & COMMAND_INTX_DISABLE:
+            return
+        self.intx_masked = True
+        _signal(self.intx_fd)
 
     def membership_event(self, bits: int) -> None:
         """Record ``bits`` in Events, bump Generation and ring EventVector."""

@@ -54,6 +54,13 @@ _APT_LOCK = ("-o", "DPkg::Lock::Timeout=600")
 _RUNNER = r"""
 set -e
 root=$1; shift
+case "$1" in
+--host-root=*)
+    host_root=${1#--host-root=}; shift
+    mkdir -p "$root$host_root"
+    mount --rbind / "$root$host_root"
+    ;;
+esac
 mount -t proc proc "$root/proc"
 mount --rbind /dev "$root/dev"
 while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do
@@ -83,12 +90,23 @@ class Qemu11:
     root: Path | None = None  # the trixie chroot, when QEMU comes from the cache
     binds: tuple[str, ...] = field(default=())
 
-    def argv(self, binds: Sequence[str | os.PathLike[str]] = ()) -> list[str]:
+    def argv(
+        self, binds: Sequence[str | os.PathLike[str]] = (), *, host_root: str | None = None
+    ) -> list[str]:
         """The argv prefix: append QEMU's arguments (absolute paths under the bound
-        directories). ``binds`` adds directories to make visible inside the chroot."""
+        directories). ``binds`` adds directories to make visible inside the chroot, at their
+        own paths. ``host_root`` (an absolute path such as ``/.host``) shows the host's whole
+        tree there inside the chroot, e.g. for ``-virtfs local,path=/.host,...``: the chroot's
+        own ``/`` is Debian trixie's, not the host's. Both are ignored for a QEMU on PATH
+        (then ``host_root``'s place is simply ``/``)."""
         if self.root is None:
             return [self.binary]
         dirs = [*self.binds, *(os.path.abspath(os.fspath(b)) for b in binds)]
+        extra = []
+        if host_root is not None:
+            if not host_root.startswith("/") or host_root == "/" or "\n" in host_root:
+                raise ValueError(f"host_root must be an absolute path below /, not {host_root!r}")
+            extra.append(f"--host-root={host_root}")
         return [
             "unshare",
             "-m",
@@ -99,6 +117,7 @@ class Qemu11:
             _RUNNER,
             "ivshmem-qemu11",
             str(self.root),
+            *extra,
             *dirs,
             "--",
             self.binary,
