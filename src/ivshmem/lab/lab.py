@@ -21,6 +21,13 @@ Inside the guest
     ``-netdev stream,id=n0,server=on|off,addr.type=unix,addr.path=SOCK`` and
     ``-device virtio-net-pci,netdev=n0,mac=…``).
 
+This project's device
+    A guest whose device is ``device="vfio-user"`` (or a :class:`VfioUser` socket) gets this
+    project's ivshmem device: the lab starts an ``ivshmem-device`` process for it
+    (:mod:`ivshmem.lab.devicehost`) before its QEMU, and runs that guest under QEMU >= 10.1
+    (:mod:`ivshmem.lab.vmm`, :mod:`ivshmem.lab.qemu11`), with ``caching-mode=on`` on the
+    IOMMU; the device processes stop when the lab closes.
+
 Trust
     A guest can read every host file QEMU's user can read (never write them). The lab is for
     running your own programs in test VMs, not for confining untrusted code.
