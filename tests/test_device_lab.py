@@ -92,6 +92,7 @@ class MixedRun:
     outputs: dict[str, str]
     status: dict[str, int | None]
     leftovers: list[int]
+    left_with_their_guests: bool
 
 
 #: name: (device, channel partner's name)
@@ -161,6 +162,12 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
                 guests["g1"].wait_for_output("SAW-JOIN", LAB_TIMEOUT)
         results = {name: g.wait(LAB_TIMEOUT) for name, g in guests.items()}
         pids = [g.pid for g in guests.values()]
+        # A guest's device process stops when its QEMU exits, so the guest leaves the server
+        # then, as with QEMU's device (whose QEMU is the peer), not when the lab closes.
+        deadline = time.monotonic() + 30
+        while set(host.peers) & set(ids.values()) and time.monotonic() < deadline:
+            host.wait(timeout=0.1)
+        left_with_their_guests = not set(host.peers) & set(ids.values())
         device_pids = list(lab._device_hosts.pids) if lab._device_hosts is not None else []
     leftovers = [pid for pid in [*pids, *device_pids] if Path(f"/proc/{pid}").exists()]
     done = {}
@@ -177,6 +184,7 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
         outputs={name: res.describe() for name, res in results.items()},
         status={name: res.returncode for name, res in results.items()},
         leftovers=leftovers,
+        left_with_their_guests=left_with_their_guests,
     )
 
 
@@ -197,6 +205,7 @@ def test_mixed_every_guest_succeeded(mixed: MixedRun) -> None:
         assert status == 0, mixed.outputs[name]
     assert mixed.ids == {"g1": 1, "g2": 2, "g3": 3}
     assert mixed.leftovers == []
+    assert mixed.left_with_their_guests
 
 
 @pytest.mark.lab

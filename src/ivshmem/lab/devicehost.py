@@ -1,9 +1,10 @@
 """The ``ivshmem-device`` processes a lab starts for guests that get this project's device.
 
 One process per device of a guest, serving one vfio-user socket in the lab's temporary
-directory; it is started (and listening) before the guest's QEMU, and stopped when the lab
-closes, after every guest is gone (QEMU would otherwise see its device vanish: BAR0 reads
-0xffffffff). Its output goes to ``<socket>.log`` next to the socket, for error messages.
+directory; it is started (and listening) before the guest's QEMU and stopped when that QEMU
+has exited (so the guest leaves the server then, as with QEMU's own device, whose QEMU is the
+peer), or when the lab closes. Never before QEMU exits: QEMU would see its device vanish (BAR0
+reads 0xffffffff). Its output goes to ``<name>.log`` next to the socket, for error messages.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +68,8 @@ class DeviceHosts:
         self._dir = directory
         self._launch = launch
         self._procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self._lock = threading.Lock()
+        self._started: list[int] = []
 
     def serve(self, device: Device, name: str) -> VfioUser:
         """Start a device process for ``device``; return its socket once it listens."""
@@ -92,7 +96,9 @@ class DeviceHosts:
             except OSError as err:
                 raise LabSetupError(f"cannot start ivshmem-device: {err.strerror}") from err
         assert isinstance(proc, subprocess.Popen)
-        self._procs.append((proc, log_path))
+        with self._lock:
+            self._procs.append((proc, log_path))
+            self._started.append(proc.pid)
         deadline = time.monotonic() + START_TIMEOUT
         while not socket.is_socket():
             if proc.poll() is not None:
@@ -110,14 +116,29 @@ class DeviceHosts:
 
     @property
     def pids(self) -> list[int]:
-        return [proc.pid for proc, _ in self._procs]
+        """Every device process started, running or not."""
+        with self._lock:
+            return list(self._started)
 
     def logs(self) -> list[str]:
         return [_tail(path) for _, path in self._procs]
 
+    def stop(self, guest: str) -> None:
+        """Stop the device processes of ``guest`` (named ``<guest>-<n>``): its QEMU is gone."""
+        prefix = f"{guest}-"
+        with self._lock:
+            mine = [(p, log) for p, log in self._procs if log.name.startswith(prefix)]
+            self._procs = [(p, log) for p, log in self._procs if not log.name.startswith(prefix)]
+        self._terminate(mine)
+
     def close(self) -> None:
         """SIGTERM each device process, SIGKILL what is left after 10 s; reap all."""
-        procs, self._procs = self._procs, []
+        with self._lock:
+            procs, self._procs = self._procs, []
+        self._terminate(procs)
+
+    @staticmethod
+    def _terminate(procs: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
         for proc, _ in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)

@@ -324,9 +324,13 @@ class Guest:
         timeout: float | None,
         echo: IO[str] | None,
         prefix: str,
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.job_dir = job_dir
+        # Called once, from a reader thread, when QEMU has exited (this project's device
+        # processes of the guest are stopped there, as QEMU's own device ends with QEMU).
+        self._on_exit = on_exit
         self._changed = threading.Condition()
         self._output = _Output(echo, prefix, _ECHO_LOCK, self._changed)
         self._qemu_log = _Output(None, "", _ECHO_LOCK, threading.Condition())
@@ -391,8 +395,12 @@ class Guest:
         # a guest's wall time ends there, not whenever someone gets round to wait() or close().
         with self._changed:
             self._open_pipes -= 1
-            if self._open_pipes == 0:
+            exited = self._open_pipes == 0
+            if exited:
                 self._exited_at = time.monotonic()
+        if exited and self._on_exit is not None:
+            with contextlib.suppress(Exception):  # a reader thread has no one to report to
+                self._on_exit()
 
     def _read_control(self, fd: int) -> None:
         buffer = b""

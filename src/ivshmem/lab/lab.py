@@ -454,6 +454,7 @@ class Lab:
                     *tail,
                 ]
 
+            hosts = self._device_hosts if needs11 else None
             guest = Guest(
                 guest_name,
                 command,
@@ -462,6 +463,7 @@ class Lab:
                 timeout=timeout,
                 echo=echo,
                 prefix=prefix,
+                on_exit=None if hosts is None else lambda: hosts.stop(guest_name),
             )
             self._guests.append(guest)
             return guest
