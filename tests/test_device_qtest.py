@@ -293,6 +293,31 @@ def _irq(qemu: Qemu, kind: str) -> bool:
     return any(e.startswith(f"IRQ {kind}") for e in qemu.irq_events)
 
 
+def test_a_system_reset_resets_the_registers_and_interrupts_work_again(
+    qemu11: list[str], short_tmp: Path, server: ServerProcess
+) -> None:
+    sock = short_tmp / "dev.sock"
+    with serving([VmSpec(socket=str(sock), server=server.socket_path)]) as device:
+        with (
+            attach(qemu11, short_tmp, sock) as qemu,
+            RawPeer(server.socket_path, keep_fds=True) as host,
+        ):
+            dev = IvshmemDevice.find(qemu)
+            me = dev.ivposition
+            host.wait(lambda: host.complete({me}, 2))
+            dev.write_register(reg.INTRMASK, 5)
+            dev.write_register(reg.INTRSTATUS, 6)
+            qemu.qmp("system_reset")  # QEMU sends DEVICE_RESET, as for its own device's reset
+            [pci] = find_pci_devices(qemu, 0x1AF4, 0x1110)
+            dev = IvshmemDevice(pci)  # BARs and MSI-X set up again, as firmware would
+            assert dev.read_register(reg.INTRMASK) == 0
+            assert dev.read_register(reg.INTRSTATUS) == 0
+            assert dev.ivposition == me
+            ring_eventfd(host.peer_fds[me][0])
+            assert dev.take_msi(0)
+            assert device.vms[0].conn is not None
+
+
 # -- membership ----------------------------------------------------------------------------
 
 

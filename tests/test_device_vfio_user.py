@@ -258,3 +258,22 @@ def test_intx_ignores_vectors_it_cannot_show() -> None:
     func.raise_vector(31)
     assert func.intrstatus == 1 << 31
     func.close()
+
+
+def test_bar2_access_to_a_shrunk_region_is_an_error_not_a_crash() -> None:
+    fd = os.memfd_create("t")
+    try:
+        os.ftruncate(fd, 1 << 20)
+        func = IvshmemFunction("t", DeviceOptions(doorbell=False), fd, 1 << 20)
+        os.ftruncate(fd, 4096)  # someone shrinks the region behind QEMU's back
+    finally:
+        os.close(fd)
+    for request in (
+        vu.RegionRead(1, vu.REGION_READ, 8192, 2, 16),
+        vu.RegionWrite(2, vu.REGION_WRITE, 8192, 2, b"x" * 16),
+    ):
+        payload, _ = func.handle(request)
+        assert payload is not None and HEADER.unpack_from(payload)[4] == errno.EIO
+    assert os.fstat(func.region_fd).st_size == 4096  # not grown back
+    assert read(func, 2, 0, 4) == b"\0" * 4  # what is left still works
+    func.close()

@@ -30,6 +30,16 @@ from ..memory import parse_size
 
 __all__ = ["main", "register"]
 
+_EPILOG = """examples:
+  ivshmem-device --socket /run/vm1.sock --server /tmp/ivshmem_socket --vectors 2 --event-vector 1
+  ivshmem-device --socket /run/vm2.sock --plain --region /dev/shm/x --size 4M
+  ivshmem-device --vm socket=/run/a.sock,server=/tmp/s --vm socket=/run/b.sock,server=/tmp/s
+
+then, for each VM:
+  qemu-system-x86_64 ... -device \\
+    '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vm1.sock"}}'
+(QEMU >= 10.1; `ivshmem lab fetch --qemu11` gets one). See docs/device.md."""
+
 _VM_KEYS = {"socket", "server", "region", "size", "vectors", "intx", "event-vector", "name"}
 
 
@@ -76,6 +86,8 @@ def register(subparsers: Any) -> None:
         help="serve ivshmem PCI devices to QEMU >= 10.1 over vfio-user",
         description="Serve ivshmem PCI devices to QEMU >= 10.1 (vfio-user-pci), one socket "
         "per VM, doorbell mode (a peer of an ivshmem server) or plain mode.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_arguments(parser)
     parser.set_defaults(func=_run)
@@ -225,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ivshmem-device",
         description="Serve ivshmem PCI devices to QEMU >= 10.1 over vfio-user.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     _add_arguments(parser)

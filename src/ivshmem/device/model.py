@@ -12,7 +12,7 @@ whatever its width. Reading IntrStatus or Events clears it. QEMU's own device re
 accesses; this one splits them into two 4-byte ones.
 
 This module does no I/O except writing 1 to the eventfds QEMU gave for the guest's interrupts
-and reading/writing the mapped shared memory when QEMU traps BAR2 (it does while an INTx is
+and reading/writing the shared memory when QEMU traps BAR2 (it does while an INTx is
 pending). The loop (:mod:`ivshmem.device.loop`) feeds it requests and server events.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -107,7 +106,6 @@ class IvshmemFunction:
         self.vectors = options.vectors if self.msix else 0
         self.region_fd = os.dup(region_fd)
         self.region_size = region_size
-        self._map: mmap.mmap | None = None
         # Registers.
         self.intrmask = 0
         self.intrstatus = 0
@@ -450,6 +448,7 @@ class IvshmemFunction:
         region, offset, count = request.region, request.offset, request.count
         if self._bad_access(region, offset, count):
             return vu.reply_error(request, errno.EINVAL)
+        data: bytes | None
         if region == 0:
             data = self._bar0_read(offset, count)
         elif region == REGION_CONFIG:
@@ -457,7 +456,9 @@ class IvshmemFunction:
         elif region == 1:
             data = bytes(self.msix_bar[offset : offset + count])
         else:
-            data = bytes(self._memory()[offset : offset + count])
+            data = self._bar2_read(offset, count)
+        if data is None:
+            return vu.reply_error(request, errno.EIO)
         return vu.reply(request, vu.region_read_payload(request, data))
 
     def _region_write(self, request: vu.RegionWrite) -> bytes:
@@ -471,13 +472,28 @@ class IvshmemFunction:
         elif region == 1:
             self.msix_bar[offset : offset + len(data)] = data
         else:
-            self._memory()[offset : offset + len(data)] = data
+            if not self._bar2_write(offset, data):
+                return vu.reply_error(request, errno.EIO)
         return vu.reply(request, vu.region_write_payload(request))
 
-    def _memory(self) -> mmap.mmap:
-        if self._map is None:
-            self._map = mmap.mmap(self.region_fd, self.region_size)
-        return self._map
+    # BAR2 through messages (QEMU traps it while an INTx is pending) uses pread/pwrite, not a
+    # mapping: if someone shrinks the region's file, a mapped access would kill the whole
+    # device process with SIGBUS; a read past the end only comes back short.
+
+    def _bar2_read(self, offset: int, count: int) -> bytes | None:
+        try:
+            data = os.pread(self.region_fd, count, offset)
+        except OSError:
+            return None
+        return data if len(data) == count else None
+
+    def _bar2_write(self, offset: int, data: bytes) -> bool:
+        try:
+            if os.fstat(self.region_fd).st_size < offset + len(data):
+                return False  # never grow a region someone shrank
+            return os.pwrite(self.region_fd, data, offset) == len(data)
+        except OSError:
+            return False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -499,9 +515,6 @@ class IvshmemFunction:
 
     def close(self) -> None:
         self.disconnect()
-        if self._map is not None:
-            self._map.close()
-            self._map = None
         if self.region_fd >= 0:
             os.close(self.region_fd)
             self.region_fd = -1

@@ -265,9 +265,12 @@ def _ensure_debootstrap(report: debian.Progress) -> str:
             "qemu-system-x86_64 >= 10.1 on PATH"
         )
     report("installing debootstrap (apt-get)")
-    _run(
-        ["apt-get", *_APT_LOCK, "install", "-y", "debootstrap"], "apt-get install debootstrap", 900
-    )
+    install = ["apt-get", *_APT_LOCK, "install", "-y", "debootstrap"]
+    try:
+        _run(install, "apt-get install debootstrap", 900)
+    except Qemu11Unavailable:  # a fresh machine may have no package lists yet
+        _run(["apt-get", *_APT_LOCK, "update"], "apt-get update", 900)
+        _run(install, "apt-get install debootstrap", 900)
     path = shutil.which("debootstrap") or (
         "/usr/sbin/debootstrap" if os.path.exists("/usr/sbin/debootstrap") else None
     )
