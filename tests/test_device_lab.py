@@ -58,11 +58,12 @@ def report(output: str, tag: str) -> dict[str, Any]:
 def qemu11_ready() -> None:
     """Skip (fail in CI) unless a QEMU >= 10.1 is here or can be prepared."""
     from ivshmem.lab import qemu11
+    from ivshmem.lab.vmm import qemu11_command
 
     try:
-        qemu11.prepare()
-    except qemu11.Qemu11Unavailable as err:
-        require(False, f"no QEMU >= 10.1: {err}")
+        qemu11_command(qemu11.prepare())  # found, and runnable by this user (root: chroot)
+    except LabError as err:
+        require(False, f"no QEMU >= 10.1 for lab guests: {err}")
 
 
 def wait_for_new_peer(host: Any, known: set[int], timeout: float = 60.0) -> int:
