@@ -33,6 +33,12 @@ class FakeDevice:
             f.seek(8)
             f.write(struct.pack("<I", value))
 
+    def set_register(self, offset: int, value: int) -> None:
+        """Write a BAR0 word (a file stands in for the registers: no read side effects)."""
+        with open(self.file("resource0"), "r+b") as f:
+            f.seek(offset)
+            f.write(struct.pack("<I", value))
+
     def register(self, offset: int) -> int:
         with open(self.file("resource0"), "rb") as f:
             f.seek(offset)
@@ -84,9 +90,11 @@ class FakeSysfs:
         bar0_file_size: int | None = None,
         bar2_file_size: int | None = None,
         wc: bool = True,
+        interrupt_pin: int = 0,
     ) -> FakeDevice:
         """One PCI device. ``kind`` "doorbell" gives BAR1 and an MSI-X capability with
-        ``vectors`` entries; "plain" neither. ``config_readable=False`` truncates config
+        ``vectors`` entries; "plain" neither; "intx" an interrupt pin and neither (this
+        project's device in legacy INTx mode). ``config_readable=False`` truncates config
         space to 64 bytes, as the kernel does for non-root readers."""
         path = self.root / "devices" / "pci0000:00" / address
         path.mkdir()
@@ -95,6 +103,8 @@ class FakeSysfs:
             self.root / "bus" / "pci" / "devices" / address,
         )
         doorbell = kind == "doorbell"
+        if kind == "intx":
+            interrupt_pin = interrupt_pin or 1
         vendor, device = ids
         for name, value in (
             ("vendor", vendor),
@@ -146,6 +156,7 @@ class FakeSysfs:
         config[8] = 1  # revision
         config[0x0B], config[0x0A] = 0x05, 0x00  # class: memory controller, RAM
         struct.pack_into("<HH", config, 0x2C, 0x1AF4, 0x1100)
+        config[0x3D] = interrupt_pin
         if doorbell:
             struct.pack_into("<H", config, 6, 0x0010)  # status: capability list
             config[0x34] = 0x40

@@ -2,7 +2,8 @@
 
 ::
 
-    ivshmem lab run [-n N] [--socket SOCK | --plain FILE] [--iommu] PROGRAM.py [ARGS...]
+    ivshmem lab run [-n N] [--socket SOCK | --plain FILE] [--device qemu|vfio-user]
+                    [--qemu11] [--iommu] PROGRAM.py [ARGS...]
     ivshmem lab run -c "import ivshmem; print('hi')"
     ivshmem lab fetch [--update] [--qemu11]
     ivshmem lab clean
@@ -20,6 +21,7 @@ from typing import Any
 from .._signals import exit_on_termination
 from ..errors import IvshmemError
 from ..lab import GuestError, GuestResult, GuestTimeoutError, Lab, LabError, clean, prepare
+from ..lab.guest import DEVICE_KINDS
 
 __all__ = ["register"]
 
@@ -58,6 +60,19 @@ def register(subparsers: Any) -> None:
     device.add_argument("--plain", metavar="FILE", help="ivshmem-plain over the shared FILE")
     run.add_argument("--plain-size", metavar="SIZE", help="size of --plain (default: FILE's)")
     run.add_argument("--vectors", type=int, default=1, help="doorbell vectors per guest (1)")
+    run.add_argument(
+        "--device",
+        choices=DEVICE_KINDS,
+        default="qemu",
+        help="the ivshmem device of --socket/--plain: QEMU's own (qemu), or this project's "
+        "served by an ivshmem-device process the lab starts (vfio-user; runs the guest under "
+        "QEMU >= 10.1, prepared in the cache as root)",
+    )
+    run.add_argument(
+        "--qemu11",
+        action="store_true",
+        help="run the guests under QEMU >= 10.1 even with QEMU's device",
+    )
     run.add_argument(
         "--iommu", action="store_true", help="emulated IOMMU and vfio modules (for VFIO in guests)"
     )
@@ -150,6 +165,8 @@ def _run_guests(args: argparse.Namespace, program: str | None, positional: list[
                     vectors=args.vectors,
                     plain_path=args.plain,
                     plain_size=args.plain_size,
+                    device=args.device,
+                    qemu11=True if args.qemu11 else None,
                     timeout=args.timeout,
                     echo=sys.stdout,
                     prefix=f"[g{i}] " if n > 1 else "",

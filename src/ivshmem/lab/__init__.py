@@ -15,11 +15,12 @@ See :class:`Lab` for the options, :mod:`ivshmem.lab.lab` for how a guest is put 
 
 from .assets import Assets, clean, default_cache_dir, prepare
 from .errors import GuestError, GuestTimeoutError, LabError, LabSetupError, LabUsageError
-from .guest import Doorbell, Guest, GuestResult, PlainRegion
+from .guest import DeviceKind, Doorbell, Guest, GuestResult, PlainRegion, VfioUser
 from .lab import Lab, run_guests
 
 __all__ = [
     "Assets",
+    "DeviceKind",
     "Doorbell",
     "Guest",
     "GuestError",
@@ -30,6 +31,7 @@ __all__ = [
     "LabSetupError",
     "LabUsageError",
     "PlainRegion",
+    "VfioUser",
     "clean",
     "default_cache_dir",
     "prepare",

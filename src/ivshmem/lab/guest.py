@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -32,15 +33,23 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from ..errors import IvshmemError, UsageError
 from ..memory import format_size, is_power_of_two, parse_size, round_up_power_of_two
 from .errors import GuestError, GuestTimeoutError, LabError, LabSetupError, LabUsageError
 
-__all__ = ["Doorbell", "Guest", "GuestResult", "PlainRegion"]
+__all__ = [
+    "DEVICE_KINDS",
+    "DeviceKind",
+    "Doorbell",
+    "Guest",
+    "GuestResult",
+    "PlainRegion",
+    "VfioUser",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,24 +108,51 @@ def _check_vectors(path: str, vectors: int) -> None:
     )
 
 
+#: Which ivshmem device a guest gets: QEMU's own (``ivshmem-doorbell``/``ivshmem-plain``) or
+#: this project's, served over vfio-user by an ``ivshmem-device`` process (QEMU >= 10.1).
+DeviceKind = Literal["qemu", "vfio-user"]
+DEVICE_KINDS: tuple[DeviceKind, ...] = ("qemu", "vfio-user")
+
+
 @dataclass(frozen=True)
 class Doorbell:
-    """An ``ivshmem-doorbell`` device connected to a server's Unix socket."""
+    """An ivshmem device with doorbells, connected to a server's Unix socket: QEMU's
+    ``ivshmem-doorbell`` (``device="qemu"``) or this project's (``device="vfio-user"``, for
+    which the lab starts an ``ivshmem-device`` process; ``device_args`` are passed to it,
+    e.g. ``("--intx",)``)."""
 
     socket: str | os.PathLike[str]
     vectors: int = 1
+    device: DeviceKind = "qemu"
+    device_args: tuple[str, ...] = field(default=())
 
 
 @dataclass(frozen=True)
 class PlainRegion:
-    """An ``ivshmem-plain`` device over a shared file (e.g. under ``/dev/shm``); ``size`` is the
-    file's size when not given, and must be a power of two (it becomes a PCI BAR)."""
+    """An ivshmem device without doorbells over a shared file (e.g. under ``/dev/shm``):
+    QEMU's ``ivshmem-plain`` or this project's in plain mode (``device="vfio-user"``);
+    ``size`` is the file's size when not given, and must be a power of two (it becomes a PCI
+    BAR)."""
 
     path: str | os.PathLike[str]
     size: int | str | None = None
+    device: DeviceKind = "qemu"
+    device_args: tuple[str, ...] = field(default=())
 
 
-Device = Doorbell | PlainRegion
+@dataclass(frozen=True)
+class VfioUser:
+    """This project's ivshmem device, already served over vfio-user at ``socket`` (by an
+    ``ivshmem-device`` process of your own). Needs QEMU >= 10.1."""
+
+    socket: str | os.PathLike[str]
+
+
+Device = Doorbell | PlainRegion | VfioUser
+
+
+def _same(path: str) -> str:
+    return path
 
 
 def _escape(value: str) -> str:
@@ -124,11 +160,37 @@ def _escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def device_arguments(devices: Sequence[Device]) -> list[str]:
-    """QEMU arguments for ``devices``, validated (socket present, size a power of two)."""
+def device_arguments(
+    devices: Sequence[Device], path_in_qemu: Callable[[str], str] = _same
+) -> list[str]:
+    """QEMU arguments for ``devices``, validated (socket present, size a power of two).
+
+    ``path_in_qemu`` rewrites host paths for a QEMU that sees the host's files elsewhere (the
+    QEMU 11 chroot). Devices of kind ``"vfio-user"`` must have been turned into
+    :class:`VfioUser` sockets first (the lab starts their ``ivshmem-device``).
+    """
     args: list[str] = []
     for i, device in enumerate(devices):
         ident = f"ivshmem{i}"
+        if isinstance(device, VfioUser):
+            path = os.path.abspath(os.fspath(device.socket))
+            if not Path(path).is_socket():
+                raise LabUsageError(
+                    f"no vfio-user socket at {path}: start the device first "
+                    f"(ivshmem-device ... {path})"
+                )
+            spec = {
+                "driver": "vfio-user-pci",
+                "id": ident,
+                "socket": {"type": "unix", "path": path_in_qemu(path)},
+            }
+            args += ["-device", json.dumps(spec, separators=(",", ":"))]
+            continue
+        if device.device != "qemu":
+            raise LabUsageError(
+                f"{device!r}: this project's device is served by an ivshmem-device process "
+                "the lab starts (Lab.start does it); device_arguments takes its VfioUser socket"
+            )
         if isinstance(device, Doorbell):
             path = os.fspath(device.socket)
             if not Path(path).is_socket():
@@ -143,14 +205,15 @@ def device_arguments(devices: Sequence[Device]) -> list[str]:
             ):
                 raise LabUsageError(f"vectors must be 1..1024, got {device.vectors!r}")
             _check_vectors(path, device.vectors)
-            args += ["-chardev", f"socket,id={ident},path={_escape(path)}"]
+            args += ["-chardev", f"socket,id={ident},path={_escape(path_in_qemu(path))}"]
             args += ["-device", f"ivshmem-doorbell,chardev={ident},vectors={device.vectors}"]
         elif isinstance(device, PlainRegion):
             path = os.fspath(device.path)
             size = _plain_size(path, device.size)
             args += [
                 "-object",
-                f"memory-backend-file,id={ident},share=on,mem-path={_escape(path)},size={size}",
+                f"memory-backend-file,id={ident},share=on,"
+                f"mem-path={_escape(path_in_qemu(os.path.abspath(path)))},size={size}",
             ]
             args += ["-device", f"ivshmem-plain,memdev={ident}"]
         else:
@@ -329,11 +392,15 @@ class Guest:
         echo: IO[str] | None,
         prefix: str,
         devices: Sequence[Device] = (),
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.job_dir = job_dir
         #: The ivshmem devices of this guest, in PCI order.
         self.devices: tuple[Device, ...] = tuple(devices)
+        # Called once, from a reader thread, when QEMU has exited (this project's device
+        # processes of the guest are stopped there, as QEMU's own device ends with QEMU).
+        self._on_exit = on_exit
         self._changed = threading.Condition()
         self._output = _Output(echo, prefix, _ECHO_LOCK, self._changed)
         self._qemu_log = _Output(None, "", _ECHO_LOCK, threading.Condition())
@@ -399,8 +466,12 @@ class Guest:
         # a guest's wall time ends there, not whenever someone gets round to wait() or close().
         with self._changed:
             self._open_pipes -= 1
-            if self._open_pipes == 0:
+            exited = self._open_pipes == 0
+            if exited:
                 self._exited_at = time.monotonic()
+        if exited and self._on_exit is not None:
+            with contextlib.suppress(Exception):  # a reader thread has no one to report to
+                self._on_exit()
 
     def _read_control(self, fd: int) -> None:
         buffer = b""

@@ -21,6 +21,13 @@ Inside the guest
     ``-netdev stream,id=n0,server=on|off,addr.type=unix,addr.path=SOCK`` and
     ``-device virtio-net-pci,netdev=n0,mac=…``).
 
+This project's device
+    A guest whose device is ``device="vfio-user"`` (or a :class:`VfioUser` socket) gets this
+    project's ivshmem device: the lab starts an ``ivshmem-device`` process for it
+    (:mod:`ivshmem.lab.devicehost`) before its QEMU, and runs that guest under QEMU >= 10.1
+    (:mod:`ivshmem.lab.vmm`, :mod:`ivshmem.lab.qemu11`), with ``caching-mode=on`` on the
+    IOMMU; the device processes stop when the lab closes.
+
 Trust
     A guest can read every host file QEMU's user can read (never write them). The lab is for
     running your own programs in test VMs, not for confining untrusted code.
@@ -37,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -46,9 +53,21 @@ from ..errors import UsageError
 from ..memory import parse_size
 from .assets import Assets, prepare
 from .debian import Progress
+from .devicehost import DeviceHosts, check_device
 from .errors import LabSetupError, LabUsageError
-from .guest import Device, Doorbell, Guest, GuestResult, PlainRegion, device_arguments, spawn_qemu
+from .guest import (
+    DEVICE_KINDS,
+    Device,
+    DeviceKind,
+    Doorbell,
+    Guest,
+    GuestResult,
+    PlainRegion,
+    device_arguments,
+    spawn_qemu,
+)
 from .kernel import BASE_MODULES, IOMMU_MODULES
+from .vmm import QemuCommand, host_qemu, qemu11_command
 
 __all__ = ["Lab", "run_guests"]
 
@@ -74,6 +93,11 @@ def _close_all_labs() -> None:
         labs = list(_LIVE_LABS)
     for lab in labs:
         lab.close()
+
+
+def _ours(device: Device) -> bool:
+    """Whether ``device`` is this project's (served over vfio-user: needs QEMU >= 10.1)."""
+    return not isinstance(device, (Doorbell, PlainRegion)) or device.device != "qemu"
 
 
 def _visible_in_guest(path: str) -> bool:
@@ -186,6 +210,8 @@ class Lab:
                 "(apt-get install qemu-system-x86)"
             )
         self.qemu = qemu_path
+        self._qemu11: QemuCommand | None = None  # found when a guest first needs it
+        self._device_hosts: DeviceHosts | None = None  # ivshmem-device processes, when needed
         interpreter = os.fspath(python) if python is not None else sys.executable
         if not interpreter or not os.path.isabs(interpreter) or "=" in interpreter:
             raise LabUsageError(
@@ -223,6 +249,27 @@ class Lab:
                 self._assets = prepare(self._cache_dir, fetch=self._fetch, progress=self._progress)
             return self._assets
 
+    def qemu11_command(self) -> QemuCommand:
+        """The QEMU >= 10.1 guests with this project's device run under (found or prepared
+        once per lab: see :mod:`ivshmem.lab.qemu11`)."""
+        with self._lock:
+            if self._qemu11 is None:
+                from . import qemu11
+
+                found = qemu11.prepare(self._cache_dir, fetch=self._fetch, progress=self._progress)
+                self._qemu11 = qemu11_command(found)
+            return self._qemu11
+
+    def _serve(self, devices: Sequence[Device], name: str) -> list[Device]:
+        """``devices`` with each of this project's replaced by the vfio-user socket of an
+        ``ivshmem-device`` process the lab started for it."""
+        if self._device_hosts is None:
+            self._device_hosts = DeviceHosts(self._job_root() / "devices", self._in_spawner)
+        return [
+            self._device_hosts.serve(d, f"{name}-{i}") if _ours(d) else d
+            for i, d in enumerate(devices)
+        ]
+
     def _job_root(self) -> Path:
         if self._tmp is None:
             parent = Path(tempfile.gettempdir())
@@ -253,6 +300,11 @@ class Lab:
             where.mkdir()
             (where / package.name).symlink_to(package, target_is_directory=True)
         return where
+
+    def _in_spawner(self, fn: Callable[[], object]) -> object:
+        if self._spawner is None:
+            self._spawner = ThreadPoolExecutor(1, thread_name_prefix="ivshmem-lab-spawn")
+        return self._spawner.submit(fn).result()
 
     def _spawn(self, argv: Sequence[str], fds: Sequence[int]) -> subprocess.Popen[bytes]:
         # Forked from one thread that lives as long as the lab: QEMU's PR_SET_PDEATHSIG
@@ -288,6 +340,8 @@ class Lab:
         vectors: int = 1,
         plain_path: str | os.PathLike[str] | None = None,
         plain_size: int | str | None = None,
+        device: DeviceKind = "qemu",
+        qemu11: bool | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
@@ -305,6 +359,15 @@ class Lab:
         doorbell's ``vectors`` must be its server's ``-n``: the server is asked (through its
         status socket) and a mismatch is refused before QEMU starts, since QEMU would run with
         it silently. The returned guest's :meth:`Guest.peer_id` is the id its server gave it.
+        ``devices`` any list of :class:`Doorbell` / :class:`PlainRegion` / :class:`VfioUser`,
+        in PCI order.
+
+        ``device`` chooses the device of ``server_socket``/``plain_path``: ``"qemu"`` (QEMU's
+        own) or ``"vfio-user"`` (this project's: the lab starts an ``ivshmem-device`` process
+        serving the guest, stopped when the lab closes). A guest with this project's device
+        runs under QEMU >= 10.1 (:mod:`ivshmem.lab.qemu11`: PATH's, or Debian trixie's,
+        prepared in the lab cache once, as root); ``qemu11=True`` runs any guest under it (to
+        compare QEMU's device and ours under the same QEMU), ``False`` refuses.
 
         The program runs as root in the guest, in ``cwd`` (default: this process's working
         directory), with stdin from /dev/null and an environment of PATH, HOME, locale and
@@ -317,12 +380,23 @@ class Lab:
         chosen = [x for x in (program, code, module) if x is not None]
         if len(chosen) != 1:
             raise LabUsageError("give exactly one of program, code or module")
+        if device not in DEVICE_KINDS:
+            raise LabUsageError(f"device must be one of {', '.join(DEVICE_KINDS)}, not {device!r}")
         all_devices: list[Device] = list(devices)
         if server_socket is not None:
-            all_devices.append(Doorbell(server_socket, vectors))
+            all_devices.append(Doorbell(server_socket, vectors, device))
         if plain_path is not None:
-            all_devices.append(PlainRegion(plain_path, plain_size))
-        device_args = device_arguments(all_devices)
+            all_devices.append(PlainRegion(plain_path, plain_size, device))
+        needs11 = any(_ours(d) for d in all_devices)
+        if needs11 and qemu11 is False:
+            raise LabUsageError(
+                "this project's device (vfio-user) needs QEMU >= 10.1: leave qemu11 unset"
+            )
+        # Checked before anything starts: QEMU's devices fully, ours as far as their inputs go.
+        device_arguments([d for d in all_devices if not _ours(d)])
+        for ours in all_devices:
+            check_device(ours)
+        runner = self.qemu11_command() if (qemu11 or needs11) else host_qemu(self.qemu)
         if timeout is not None and timeout <= 0:
             raise LabUsageError(f"timeout must be positive, got {timeout!r}")
         script_path = None
@@ -365,7 +439,9 @@ class Lab:
             (job / "modules").write_text(self._module_list(assets))
 
             cmdline = self._kernel_cmdline(job)
-            base = self._qemu_base(assets, guest_name, cmdline, job)
+            base = self._qemu_base(assets, guest_name, cmdline, job, runner)
+            served = self._serve(all_devices, guest_name) if needs11 else all_devices
+            device_args = device_arguments(served, runner.path)
             tail = [*device_args, *self.extra_args, *extra_args]
 
             def command(output_fd: int, control_fd: int) -> list[str]:
@@ -382,6 +458,7 @@ class Lab:
                     *tail,
                 ]
 
+            hosts = self._device_hosts if needs11 else None
             guest = Guest(
                 guest_name,
                 command,
@@ -391,6 +468,7 @@ class Lab:
                 echo=echo,
                 prefix=prefix,
                 devices=all_devices,
+                on_exit=None if hosts is None else lambda: hosts.stop(guest_name),
             )
             self._guests.append(guest)
             return guest
@@ -496,11 +574,20 @@ class Lab:
         ]
         if self.iommu:
             words.append("intel_iommu=on")
+            # At boot the kernel checks that the timer interrupt arrives through the IO-APIC
+            # within a few busy-waited ticks; a TCG vCPU starved by a loaded host can miss
+            # them, and with interrupt remapping on the kernel then panics ("timer doesn't
+            # work through Interrupt-remapped IO-APIC") instead of trying another route.
+            # The check is for broken chipsets; QEMU's timer works.
+            words.append("no_timer_check")
         return " ".join([*words, *self.kernel_args])
 
-    def _qemu_base(self, assets: Assets, name: str, cmdline: str, job: Path) -> list[str]:
+    def _qemu_base(
+        self, assets: Assets, name: str, cmdline: str, job: Path, runner: QemuCommand
+    ) -> list[str]:
+        at = runner.path
         argv = [
-            self.qemu,
+            *runner.prefix,
             "-name",
             f"ivshmem-lab-{name}",
             "-machine",
@@ -526,20 +613,28 @@ class Lab:
             # remapping VFIO_SET_IOMMU fails with EPERM (vfio_iommu_type1 would need
             # allow_unsafe_interrupts). intremap=on is QEMU's default under TCG anyway; it is
             # spelled out so that it stays on, and needs no split irqchip (a KVM matter).
-            argv += ["-device", "intel-iommu,intremap=on"]
+            iommu = "intel-iommu,intremap=on"
+            if runner.vfio_user:
+                # A VFIO device behind a vIOMMU (vfio-user-pci is one) needs caching mode, so
+                # that QEMU hears of every mapping the guest makes and can pass it on (QEMU
+                # aborts the VM otherwise: "device requires caching mode"). Set for every
+                # guest of this QEMU, so that QEMU's device and ours run alike.
+                iommu += ",caching-mode=on"
+            argv += ["-device", iommu]
         argv += [
             "-kernel",
-            str(assets.kernel.image),
+            at(str(assets.kernel.image)),
             "-initrd",
-            str(assets.initramfs),
+            at(str(assets.initramfs)),
             "-append",
             cmdline,
             "-chardev",
-            f"file,id=console,path={str(job / 'console.log').replace(',', ',,')}",
+            f"file,id=console,path={at(str(job / 'console.log')).replace(',', ',,')}",
             "-serial",
             "chardev:console",
             "-virtfs",
-            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+            f"local,path={at('/').replace(',', ',,')},mount_tag=hostroot,security_model=none,"
+            "readonly=on,multidevs=remap",
         ]
         return argv
 
@@ -556,6 +651,8 @@ class Lab:
             guest.kill()
         for guest in guests:
             guest.close()
+        if self._device_hosts is not None:
+            self._device_hosts.close()  # after the guests: QEMU must not see its device vanish
         if self._spawner is not None:
             self._spawner.shutdown(wait=True)
         if self._tmp is not None:

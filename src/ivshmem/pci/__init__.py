@@ -11,12 +11,18 @@ device bound to vfio-pci — receives MSI-X doorbells through VFIO. The result i
         ep.wait(timeout=1.0)
 
 :func:`find_devices` lists the devices without opening anything (``ivshmem info``).
+
+On this project's own device (``ivshmem-device`` over vfio-user, QEMU >= 10.1) the endpoint
+also reads the register extension (:mod:`ivshmem.registers`): :attr:`PciEndpoint.peers` from
+the membership registers, :meth:`PciEndpoint.membership`, :meth:`PciEndpoint.take_events`,
+:meth:`PciEndpoint.wait_membership`, :attr:`PciEndpoint.server_state`; and it receives
+doorbells over the legacy INTx line when the device runs in INTx mode.
 """
 
 from __future__ import annotations
 
 from ._bind import bind_vfio_pci, unbind_vfio_pci
-from ._endpoint import PciEndpoint, PeersSource, open_pci, read_ivposition
+from ._endpoint import InterruptMode, PciEndpoint, PeersSource, open_pci, read_ivposition
 from ._errors import (
     BarError,
     BindFailedError,
@@ -31,6 +37,7 @@ from ._errors import (
     VfioUnavailableError,
     WrongDriverError,
 )
+from ._extension import Extension, Membership, MembershipEvent, ServerState
 from ._sysfs import (
     IVSHMEM_DEVICE_ID,
     IVSHMEM_VENDOR_ID,
@@ -50,13 +57,18 @@ __all__ = [
     "DevicePermissionError",
     "DriverBindingError",
     "DriverBoundError",
+    "Extension",
+    "InterruptMode",
     "InterruptsUnavailableError",
     "IvshmemDevice",
+    "Membership",
+    "MembershipEvent",
     "NoDriverBoundError",
     "NoIommuGroupError",
     "NoSuchDeviceError",
     "PciEndpoint",
     "PeersSource",
+    "ServerState",
     "VfioError",
     "VfioUnavailableError",
     "WrongDriverError",

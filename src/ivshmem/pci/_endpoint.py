@@ -4,7 +4,11 @@ Two ways to open a device, chosen by :func:`open_pci`:
 
 * **VFIO** (ivshmem-doorbell bound to vfio-pci): BARs are mapped through the VFIO device fd
   and every MSI-X vector signals an eventfd, so ``wait``, ``wait_async``, ``fileno`` work as
-  for a host peer.
+  for a host peer. A device in the seed's legacy **INTx mode** (this project's vfio-user
+  device with ``--intx``: interrupt pin 1, no MSI-X) has one level-triggered line instead:
+  VFIO signals one eventfd, the endpoint reads IntrStatus (which clears it and lowers the
+  line), turns each bit set into a ring of that vector, and unmasks the line; ``wait`` and
+  ``wait_async`` work the same.
 * **sysfs** (ivshmem-plain, or a doorbell device used without interrupts): BAR0 and BAR2 are
   mapped from ``resource0``/``resource2``. Ringing other peers still works on a doorbell
   device (it is only a store to BAR0), but nothing can be received: ``wait`` raises
@@ -16,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -28,6 +33,7 @@ from ..errors import (
     UsageError,
 )
 from ..memory import format_size
+from ..registers import EVENTS, GENERATION, INTRMASK, INTRSTATUS
 from ._bind import VFIO_PCI, bind_commands, bind_vfio_pci, check_vfio_ready, unbind_command
 from ._errors import (
     BarError,
@@ -35,6 +41,15 @@ from ._errors import (
     InterruptsUnavailableError,
     WrongDriverError,
     driver_error,
+)
+from ._extension import (
+    Extension,
+    Membership,
+    MembershipEvent,
+    ServerState,
+    probe,
+    read_membership,
+    server_state,
 )
 from ._mmio import (
     DOORBELL,
@@ -55,13 +70,52 @@ from ._vfio import (
     VfioDevice,
 )
 
-__all__ = ["PciEndpoint", "PeersSource", "open_pci", "read_ivposition"]
+__all__ = ["InterruptMode", "PciEndpoint", "PeersSource", "open_pci", "read_ivposition"]
 
 log = logging.getLogger(__name__)
 
 #: A callable giving the ids of the other peers (e.g. read from a formatted region's
 #: membership table); see :meth:`PciEndpoint.set_peers_source`.
 PeersSource = Callable[[], frozenset[int]]
+
+#: How an opened endpoint receives doorbells: ``"msix"`` (one eventfd per MSI-X vector),
+#: ``"intx"`` (the legacy line, demultiplexed through IntrStatus) or None (it cannot).
+InterruptMode = Literal["msix", "intx"] | None
+
+#: IntrStatus is 32 bits wide: in INTx mode a device can report at most 32 vectors apart.
+MAX_INTX_VECTORS = 32
+
+
+class _Intx:
+    """The legacy INTx line through VFIO, turned into per-vector counts.
+
+    vfio-pci signals ``trigger`` and masks the line (INTx is level-triggered). :meth:`service`
+    reads IntrStatus, which clears it, so the device lowers the line; each bit set counts a
+    ring of that vector on the endpoint's vector eventfd (bits the endpoint has no vector for
+    go to vector 0: a ring is never dropped, and QEMU's and the seed's devices only ever set
+    bit 0); then it unmasks the line. Order matters: unmasking before the read would let the
+    still-raised line interrupt again at once, for a ring already counted.
+    """
+
+    def __init__(self, trigger: int, registers: Registers, unmask: Callable[[], None]) -> None:
+        self.trigger = trigger  # owned by the endpoint, closed with its eventfds
+        self._registers = registers
+        self._unmask = unmask
+
+    def service(self, vector_fds: Sequence[int]) -> int:
+        """Take one interrupt if one is pending; return the IntrStatus bits it carried."""
+        try:
+            os.eventfd_read(self.trigger)
+        except BlockingIOError:
+            return 0
+        status = self._registers.read32(INTRSTATUS)
+        bits = status
+        while bits:
+            bit = (bits & -bits).bit_length() - 1
+            bits &= bits - 1
+            os.eventfd_write(vector_fds[bit if bit < len(vector_fds) else 0], 1)
+        self._unmask()
+        return status
 
 
 class PciEndpoint(EventfdEndpoint):
@@ -78,6 +132,8 @@ class PciEndpoint(EventfdEndpoint):
         eventfds: Sequence[int] = (),
         max_vector: int = MAX_VECTORS,
         no_irq_reason: str | None = None,
+        extension: Extension | None = None,
+        intx: _Intx | None = None,
     ) -> None:
         # Takes ownership of everything passed in.
         self._device = device
@@ -89,8 +145,13 @@ class PciEndpoint(EventfdEndpoint):
         self._max_vector = max_vector
         self._peers_source: PeersSource | None = None
         self._no_irq_reason = no_irq_reason
+        self._extension = extension
+        self._intx = intx
         self._closed = False
-        self._how = f"vfio vectors={len(self._eventfds)}" if self._eventfds else "sysfs"
+        if intx is not None:
+            self._how = f"vfio intx vectors={len(self._eventfds)}"
+        else:
+            self._how = f"vfio vectors={len(self._eventfds)}" if self._eventfds else "sysfs"
 
     # -- what it is ------------------------------------------------------------------------
 
@@ -101,14 +162,32 @@ class PciEndpoint(EventfdEndpoint):
 
     @property
     def interrupts(self) -> bool:
-        """Whether doorbells can be received (VFIO with MSI-X)."""
+        """Whether doorbells can be received (VFIO with MSI-X or INTx)."""
         return bool(self._eventfds)
+
+    @property
+    def interrupt_mode(self) -> InterruptMode:
+        """``"msix"``, ``"intx"`` (the legacy line, see the module docstring) or None."""
+        if not self._eventfds:
+            return None
+        return "intx" if self._intx is not None else "msix"
+
+    @property
+    def intx_fd(self) -> int | None:
+        """In INTx mode, the eventfd VFIO signals for the line (None otherwise). An event
+        loop that watches fds itself watches this one and calls ``wait(timeout=0)`` when it
+        is readable: the vector fds count a ring only once the line was serviced."""
+        return None if self._intx is None else self._intx.trigger
 
     @property
     def id(self) -> int:
         """IVPosition: the peer id the server gave this device (read once at open: QEMU fixes
         it when the device starts). An ivshmem-plain device has no server: its id is the one
-        given to :func:`open_pci` (default 0, which is also what its IVPosition reads)."""
+        given to :func:`open_pci` (default 0, which is also what its IVPosition reads).
+
+        This project's device keeps the VM running across a restart of the server, which may
+        hand out a new id: :meth:`membership` and :meth:`take_events` (when they see
+        ``RECONNECTED``) read IVPosition again and update this."""
         return self._id
 
     @property
@@ -129,10 +208,14 @@ class PciEndpoint(EventfdEndpoint):
 
     @property
     def peers(self) -> frozenset[int]:
-        """The other peers connected to the server: from :meth:`set_peers_source` if one was
-        given, else from the region's membership table when the server keeps one
-        (``--format``); PeersUnknownError otherwise."""
+        """The other peers connected to the server: from this project's device's membership
+        registers when it offers them, else from :meth:`set_peers_source` if one was given,
+        else from the region's membership table when the server keeps one (``--format``);
+        PeersUnknownError otherwise."""
         self._check_open()
+        # This project's device answers from its membership registers, before anything else.
+        if self._extension is not None and self._extension.membership:
+            return self.membership().peers
         if self._peers_source is not None:
             return self._peers_source()
         return self._peers_from_table()
@@ -145,10 +228,11 @@ class PciEndpoint(EventfdEndpoint):
         return listed_peers(
             self._shared.memory,
             self._id,
-            f"{self._device.describe()}: a guest cannot learn from the device which peers are "
+            f"{self._device.describe()}: a guest cannot learn from QEMU's device which peers are "
             "connected (the server tells only QEMU, which shows the guest nothing but its own "
             "IVPosition); with a server started with --format, peers answers from the "
-            "region's membership table",
+            "region's membership table, and this project's device (ivshmem-device) answers "
+            "from its registers",
         )
 
     def set_peers_source(self, source: PeersSource | None) -> None:
@@ -159,6 +243,90 @@ class PciEndpoint(EventfdEndpoint):
                 f"a peers source is a callable returning the peer ids (or None), not {source!r}"
             )
         self._peers_source = source
+
+    # -- this project's device: the register extension ---------------------------------------
+
+    @property
+    def extension(self) -> Extension | None:
+        """What this project's vfio-user device offers beyond QEMU's (features, the vector
+        membership events ring); None on QEMU's devices, which have none of it."""
+        return self._extension
+
+    def _need_extension(self, what: str, membership: bool = False) -> Extension:
+        self._check_open()
+        ext = self._extension
+        if ext is None:
+            raise DeviceError(
+                f"{self._device.describe()}: {what} needs this project's ivshmem device "
+                "(ivshmem-device over vfio-user, QEMU >= 10.1); QEMU's own ivshmem device "
+                "has no such registers"
+            )
+        if membership and not ext.membership:
+            raise DeviceError(
+                f"{self._device.describe()}: {what}: this device does not offer membership "
+                "registers (a plain region has no server, so no peers)"
+            )
+        return ext
+
+    def membership(self) -> Membership:
+        """A consistent snapshot of the peers from the device's registers (generation, the
+        other peers' ids, the server connection's state). Re-reads this device's own id too:
+        it changes when the device reconnected to a restarted server."""
+        ext = self._need_extension("reading the membership", membership=True)
+        snapshot = read_membership(self._registers, self._device.describe())
+        if ext.server and snapshot.server_state == "connected":
+            self._id = self._registers.ivposition()
+        return snapshot
+
+    @property
+    def generation(self) -> int:
+        """The membership Generation register: changes on every join, leave and server
+        (re)connection; compare two readings to learn that something changed."""
+        self._need_extension("the membership generation", membership=True)
+        return self._registers.read32(GENERATION)
+
+    @property
+    def server_state(self) -> ServerState:
+        """``"connected"``, ``"reconnecting"`` (the server is gone; memory works, doorbells
+        do not) or ``"plain"`` (a region without server)."""
+        self._need_extension("the server state")
+        return server_state(self._registers)
+
+    def take_events(self) -> MembershipEvent:
+        """The membership events (joined, left, reconnected, server lost) since the last
+        call, cleared by this read (the Events register clears on read: one reader per
+        guest). After ``RECONNECTED`` :attr:`id` is read again."""
+        self._need_extension("membership events", membership=True)
+        events = MembershipEvent(self._registers.read32(EVENTS) & 0xF)
+        if events & MembershipEvent.RECONNECTED:
+            self._id = self._registers.ivposition()
+        return events
+
+    def wait_membership(self, timeout: float | None = None) -> MembershipEvent:
+        """Block until a peer joins or leaves or the server connection changes; return the
+        events (:meth:`take_events`), ``MembershipEvent.NONE`` (false) after ``timeout``.
+
+        Needs interrupts (MSI-X or INTx) and a device started with a membership event vector:
+        this waits on that vector, so do not use it for doorbells of your own meanwhile.
+        """
+        ext = self._need_extension("waiting for membership events", membership=True)
+        if not ext.membership_irq or ext.event_vector is None:
+            raise DeviceError(
+                f"{self._device.describe()}: the device rings no vector on membership events: "
+                "start ivshmem-device with a membership event vector, or poll generation"
+            )
+        if ext.event_vector >= self.vectors:
+            if not self._eventfds:
+                raise self._no_interrupts()
+            raise UnknownVectorError(ext.event_vector, self.vectors)
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            events = self.take_events()
+            if events:
+                return events
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self.wait(ext.event_vector, left) is None:
+                return self.take_events()
 
     # -- doorbells -------------------------------------------------------------------------
 
@@ -207,6 +375,13 @@ class PciEndpoint(EventfdEndpoint):
     def _own_fds(self) -> Sequence[int]:
         return self._eventfds
 
+    def _extra_fds(self) -> Sequence[int]:
+        return () if self._intx is None else (self._intx.trigger,)
+
+    def _on_extra(self, fd: int) -> None:
+        if self._intx is not None and fd == self._intx.trigger:
+            self._intx.service(self._eventfds)
+
     def _candidates(self, vector: int | None) -> list[tuple[int, int]]:
         self._check_open()
         if not self._eventfds:
@@ -232,15 +407,21 @@ class PciEndpoint(EventfdEndpoint):
         self._closed = True
         self._fds_changed()  # unregister async readers and cached poll sets before fds go
         first: BaseException | None = None
-        steps: list[Callable[[], None]] = [self._registers.close, self._shared.close]
+        steps: list[Callable[[], None]] = []
+        if self._intx is not None:
+            # Leave the device with its line quiet: nobody will read IntrStatus any more.
+            steps.append(lambda: self._registers.write32(INTRMASK, 0))
+        steps += [self._registers.close, self._shared.close]
         if self._vfio is not None:
-            steps.append(self._vfio.close)  # disables MSI-X before the eventfds go
+            steps.append(self._vfio.close)  # disables MSI-X/INTx before the eventfds go
         for step in steps:
             try:
                 step()
             except Exception as err:  # release the rest anyway; report the first failure
                 first = first or err
         fds, self._eventfds = self._eventfds, []
+        if self._intx is not None:
+            fds.append(self._intx.trigger)
         for fd in fds:
             os.close(fd)
         if first is not None:
@@ -268,6 +449,7 @@ def open_pci(
     write_combining: bool = False,
     vectors: int | None = None,
     id: int | None = None,
+    intx: bool | None = None,
     sysfs_root: str = "/sys",
     dev_root: str = "/dev",
 ) -> PciEndpoint:
@@ -285,7 +467,12 @@ def open_pci(
     ``bind_vfio``: bind the device to vfio-pci first (root; it stays bound after close).
     ``write_combining``: map BAR2 from sysfs ``resource2_wc`` (faster bulk writes; order
     matters only against the doorbell, which drains the write-combining buffers).
-    ``vectors``: how many MSI-X vectors to enable through VFIO (default: all it has).
+    ``vectors``: how many MSI-X vectors to enable through VFIO (default: all it has); in
+    INTx mode, how many vectors IntrStatus bits are told apart for (1..32; default 1, or
+    enough to include the device's membership event vector).
+    ``intx``: receive doorbells through the legacy INTx line instead of MSI-X (True), never
+    (False), or None (the default): INTx when the device has an interrupt pin and no MSI-X,
+    as this project's vfio-user device in its INTx mode.
     ``id``: the peer id of an ivshmem-plain device (it has no server to assign one);
     for a doorbell device it may only repeat IVPosition.
     ``sysfs_root``/``dev_root``: where sysfs and /dev are (tests use fake trees).
@@ -306,6 +493,10 @@ def open_pci(
     for name, value in (("sysfs_root", sysfs_root), ("dev_root", dev_root)):
         if not isinstance(value, str) or not value or "\0" in value:
             raise UsageError(f"{name} must be a directory path (str), not {value!r}")
+    if vectors is not None and (isinstance(vectors, bool) or vectors < 1):
+        raise UsageError(f"vectors must be a positive number, not {vectors!r}")
+    if intx not in (True, False, None):
+        raise UsageError(f"intx must be True, False or None, not {intx!r}")
     dev = select_device(find_devices(sysfs_root), device, sysfs_root)
     if not dev.doorbell:
         if interrupts is True:
@@ -325,7 +516,7 @@ def open_pci(
         # why it cannot receive.
         log.info("%s: no interrupts, mapping through sysfs: %s", dev.describe(), err)
         return _open_sysfs(dev, write_combining, id, str(err))
-    return _open_vfio(dev, dev_root, write_combining, vectors, id)
+    return _open_vfio(dev, dev_root, write_combining, vectors, id, intx)
 
 
 def _prepare_vfio(dev: IvshmemDevice, bind_vfio: bool) -> IvshmemDevice:
@@ -472,6 +663,7 @@ def _open_sysfs(
         registers = MappedRegisters(regs_map)
         shared = _open_resource(dev, 2, write_combining, bar2.size)
         peer_id = _resolve_id(dev, registers.ivposition(), id)
+        extension = probe(registers, bar0.size)
     except BaseException:
         regs_map.close()
         if shared is not None:
@@ -484,6 +676,7 @@ def _open_sysfs(
         id=peer_id,
         max_vector=dev.msix_vectors or MAX_VECTORS,
         no_irq_reason=no_irq_reason,
+        extension=extension,
     )
 
 
@@ -493,12 +686,14 @@ def _open_vfio(
     write_combining: bool,
     vectors: int | None,
     id: int | None,
+    intx: bool | None,
 ) -> PciEndpoint:
     _check_bars(dev)
     vfio = VfioDevice(dev, dev_root)
     registers: Registers | None = None
     shared: BarMapping | None = None
     eventfds: list[int] = []
+    trigger: int | None = None
     try:
         bar0 = vfio.region_info(VFIO_PCI_BAR0_REGION_INDEX, "BAR0 (registers)")
         if bar0.size < REGISTERS_SIZE:
@@ -521,20 +716,44 @@ def _open_vfio(
             shared = _open_resource(dev, 2, True, bar2.size)
         else:
             shared = vfio.map_region(VFIO_PCI_BAR2_REGION_INDEX, "BAR2 (shared memory)", 1)
+        extension = probe(registers, bar0.size)
         available = vfio.msix_count()
-        if available == 0:
-            raise InterruptsUnavailableError(
-                f"{dev.describe()}: VFIO reports no MSI-X vectors: is it ivshmem-doorbell?"
-            )
-        count = available if vectors is None else vectors
-        if count > available:
-            raise UsageError(
-                f"{dev.describe()} has {available} MSI-X vector(s); {count} were asked for"
-            )
-        for _ in range(count):
-            eventfds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
-        vfio.enable_bus_master()
-        vfio.enable_msix(eventfds)
+        use_intx = intx is True or (intx is None and available == 0 and vfio.intx_available())
+        intx_state: _Intx | None = None
+        if use_intx:
+            if not vfio.intx_available():
+                raise InterruptsUnavailableError(
+                    f"{dev.describe()}: VFIO offers no INTx line for it: the device has no "
+                    "interrupt pin (QEMU's ivshmem devices have none; this project's device "
+                    "has one in its INTx mode), or the line is shared with another device"
+                )
+            count = _intx_vectors(dev, vectors, extension)
+            for _ in range(count):
+                eventfds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            trigger = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            intx_state = _Intx(trigger, registers, vfio.unmask_intx)
+            registers.read32(INTRSTATUS)  # drop a stale ring from before we listened
+            vfio.enable_intx(trigger)
+            # Every bit: a ring on a vector we do not tell apart still interrupts (and counts
+            # for vector 0) rather than waiting, unseen, in IntrStatus for the next one.
+            registers.write32(INTRMASK, 0xFFFFFFFF)
+            max_vector = MAX_VECTORS  # the other peers' vector counts are not known here
+        else:
+            if available == 0:
+                raise InterruptsUnavailableError(
+                    f"{dev.describe()}: VFIO reports no MSI-X vectors: is it ivshmem-doorbell?"
+                    + (" (it has an INTx line: open it with intx=True)" if dev.intx else "")
+                )
+            count = available if vectors is None else vectors
+            if count > available:
+                raise UsageError(
+                    f"{dev.describe()} has {available} MSI-X vector(s); {count} were asked for"
+                )
+            for _ in range(count):
+                eventfds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            vfio.enable_bus_master()
+            vfio.enable_msix(eventfds)
+            max_vector = available
         peer_id = _resolve_id(dev, registers.ivposition(), id)
     except BaseException:
         for closer in (registers, shared):
@@ -543,10 +762,16 @@ def _open_vfio(
         try:
             vfio.close()
         finally:
-            for fd in eventfds:
+            for fd in eventfds if trigger is None else [*eventfds, trigger]:
                 os.close(fd)
         raise
-    log.debug("%s opened through VFIO: id %d, %d vector(s)", dev.describe(), peer_id, count)
+    log.debug(
+        "%s opened through VFIO: id %d, %d vector(s)%s",
+        dev.describe(),
+        peer_id,
+        count,
+        " over INTx" if use_intx else "",
+    )
     return PciEndpoint(
         dev,
         registers,
@@ -554,5 +779,21 @@ def _open_vfio(
         id=peer_id,
         vfio=vfio,
         eventfds=eventfds,
-        max_vector=available,
+        max_vector=max_vector,
+        extension=extension,
+        intx=intx_state,
     )
+
+
+def _intx_vectors(dev: IvshmemDevice, vectors: int | None, extension: Extension | None) -> int:
+    """How many vectors an INTx endpoint tells apart (IntrStatus bit n is vector n)."""
+    if vectors is not None:
+        if vectors > MAX_INTX_VECTORS:
+            raise UsageError(
+                f"{dev.describe()}: in INTx mode IntrStatus tells at most {MAX_INTX_VECTORS} "
+                f"vectors apart; {vectors} were asked for"
+            )
+        return vectors
+    if extension is not None and extension.event_vector is not None:
+        return min(MAX_INTX_VECTORS, max(1, extension.event_vector + 1))
+    return 1

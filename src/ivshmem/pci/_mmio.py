@@ -10,6 +10,9 @@ offset name         use
 8      IVPosition   this device's peer id (read-only; fixed for the device's lifetime)
 12     Doorbell     write ``peer << 16 | vector`` to ring ``vector`` of ``peer``
 ====== ============ ==========================================================================
+
+This project's vfio-user device adds registers after these (:mod:`ivshmem.registers`); QEMU's
+device reads 0 there. Mappings here cover the first :data:`MAPPED_REGISTERS` bytes of BAR0.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ IVPOSITION = 8
 DOORBELL = 12
 #: The smallest BAR0 that holds the four registers.
 REGISTERS_SIZE = 16
+#: How much of BAR0 register access reaches (QEMU's BAR0 and this project's are 256 bytes).
+MAPPED_REGISTERS = 256
 #: QEMU decodes only the low 8 bits of the doorbell's vector field (``val & 0xff``): a larger
 #: number would silently ring vector ``n % 256``, so it is refused instead.
 MAX_VECTORS = 256
@@ -125,7 +130,8 @@ class MappedRegisters(Registers):
         #   whose access widths are the C library's choice.
         # An item assignment on a memoryview cast to 'I' is a fixed-size 4-byte copy, which
         # the compiler turns into a single 32-bit mov; the same holds for loads.
-        self._words: memoryview | None = mapping.memory[:REGISTERS_SIZE].cast("I")
+        reach = min(mapping.size, MAPPED_REGISTERS) & ~3
+        self._words: memoryview | None = mapping.memory[:reach].cast("I")
 
     def _w(self) -> memoryview:
         if self._words is None:

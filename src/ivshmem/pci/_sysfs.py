@@ -46,6 +46,7 @@ _IORESOURCE_MEM_64 = 0x00100000
 _PCI_STATUS = 0x06
 _PCI_STATUS_CAP_LIST = 0x10
 _PCI_CAPABILITY_LIST = 0x34
+_PCI_INTERRUPT_PIN = 0x3D
 _PCI_CAP_ID_MSIX = 0x11
 _PCI_MSIX_FLAGS_QSIZE = 0x07FF
 
@@ -89,7 +90,8 @@ class IvshmemDevice:
     address: str
     #: The device's sysfs directory.
     path: str
-    #: ``"doorbell"`` (ivshmem-doorbell: MSI-X, BAR1) or ``"plain"`` (ivshmem-plain).
+    #: ``"doorbell"`` (ivshmem-doorbell: MSI-X and BAR1, or an INTx line) or ``"plain"``
+    #: (ivshmem-plain: no interrupt of any kind).
     kind: Literal["plain", "doorbell"]
     #: BAR0..BAR5; None where the BAR is not implemented.
     bars: tuple[BarInfo | None, ...]
@@ -104,6 +106,15 @@ class IvshmemDevice:
     msix_vectors: int | None
     #: The sysfs root this was found under (``/sys``).
     sysfs_root: str
+    #: Config space's interrupt pin (1 = INTA#), 0 when the device has no legacy INTx line
+    #: (QEMU's devices) or config space was unreadable. This project's vfio-user device has
+    #: pin 1 in its legacy INTx mode.
+    interrupt_pin: int = 0
+
+    @property
+    def intx(self) -> bool:
+        """Whether the device has a legacy INTx line (interrupt pin set)."""
+        return self.interrupt_pin != 0
 
     @property
     def doorbell(self) -> bool:
@@ -219,9 +230,12 @@ def read_device(path: str, sysfs_root: str = "/sys") -> IvshmemDevice | None:
     msix = _msix_table_size(config)
     # The doorbell variant puts its MSI-X table and PBA in an exclusive BAR1 (QEMU's
     # msix_init_exclusive_bar); the plain variant has no BAR1 and no MSI-X capability.
-    # BAR1 is visible to everyone, the capability only to root: either is enough.
+    # BAR1 is visible to everyone, the capability only to root: either is enough. A device
+    # in the seed's legacy INTx mode (this project's vfio-user device) may have neither, but
+    # has an interrupt pin, which lies in the first 64 bytes that everyone may read.
+    pin = config[_PCI_INTERRUPT_PIN] if len(config) > _PCI_INTERRUPT_PIN else 0
     kind: Literal["plain", "doorbell"] = (
-        "doorbell" if msix is not None or bars[1] is not None else "plain"
+        "doorbell" if msix is not None or bars[1] is not None or pin else "plain"
     )
     return IvshmemDevice(
         address=os.path.basename(os.path.normpath(path)),
@@ -235,6 +249,7 @@ def read_device(path: str, sysfs_root: str = "/sys") -> IvshmemDevice | None:
         iommu_group=_link_name(os.path.join(path, "iommu_group")),
         msix_vectors=msix,
         sysfs_root=sysfs_root,
+        interrupt_pin=pin,
     )
 
 

@@ -69,8 +69,12 @@ VFIO_REGION_INFO_FLAG_READ = 1 << 0
 VFIO_REGION_INFO_FLAG_WRITE = 1 << 1
 VFIO_REGION_INFO_FLAG_MMAP = 1 << 2
 VFIO_IRQ_INFO_EVENTFD = 1 << 0
+VFIO_IRQ_INFO_MASKABLE = 1 << 1
+VFIO_IRQ_INFO_AUTOMASKED = 1 << 2
 VFIO_IRQ_SET_DATA_NONE = 1 << 0
 VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
+VFIO_IRQ_SET_ACTION_MASK = 1 << 3
+VFIO_IRQ_SET_ACTION_UNMASK = 1 << 4
 VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
 
 # enum { VFIO_PCI_BAR0_REGION_INDEX, ... VFIO_PCI_CONFIG_REGION_INDEX = 7 ... }
@@ -78,6 +82,7 @@ VFIO_PCI_BAR0_REGION_INDEX = 0
 VFIO_PCI_BAR2_REGION_INDEX = 2
 VFIO_PCI_CONFIG_REGION_INDEX = 7
 # enum { VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, ... }
+VFIO_PCI_INTX_IRQ_INDEX = 0
 VFIO_PCI_MSIX_IRQ_INDEX = 2
 
 # include/uapi/linux/pci_regs.h
@@ -148,7 +153,7 @@ class _Fd:
 
 
 class VfioDevice:
-    """An ivshmem device opened through VFIO: regions, config space and MSI-X eventfds.
+    """An ivshmem device opened through VFIO: regions, config space, MSI-X or INTx eventfds.
 
     The device must already be bound to vfio-pci. Needs access to ``/dev/vfio/vfio`` and the
     group's node (root, or a user the group node was given to).
@@ -158,7 +163,7 @@ class VfioDevice:
         self.device = device
         self._fds: list[_Fd] = []  # container, group, device: closed in reverse order
         self._device_holder: _Fd | None = None
-        self._irqs_enabled = False
+        self._irq_index: int | None = None  # the IRQ index whose trigger is set, if any
         self._saved_command: int | None = None
         try:
             self._open(dev_root)
@@ -349,46 +354,84 @@ class VfioDevice:
 
     # -- interrupts ----------------------------------------------------------------------
 
+    def _irq_count(self, index: int, what: str) -> tuple[int, int]:
+        """(count, flags) of IRQ ``index`` as VFIO reports it; (0, 0) when it has none."""
+        if self.num_irqs <= index:
+            return 0, 0
+        info = _IrqInfo(argsz=ctypes.sizeof(_IrqInfo), index=index)
+        self._ioctl(self._device_fd, VFIO_DEVICE_GET_IRQ_INFO, info, f"reading the {what} info")
+        if not info.flags & VFIO_IRQ_INFO_EVENTFD:
+            return 0, int(info.flags)
+        return int(info.count), int(info.flags)
+
     def msix_count(self) -> int:
         """MSI-X vectors the device offers through VFIO (its table size)."""
-        if self.num_irqs <= VFIO_PCI_MSIX_IRQ_INDEX:
-            return 0
-        info = _IrqInfo(argsz=ctypes.sizeof(_IrqInfo), index=VFIO_PCI_MSIX_IRQ_INDEX)
-        self._ioctl(self._device_fd, VFIO_DEVICE_GET_IRQ_INFO, info, "reading the MSI-X info")
-        if not info.flags & VFIO_IRQ_INFO_EVENTFD:
-            return 0
-        return int(info.count)
+        return self._irq_count(VFIO_PCI_MSIX_IRQ_INDEX, "MSI-X")[0]
+
+    def intx_available(self) -> bool:
+        """Whether VFIO can deliver the device's legacy INTx line to an eventfd: the device
+        has an interrupt pin, and vfio-pci got the line (it refuses a line shared with other
+        devices when the device cannot mask INTx itself: PCI 2.3 INTx disable)."""
+        return self._irq_count(VFIO_PCI_INTX_IRQ_INDEX, "INTx")[0] > 0
+
+    def _set_irqs(self, index: int, flags: int, fds: list[int], count: int, doing: str) -> None:
+        irq_set = _irq_set_type(len(fds))()
+        irq_set.hdr.argsz = ctypes.sizeof(irq_set)
+        irq_set.hdr.flags = flags
+        irq_set.hdr.index = index
+        irq_set.hdr.start = 0
+        irq_set.hdr.count = count
+        for i, fd in enumerate(fds):
+            irq_set.fds[i] = fd
+        self._ioctl(self._device_fd, VFIO_DEVICE_SET_IRQS, irq_set, doing)
 
     def enable_msix(self, eventfds: list[int]) -> None:
         """Enable MSI-X with vector i signalling ``eventfds[i]``."""
-        irq_set = _irq_set_type(len(eventfds))()
-        irq_set.hdr.argsz = ctypes.sizeof(irq_set)
-        irq_set.hdr.flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER
-        irq_set.hdr.index = VFIO_PCI_MSIX_IRQ_INDEX
-        irq_set.hdr.start = 0
-        irq_set.hdr.count = len(eventfds)
-        for i, fd in enumerate(eventfds):
-            irq_set.fds[i] = fd
-        self._ioctl(
-            self._device_fd,
-            VFIO_DEVICE_SET_IRQS,
-            irq_set,
+        self._set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            eventfds,
+            len(eventfds),
             f"enabling {len(eventfds)} MSI-X vector(s) with eventfds",
         )
-        self._irqs_enabled = True
+        self._irq_index = VFIO_PCI_MSIX_IRQ_INDEX
 
-    def disable_msix(self) -> None:
-        if not self._irqs_enabled:
-            return
-        self._irqs_enabled = False
-        irq_set = _IrqSetHeader(
-            argsz=ctypes.sizeof(_IrqSetHeader),
-            flags=VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
-            index=VFIO_PCI_MSIX_IRQ_INDEX,
-            start=0,
-            count=0,
+    def enable_intx(self, eventfd: int) -> None:
+        """Signal ``eventfd`` when the device raises INTx.
+
+        vfio-pci masks the line as it signals (INTx is level-triggered: left unmasked, a line
+        the device still holds would interrupt forever): after each signal, make the device
+        drop the line (ivshmem: read IntrStatus) and then :meth:`unmask_intx`.
+        """
+        self._set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            [eventfd],
+            1,
+            "enabling INTx with an eventfd",
         )
-        self._ioctl(self._device_fd, VFIO_DEVICE_SET_IRQS, irq_set, "disabling MSI-X")
+        self._irq_index = VFIO_PCI_INTX_IRQ_INDEX
+
+    def unmask_intx(self) -> None:
+        """Unmask the INTx line vfio-pci masked when it last signalled; if the device still
+        holds the line, it signals again at once."""
+        self._set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK,
+            [],
+            1,
+            "unmasking INTx",
+        )
+
+    def disable_irqs(self) -> None:
+        """Turn off whichever interrupt (MSI-X or INTx) was enabled. Idempotent."""
+        index, self._irq_index = self._irq_index, None
+        if index is None:
+            return
+        what = "MSI-X" if index == VFIO_PCI_MSIX_IRQ_INDEX else "INTx"
+        self._set_irqs(
+            index, VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, [], 0, f"disabling {what}"
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -400,7 +443,7 @@ class VfioDevice:
         first: BaseException | None = None
         if self._device_holder is not None and self._device_holder.fd >= 0:
             try:
-                self.disable_msix()
+                self.disable_irqs()
             except VfioError as err:
                 first = err
             if self._saved_command is not None:

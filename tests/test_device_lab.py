@@ -1,0 +1,475 @@
+"""This project's ivshmem device (``ivshmem-device`` over vfio-user) seen from lab guests, end
+to end, under QEMU >= 10.1 (:mod:`ivshmem.lab.qemu11`), next to QEMU's own device and a host
+peer on one server and one region.
+
+Boots are few (each takes 10-30 s under TCG on a loaded machine), so each boot checks much:
+
+* ``mixed`` (one lab run, three guests): g1 and g2 on our device (MSI-X), g3 on QEMU's
+  ``ivshmem-doorbell``, and the host peer ring each other in every direction (one ring at a
+  time along a circuit through every ordered pair, so a lost ring is a timeout at a known
+  edge), exchange channel messages (g1 with g3, g2 with the host), g1 and g2 see the
+  membership in their registers, and g1 sees a new peer join and leave through the membership
+  interrupt;
+* ``intx`` (one guest on our device in legacy INTx mode): the ping-pong sample with the host,
+  then a restart of the server: the guest keeps BAR2 and its content, is told (events, state
+  register, interrupt), and doorbells work again once the device has reconnected.
+
+The lab and QEMU 11 plumbing that needs no boot is checked at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import device_guest
+import pytest
+from conftest import require
+from serverproc import ServerProcess
+
+from ivshmem.lab import Doorbell, Lab, LabError, LabUsageError, VfioUser
+from ivshmem.lab.guest import device_arguments
+from ivshmem.peer import connect
+
+LAB_TIMEOUT = 400.0
+GUEST_PROGRAM = str(Path(device_guest.__file__).resolve())
+#: The vector our device rings on membership events in these tests.
+EVENT_VECTOR = 2
+OURS = ("--event-vector", str(EVENT_VECTOR))
+
+
+def report(output: str, tag: str) -> dict[str, Any]:
+    match = re.search(rf"^{tag} (\{{.*\}})$", output, re.MULTILINE)
+    assert match is not None, f"no {tag} line in the guest's output:\n{output}"
+    value: dict[str, Any] = json.loads(match.group(1))
+    return value
+
+
+def qemu11_ready() -> None:
+    """Skip (fail in CI) unless a QEMU >= 10.1 is here or can be prepared."""
+    from ivshmem.lab import qemu11
+    from ivshmem.lab.vmm import qemu11_command
+
+    try:
+        qemu11_command(qemu11.prepare())  # found, and runnable by this user (root: chroot)
+    except LabError as err:
+        require(False, f"no QEMU >= 10.1 for lab guests: {err}")
+
+
+def wait_for_new_peer(host: Any, known: set[int], timeout: float = 60.0) -> int:
+    """The id of the next peer the host sees join (a guest's QEMU or device process)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        host.wait(timeout=0.05)  # serves the server's messages
+        new = set(host.peers) - known
+        if new:
+            (peer,) = new
+            known.add(peer)
+            return int(peer)
+    raise AssertionError(f"no new peer joined within {timeout} s (known {sorted(known)})")
+
+
+# -- the mixed run ---------------------------------------------------------------------------
+
+
+@dataclass
+class MixedRun:
+    ids: dict[str, int]
+    ready: dict[str, dict[str, Any]]
+    done: dict[str, dict[str, Any]]
+    host_rings: int
+    host_channel_ok: bool
+    joiner: int | None
+    outputs: dict[str, str]
+    status: dict[str, int | None]
+    leftovers: list[int]
+    left_with_their_guests: bool
+
+
+#: name: (device, channel partner's name)
+MIXED_PLAN = {"g1": ("vfio-user", "g3"), "g2": ("vfio-user", "host"), "g3": ("qemu", "g1")}
+
+
+def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> MixedRun:
+    vectors = 3  # 0: the ring circuit; 1: GO, then channels; 2: membership events (ours)
+    with (
+        ServerProcess(tmp, "4M", vectors, ["--format"]) as server,
+        connect(server.socket_path, vectors=vectors) as host,
+        Lab(iommu=True) as lab,
+    ):
+        assert host.id == 0
+        known = {0}
+        ids: dict[str, int] = {}
+        # Ids follow connection order: each guest's QEMU (or device process) connects before
+        # the next starts, so they are 1, 2, 3 and the partners can be given in advance.
+        guests = {}
+        for number, (name, (kind, partner)) in enumerate(plan.items(), start=1):
+            options = {
+                "participants": 4,
+                "partner": 0 if partner == "host" else int(partner[1:]),
+                "channel": "g2-host" if "host" in (name, partner) else "g1-g3",
+                "watch_joins": name == "g1",
+                "expect_id": number,
+            }
+            guests[name] = lab.start(
+                GUEST_PROGRAM,
+                ["main", json.dumps(options)],
+                name=name,
+                devices=[
+                    Doorbell(
+                        server.socket_path,
+                        vectors,
+                        kind,  # type: ignore[arg-type]
+                        OURS if kind == "vfio-user" else (),
+                    )
+                ],
+                qemu11=True,  # QEMU's device under the same QEMU as ours
+                timeout=LAB_TIMEOUT,
+            )
+            ids[name] = wait_for_new_peer(host, known)
+        ready = {
+            name: report(g.wait_for_output("READY-END", LAB_TIMEOUT), "READY")
+            for name, g in guests.items()
+        }
+        for name in guests:
+            host.notify(ids[name], device_guest.GO)
+        everyone = [0, *ids.values()]
+        host_rings = device_guest.travel(host, 0, device_guest.circuit(everyone))
+        from ivshmem.channel import Duplex
+
+        with Duplex(host, "g2-host", ids["g2"], vector=1, timeout=device_guest.WAIT) as link:
+            for n in range(device_guest.CHANNEL_MESSAGES):
+                link.send(f"0->{ids['g2']} #{n}".encode())
+            got = [link.recv(timeout=device_guest.WAIT).decode() for _ in range(200)]
+        host_channel_ok = got == [
+            f"{ids['g2']}->0 #{n}" for n in range(device_guest.CHANNEL_MESSAGES)
+        ]
+        # g1 watches a peer join and leave: one more host peer comes and goes.
+        joiner_id = None
+        if plan["g1"][0] == "vfio-user":
+            guests["g1"].wait_for_output("WATCHING", LAB_TIMEOUT)
+            with connect(server.socket_path, vectors=vectors) as joiner:
+                joiner_id = joiner.id
+                guests["g1"].wait_for_output("SAW-JOIN", LAB_TIMEOUT)
+        results = {name: g.wait(LAB_TIMEOUT) for name, g in guests.items()}
+        pids = [g.pid for g in guests.values()]
+        # A guest's device process stops when its QEMU exits, so the guest leaves the server
+        # then, as with QEMU's device (whose QEMU is the peer), not when the lab closes.
+        deadline = time.monotonic() + 30
+        while set(host.peers) & set(ids.values()) and time.monotonic() < deadline:
+            host.wait(timeout=0.1)
+        left_with_their_guests = not set(host.peers) & set(ids.values())
+        device_pids = list(lab._device_hosts.pids) if lab._device_hosts is not None else []
+    leftovers = [pid for pid in [*pids, *device_pids] if Path(f"/proc/{pid}").exists()]
+    done = {}
+    for name, res in results.items():
+        if "DONE {" in res.output:
+            done[name] = report(res.output, "DONE")
+    return MixedRun(
+        ids=ids,
+        ready=ready,
+        done=done,
+        host_rings=host_rings,
+        host_channel_ok=host_channel_ok,
+        joiner=joiner_id,
+        outputs={name: res.describe() for name, res in results.items()},
+        status={name: res.returncode for name, res in results.items()},
+        leftovers=leftovers,
+        left_with_their_guests=left_with_their_guests,
+    )
+
+
+@pytest.fixture(scope="module")
+def mixed() -> Iterator[MixedRun]:
+    qemu11_ready()
+    tmp = Path(tempfile.mkdtemp(prefix="ivd-", dir="/tmp"))  # short: Unix socket paths
+    try:
+        yield _run_mixed(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_mixed_every_guest_succeeded(mixed: MixedRun) -> None:
+    for name, status in mixed.status.items():
+        assert status == 0, mixed.outputs[name]
+    assert mixed.ids == {"g1": 1, "g2": 2, "g3": 3}
+    assert mixed.leftovers == []
+    assert mixed.left_with_their_guests
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_mixed_rings_in_every_direction(mixed: MixedRun) -> None:
+    # 4 participants: 12 ordered pairs; each participant takes one ring per other participant.
+    assert len(device_guest.circuit([0, 1, 2, 3])) == 12
+    assert mixed.host_rings == 3
+    assert {name: d["rings"] for name, d in mixed.done.items()} == {"g1": 3, "g2": 3, "g3": 3}
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_mixed_channels_between_devices(mixed: MixedRun) -> None:
+    assert mixed.done["g1"]["channel_ok"] and mixed.done["g3"]["channel_ok"]
+    assert mixed.done["g2"]["channel_ok"] and mixed.host_channel_ok
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_mixed_devices_as_the_guests_see_them(mixed: MixedRun) -> None:
+    from ivshmem import registers as reg
+
+    for name in ("g1", "g2"):
+        ready = mixed.ready[name]
+        assert ready["ours"] and ready["mode"] == "msix" and ready["vectors"] == 3
+        assert ready["features"] & reg.FEATURE_MEMBERSHIP
+        assert ready["features"] & reg.FEATURE_SERVER
+        assert ready["event_vector"] == EVENT_VECTOR
+        assert ready["server_state"] == "connected"
+        others = sorted({0, 1, 2, 3} - {mixed.ids[name]})
+        # The registers and the server's table in the region agree.
+        assert ready["registers_peers"] == ready["table_peers"] == others
+    qemus = mixed.ready["g3"]
+    assert not qemus["ours"] and qemus["mode"] == "msix" and qemus["registers_peers"] is None
+    assert qemus["table_peers"] == [0, 1, 2]
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_mixed_join_and_leave_interrupt(mixed: MixedRun) -> None:
+    from ivshmem import registers as reg
+
+    watched = mixed.done["g1"]
+    assert watched["joined"] == [mixed.joiner]
+    assert watched["events"] & reg.EVENT_JOINED and watched["events"] & reg.EVENT_LEFT
+
+
+# -- INTx, a sample, and a server restart ----------------------------------------------------
+
+
+@dataclass
+class IntxRun:
+    devices: list[list[Any]]
+    pong: dict[str, Any]
+    pong_status: int
+    intx: dict[str, Any]
+    intx_host: dict[str, Any]
+    host_got: int | None
+    before: dict[str, Any]
+    host_saw_marker: bool
+    after: dict[str, Any]
+    restarted_host_got: int | None
+    done: dict[str, Any]
+    status: int | None
+    output: str
+
+
+def _start_pong(server: ServerProcess) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "ivshmem.samples.pingpong", "pong", "--socket"]
+    argv += [server.socket_path, "--vectors", str(server.vectors), "--json"]
+    argv += ["--timeout", "300"]
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _run_intx(tmp: Path) -> IntxRun:
+    region = tmp / "restart.mem"
+    # Server "s" (formatted) serves the INTx device; "r" (a named file, so a restarted "r"
+    # shares the same memory) the device whose server is restarted.
+    with ServerProcess(tmp, "4M", 2, ["--format"], name="s.sock") as s:
+        pong = _start_pong(s)
+        try:
+            with Lab(iommu=True) as lab:
+                with (
+                    ServerProcess(tmp, "1M", 2, ["--file", str(region)], name="r.sock") as r,
+                    connect(r.socket_path, vectors=2) as watcher,
+                ):
+                    guest = lab.start(
+                        GUEST_PROGRAM,
+                        ["intx", json.dumps({"pong": 0})],
+                        devices=[
+                            Doorbell(s.socket_path, 2, "vfio-user", ("--intx",)),
+                            Doorbell(r.socket_path, 2, "vfio-user", ("--event-vector", "1")),
+                        ],
+                        timeout=LAB_TIMEOUT,
+                    )
+                    intx = report(guest.wait_for_output("INTX-END", LAB_TIMEOUT), "INTX")
+                    with connect(s.socket_path, vectors=2) as host:
+                        host_got = host.wait(0, timeout=60)
+                        host.notify(intx["id"], 0)
+                        guest.wait_for_output("INTX-HOST-END", LAB_TIMEOUT)
+                    before = report(guest.wait_for_output("BEFORE-END", LAB_TIMEOUT), "BEFORE")
+                    marker = f"written by guest {before['id']} before the restart".encode()
+                    host_saw_marker = bytes(watcher.memory[4096 : 4096 + len(marker)]) == marker
+                # "r" stopped: the device loses its server; then a new "r" on the same file.
+                with (
+                    ServerProcess(tmp, "1M", 2, ["--file", str(region)], name="r.sock") as r2,
+                    connect(r2.socket_path, vectors=2) as again,
+                ):
+                    after = report(guest.wait_for_output("AFTER-END", LAB_TIMEOUT), "AFTER")
+                    restarted_host_got = again.wait(0, timeout=60)
+                    deadline = time.monotonic() + 30
+                    while after["id"] not in again.peers and time.monotonic() < deadline:
+                        again.wait(timeout=0.1)
+                    again.notify(after["id"], 0)
+                    result = guest.wait(LAB_TIMEOUT)
+        finally:
+            if pong.poll() is None:
+                pong.kill()
+            pong_out, _ = pong.communicate(timeout=30)
+    pong_results = [json.loads(x) for x in pong_out.splitlines() if x.startswith("{")]
+    return IntxRun(
+        devices=report(result.output, "DEVICES")["devices"],
+        pong=pong_results[0] if pong_results else {"output": pong_out},
+        pong_status=pong.returncode,
+        intx=intx,
+        intx_host=report(result.output, "INTX-HOST"),
+        host_got=host_got,
+        before=before,
+        host_saw_marker=host_saw_marker,
+        after=after,
+        restarted_host_got=restarted_host_got,
+        done=report(result.output, "DONE") if "DONE {" in result.output else {},
+        status=result.returncode,
+        output=result.describe(),
+    )
+
+
+@pytest.fixture(scope="module")
+def intx_run() -> Iterator[IntxRun]:
+    qemu11_ready()
+    tmp = Path(tempfile.mkdtemp(prefix="ivx-", dir="/tmp"))
+    try:
+        yield _run_intx(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_intx_guest_succeeded(intx_run: IntxRun) -> None:
+    assert intx_run.status == 0, intx_run.output
+    # Device 0 in INTx mode: pin 1, no MSI-X, still a doorbell device; device 1 MSI-X.
+    assert intx_run.devices == [["doorbell", 1, None], ["doorbell", 0, 2]]
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_intx_sample_pingpong(intx_run: IntxRun) -> None:
+    assert intx_run.pong_status == 0, intx_run.pong
+    assert intx_run.pong["echoed"] > 200 and intx_run.pong["peer"] == intx_run.intx["id"]
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_intx_doorbells_both_ways(intx_run: IntxRun) -> None:
+    assert intx_run.intx["mode"] == "intx"
+    assert intx_run.intx["self"] == [1, 0]  # IntrStatus told the two vectors apart
+    assert intx_run.host_got == 0
+    assert intx_run.intx_host["got"] == 0
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_server_restart_seen_from_the_guest(intx_run: IntxRun) -> None:
+    from ivshmem import registers as reg
+
+    assert intx_run.before["state"] == "connected" and intx_run.host_saw_marker
+    after = intx_run.after
+    assert after["kept"], "BAR2 lost its content across the restart"
+    assert after["events"] & reg.EVENT_SERVER_LOST and after["events"] & reg.EVENT_RECONNECTED
+    assert after["state"] == "connected"
+    assert intx_run.restarted_host_got == 0  # the guest's ring reached the new server's peer
+    assert intx_run.done["ring_after_restart"] == 0  # and the new peer's ring reached it
+
+
+# -- plumbing without a boot -----------------------------------------------------------------
+
+
+def test_vfio_user_device_arguments(short_tmp: Path) -> None:
+    import socket
+
+    path = short_tmp / "dev.sock"
+    with pytest.raises(LabUsageError, match="no vfio-user socket at"):
+        device_arguments([VfioUser(path)])
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        args = device_arguments([VfioUser(path)], lambda p: "/inside" + p)
+    assert args[0] == "-device"
+    assert json.loads(args[1]) == {
+        "driver": "vfio-user-pci",
+        "id": "ivshmem0",
+        "socket": {"type": "unix", "path": f"/inside{path}"},
+    }
+    with pytest.raises(LabUsageError, match="served by an ivshmem-device process"):
+        device_arguments([Doorbell(path, 1, "vfio-user")])
+
+
+def test_lab_refuses_bad_device_choices(short_tmp: Path) -> None:
+    require(shutil.which("qemu-system-x86_64"), "qemu-system-x86_64 is not installed")
+    with Lab() as lab:
+        with pytest.raises(LabUsageError, match="device must be one of qemu, vfio-user"):
+            lab.start(code="pass", device="pci")  # type: ignore[arg-type]
+        with pytest.raises(LabUsageError, match=r"needs QEMU >= 10\.1"):
+            lab.start(
+                code="pass",
+                server_socket=short_tmp / "none.sock",
+                device="vfio-user",
+                qemu11=False,
+            )
+        with pytest.raises(LabUsageError, match="no ivshmem server socket"):
+            lab.start(code="pass", server_socket=short_tmp / "none.sock", device="vfio-user")
+        assert lab.guests == []
+
+
+def test_qemu11_runner_sees_the_host_under_one_directory() -> None:
+    from ivshmem.lab import qemu11
+    from ivshmem.lab.vmm import HOST_MOUNT, qemu11_command
+
+    chrooted = qemu11.Qemu11((11, 1, 3), "/usr/bin/qemu-system-x86_64", Path("/srv/root"))
+    if os.geteuid() != 0:
+        with pytest.raises(LabError, match="needs root"):
+            qemu11_command(chrooted)
+        return
+    command = qemu11_command(chrooted)
+    assert command.prefix[:4] == ("unshare", "-m", "--propagation", "private")
+    assert command.prefix[-2:] == ("/srv/root", "/usr/bin/qemu-system-x86_64")
+    assert command.path("/") == HOST_MOUNT
+    assert command.path("/tmp/x.sock") == f"{HOST_MOUNT}/tmp/x.sock"
+    on_path = qemu11_command(qemu11.Qemu11((11, 0, 0), "/usr/local/bin/qemu-system-x86_64"))
+    assert on_path.prefix == ("/usr/local/bin/qemu-system-x86_64",)
+    assert on_path.path("/tmp/x") == "/tmp/x"
+
+
+def test_lab_run_cli_offers_the_device_choice() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ivshmem.cli.main", "lab", "run", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--device {qemu,vfio-user}" in done.stdout and "--qemu11" in done.stdout
+
+
+def test_a_device_that_cannot_start_is_reported_with_its_log(short_tmp: Path) -> None:
+    qemu11_ready()
+    with ServerProcess(short_tmp, "1M", 1) as server, Lab(iommu=True) as lab:
+        with pytest.raises(LabError, match=r"ivshmem-device for g0-0 exited with status 2") as err:
+            lab.start(
+                code="pass",
+                devices=[Doorbell(server.socket_path, 1, "vfio-user", ("--event-vector", "5"))],
+            )
+        assert "--event-vector 5 is not one of the device's vectors" in str(err.value)
+        assert lab.guests == []
