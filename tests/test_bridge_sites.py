@@ -231,20 +231,14 @@ def _stream(tx: Sender, start: int, stop: int, pace: float = 0.0) -> None:
 
 
 def _read_to_end(rx: Receiver) -> list[int]:
-    """Everything in a channel whose sender left or closed. (Found here, a channel-layer
-    matter: after its sender was killed, a recv_many that returned a full batch can be
-    followed by PeerGoneError while messages remain, which a call without waiting still
-    returns; so keep taking until a call with nothing to take raises too.)"""
+    """Everything in a channel until its sender leaves or closes: the channel delivers every
+    message sent before it says so (PeerGoneError, ChannelClosedError)."""
     out: list[int] = []
-    ended = False
     while True:
         try:
-            batch = rx.recv_many(timeout=0 if ended else 30)
-        except (ChannelClosedError, PeerGoneError, ChannelTimeout):
-            if ended:
-                return out
-            ended = True
-            continue
+            batch = rx.recv_many(timeout=30)
+        except (ChannelClosedError, PeerGoneError):
+            return out
         out += [_index(m) for m in batch]
 
 

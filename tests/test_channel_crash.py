@@ -20,6 +20,7 @@ The server runs as a real process with ``--format`` (it keeps the membership tab
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import multiprocessing
 import os
@@ -33,6 +34,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from qtest import IvshmemDevice, Qemu, poll_until
 from serverproc import ServerProcess
@@ -55,6 +57,7 @@ from ivshmem.channel.ring import (
     R_VECTOR,
     R_WAIT,
     S_HEAD,
+    S_WAIT,
     init_area,
 )
 
@@ -297,6 +300,137 @@ def test_kill_mid_stream_never_shows_a_torn_message(server: ServerProcess) -> No
                     seq += 1
                 assert seq > 0
                 rx.close()
+
+
+# -- a sender killed while it sleeps on a full ring --------------------------------------------
+
+#: The receiving calls that must deliver everything such a sender published, then end with
+#: PeerGoneError: (how to receive, whether the victim sends arrays).
+_FULL_RING_READS = {
+    "recv": False,
+    "recv_many": False,
+    "recv_many_64": False,
+    "recv_many_exact": False,
+    "recv_view": False,
+    "recv_array": True,
+    "recv_array_copy": True,
+    "recv_async": False,
+    "recv_many_async": False,
+    "recv_many_async_64": False,
+    "recv_view_async": False,
+    "recv_array_async": True,
+    "recv_array_copy_async": True,
+}
+
+
+def _full_ring_victim(peer: Any, conn: Connection) -> None:
+    """Fills ``from-victim`` with numbered messages (8-byte words, as bytes or as one-element
+    arrays), says how many, then blocks sending one more - asleep on its doorbell, its wait
+    word odd - until it is killed."""
+    survivor, arrays = conn.recv()
+    tx = Sender(peer, "from-victim", survivor, vector=0, spin=0)
+    seq = 0
+    while True:
+        if arrays:
+            try:
+                tx.send_array(np.array([seq], dtype="<u8"), timeout=0)
+            except ChannelTimeout:
+                break
+        elif not tx.try_send(seq.to_bytes(8, "little")):
+            break
+        seq += 1
+    conn.send(seq)
+    if arrays:
+        tx.send_array(np.array([seq], dtype="<u8"), timeout=None)
+    else:
+        tx.send(seq.to_bytes(8, "little"), timeout=None)
+    conn.recv()  # pragma: no cover - killed before the ring has room again
+
+
+def _read_until_gone(rx: Receiver, how: str, sent: int) -> tuple[list[int], BaseException]:
+    """Receive with ``how`` until an error ends it: the numbers received and the error."""
+    got: list[int] = []
+
+    def number(data: Any) -> int:
+        return int.from_bytes(bytes(data), "little")
+
+    def one() -> None:
+        if how.startswith("recv_many"):
+            limit = 64 if how.endswith("_64") else sent if how.endswith("_exact") else 1024
+            got.extend(number(m) for m in rx.recv_many(limit, timeout=WAIT))
+        elif how == "recv":
+            got.append(number(rx.recv(timeout=WAIT)))
+        elif how == "recv_view":
+            got.append(number(rx.recv_view(timeout=WAIT)))
+            rx.release()  # gives space back: the wake-up for the dead sender happens here
+        else:
+            array = rx.recv_array(timeout=WAIT, copy=how == "recv_array_copy")
+            got.append(number(array.tobytes()))
+            del array
+            rx.release()
+
+    async def one_async() -> None:
+        if how.startswith("recv_many"):
+            limit = 64 if how.endswith("_64") else 1024
+            got.extend(number(m) for m in await rx.recv_many_async(limit, timeout=WAIT))
+        elif how == "recv_async":
+            got.append(number(await rx.recv_async(timeout=WAIT)))
+        elif how == "recv_view_async":
+            got.append(number(await rx.recv_view_async(timeout=WAIT)))
+            rx.release()
+        else:
+            copy = how == "recv_array_copy_async"
+            array = await rx.recv_array_async(timeout=WAIT, copy=copy)
+            got.append(number(array.tobytes()))
+            del array
+            rx.release()
+
+    async def read_async() -> BaseException:
+        while True:
+            try:
+                await one_async()
+            except Exception as err:
+                return err
+
+    if how.endswith("async") or "_async_" in how:
+        return got, asyncio.run(read_async())
+    while True:
+        try:
+            one()
+        except Exception as err:
+            return got, err
+
+
+@pytest.mark.parametrize("how", sorted(_FULL_RING_READS))
+def test_sender_killed_asleep_on_a_full_ring_loses_nothing(server: ServerProcess, how: str) -> None:
+    """The sender fills the ring and falls asleep waiting for room; it is killed, and the
+    survivor's endpoint has heard of the leave before it reads. Giving space back then
+    "wakes" a sender that is gone: that must not end the read that gave it back (the
+    messages it took were consumed, and were lost with the error), nor any later read while
+    messages remain. Every message arrives, in order, then PeerGoneError, then again at
+    once."""
+    arrays = _FULL_RING_READS[how]
+    with connected(server) as peer, victim(server, _full_ring_victim) as v:
+        rx = Receiver(peer, "from-victim", v.id, capacity=CAP, vector=0)
+        v.send((peer.id, arrays))
+        sent = v.recv()
+        assert sent > 64
+        # The victim sleeps on its doorbell, waiting for room (its wait word is odd).
+        assert poll_until(lambda: rx._q[S_WAIT] & 1 == 1, WAIT)
+        v.kill()
+        assert poll_until(lambda: v.id not in peer.peers, WAIT)  # the endpoint knows
+        assert rx._q[S_WAIT] & 1 == 1  # ...and the dead sender's word still asks for a ring
+
+        got, err = _read_until_gone(rx, how, sent)
+
+        missing = sorted(set(range(sent)) - set(got))
+        assert got == list(range(sent)), (
+            f"{len(got)} of {sent} messages arrived before {err!r}; first missing: {missing[:1]}"
+        )
+        assert isinstance(err, PeerGoneError) and err.peer == v.id, repr(err)
+        with pytest.raises(PeerGoneError):  # the finding sticks: said at once
+            rx.recv(timeout=WAIT)
+        _close_quietly(rx)
 
 
 def test_sender_waiting_for_a_killed_peer_to_open_the_channel_ends(

@@ -1000,7 +1000,19 @@ class Receiver(RingReceiver, _End):
             raise self._corrupt(err.field, err.detail) from None
 
     def _wake_sender(self, vector: int) -> None:
-        self._ring_peer(vector)
+        # Called while giving space back, from inside a read (take_many, _take, release,
+        # _idle) whose messages are already consumed. A sender that asked to be woken and
+        # then left (killed asleep on a full ring) cannot be woken, and raising here would
+        # lose those messages and end the reads while more remain in the ring: nobody to
+        # wake is no error. The next wait probes liveness at once (after delivering every
+        # message left) and says PeerGoneError then. A lost end (ChannelLostError) and a
+        # lying vector word (ChannelCorrupted) still raise.
+        try:
+            self._ring_peer(vector)
+        except ChannelLostError:
+            raise
+        except PeerGoneError:
+            self._next_live = 0.0
 
     def _guard_failed(self) -> None:
         # Our own membership slot changed (this peer was disconnected, or the server
