@@ -26,12 +26,34 @@ from ..memory import format_size
 from .harness import BenchError, Plan, SuiteContext, Transport, measure, queue_depth
 from .transports.references import measure_memcpy
 
-__all__ = ["DEFAULT_PAYLOADS", "SERIES", "Series", "SuiteConfig", "run_suite", "summarize"]
+__all__ = [
+    "CAPACITY_PAYLOADS",
+    "DEFAULT_CAPACITIES",
+    "DEFAULT_PAYLOADS",
+    "SERIES",
+    "Series",
+    "SuiteConfig",
+    "capacity_key",
+    "run_suite",
+    "summarize",
+]
 
 SCHEMA = 1
 DEFAULT_PAYLOADS = (64, 4096, 1 << 20)
 #: Payload of the memcpy reference and of the written-and-copied variant.
 COPY_PAYLOAD = 1 << 20
+#: The capacity axis (``ivshmem bench --capacities``): the channel's written-and-copied
+#: stream and round trip at each ring capacity, iceoryx2's written-and-copied at its own queue
+#: depth in the same repetition, for these payloads.
+CAPACITY_PAYLOADS = (64 << 10, 1 << 20)
+DEFAULT_CAPACITIES = (4 << 20, 32 << 20, 64 << 20, 256 << 20)
+#: Series of the capacity axis: (key, whether it runs once per capacity).
+CAPACITY_SERIES = (("ivshmem_spin+copy", True), ("iceoryx2+copy", False))
+
+
+def capacity_key(series: str, capacity: int) -> str:
+    """The results key of ``series`` measured with a ring of ``capacity`` bytes."""
+    return f"{series}@{capacity}"
 
 
 @dataclass(frozen=True)
@@ -101,6 +123,9 @@ class SuiteConfig:
     pin: str = "apart"
     #: Spin budget (seconds) of the channel in blocking mode.
     block_spin: float = 0.0
+    #: Ring capacities of the capacity axis; when given, the run measures that axis only
+    #: (CAPACITY_SERIES at ``payloads``), not the main tables.
+    capacities: tuple[int, ...] = ()
 
     def wants(self, key: str) -> bool:
         return self.only is None or key in self.only
@@ -111,11 +136,29 @@ class Job:
     series: Series
     kind: str
     payload: int
+    #: The channel's ring capacity (the capacity axis), None: the transport's default.
+    capacity: int | None = None
+
+    @property
+    def key(self) -> str:
+        key = self.series.key
+        return key if self.capacity is None else capacity_key(key, self.capacity)
 
 
 def plan_jobs(config: SuiteConfig) -> list[Job]:
     """What one repetition measures, in order."""
     jobs: list[Job] = []
+    if config.capacities:
+        # Both kinds in the copy variant: a ring's capacity matters when bytes are touched.
+        for kind in ("stream", "rtt"):
+            for payload in config.payloads:
+                for key, per_capacity in CAPACITY_SERIES:
+                    if not config.wants(key):
+                        continue
+                    series = SERIES_BY_KEY[key]
+                    caps: tuple[int | None, ...] = config.capacities if per_capacity else (None,)
+                    jobs.extend(Job(series, kind, payload, cap) for cap in caps)
+        return jobs
     for kind in ("stream", "rtt"):
         for payload in config.payloads:
             for s in SERIES:
@@ -222,8 +265,9 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
     ctx = SuiteContext(tmpdir=tmpdir, pin=config.pin, options={"block_spin": config.block_spin})
     series_info: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
+    axis = dict(CAPACITY_SERIES) if config.capacities else None
     for s in SERIES:
-        if not config.wants(s.key):
+        if not config.wants(s.key) or (axis is not None and s.key not in axis):
             continue
         cls = s.load()
         reason = cls.unavailable()
@@ -239,7 +283,15 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
         if reason is not None:
             unavailable[s.key] = reason
             say(f"{s.key}: unavailable: {reason}")
-    if config.wants(MEMCPY):
+        if axis is not None and axis[s.key]:
+            base = series_info.pop(s.key)
+            for cap in config.capacities:
+                series_info[capacity_key(s.key, cap)] = {
+                    **base,
+                    "label": f"{base['label']}, {format_size(cap)} ring",
+                    "capacity": cap,
+                }
+    if config.wants(MEMCPY) and axis is None:
         series_info[MEMCPY] = {
             "label": "memcpy 1 MiB (reference)",
             "transport": MEMCPY,
@@ -264,6 +316,7 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
             "payloads": list(config.payloads),
             "pin": config.pin,
             "block_spin_s": config.block_spin,
+            "capacities": list(config.capacities),
             "queue_budget": {str(p): queue_depth(p) for p in config.payloads},
         },
         "series": series_info,
@@ -276,7 +329,7 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
         for cls in classes:
             cls.start(ctx)
         for rep in range(config.repetitions):
-            if config.wants(MEMCPY) and COPY_PAYLOAD in config.payloads:
+            if config.wants(MEMCPY) and COPY_PAYLOAD in config.payloads and axis is None:
                 for variant in ("hot", "cold"):
                     entry: dict[str, Any] = {
                         "series": MEMCPY,
@@ -294,18 +347,22 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
                     doc["runs"].append(entry)
             for job in jobs:
                 entry = {
-                    "series": job.series.key,
+                    "series": job.key,
                     "kind": job.kind,
                     "payload": job.payload,
                     "rep": rep,
                 }
+                if job.capacity is not None:
+                    entry["capacity"] = job.capacity
                 cls = job.series.load()
                 what = (
                     f"rep {rep + 1}/{config.repetitions} {job.kind} {format_size(job.payload)} "
-                    f"{job.series.key}"
+                    f"{job.key}"
                 )
                 try:
-                    transport = cls(ctx, job.payload, job.kind, job.series.variant)
+                    transport = cls(
+                        ctx, job.payload, job.kind, job.series.variant, capacity=job.capacity
+                    )
                     entry["result"] = measure(transport, config.plan)
                     say(f"{what}: {_describe(job, entry['result'])}")
                 except Exception as err:  # one broken transport must not end the run
