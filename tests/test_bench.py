@@ -275,7 +275,7 @@ def test_capacity_axis_replaces_only_its_section(
     text = md.read_text()
     assert text.startswith("# main tables\n\nkept\n\n") and "old numbers" not in text
     section = existing_capacity_section(text)
-    assert "## Ring capacity" in section and "| 64K |" in section and "| 8K |" in section
+    assert "## Ring capacity" in section and "| 64 KiB |" in section and "| 8 KiB |" in section
     # A full run's report (rendered anew) keeps the capacity section of the file it replaces.
     assert existing_capacity_section(splice_capacity_section("# new\n", section)) == section
     assert splice_capacity_section("# new\n", "") == "# new\n"

@@ -173,7 +173,7 @@ def capacity_targets(doc: dict[str, Any]) -> tuple[Target, ...]:
     out: list[Target] = []
     base = _cap_key(CAP_BASE)
     for cap in caps:
-        key, size = _cap_key(cap), format_size(cap)
+        key, size = _cap_key(cap), _payload(cap)
         out.append(
             Target(
                 f"1 MiB stream written + copied, {size} ring ÷ 4 MiB ring",
@@ -315,7 +315,11 @@ def render_capacity_section(doc: dict[str, Any]) -> str:
         "iceoryx2 written + copied (its own queue depth) in the same repetitions. A sender "
         "whose receiver keeps up works within the first "
         "`ivshmem.channel.ring.HOT_WINDOW` bytes of its ring, so the capacity should not "
-        "matter; it fills the whole ring only when the receiver falls behind."
+        "matter; it fills the whole ring only when the receiver falls behind. (On a loaded "
+        "machine the receiver falls behind whenever the scheduler takes its CPU away, and a "
+        "bigger ring then lets the producer run further ahead into memory the caches do not "
+        "hold: there, the large rings' numbers show the load as much as the ring; "
+        "`benchmarks/bench_ring_window.py` measures the placement alone, in one process.)"
     )
     add("")
     add(
@@ -345,7 +349,7 @@ def render_capacity_section(doc: dict[str, Any]) -> str:
             "p99 µs | p99 ÷ 4 MiB ring |"
         )
         add("|---|---:|---:|---:|---:|---:|---:|")
-        rows: list[tuple[str, str]] = [(format_size(c), _cap_key(c)) for c in caps]
+        rows: list[tuple[str, str]] = [(_payload(c), _cap_key(c)) for c in caps]
         rows.append(("iceoryx2 written + copied", CAP_ICEORYX))
         for name, key in rows:
             st = _cell(doc, "stream", key, payload)

@@ -209,8 +209,7 @@ def _outputs(args: argparse.Namespace) -> tuple[str | None, str | None, str | No
                 "root (where pyproject.toml is), e.g. scripts/bench-docs.sh"
             )
         chart_dir = os.path.join("docs", "bench")
-        name = "capacity.json" if args.capacities is not None else "results.json"
-        json_path = json_path or os.path.join(chart_dir, name)
+        # (json_path stays None here: its default depends on the run, see run_from_args)
         md_path = md_path or os.path.join("docs", "benchmarks.md")
     if args.out:
         chart_dir = args.out
@@ -251,10 +250,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (UsageError, OSError, ValueError) as err:
         print(f"ivshmem bench: {err}", file=sys.stderr)
         return 2
+    capacity_run = bool(doc["config"].get("capacities"))
+    if args.docs and not json_path:
+        # The capacity axis keeps its results apart: they never replace the main run's.
+        name = "capacity.json" if capacity_run else "results.json"
+        json_path = os.path.join("docs", "bench", name)
     for path in (json_path, md_path):
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-    capacity_run = bool(doc["config"].get("capacities"))
     charts: dict[str, str] = {}
     if chart_dir and not capacity_run:
         charts = write_charts(doc, chart_dir)
