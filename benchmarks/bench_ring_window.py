@@ -1,4 +1,6 @@
-"""The hot window in isolation: one process, one ring, a receiver that always keeps up.
+"""The hot window in isolation: one process, one ring, a receiver that always keeps up
+(``ivshmem.bench.placement``; ``ivshmem bench --capacities`` measures the same in its
+"placement alone" table).
 
 Each step reserves room for a message, writes every byte of it, commits, then receives it as a
 view, copies it out and releases it (the written-and-copied pattern of ``ivshmem bench``, with
@@ -6,10 +8,12 @@ no second process). Two rings of the same capacity are measured in turn within e
 repetition: one with the default hot window (``ring.HOT_WINDOW``), one whose window is the
 whole capacity, which places records exactly as the ring did before the window existed (it
 walks the whole capacity). Both are warmed by a full lap first, so no page is faulted in while
-measured. Printed: the median rate of each and the median of the same-run ratios
-window ÷ whole ring, per capacity. With nothing to wait for, no scheduling between two
-processes is measured: only where the bytes land, in cache or not. (Same-run ratios: the
-machine may be shared; the rates themselves move with its load.)
+measured, and timed in 16 MiB chunks whose median rate counts (a chunk the scheduler
+interrupted is an outlier then, not a lower average). Printed: the median rate of each over
+the repetitions and the median of the same-run ratios window ÷ whole ring, per capacity.
+With nothing to wait for, no scheduling between two processes is measured: only where the
+bytes land, in cache or not. (Same-run ratios: the machine may be shared; the rates
+themselves move with its load.)
 
     .venv/bin/python benchmarks/bench_ring_window.py
     .venv/bin/python benchmarks/bench_ring_window.py --payload 64K --capacities 4M,256M -r 7
@@ -18,50 +22,12 @@ machine may be shared; the rates themselves move with its load.)
 from __future__ import annotations
 
 import argparse
-import mmap
 import statistics
 import sys
-import time
 
-from ivshmem.channel.ring import CTRL_SIZE, HOT_WINDOW, RingReceiver, RingSender, init_area
+from ivshmem.bench.placement import measure_placement as measure
+from ivshmem.channel.ring import HOT_WINDOW
 from ivshmem.memory import format_size, parse_size
-
-
-def measure(capacity: int, payload: int, window: bool, seconds: float) -> float:
-    """Bytes per second through one fresh ring (after a warm-up lap)."""
-    mm = mmap.mmap(-1, CTRL_SIZE + capacity)
-    area = memoryview(mm)
-    init_area(area)
-    tx, rx = RingSender(area, "bench"), RingReceiver(area, "bench")
-    if not window:
-        tx.set_window(capacity)
-        rx.set_window(capacity)
-    src = bytes(range(256)) * (payload // 256) + bytes(payload % 256)
-    dst = memoryview(bytearray(payload))
-
-    def step() -> None:
-        view = tx.try_reserve(payload)
-        assert view is not None  # the receiver keeps up: there is always room
-        view[:] = src
-        tx.commit()
-        got = rx.try_recv_view()
-        assert got is not None
-        dst[:] = got
-        rx.release()
-
-    for _ in range(capacity // payload + 8):  # a whole lap: every page faulted in
-        step()
-    count = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(16):
-            step()
-        count += 16
-        now = time.perf_counter()
-        if now >= deadline:
-            break
-    return count * payload / (now - start)  # (the mapping goes with the last view of it)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -266,16 +266,18 @@ def test_capacity_axis_replaces_only_its_section(
     assert main(args) == 0
     capsys.readouterr()
     doc = json.loads(js.read_text())
-    got = {(r["series"], r["kind"], r.get("capacity")) for r in doc["runs"] if "result" in r}
+    assert not [r for r in doc["runs"] if "error" in r]
+    got = {(r["series"], r["kind"], r.get("capacity")) for r in doc["runs"]}
+    caps = (8192, 65536)
     assert got == {
-        (f"ivshmem_spin+copy@{cap}", kind, cap)
-        for cap in (8192, 65536)
-        for kind in ("stream", "rtt")
+        *((f"ivshmem_spin+copy@{cap}", kind, cap) for cap in caps for kind in ("stream", "rtt")),
+        *((f"placement_{w}@{cap}", "placement", cap) for cap in caps for w in ("window", "whole")),
     }
     text = md.read_text()
     assert text.startswith("# main tables\n\nkept\n\n") and "old numbers" not in text
     section = existing_capacity_section(text)
     assert "## Ring capacity" in section and "| 64 KiB |" in section and "| 8 KiB |" in section
+    assert "| 1 KiB | 64 KiB |" in section  # the placement table's row
     # A full run's report (rendered anew) keeps the capacity section of the file it replaces.
     assert existing_capacity_section(splice_capacity_section("# new\n", section)) == section
     assert splice_capacity_section("# new\n", "") == "# new\n"

@@ -379,6 +379,33 @@ def render_capacity_section(doc: dict[str, Any]) -> str:
                 f"{_us(rt.get('p99_us'))} | {_ratio(p99_base)} |"
             )
         add("")
+    add("### Placement alone (one process)")
+    add("")
+    add(
+        "The same written-and-copied messages through one ring in one process, with a receiver "
+        "that always keeps up (`ivshmem.bench.placement`; also `benchmarks/bench_ring_window.py`"
+        "): no second process, so no scheduling in the number, only where the bytes land. "
+        "*Whole ring* sets the window to the capacity: records are placed as before the hot "
+        "window existed. Each pair is measured one right after the other."
+    )
+    add("")
+    add("| message | ring | hot window | whole ring (as before) | hot window ÷ whole ring |")
+    add("|---|---|---:|---:|---:|")
+    for payload in cfg["payloads"]:
+        for cap in caps:
+            win, whole = f"placement_window@{cap}", f"placement_whole@{cap}"
+            a = _cell(doc, "placement", win, payload).get("bytes_per_s")
+            b = _cell(doc, "placement", whole, payload).get("bytes_per_s")
+            r = same_run_ratio(
+                doc,
+                (win, "placement", payload, "bytes_per_s"),
+                (whole, "placement", payload, "bytes_per_s"),
+            )
+            add(
+                f"| {_payload(payload)} | {_payload(cap)} | {_si(a, 'B/s')} | "
+                f"{_si(b, 'B/s')} | {_ratio(r)} |"
+            )
+    add("")
     failures = [r for r in doc["runs"] if "error" in r]
     for r in failures:
         first = r["error"].splitlines()[0]

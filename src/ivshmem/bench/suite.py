@@ -51,6 +51,11 @@ DEFAULT_CAPACITIES = (4 << 20, 32 << 20, 64 << 20, 256 << 20)
 CAPACITY_SERIES = (("ivshmem_spin+copy", True), ("iceoryx2+copy", False))
 
 
+#: The capacity axis's one-process pseudo-series (bench/placement.py): the default hot window,
+#: and the window set to the whole capacity (records placed as before the window existed).
+PLACEMENT = (("placement_window", True), ("placement_whole", False))
+
+
 def capacity_key(series: str, capacity: int) -> str:
     """The results key of ``series`` measured with a ring of ``capacity`` bytes."""
     return f"{series}@{capacity}"
@@ -291,6 +296,26 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
                     "label": f"{base['label']}, {format_size(cap)} ring",
                     "capacity": cap,
                 }
+    if axis is not None:
+        for key, window in PLACEMENT:
+            for cap in config.capacities:
+                series_info[capacity_key(key, cap)] = {
+                    "label": f"one process, {'hot window' if window else 'whole ring'}, "
+                    f"{format_size(cap)} ring",
+                    "transport": key,
+                    "variant": "",
+                    "zero_copy": False,
+                    "notes": "the ring alone in one process, written + copied with a receiver "
+                    "that always keeps up (ivshmem.bench.placement): "
+                    + (
+                        "the default hot window"
+                        if window
+                        else "window = capacity, the placement before the hot window existed"
+                    ),
+                    "available": True,
+                    "reason": None,
+                    "capacity": cap,
+                }
     if config.wants(MEMCPY) and axis is None:
         series_info[MEMCPY] = {
             "label": "memcpy 1 MiB (reference)",
@@ -345,6 +370,8 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
                         entry["error"] = str(err)
                         say(f"rep {rep + 1}/{config.repetitions} memcpy {variant}: FAILED {err}")
                     doc["runs"].append(entry)
+            if axis is not None:
+                _measure_placement(config, rep, doc["runs"], say)
             for job in jobs:
                 entry = {
                     "series": job.key,
@@ -388,6 +415,36 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
     return doc
 
 
+def _measure_placement(
+    config: SuiteConfig, rep: int, runs: list[dict[str, Any]], say: Callable[[str], None]
+) -> None:
+    """One repetition of the capacity axis's one-process table: for every payload and
+    capacity, the hot window and the whole ring one right after the other."""
+    from .placement import measure_placement
+
+    for payload in config.payloads:
+        for cap in config.capacities:
+            for key, window in PLACEMENT:
+                entry: dict[str, Any] = {
+                    "series": capacity_key(key, cap),
+                    "kind": "placement",
+                    "payload": payload,
+                    "rep": rep,
+                    "capacity": cap,
+                }
+                try:
+                    rate = measure_placement(cap, payload, window, config.plan.duration)
+                    entry["result"] = {"bytes_per_s": rate}
+                    say(
+                        f"rep {rep + 1}/{config.repetitions} placement {format_size(payload)} "
+                        f"{entry['series']}: {rate / 1e9:.2f} GB/s"
+                    )
+                except (OSError, RuntimeError) as err:
+                    entry["error"] = str(err)
+                    say(f"placement {entry['series']}: FAILED {err}")
+                runs.append(entry)
+
+
 def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -399,6 +456,7 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
         "rtt": ("p50_us", "p90_us", "p99_us", "mean_us"),
         "memcpy_hot": ("bytes_per_s",),
         "memcpy_cold": ("bytes_per_s",),
+        "placement": ("bytes_per_s",),
     }
     out: dict[str, Any] = {}
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
