@@ -15,7 +15,9 @@ and is what ``tests/test_channel_fuzz.py`` and ``benchmarks/soak_channel.py`` ru
 
 * a *receiver* process opens two channels from a *sender* process: ``fz``, which is
   attacked, and ``ctl``, which is not; the sender streams self-verifying messages on both
-  (bytes, zero-copy views or numpy arrays, chosen per round; random sizes, bursts, pauses);
+  (bytes, zero-copy views or numpy arrays, chosen per round; random sizes, bursts, pauses;
+  a hot window per round, the whole ring or a small part of it, so that early WRAP markers
+  and the tail reads deciding them are under attack too: :attr:`FuzzConfig.windows`);
 * a *hostile* process (an ordinary peer: a plain-region user, or a host peer connected to
   the server) writes into ``fz``'s area only: random bytes, "interesting" values of the
   control words (indices moved by a record, rewound, odd wait words, absurd vectors),
