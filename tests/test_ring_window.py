@@ -8,13 +8,16 @@ from __future__ import annotations
 import contextlib
 import mmap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from test_ring_core import _PyReceiver, _PySender
 
-from ivshmem.channel import ChannelCorrupted
+import ivshmem
+from ivshmem.channel import ChannelCorrupted, Receiver, Sender, format_region
 from ivshmem.channel import ring as ringmod
+from ivshmem.channel.fuzz import view_address
 from ivshmem.channel.ring import HEADER, RingReceiver, RingSender, init_area
 
 CORES = ["c", "python"] if ringmod.ACCELERATED else ["python"]
@@ -231,3 +234,32 @@ def test_an_early_wrap_reads_like_any_wrap_for_every_receive_call(make: Any) -> 
             assert v is not None and bytes(v) == _msg(i, n)
             r.rx.release()
     assert max(payload_at) + n <= 1024 and payload_at.count(HEADER) > 5
+
+
+def test_a_channel_with_a_large_ring_stays_in_its_window(short_tmp: Path) -> None:
+    """Through the public channel API (the Receiver gives its space back lazily, every quarter
+    window at the latest): 1 MiB messages, copied in or written into a reservation, and
+    received as views, stay within the first HOT_WINDOW bytes of a 16 MiB ring."""
+    path = str(short_tmp / "region")
+    with ivshmem.open_region(path, id=1, size=64 << 20) as a, ivshmem.open_region(path, id=2) as b:
+        format_region(a, max_peers=2, peers=[1, 2])
+        rx = Receiver(b, "big", sender=1, capacity=16 << 20)
+        tx = Sender(a, "big", receiver=2)
+        n = 1 << 20
+        data = view_address(rx._rodata)
+        try:
+            for i in range(48):  # three laps of a ring that walked its whole capacity
+                if i % 2:
+                    tx.send(_msg(i, n))
+                else:
+                    view = tx.reserve(n)
+                    view[:] = _msg(i, n)
+                    tx.commit()
+                got = rx.recv_view(timeout=10)
+                assert bytes(got[:4]) == _msg(i, 4) and len(got) == n
+                assert view_address(got) - data + n <= ringmod.HOT_WINDOW, i
+                del got
+                rx.release()
+        finally:
+            rx.close()
+            tx.close()
