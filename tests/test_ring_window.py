@@ -19,6 +19,7 @@ from ivshmem.channel import ChannelCorrupted, Receiver, Sender, format_region
 from ivshmem.channel import ring as ringmod
 from ivshmem.channel.fuzz import view_address
 from ivshmem.channel.ring import HEADER, RingReceiver, RingSender, init_area
+from ivshmem.errors import UsageError
 
 CORES = ["c", "python"] if ringmod.ACCELERATED else ["python"]
 PAD = mmap.PAGESIZE
@@ -194,6 +195,10 @@ def test_the_window_is_clamped_to_the_ring(make: Any) -> None:
     r.tx.set_window(1 << 40)
     assert r.tx._window == 4096
     r.tx.set_window(0)
+    assert r.tx._window == 16
+    for bad in (-1, 1.5, "4M", True, None):
+        with pytest.raises(UsageError, match="whole number of bytes"):
+            r.tx.set_window(bad)
     assert r.tx._window == 16
     for i in range(50):  # every record crosses a 16-byte window: wrap at every chance
         assert r.tx.try_send(_msg(i, 100))

@@ -240,6 +240,10 @@ class _Ring(_Base):
         """Work within the first ``window`` bytes of the data while the receiver keeps up
         (clamped to 16..capacity; see the module docstring). A sender's placement rule; a
         receiver uses it only to pace how often it gives space back."""
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise UsageError(
+                f"channel {self.name!r}: a window is a whole number of bytes >= 0, not {window!r}"
+            )
         self._bind_window(window)
 
     def _corrupt(self, field: str, detail: str) -> ChannelCorrupted:
