@@ -76,7 +76,8 @@ x86-64 only, so :func:`check_platform` refuses everything else with a clear erro
    hot window) changes nothing in this: the record after it goes to the start of the next
    lap, and the sender places it there only when the same check holds for it (the tail it
    loaded is at least ``need`` bytes into the current lap, i.e. ``head + skip + need - tail
-   <= capacity``). The receiver learns of the early wrap exactly as of any other: from the
+   <= capacity``; the further condition that the receiver keeps up is a matter of speed,
+   not of safety). The receiver learns of the early wrap exactly as of any other: from the
    marker, which is stored before the head that covers it (point 2), and which it validates
    like every header (not at 0, followed by a record, within what the head allows). No new
    shared word, and no new store-then-load pair, so no new fence.

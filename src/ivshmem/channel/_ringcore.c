@@ -405,9 +405,10 @@ static inline int read_tail(Core *self) {
  * that fails its check, or a private value set from Python that is out of line). The same
  * rule, the same tail reads in the same order, so the twins keep identical state:
  *   - a record that does not fit before the end wraps (skip to 0);
- *   - past the hot window it wraps early when the freshly read tail is at least ``need``
- *     into this lap (the ordinary room check of a record at the start of the next lap);
- *     otherwise it goes on linearly (the receiver is behind);
+ *   - past the hot window it wraps early when the receiver keeps up: the freshly read tail
+ *     leaves at most max(need, window / 8) bytes unread and is at least ``need`` into this
+ *     lap (the ordinary room check of a record at the start of the next lap); otherwise it
+ *     goes on linearly (the receiver is behind or stalled);
  *   - then the room check, re-reading the tail if the known one does not prove room.
  * The caller writes the WRAP marker at head & mask when skip != 0 (or commit does).
  *
@@ -425,8 +426,9 @@ COLD static int place_c(Core *self, u64 need, u64 *pos_out, u64 *skip_out) {
     } else if (pos + need > self->window && pos != 0) {
         if (read_tail(self) < 0)
             return 2;
-        if (self->tail >= head - pos + need)
-            skip = cap - pos; /* early wrap: the start of the data is free again */
+        u64 keep_up = need > (self->window >> 3) ? need : (self->window >> 3);
+        if (self->tail >= head - pos + need && head - self->tail <= keep_up)
+            skip = cap - pos; /* early wrap: the receiver keeps up, the start is free */
     }
     u64 total = skip + need;
     if (head + total - self->tail > cap) {

@@ -24,16 +24,21 @@ memoryview or numpy array.
 **The hot window.** A sender does not walk the whole capacity when its receiver keeps up:
 once a record would reach past the first ``window`` bytes of the data (:data:`HOT_WINDOW`,
 or the capacity if smaller), the sender starts over at 0 with a WRAP marker, exactly as at the
-end, provided the receiver's published tail shows that the first ``need`` bytes of this lap
-are already consumed (the ordinary room check of a record placed at the start of the next
-lap: ``head + skip + need - tail <= capacity`` is ``tail >= lap start + need``). If the
-receiver is behind, the record goes on linearly and the ring fills its whole capacity as
-before; each later record past the window looks again. So a channel whose receiver keeps up
-touches a few megabytes that stay in cache, whatever its capacity. Nothing changes in the
-format: a WRAP marker could always appear at any position but 0, and a receiver follows it
-by the same rule whatever the sender's reason; it needs no knowledge of the window (and an
-older receiver reads an early-wrapping sender correctly). The receiver gives space back at
-least every quarter window, so the sender learns in time that the start is free.
+end - provided the receiver's published tail shows that it keeps up: at most one record
+(or an eighth of the window) is still unread, and the first ``need`` bytes of this lap are
+consumed (the ordinary room check of a record placed at the start of the next lap:
+``head + skip + need - tail <= capacity`` is ``tail >= lap start + need``). Otherwise the
+record goes on linearly and the ring fills its whole capacity as before; each later record
+past the window looks again. So a channel whose receiver keeps up touches a few megabytes
+that stay in cache, whatever its capacity, and one whose receiver falls behind or stalls
+still has the whole capacity to fill. (Why "nearly empty" and not just "room at 0": after an
+early wrap the sender may fill the new lap only up to the receiver's position in the old one,
+until the receiver passes the marker; with at most a record unread there, that is at least
+the window less a record, and only for as long as that record takes to read.) Nothing
+changes in the format: a WRAP marker could always appear at any position but 0, and a
+receiver follows it by the same rule whatever the sender's reason; it needs no knowledge of
+the window (and an older receiver reads an early-wrapping sender correctly). The receiver
+gives space back at least every sixteenth of the window, so the sender sees it keep up.
 
 **Trust.** Each side keeps private copies of the counters it writes (``_head`` for the
 sender, ``_tail`` for the receiver) and never reads its own counters back from shared memory
@@ -322,19 +327,21 @@ class RingSender(_Ring):
         """Where a record of ``need`` bytes goes: (pos, skip) or None if no room yet.
 
         At the end of the data it wraps (skip to 0). Past the hot window it wraps early when
-        the receiver's published tail is at least ``need`` into this lap (so the record at 0
-        has room), and otherwise goes on linearly (the receiver is behind: use the capacity).
-        The tail is read afresh for that decision: the check is one load of the receiver's
-        line, which the sender reads at every flush anyway."""
+        the receiver keeps up - the freshly read tail leaves at most ``need`` bytes or an
+        eighth of the window unread, and is at least ``need`` into this lap (so the record at
+        0 has room) - and otherwise goes on linearly (the receiver is behind or stalled: use
+        the capacity). The tail load is one load of the receiver's line, which the sender
+        reads at every flush anyway."""
         head = self._head
         pos = head & self._mask
         cap = self.capacity
+        skip = 0
         if pos + need > cap:
             skip = cap - pos
-        elif pos + need > self._window and pos and self._read_tail() >= head - pos + need:
-            skip = cap - pos  # early wrap: the start of the data is free again
-        else:
-            skip = 0
+        elif pos + need > self._window and pos:
+            tail = self._read_tail()
+            if tail >= head - pos + need and head - tail <= max(need, self._window >> 3):
+                skip = cap - pos  # early wrap: the receiver keeps up, the start is free
         total = skip + need
         if head + total - self._tail > cap and head + total - self._read_tail() > cap:
             return None
@@ -633,18 +640,17 @@ class RingReceiver(_Ring):
         self._head = tail  # last validated head: records in [_tail, _head) are known to exist
         self._views: list[memoryview] = []
         self._notified = 0
-        # recv() gives space back lazily, every eighth of the ring (at most a quarter of the
-        # hot window, so that a sender learns in time that the start of the data is free)
-        # and whenever the ring is found empty: fewer fences and fewer cache-line transfers
-        # of the tail to the sender.
-        self._release_every = min(self.capacity >> 3, self._window >> 2)
+        # recv() gives space back lazily, every eighth of the ring (at most a sixteenth of the
+        # hot window, so that a sender sees in time that this end keeps up) and whenever the
+        # ring is found empty: fewer fences and fewer cache-line transfers of the tail.
+        self._release_every = min(self.capacity >> 3, self._window >> 4)
 
     def _on_broken(self) -> None:
         self._head = getattr(self, "_tail", 0)  # fast path now goes to _read_head, which raises
 
     def set_window(self, window: int) -> None:
         super().set_window(window)
-        self._release_every = min(self.capacity >> 3, self._window >> 2)
+        self._release_every = min(self.capacity >> 3, self._window >> 4)
 
     def _read_head(self) -> int:
         """Read and validate the sender's head once; returns it (maybe == tail: empty)."""
