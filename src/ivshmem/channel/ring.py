@@ -640,17 +640,23 @@ class RingReceiver(_Ring):
         self._head = tail  # last validated head: records in [_tail, _head) are known to exist
         self._views: list[memoryview] = []
         self._notified = 0
-        # recv() gives space back lazily, every eighth of the ring (at most a sixteenth of the
-        # hot window, so that a sender sees in time that this end keeps up) and whenever the
-        # ring is found empty: fewer fences and fewer cache-line transfers of the tail.
-        self._release_every = min(self.capacity >> 3, self._window >> 4)
+        # recv() gives space back lazily (see _release_pace) and whenever the ring is found
+        # empty: fewer fences and fewer cache-line transfers of the tail to the sender.
+        self._release_every = self._release_pace()
 
     def _on_broken(self) -> None:
         self._head = getattr(self, "_tail", 0)  # fast path now goes to _read_head, which raises
 
     def set_window(self, window: int) -> None:
         super().set_window(window)
-        self._release_every = min(self.capacity >> 3, self._window >> 4)
+        self._release_every = self._release_pace()
+
+    def _release_pace(self) -> int:
+        """Every eighth of the ring; with a hot window smaller than the ring, at most every
+        sixteenth of the window, so that the sender sees in time that this end keeps up (a
+        ring without one keeps the coarser pace: fewer tail stores for small messages)."""
+        cap = self.capacity
+        return cap >> 3 if self._window >= cap else min(cap >> 3, self._window >> 4)
 
     def _read_head(self) -> int:
         """Read and validate the sender's head once; returns it (maybe == tail: empty)."""
