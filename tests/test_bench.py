@@ -242,3 +242,49 @@ def test_cli_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_smoke_covers_every_series() -> None:
     assert (set(ALWAYS) - {"ref_memcpy"}) | set(OPTIONAL) == set(SERIES_BY_KEY)
+
+
+def test_capacity_axis_replaces_only_its_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--capacities`` measures the channel written + copied (stream and round trip) at each
+    capacity and, into an existing report, writes only its own section; a full report keeps
+    the section it finds."""
+    from ivshmem.bench.report import (
+        CAPACITY_BEGIN,
+        CAPACITY_END,
+        existing_capacity_section,
+        splice_capacity_section,
+    )
+
+    md = tmp_path / "benchmarks.md"
+    md.write_text(f"# main tables\n\nkept\n\n{CAPACITY_BEGIN}\nold numbers\n{CAPACITY_END}\n")
+    js = tmp_path / "capacity.json"
+    args = ["bench", "--capacities", "8K,64K", "--payloads", "1K", "--only", "ivshmem_spin+copy",
+            "-r", "1", "--duration", "0.05", "--warmup", "0", "--markdown", str(md),
+            "--json", str(js), "-q"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    doc = json.loads(js.read_text())
+    assert not [r for r in doc["runs"] if "error" in r]
+    got = {(r["series"], r["kind"], r.get("capacity")) for r in doc["runs"]}
+    caps = (8192, 65536)
+    assert got == {
+        *((f"ivshmem_spin+copy@{cap}", kind, cap) for cap in caps for kind in ("stream", "rtt")),
+        *((f"placement_{w}@{cap}", "placement", cap) for cap in caps for w in ("window", "whole")),
+    }
+    text = md.read_text()
+    assert text.startswith("# main tables\n\nkept\n\n") and "old numbers" not in text
+    section = existing_capacity_section(text)
+    assert "## Ring capacity" in section and "| 64 KiB |" in section and "| 8 KiB |" in section
+    assert "| 1 KiB | 64 KiB |" in section  # the placement table's row
+    # A full run's report (rendered anew) keeps the capacity section of the file it replaces.
+    assert existing_capacity_section(splice_capacity_section("# new\n", section)) == section
+    assert splice_capacity_section("# new\n", "") == "# new\n"
+
+
+def test_capacity_axis_rejects_bad_capacities(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--capacities", "3M"]) == 2
+    assert "power of two" in capsys.readouterr().err
+    assert main(["bench", "--capacities", "64K", "--payloads", "1M"]) == 2
+    assert "at most half the ring" in capsys.readouterr().err

@@ -71,7 +71,7 @@ _op = st.one_of(
 class _Harness:
     """A ring in the middle of a guarded buffer; both ends see only the area's slice."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: int | None = None) -> None:
         self.buf = bytearray([CANARY]) * (GUARD + AREA + GUARD)
         self.mem = memoryview(self.buf)
         self.area = self.mem[GUARD : GUARD + AREA]
@@ -79,6 +79,9 @@ class _Harness:
         self.words = self.area.cast("Q")
         self.tx = RingSender(self.area, "victim")
         self.rx = RingReceiver(self.area, "victim")
+        if window is not None:  # a hot window smaller than the ring: early WRAPs happen
+            self.tx.set_window(window)
+            self.rx.set_window(window)
         base = np.frombuffer(self.area, np.uint8).__array_interface__["data"][0]
         self.lo, self.hi = base, base + AREA
 
@@ -196,14 +199,20 @@ def _run(h: _Harness, ops: list[tuple[Any, ...]]) -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(ops=st.lists(_op, max_size=60))
-def test_hostile_writer_only_causes_channel_corrupted(ops: list[tuple[Any, ...]]) -> None:
-    _run(_Harness(), ops)
+@pytest.mark.parametrize("window", [None, 256, 100])
+def test_hostile_writer_only_causes_channel_corrupted(
+    window: int | None, ops: list[tuple[Any, ...]]
+) -> None:
+    _run(_Harness(window), ops)
 
 
 @settings(max_examples=100, deadline=None)
 @given(ops=st.lists(_honest_op, max_size=80))
-def test_honest_peers_get_everything_in_order(ops: list[tuple[Any, ...]]) -> None:
-    _run(_Harness(), ops)
+@pytest.mark.parametrize("window", [None, 256, 100])
+def test_honest_peers_get_everything_in_order(
+    window: int | None, ops: list[tuple[Any, ...]]
+) -> None:
+    _run(_Harness(window), ops)
 
 
 @settings(max_examples=500, deadline=None)

@@ -176,9 +176,20 @@ class Transport(abc.ABC):
         calls say so here)."""
         return cls.notes
 
-    def __init__(self, ctx: SuiteContext, payload: int, kind: str, variant: str = "") -> None:
+    def __init__(
+        self,
+        ctx: SuiteContext,
+        payload: int,
+        kind: str,
+        variant: str = "",
+        *,
+        capacity: int | None = None,
+    ) -> None:
         if variant and variant not in self.variants:
             raise UsageError(f"{self.label} has no variant {variant!r}")
+        #: The ring capacity asked for (the capacity axis); None: the transport's own choice.
+        #: Only transports with a ring of their own (this project's channels) use it.
+        self.ring_capacity = capacity
         self.ctx = ctx
         self.payload = payload
         self.kind = kind

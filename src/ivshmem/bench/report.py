@@ -19,11 +19,17 @@ from typing import Any
 from ..memory import format_size
 
 __all__ = [
+    "CAPACITY_BEGIN",
+    "CAPACITY_END",
     "TARGETS",
     "Target",
+    "capacity_targets",
     "evaluate_targets",
+    "existing_capacity_section",
+    "render_capacity_section",
     "render_markdown",
     "same_run_ratio",
+    "splice_capacity_section",
     "write_charts",
     "write_json",
 ]
@@ -147,10 +153,62 @@ def _targets() -> tuple[Target, ...]:
 
 TARGETS = _targets()
 
+#: The capacity axis (issue 12): its channel series and reference.
+CAP_SERIES = "ivshmem_spin+copy"
+CAP_ICEORYX = "iceoryx2+copy"
+CAP_BASE = 4 << 20
+
+
+def _cap_key(capacity: int) -> str:
+    return f"{CAP_SERIES}@{capacity}"
+
+
+def capacity_targets(doc: dict[str, Any]) -> tuple[Target, ...]:
+    """Issue 12's targets for the large rings measured in ``doc``: the 1 MiB written-and-copied
+    stream at >= 0.9x the 4 MiB ring's rate and >= 1.0x iceoryx2's, and its round-trip p99 at
+    <= 1.5x the 4 MiB ring's."""
+    caps = [c for c in doc["config"].get("capacities") or () if c >= 64 << 20]
+    if CAP_BASE not in (doc["config"].get("capacities") or ()):
+        return ()
+    out: list[Target] = []
+    base = _cap_key(CAP_BASE)
+    for cap in caps:
+        key, size = _cap_key(cap), _payload(cap)
+        out.append(
+            Target(
+                f"1 MiB stream written + copied, {size} ring ÷ 4 MiB ring",
+                (key, "stream", MIB, "bytes_per_s"),
+                (base, "stream", MIB, "bytes_per_s"),
+                ">=",
+                0.9,
+            )
+        )
+        out.append(
+            Target(
+                f"1 MiB stream written + copied, {size} ring ÷ iceoryx2 written + copied",
+                (key, "stream", MIB, "bytes_per_s"),
+                (CAP_ICEORYX, "stream", MIB, "bytes_per_s"),
+                ">=",
+                1.0,
+            )
+        )
+        out.append(
+            Target(
+                f"1 MiB round trip p99 written + copied, {size} ring ÷ 4 MiB ring",
+                (key, "rtt", MIB, "p99_us"),
+                (base, "rtt", MIB, "p99_us"),
+                "<=",
+                1.5,
+            )
+        )
+    return tuple(out)
+
 
 def evaluate_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The verdicts of a run: the main targets, or for a capacity-axis run its own."""
     out = []
-    for t in TARGETS:
+    targets = capacity_targets(doc) if doc["config"].get("capacities") else TARGETS
+    for t in targets:
         r = same_run_ratio(doc, t.num, t.den)
         verdict = "not measured"
         if r is not None:
@@ -233,8 +291,156 @@ def _label(doc: dict[str, Any], key: str) -> str:
 # -- Markdown ---------------------------------------------------------------------------------
 
 
+#: The markers around the capacity-axis section in docs/benchmarks.md: a capacity run
+#: (``ivshmem bench --capacities --docs``) replaces what is between them, and a full run
+#: (``--docs``) keeps it.
+CAPACITY_BEGIN = "<!-- capacity-axis: begin (ivshmem bench --capacities --docs) -->"
+CAPACITY_END = "<!-- capacity-axis: end -->"
+
+
+def render_capacity_section(doc: dict[str, Any]) -> str:
+    """The capacity axis as one Markdown section (between the markers)."""
+    cfg = doc["config"]
+    m = doc["machine"]
+    caps: list[int] = list(cfg.get("capacities") or ())
+    lines: list[str] = []
+    add = lines.append
+    add(CAPACITY_BEGIN)
+    add("## Ring capacity")
+    add("")
+    add(
+        "Does a bigger ring cost speed? The spinning channel's written-and-copied stream and "
+        "round trip (the producer writes every byte of each message into `reserve()`d room, "
+        "the consumer copies each `recv_view()` out) at several ring capacities, next to "
+        "iceoryx2 written + copied (its own queue depth) in the same repetitions. A sender "
+        "whose receiver keeps up works within the first "
+        "`ivshmem.channel.ring.HOT_WINDOW` bytes of its ring, so the capacity should not "
+        "matter; it fills the whole ring only when the receiver falls behind. (On a loaded "
+        "machine the receiver falls behind whenever the scheduler takes its CPU away, and a "
+        "bigger ring then lets the producer run further ahead into memory the caches do not "
+        "hold: there, the large rings' numbers show the load as much as the ring; "
+        "`benchmarks/bench_ring_window.py` measures the placement alone, in one process.)"
+    )
+    add("")
+    add(
+        f"Run of {doc['started']} on {m.get('cpu_model', '?')} ({m.get('cpus_online')} CPUs), "
+        f"{cfg['repetitions']} repetitions, {cfg['duration_s']:g} s measured "
+        f"(+{cfg['warmup_s']:g} s warm-up) per number, {doc.get('elapsed_s', '?')} s in all; "
+        f"load average at start {doc['load_average'].get('start')}, at end "
+        f"{doc['load_average'].get('end')} (the machine was shared: compare the same-run "
+        "ratios, not the absolute rates, with the tables above, which come from another run)."
+        " Regenerate this section alone with `ivshmem bench --capacities --docs`."
+    )
+    add("")
+    targets = doc.get("targets") or evaluate_targets(doc)
+    if targets:
+        add("| target | median same-run ratio | wanted | verdict |")
+        add("|---|---:|---:|---|")
+        for t in targets:
+            value = NONE if t["median"] is None else f"{t['median']:.3g}"
+            add(f"| {t['target']} | {value} | {t['op']} {t['threshold']:g} | **{t['verdict']}** |")
+        add("")
+    base = _cap_key(CAP_BASE) if CAP_BASE in caps else None
+    for payload in cfg["payloads"]:
+        add(f"### {_payload(payload)} messages")
+        add("")
+        add(
+            "| ring | stream bytes/s | ÷ 4 MiB ring | ÷ iceoryx2 | round trip p50 µs | "
+            "p99 µs | p99 ÷ 4 MiB ring |"
+        )
+        add("|---|---:|---:|---:|---:|---:|---:|")
+        rows: list[tuple[str, str]] = [(_payload(c), _cap_key(c)) for c in caps]
+        rows.append(("iceoryx2 written + copied", CAP_ICEORYX))
+        for name, key in rows:
+            st = _cell(doc, "stream", key, payload)
+            rt = _cell(doc, "rtt", key, payload)
+            ours = key != CAP_ICEORYX
+            vs_base = (
+                same_run_ratio(
+                    doc, (key, "stream", payload, "bytes_per_s"),
+                    (base, "stream", payload, "bytes_per_s"),
+                )
+                if base and ours else None
+            )  # fmt: skip
+            vs_iox = same_run_ratio(
+                doc,
+                (key, "stream", payload, "bytes_per_s"),
+                (CAP_ICEORYX, "stream", payload, "bytes_per_s"),
+            )
+            p99_base = (
+                same_run_ratio(
+                    doc, (key, "rtt", payload, "p99_us"), (base, "rtt", payload, "p99_us")
+                )
+                if base and ours else None
+            )  # fmt: skip
+            add(
+                f"| {name} | {_si(st.get('bytes_per_s'), 'B/s')} | {_ratio(vs_base)} | "
+                f"{_ratio(vs_iox) if ours else NONE} | {_us(rt.get('p50_us'))} | "
+                f"{_us(rt.get('p99_us'))} | {_ratio(p99_base)} |"
+            )
+        add("")
+    add("### Placement alone (one process)")
+    add("")
+    add(
+        "The same written-and-copied messages through one ring in one process, with a receiver "
+        "that always keeps up (`ivshmem.bench.placement`; also `benchmarks/bench_ring_window.py`"
+        "): no second process, so no scheduling in the number, only where the bytes land. "
+        "*Whole ring* sets the window to the capacity: records are placed as before the hot "
+        "window existed. Each pair is measured one right after the other."
+    )
+    add("")
+    add("| message | ring | hot window | whole ring (as before) | hot window ÷ whole ring |")
+    add("|---|---|---:|---:|---:|")
+    for payload in cfg["payloads"]:
+        for cap in caps:
+            win, whole = f"placement_window@{cap}", f"placement_whole@{cap}"
+            a = _cell(doc, "placement", win, payload).get("bytes_per_s")
+            b = _cell(doc, "placement", whole, payload).get("bytes_per_s")
+            r = same_run_ratio(
+                doc,
+                (win, "placement", payload, "bytes_per_s"),
+                (whole, "placement", payload, "bytes_per_s"),
+            )
+            add(
+                f"| {_payload(payload)} | {_payload(cap)} | {_si(a, 'B/s')} | "
+                f"{_si(b, 'B/s')} | {_ratio(r)} |"
+            )
+    add("")
+    failures = [r for r in doc["runs"] if "error" in r]
+    for r in failures:
+        first = r["error"].splitlines()[0]
+        add(f"- failed: {r['series']} {r['kind']} {_payload(r['payload'])} rep {r['rep']}: {first}")
+    if failures:
+        add("")
+    add(CAPACITY_END)
+    return "\n".join(lines)
+
+
+def splice_capacity_section(text: str, section: str) -> str:
+    """``text`` (a benchmarks.md) with its capacity section replaced by ``section`` (appended
+    when it has none yet); an empty ``section`` keeps what ``text`` has."""
+    start, end = text.find(CAPACITY_BEGIN), text.find(CAPACITY_END)
+    if start >= 0 and end > start:
+        if not section:
+            return text
+        return text[:start] + section + text[end + len(CAPACITY_END) :]
+    if not section:
+        return text
+    return text.rstrip("\n") + "\n\n" + section + "\n"
+
+
+def existing_capacity_section(text: str) -> str:
+    """The capacity section of a benchmarks.md, or ''."""
+    start, end = text.find(CAPACITY_BEGIN), text.find(CAPACITY_END)
+    if start >= 0 and end > start:
+        return text[start : end + len(CAPACITY_END)]
+    return ""
+
+
 def render_markdown(doc: dict[str, Any], charts: dict[str, str] | None = None) -> str:
     """The whole report. ``charts`` maps chart names to image paths relative to the file."""
+    if doc["config"].get("capacities"):
+        return render_capacity_section(doc)
     cfg = doc["config"]
     m = doc["machine"]
     lines: list[str] = []

@@ -26,12 +26,39 @@ from ..memory import format_size
 from .harness import BenchError, Plan, SuiteContext, Transport, measure, queue_depth
 from .transports.references import measure_memcpy
 
-__all__ = ["DEFAULT_PAYLOADS", "SERIES", "Series", "SuiteConfig", "run_suite", "summarize"]
+__all__ = [
+    "CAPACITY_PAYLOADS",
+    "DEFAULT_CAPACITIES",
+    "DEFAULT_PAYLOADS",
+    "SERIES",
+    "Series",
+    "SuiteConfig",
+    "capacity_key",
+    "run_suite",
+    "summarize",
+]
 
 SCHEMA = 1
 DEFAULT_PAYLOADS = (64, 4096, 1 << 20)
 #: Payload of the memcpy reference and of the written-and-copied variant.
 COPY_PAYLOAD = 1 << 20
+#: The capacity axis (``ivshmem bench --capacities``): the channel's written-and-copied
+#: stream and round trip at each ring capacity, iceoryx2's written-and-copied at its own queue
+#: depth in the same repetition, for these payloads.
+CAPACITY_PAYLOADS = (64 << 10, 1 << 20)
+DEFAULT_CAPACITIES = (4 << 20, 32 << 20, 64 << 20, 256 << 20)
+#: Series of the capacity axis: (key, whether it runs once per capacity).
+CAPACITY_SERIES = (("ivshmem_spin+copy", True), ("iceoryx2+copy", False))
+
+
+#: The capacity axis's one-process pseudo-series (bench/placement.py): the default hot window,
+#: and the window set to the whole capacity (records placed as before the window existed).
+PLACEMENT = (("placement_window", True), ("placement_whole", False))
+
+
+def capacity_key(series: str, capacity: int) -> str:
+    """The results key of ``series`` measured with a ring of ``capacity`` bytes."""
+    return f"{series}@{capacity}"
 
 
 @dataclass(frozen=True)
@@ -101,6 +128,9 @@ class SuiteConfig:
     pin: str = "apart"
     #: Spin budget (seconds) of the channel in blocking mode.
     block_spin: float = 0.0
+    #: Ring capacities of the capacity axis; when given, the run measures that axis only
+    #: (CAPACITY_SERIES at ``payloads``), not the main tables.
+    capacities: tuple[int, ...] = ()
 
     def wants(self, key: str) -> bool:
         return self.only is None or key in self.only
@@ -111,11 +141,29 @@ class Job:
     series: Series
     kind: str
     payload: int
+    #: The channel's ring capacity (the capacity axis), None: the transport's default.
+    capacity: int | None = None
+
+    @property
+    def key(self) -> str:
+        key = self.series.key
+        return key if self.capacity is None else capacity_key(key, self.capacity)
 
 
 def plan_jobs(config: SuiteConfig) -> list[Job]:
     """What one repetition measures, in order."""
     jobs: list[Job] = []
+    if config.capacities:
+        # Both kinds in the copy variant: a ring's capacity matters when bytes are touched.
+        for kind in ("stream", "rtt"):
+            for payload in config.payloads:
+                for key, per_capacity in CAPACITY_SERIES:
+                    if not config.wants(key):
+                        continue
+                    series = SERIES_BY_KEY[key]
+                    caps: tuple[int | None, ...] = config.capacities if per_capacity else (None,)
+                    jobs.extend(Job(series, kind, payload, cap) for cap in caps)
+        return jobs
     for kind in ("stream", "rtt"):
         for payload in config.payloads:
             for s in SERIES:
@@ -222,8 +270,9 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
     ctx = SuiteContext(tmpdir=tmpdir, pin=config.pin, options={"block_spin": config.block_spin})
     series_info: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
+    axis = dict(CAPACITY_SERIES) if config.capacities else None
     for s in SERIES:
-        if not config.wants(s.key):
+        if not config.wants(s.key) or (axis is not None and s.key not in axis):
             continue
         cls = s.load()
         reason = cls.unavailable()
@@ -239,7 +288,35 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
         if reason is not None:
             unavailable[s.key] = reason
             say(f"{s.key}: unavailable: {reason}")
-    if config.wants(MEMCPY):
+        if axis is not None and axis[s.key]:
+            base = series_info.pop(s.key)
+            for cap in config.capacities:
+                series_info[capacity_key(s.key, cap)] = {
+                    **base,
+                    "label": f"{base['label']}, {format_size(cap)} ring",
+                    "capacity": cap,
+                }
+    if axis is not None:
+        for key, window in PLACEMENT:
+            for cap in config.capacities:
+                series_info[capacity_key(key, cap)] = {
+                    "label": f"one process, {'hot window' if window else 'whole ring'}, "
+                    f"{format_size(cap)} ring",
+                    "transport": key,
+                    "variant": "",
+                    "zero_copy": False,
+                    "notes": "the ring alone in one process, written + copied with a receiver "
+                    "that always keeps up (ivshmem.bench.placement): "
+                    + (
+                        "the default hot window"
+                        if window
+                        else "window = capacity, the placement before the hot window existed"
+                    ),
+                    "available": True,
+                    "reason": None,
+                    "capacity": cap,
+                }
+    if config.wants(MEMCPY) and axis is None:
         series_info[MEMCPY] = {
             "label": "memcpy 1 MiB (reference)",
             "transport": MEMCPY,
@@ -264,6 +341,7 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
             "payloads": list(config.payloads),
             "pin": config.pin,
             "block_spin_s": config.block_spin,
+            "capacities": list(config.capacities),
             "queue_budget": {str(p): queue_depth(p) for p in config.payloads},
         },
         "series": series_info,
@@ -276,7 +354,7 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
         for cls in classes:
             cls.start(ctx)
         for rep in range(config.repetitions):
-            if config.wants(MEMCPY) and COPY_PAYLOAD in config.payloads:
+            if config.wants(MEMCPY) and COPY_PAYLOAD in config.payloads and axis is None:
                 for variant in ("hot", "cold"):
                     entry: dict[str, Any] = {
                         "series": MEMCPY,
@@ -292,20 +370,26 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
                         entry["error"] = str(err)
                         say(f"rep {rep + 1}/{config.repetitions} memcpy {variant}: FAILED {err}")
                     doc["runs"].append(entry)
+            if axis is not None:
+                _measure_placement(config, rep, doc["runs"], say)
             for job in jobs:
                 entry = {
-                    "series": job.series.key,
+                    "series": job.key,
                     "kind": job.kind,
                     "payload": job.payload,
                     "rep": rep,
                 }
+                if job.capacity is not None:
+                    entry["capacity"] = job.capacity
                 cls = job.series.load()
                 what = (
                     f"rep {rep + 1}/{config.repetitions} {job.kind} {format_size(job.payload)} "
-                    f"{job.series.key}"
+                    f"{job.key}"
                 )
                 try:
-                    transport = cls(ctx, job.payload, job.kind, job.series.variant)
+                    transport = cls(
+                        ctx, job.payload, job.kind, job.series.variant, capacity=job.capacity
+                    )
                     entry["result"] = measure(transport, config.plan)
                     say(f"{what}: {_describe(job, entry['result'])}")
                 except Exception as err:  # one broken transport must not end the run
@@ -331,6 +415,36 @@ def run_suite(config: SuiteConfig, progress: Callable[[str], None] | None = None
     return doc
 
 
+def _measure_placement(
+    config: SuiteConfig, rep: int, runs: list[dict[str, Any]], say: Callable[[str], None]
+) -> None:
+    """One repetition of the capacity axis's one-process table: for every payload and
+    capacity, the hot window and the whole ring one right after the other."""
+    from .placement import measure_placement
+
+    for payload in config.payloads:
+        for cap in config.capacities:
+            for key, window in PLACEMENT:
+                entry: dict[str, Any] = {
+                    "series": capacity_key(key, cap),
+                    "kind": "placement",
+                    "payload": payload,
+                    "rep": rep,
+                    "capacity": cap,
+                }
+                try:
+                    rate = measure_placement(cap, payload, window, config.plan.duration)
+                    entry["result"] = {"bytes_per_s": rate}
+                    say(
+                        f"rep {rep + 1}/{config.repetitions} placement {format_size(payload)} "
+                        f"{entry['series']}: {rate / 1e9:.2f} GB/s"
+                    )
+                except (OSError, RuntimeError) as err:
+                    entry["error"] = str(err)
+                    say(f"placement {entry['series']}: FAILED {err}")
+                runs.append(entry)
+
+
 def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -342,6 +456,7 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
         "rtt": ("p50_us", "p90_us", "p99_us", "mean_us"),
         "memcpy_hot": ("bytes_per_s",),
         "memcpy_cold": ("bytes_per_s",),
+        "placement": ("bytes_per_s",),
     }
     out: dict[str, Any] = {}
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}

@@ -66,6 +66,22 @@ x86-64 only, so :func:`check_platform` refuses everything else with a clear erro
    the StoreLoad fence of point 3 is ``__atomic_thread_fence(__ATOMIC_SEQ_CST)``. On x86-64
    all of these but the fence compile to the plain moves the Python path makes.
 
+7. **Reusing space: the room check and the early wrap** (ring.py, the hot window). A sender
+   overwrites bytes only below ``tail + capacity`` for a tail it has loaded from the
+   receiver's line. The receiver stores its tail only after it has copied out (or released
+   the views of) every record below it; its loads of those payloads come before that store
+   in program order, and TSO does not let a store pass earlier loads. So once the sender sees
+   the tail, the receiver no longer reads below it, and the sender's later stores there cannot
+   show through in a copy. A WRAP marker written *early* (before the end of the data, past the
+   hot window) changes nothing in this: the record after it goes to the start of the next
+   lap, and the sender places it there only when the same check holds for it (the tail it
+   loaded is at least ``need`` bytes into the current lap, i.e. ``head + skip + need - tail
+   <= capacity``; the further condition that the receiver keeps up is a matter of speed,
+   not of safety). The receiver learns of the early wrap exactly as of any other: from the
+   marker, which is stored before the head that covers it (point 2), and which it validates
+   like every header (not at 0, followed by a record, within what the head allows). No new
+   shared word, and no new store-then-load pair, so no new fence.
+
 In a guest under QEMU's software emulation (TCG) on an x86-64 host the argument carries
 over: TCG emits a host load/store per guest access and emulates guest locked instructions
 with host atomics, so the guest observes TSO too.

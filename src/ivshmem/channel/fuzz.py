@@ -15,7 +15,9 @@ and is what ``tests/test_channel_fuzz.py`` and ``benchmarks/soak_channel.py`` ru
 
 * a *receiver* process opens two channels from a *sender* process: ``fz``, which is
   attacked, and ``ctl``, which is not; the sender streams self-verifying messages on both
-  (bytes, zero-copy views or numpy arrays, chosen per round; random sizes, bursts, pauses);
+  (bytes, zero-copy views or numpy arrays, chosen per round; random sizes, bursts, pauses;
+  a hot window per round, the whole ring or a small part of it, so that early WRAP markers
+  and the tail reads deciding them are under attack too: :attr:`FuzzConfig.windows`);
 * a *hostile* process (an ordinary peer: a plain-region user, or a host peer connected to
   the server) writes into ``fz``'s area only: random bytes, "interesting" values of the
   control words (indices moved by a record, rewound, odd wait words, absurd vectors),
@@ -381,6 +383,11 @@ class FuzzConfig:
     seed: int | None = None
     #: Ring capacity of both channels (small: wrap-around and full rings happen often).
     capacity: int = 4096
+    #: Hot windows to draw from per round (ring.py, set_window): ``None`` is the default (the
+    #: whole 4 KiB ring), a smaller one makes the sender start over at 0 early whenever the
+    #: receiver keeps up, so early WRAP markers and the tail reads that decide them are under
+    #: attack too.
+    windows: Sequence[int | None] = (None, 1024, 512)
     #: Message kinds to draw from per round.
     kinds: Sequence[str] = KINDS
     #: Share of rounds with no attack at all (controls: ``fz`` must then be perfect).
@@ -498,6 +505,7 @@ class _Plan:
     style: str  # "single", "burst", "storm"
     tags: dict[str, int]
     capacity: int
+    window: int | None = None
     start: float = 0.0  # monotonic (CLOCK_MONOTONIC is system-wide on Linux)
     end: float = 0.0
     ids: dict[str, int] = field(default_factory=dict)
@@ -748,6 +756,9 @@ def _play(role: str, conn: Connection, ep: Endpoint) -> None:
             ch: Receiver(ep, ch, plan.ids["sender"], capacity=plan.capacity, vector=vector(i))
             for i, ch in enumerate(names)
         }
+        if plan.window is not None:
+            for rx in rxs.values():
+                rx.set_window(plan.window)
         region = Region(ep)
         slot = Membership(region).snapshot().entries[ep.id].slot
         areas: dict[str, tuple[int, int]] = {}
@@ -772,6 +783,9 @@ def _play(role: str, conn: Connection, ep: Endpoint) -> None:
         txs = {
             ch: Sender(ep, ch, plan.ids["receiver"], vector=vector(i)) for i, ch in enumerate(names)
         }
+        if plan.window is not None:
+            for tx in txs.values():
+                tx.set_window(plan.window)
         conn.send(("ready", None))
         plan = conn.recv()
         results = _run_threads(ep, plan, lambda ch: _send(txs[ch], plan, ch, _rng(plan, role, ch)))
@@ -997,11 +1011,11 @@ def _one_round(
         round=number, seed=seed, kind=rng.choice(list(config.kinds)), attacked=attacked,
         style=rng.choice(list(config.styles)),
         tags={ATTACKED: rng.getrandbits(32), CONTROL: rng.getrandbits(32)},
-        capacity=config.capacity,
+        capacity=config.capacity, window=rng.choice(list(config.windows)),
     )  # fmt: skip
     where = (
         f"round {number} (seed {seed}, {report.backend}, kind {plan.kind}, "
-        f"{plan.style if attacked else 'unattacked'})"
+        f"{plan.style if attacked else 'unattacked'}, window {plan.window or 'full'})"
     )
     memory = observer.memory
     if spec[0] == "plain":

@@ -21,6 +21,25 @@ around the end: when it does not fit before the end, the sender writes a WRAP he
 starts again at 0. So a payload is always contiguous and can be handed out as one
 memoryview or numpy array.
 
+**The hot window.** A sender does not walk the whole capacity when its receiver keeps up:
+once a record would reach past the first ``window`` bytes of the data (:data:`HOT_WINDOW`,
+or the capacity if smaller), the sender starts over at 0 with a WRAP marker, exactly as at the
+end - provided the receiver's published tail shows that it keeps up: at most one record
+(or an eighth of the window) is still unread, and the first ``need`` bytes of this lap are
+consumed (the ordinary room check of a record placed at the start of the next lap:
+``head + skip + need - tail <= capacity`` is ``tail >= lap start + need``). Otherwise the
+record goes on linearly and the ring fills its whole capacity as before; each later record
+past the window looks again. So a channel whose receiver keeps up touches a few megabytes
+that stay in cache, whatever its capacity, and one whose receiver falls behind or stalls
+still has the whole capacity to fill. (Why "nearly empty" and not just "room at 0": after an
+early wrap the sender may fill the new lap only up to the receiver's position in the old one,
+until the receiver passes the marker; with at most a record unread there, that is at least
+the window less a record, and only for as long as that record takes to read.) Nothing
+changes in the format: a WRAP marker could always appear at any position but 0, and a
+receiver follows it by the same rule whatever the sender's reason; it needs no knowledge of
+the window (and an older receiver reads an early-wrapping sender correctly). The receiver
+gives space back at least every sixteenth of the window, so the sender sees it keep up.
+
 **Trust.** Each side keeps private copies of the counters it writes (``_head`` for the
 sender, ``_tail`` for the receiver) and never reads its own counters back from shared memory
 (except once, validated, when it re-attaches). The other side's counter is read once per poll
@@ -49,6 +68,7 @@ from .errors import ChannelClosedError, ChannelCorrupted, UnexpectedMessageError
 __all__ = [
     "ACCELERATED",
     "CTRL_SIZE",
+    "HOT_WINDOW",
     "KIND_ARRAY",
     "KIND_DATA",
     "KIND_WRAP",
@@ -63,6 +83,10 @@ __all__ = [
 CTRL_SIZE = 256
 MIN_CAPACITY = 256
 HEADER = 8
+#: The part of the data a sender whose receiver keeps up works in (see the module docstring):
+#: a few messages of a megabyte, within what a core's caches hold. A sender's own window can be
+#: set smaller (``set_window``: the tests and the fuzzer use that to exercise early wraps).
+HOT_WINDOW = 4 << 20
 
 # Word indices (8-byte words) into the area.
 S_HEAD, S_WAIT, S_VECTOR, S_FLAGS = 0, 1, 2, 3
@@ -120,6 +144,7 @@ class _PythonCore:
     capacity: int
     _mask: int
     _half: int
+    _window: int
 
     def _bind(self, area: memoryview) -> None:
         """Take the sizes from the area (the C core also holds its buffer, and its sizes are
@@ -128,9 +153,15 @@ class _PythonCore:
         self.capacity = capacity
         self._mask = capacity - 1
         self._half = capacity >> 1
+        self._window = capacity  # as the C core: a new area starts with its whole capacity
 
     def _bind_guard(self, words: memoryview, index: int, value: int) -> None:
         """The C core holds the guard word's buffer here; Python needs nothing."""
+
+    def _bind_window(self, window: int) -> None:
+        """Set the hot window, clamped to 16..capacity (the C core's fast paths rely on
+        ``window <= capacity``, so the clamp lives with the value, not with its callers)."""
+        self._window = min(max(int(window), 16), self.capacity)
 
 
 def _load_core() -> tuple[type, bool]:
@@ -190,6 +221,7 @@ class _Ring(_Base):
             raise ChannelCorrupted(name, "size", f"area of {size} bytes is not 256 + 2**k")
         self._area = area
         self._bind(area)  # sets capacity, _mask and _half
+        self._bind_window(HOT_WINDOW)  # sets _window: min(HOT_WINDOW, capacity)
         self._q = area.cast("Q")
         self._data = area[CTRL_SIZE:]
         self._rodata = self._data.toreadonly()
@@ -227,6 +259,15 @@ class _Ring(_Base):
 
     def _int(self, value: object, what: str) -> int:
         return value if type(value) is int else int_arg(value, f"channel {self.name!r}: {what}")
+    def set_window(self, window: int) -> None:
+        """Work within the first ``window`` bytes of the data while the receiver keeps up
+        (clamped to 16..capacity; see the module docstring). A sender's placement rule; a
+        receiver uses it only to pace how often it gives space back."""
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise UsageError(
+                f"channel {self.name!r}: a window is a whole number of bytes >= 0, not {window!r}"
+            )
+        self._bind_window(window)
 
     def _corrupt(self, field: str, detail: str) -> ChannelCorrupted:
         err = ChannelCorrupted(self.name, field, detail)
@@ -301,11 +342,24 @@ class RingSender(_Ring):
         return tail
 
     def _place(self, need: int) -> tuple[int, int] | None:
-        """Where a record of ``need`` bytes goes: (pos, skip) or None if no room yet."""
+        """Where a record of ``need`` bytes goes: (pos, skip) or None if no room yet.
+
+        At the end of the data it wraps (skip to 0). Past the hot window it wraps early when
+        the receiver keeps up - the freshly read tail leaves at most ``need`` bytes or an
+        eighth of the window unread, and is at least ``need`` into this lap (so the record at
+        0 has room) - and otherwise goes on linearly (the receiver is behind or stalled: use
+        the capacity). The tail load is one load of the receiver's line, which the sender
+        reads at every flush anyway."""
         head = self._head
         pos = head & self._mask
         cap = self.capacity
-        skip = cap - pos if pos + need > cap else 0
+        skip = 0
+        if pos + need > cap:
+            skip = cap - pos
+        elif pos + need > self._window and pos:
+            tail = self._read_tail()
+            if tail >= head - pos + need and head - tail <= max(need, self._window >> 3):
+                skip = cap - pos  # early wrap: the receiver keeps up, the start is free
         total = skip + need
         if head + total - self._tail > cap and head + total - self._read_tail() > cap:
             return None
@@ -366,7 +420,7 @@ class RingSender(_Ring):
         head = self._head
         pos = head & self._mask
         cap = self.capacity
-        if need > self._limit or pos + need > cap or head + need - self._tail > cap:
+        if need > self._limit or pos + need > self._window or head + need - self._tail > cap:
             placed = self._slow_place(n)
             if placed is None:
                 return False
@@ -424,6 +478,7 @@ class RingSender(_Ring):
         data_view = self._data
         mask = self._mask
         cap = self.capacity
+        window = self._window
         first = head = self._head
         tail = self._tail
         limit = self._limit
@@ -437,7 +492,7 @@ class RingSender(_Ring):
                 n = len(m)
                 need = (n + 15) & -8
                 pos = head & mask
-                if need > limit or pos + need > cap or head + need - tail > cap:
+                if need > limit or pos + need > window or head + need - tail > cap:
                     self._head = head
                     placed = self._slow_place(n)
                     if placed is None:
@@ -492,7 +547,12 @@ class RingSender(_Ring):
         pos = head & self._mask
         cap = self.capacity
         skip = 0
-        if need > self._limit or pos + need > cap or head + need - self._tail > cap or n < 0:
+        if (
+            need > self._limit
+            or pos + need > self._window
+            or head + need - self._tail > cap
+            or n < 0
+        ):
             self._check_broken()
             if self._resv_view is not None:
                 raise UsageError(f"channel {self.name!r}: commit() the reservation first")
@@ -623,12 +683,23 @@ class RingReceiver(_Ring):
         self._head = tail  # last validated head: records in [_tail, _head) are known to exist
         self._views: list[memoryview] = []
         self._notified = 0
-        # recv() gives space back lazily, every eighth of the ring and whenever the ring is
-        # found empty: fewer fences and fewer cache-line transfers of the tail to the sender.
-        self._release_every = self.capacity >> 3
+        # recv() gives space back lazily (see _release_pace) and whenever the ring is found
+        # empty: fewer fences and fewer cache-line transfers of the tail to the sender.
+        self._release_every = self._release_pace()
 
     def _on_broken(self) -> None:
         self._head = getattr(self, "_tail", 0)  # fast path now goes to _read_head, which raises
+
+    def set_window(self, window: int) -> None:
+        super().set_window(window)
+        self._release_every = self._release_pace()
+
+    def _release_pace(self) -> int:
+        """Every eighth of the ring; with a hot window smaller than the ring, at most every
+        sixteenth of the window, so that the sender sees in time that this end keeps up (a
+        ring without one keeps the coarser pace: fewer tail stores for small messages)."""
+        cap = self.capacity
+        return cap >> 3 if self._window >= cap else min(cap >> 3, self._window >> 4)
 
     def _read_head(self) -> int:
         """Read and validate the sender's head once; returns it (maybe == tail: empty)."""

@@ -7,6 +7,8 @@
     ivshmem bench --out DIR       # also DIR/results.json, DIR/benchmarks.md, DIR/*.png
     ivshmem bench --docs          # regenerate docs/benchmarks.md and docs/bench/ (project root)
     ivshmem bench --from-json F   # re-render a previous run's results without measuring
+    ivshmem bench --capacities    # the ring-capacity axis (64 KiB and 1 MiB, 4..256 MiB rings)
+    ivshmem bench --capacities --docs   # ... and replace its section of docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -52,8 +54,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--payloads",
         metavar="LIST",
-        default="64,4K,1M",
-        help="comma-separated message sizes (default 64,4K,1M; at least 16 bytes each)",
+        default=None,
+        help="comma-separated message sizes (default 64,4K,1M, or 64K,1M with --capacities; "
+        "at least 16 bytes each)",
+    )
+    run.add_argument(
+        "--capacities",
+        metavar="LIST",
+        nargs="?",
+        const="4M,32M,64M,256M",
+        default=None,
+        help="measure the ring-capacity axis instead of the main tables: the spinning "
+        "channel written + copied (stream and round trip) at these ring capacities "
+        "(default 4M,32M,64M,256M) next to iceoryx2 written + copied; with --docs, only the "
+        "capacity section of docs/benchmarks.md is replaced",
     )
     run.add_argument(
         "--only",
@@ -146,13 +160,31 @@ def _config(args: argparse.Namespace) -> Any:
         unknown = sorted(only - set(SERIES_BY_KEY) - {MEMCPY})
         if unknown:
             raise UsageError(f"--only: unknown series {', '.join(unknown)} (see --list)")
+    capacities: tuple[int, ...] = ()
+    if args.capacities is not None:
+        capacities = _payloads(args.capacities)  # sizes, parsed the same way
+        bad = [c for c in capacities if c < 4096 or c & (c - 1) or c > 1 << 32]
+        if bad:
+            raise UsageError(
+                f"--capacities: {', '.join(map(str, bad))} is not a power of two within 4K..4G"
+            )
+    default = "64K,1M" if capacities else "64,4K,1M"
+    payloads = _payloads(args.payloads or default)
+    for cap in capacities:
+        too_big = [p for p in payloads if 2 * (p + 8) > cap]
+        if too_big:
+            raise UsageError(
+                f"--capacities: a {cap}-byte ring cannot carry {too_big[0]}-byte messages "
+                "(a message may use at most half the ring)"
+            )
     return SuiteConfig(
         repetitions=reps,
         plan=Plan(warmup=warmup, duration=duration),
-        payloads=_payloads(args.payloads),
+        payloads=payloads,
         only=only,
         pin=args.pin,
         block_spin=args.block_spin,
+        capacities=capacities,
     )
 
 
@@ -177,7 +209,7 @@ def _outputs(args: argparse.Namespace) -> tuple[str | None, str | None, str | No
                 "root (where pyproject.toml is), e.g. scripts/bench-docs.sh"
             )
         chart_dir = os.path.join("docs", "bench")
-        json_path = json_path or os.path.join(chart_dir, "results.json")
+        # (json_path stays None here: its default depends on the run, see run_from_args)
         md_path = md_path or os.path.join("docs", "benchmarks.md")
     if args.out:
         chart_dir = args.out
@@ -189,7 +221,9 @@ def _outputs(args: argparse.Namespace) -> tuple[str | None, str | None, str | No
 def run_from_args(args: argparse.Namespace) -> int:
     from ..bench.report import (
         evaluate_targets,
+        existing_capacity_section,
         render_markdown,
+        splice_capacity_section,
         verdict_lines,
         write_charts,
         write_json,
@@ -216,11 +250,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (UsageError, OSError, ValueError) as err:
         print(f"ivshmem bench: {err}", file=sys.stderr)
         return 2
+    capacity_run = bool(doc["config"].get("capacities"))
+    if args.docs and not json_path:
+        # The capacity axis keeps its results apart: they never replace the main run's.
+        name = "capacity.json" if capacity_run else "results.json"
+        json_path = os.path.join("docs", "bench", name)
     for path in (json_path, md_path):
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
     charts: dict[str, str] = {}
-    if chart_dir:
+    if chart_dir and not capacity_run:
         charts = write_charts(doc, chart_dir)
         if not charts:
             print("ivshmem bench: matplotlib is missing, no charts", file=sys.stderr)
@@ -230,6 +269,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     rel = {k: os.path.relpath(v, base or ".") for k, v in charts.items()}
     text = render_markdown(doc, rel)
     if md_path:
+        # The capacity axis is a section of its own: a capacity run replaces just that
+        # section of an existing file, and a full run keeps the section it finds.
+        old = ""
+        if os.path.exists(md_path):
+            with open(md_path) as f:
+                old = f.read()
+        if capacity_run and old:
+            text = splice_capacity_section(old, text).rstrip("\n")
+        elif not capacity_run:
+            text = splice_capacity_section(text, existing_capacity_section(old))
         with open(md_path, "w") as f:
             f.write(text + "\n")
     else:

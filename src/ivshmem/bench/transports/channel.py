@@ -202,7 +202,7 @@ class ChannelSpinning(Transport):
         from ...endpoint import open_region
         from ...memory import SharedMemory
 
-        self.capacity = ring_capacity(self.payload, self.depth)
+        self.capacity = self.ring_capacity or ring_capacity(self.payload, self.depth)
         self._shm = SharedMemory.memfd(region_size(self.capacity), "ivshmem-bench")
         # The children inherit the memfd across fork and map it themselves.
         os.set_inheritable(self._shm.fd, True)
@@ -240,7 +240,7 @@ class ChannelBlocking(Transport):
         return f"{cls.notes}; {_API_NOTES[variant]}"
 
     def prepare(self) -> None:
-        self.capacity = ring_capacity(self.payload, self.depth)
+        self.capacity = self.ring_capacity or ring_capacity(self.payload, self.depth)
         n = next(_counter)
         self._socket = os.path.join(self.ctx.tmpdir, f"server-{n}.sock")
         self._log = os.path.join(self.ctx.tmpdir, f"server-{n}.log")
