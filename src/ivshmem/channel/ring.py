@@ -259,6 +259,7 @@ class _Ring(_Base):
 
     def _int(self, value: object, what: str) -> int:
         return value if type(value) is int else int_arg(value, f"channel {self.name!r}: {what}")
+
     def set_window(self, window: int) -> None:
         """Work within the first ``window`` bytes of the data while the receiver keeps up
         (clamped to 16..capacity; see the module docstring). A sender's placement rule; a
