@@ -43,15 +43,17 @@ the announcements are queued, for anything else that wants to follow membership.
 The package has one module per job: :mod:`.config` (options and defaults), :mod:`.core` (the
 asyncio loop: accepting, admitting and dropping clients), :mod:`.region` (the backings and the
 membership table), :mod:`.queues` (per-client queues and flushing), :mod:`.flow` (send stalls
-and clients that do not read), :mod:`.shortage` (running out of fds), :mod:`.access`
-(credentials and allow-lists), :mod:`.sockets` (claiming and listening), :mod:`.status` (the
-status socket), :mod:`.pidfile` and :mod:`.fds` (:class:`SharedFd`, the fd limit).
+and clients that do not read), :mod:`.admission` (the bound per client process),
+:mod:`.shortage` (running out of fds), :mod:`.access` (credentials and allow-lists),
+:mod:`.sockets` (claiming and listening), :mod:`.status` (the status socket), :mod:`.pidfile`
+and :mod:`.fds` (:class:`SharedFd`, the fd limit).
 """
 
 from .access import client_allowed, peer_credentials, peer_groups
 from .base import MembershipObserver
 from .config import (
     BACKINGS,
+    DEFAULT_MAX_PENDING,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_QUEUED_TOTAL,
     DEFAULT_SHM_NAME,
@@ -69,6 +71,7 @@ from .status import query_status, status_path_for
 
 __all__ = [
     "BACKINGS",
+    "DEFAULT_MAX_PENDING",
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_MAX_QUEUED_TOTAL",
     "DEFAULT_SHM_NAME",

@@ -19,6 +19,7 @@ from .fds import SharedFd
 
 if TYPE_CHECKING:
     from ..channel import MembershipWriter
+    from .admission import _Source
     from .core import Server
     from .flow import _SendStall
     from .queues import _Client
@@ -51,6 +52,10 @@ class _Counters:
     queue_budget_drops: int = 0
     #: Episodes in which the server ran out of fds (accept or eventfd creation failed).
     fd_shortages: int = 0
+    #: Joins dropped together with their leave from a queue, both unsent.
+    joins_collapsed: int = 0
+    #: Connections that waited behind their source's handshakes (--max-pending).
+    clients_waited: int = 0
 
 
 @dataclass
@@ -92,6 +97,8 @@ class ServerBase:
     _closed: bool
     _region_map: Mapping | None
     _membership: MembershipWriter | None
+    _sources: dict[tuple[int, int], _Source]
+    _source_warned: dict[tuple[int, int, int], float]
 
     if TYPE_CHECKING:
         # Defined in one part, called from another.
@@ -105,3 +112,5 @@ class ServerBase:
         def _count_fds(self) -> int: ...
         def _restore_reserve(self) -> None: ...
         def _release_reserve(self) -> bool: ...
+        def _judge_reader(self, client: _Client) -> None: ...
+        def _handshake_sent(self, client: _Client) -> None: ...

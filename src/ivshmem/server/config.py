@@ -20,6 +20,10 @@ DEFAULT_SIZE = 4 << 20
 #: coming and going) while not reading at all. Each queued message costs about 16 bytes of
 #: server memory, and one with an fd may keep a departed peer's eventfd open until it is sent.
 DEFAULT_MAX_QUEUE = 16384
+#: Handshakes one client process (pid and uid) may have unsent at once before its further
+#: connections wait (see :mod:`ivshmem.server.admission`). A handshake is sent at once unless
+#: the client does not read it, so only a process holding many unread connections waits.
+DEFAULT_MAX_PENDING = 256
 #: Messages queued for all clients together before the longest queues are cut. At about 16
 #: bytes each (measured: two deque slots) the default bounds them near 128 MiB. A join queues
 #: its handshake (3 + vectors x peers) and one message per vector to every other peer, so N
@@ -63,6 +67,8 @@ class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     #: Messages queued for all clients together before the longest queues are disconnected.
     max_queued_total: int = DEFAULT_MAX_QUEUED_TOTAL
+    #: Handshakes one client process may have unsent before its connections wait.
+    max_pending: int = DEFAULT_MAX_PENDING
     #: Where id allocation starts (0 like QEMU; other values exist to test wrap-around).
     first_id: int = 0
     pidfile: str | None = None
@@ -91,6 +97,8 @@ class ServerConfig:
             raise ServerConfigError(f"first id {self.first_id} is out of range 0..{MAX_PEER_ID}")
         if self.max_queue < 1:
             raise ServerConfigError(f"max queue {self.max_queue} must be at least 1")
+        if self.max_pending < 1:
+            raise ServerConfigError(f"max pending {self.max_pending} must be at least 1")
         if self.max_queued_total < 1:
             raise ServerConfigError(f"max queued total {self.max_queued_total} must be at least 1")
         if not 0 <= self.mode <= 0o777:

@@ -24,14 +24,15 @@ from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from ..memory import Mapping, SharedMemory, format_size
-from ..protocol import PeerTable, TableFullError
+from ..protocol import PROTOCOL_VERSION, SHM_MARKER, PeerTable, TableFullError
 from .access import client_allowed, peer_credentials, peer_groups
+from .admission import AdmissionMixin, _Source
 from .base import MembershipObserver, _Counters, _Tasks
 from .config import QEMU_MAX_VECTORS, ServerConfig
 from .fds import SharedFd, raise_fd_limit
 from .flow import _SEND_RETRY_MIN, FlowMixin, _message_truesize, _SendStall
 from .pidfile import remove_pidfile, write_pidfile
-from .queues import QueuesMixin, _Client
+from .queues import Message, QueuesMixin, _Client
 from .region import RegionMixin
 from .shortage import _BACKOFF_MIN, ShortageMixin, _Shortage
 from .sockets import listen, sd_notify
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ivshmem.server")
 
 
-class Server(RegionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
+class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
     """The ivshmem server. :meth:`open` (synchronous) creates the shared memory and the
     listening sockets -- every configuration error surfaces there, before daemonizing --
     and :meth:`serve` runs until :meth:`stop` (or SIGTERM/SIGINT)."""
@@ -92,6 +93,10 @@ class Server(RegionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
         #: With ``format_region``: the server's mapping of the region and its table writer.
         self._region_map: Mapping | None = None
         self._membership: MembershipWriter | None = None
+        #: Per client process: its handshakes in flight and connections waiting to join.
+        self._sources: dict[tuple[int, int], _Source] = {}
+        #: When each source was last warned about (admission.py).
+        self._source_warned: dict[tuple[int, int, int], float] = {}
 
     def open(self) -> None:
         """Create the listening sockets, the pid file and the shared memory. Raises
@@ -242,6 +247,7 @@ class Server(RegionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
             self._drop(client, announce=False)
         while self._parked:
             self._parked.popleft()[0].close()
+        self._close_waiting()
         self._dirty.clear()
         self._blocked.clear()
         if self._stall_timer is not None:
@@ -335,6 +341,10 @@ class Server(RegionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
                 # A bug or an unexpected OSError around one client must not stop the server.
                 log.exception("unexpected error while admitting a client; dropping it")
                 conn.close()
+            # Send the announcements and the handshake now (the others first, as queued): a
+            # handshake the kernel took is not pending against its source, and a client that
+            # already hung up is gone before the next one joins.
+            self._flush_dirty()
 
     def _admit(self, conn: socket.socket) -> None:
         """Give a new connection an id and eventfds, queue its handshake and the announcements."""
@@ -353,7 +363,7 @@ class Server(RegionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
             log.warning("refused client pid %d uid %d gid %d: not in the allow-list", pid, uid, gid)
             conn.close()
             return
-        self._join(conn, creds)
+        self._admit_bounded(conn, creds)
 
     def _join(self, conn: socket.socket, creds: tuple[int, int, int]) -> bool:
         """Make an accepted, allowed connection a peer. Returns False if it had to be parked
@@ -406,9 +416,24 @@ class Server(RegionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
         client = _Client(conn, peer, creds)
         self._clients[peer] = client
         # The table's entry owns the holders' first reference from here on.
-        sends = self._table.join(peer, holders)
+        before = self._table.add(peer, holders)
+        # What PeerTable.join lists, as tuples: the announcements to the peers already here
+        # first (so they know of the newcomer before it can ring them), then its handshake.
+        sends: list[Message] = [(other, peer, fd) for other, _ in before for fd in holders]
+        sends += [(peer, PROTOCOL_VERSION, None), (peer, peer, None)]
+        sends.append((peer, SHM_MARKER, self._table.shm))
+        for other, other_fds in before:
+            sends += [(peer, other, fd) for fd in other_fds]
+        sends += [(peer, peer, fd) for fd in holders]
         self._counters.joins += 1
+        client.handshake_left = 3 + self.config.vectors * len(self._table)
+        self._source_started(client)
         self._loop.add_reader(client.fd, self._on_client_readable, client)
+        # Listed in the membership table before it is sent anything, so a peer that looks at
+        # the table right after its handshake finds itself there.
+        self._membership_joined(peer)
+        self._dispatch(sends)
+        # Logged once the messages are out: the log line is not on the clients' path.
         log.info(
             "peer %d joined (pid %d, uid %d); %d peer(s) connected",
             peer,
@@ -416,10 +441,6 @@ class Server(RegionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
             uid,
             len(self._clients),
         )
-        # Listed in the membership table before it is sent anything, so a peer that looks at
-        # the table right after its handshake finds itself there.
-        self._membership_joined(peer)
-        self._dispatch(sends)
         self._membership_changed(peer)
         self._notify_observers("on_join", peer)
         return True
@@ -434,7 +455,11 @@ class Server(RegionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
-            self._disconnect(client, f"connection broke ({err.strerror})")
+            if err.errno == errno.ECONNRESET:
+                # Its process exited (or closed) with messages unread: still a leave.
+                self._disconnect(client, "left (it closed with messages unread)")
+            else:
+                self._disconnect(client, f"connection broke ({err.strerror})")
             return
         if data:
             # Clients never send in protocol version 0; QEMU's server treats any input as a
@@ -451,8 +476,9 @@ class Server(RegionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
     def _disconnect(self, client: _Client, reason: str, level: int = logging.INFO) -> None:
         if client.closed:
             return
-        log.log(level, "%s %s", client.describe(), reason)
         self._drop(client, announce=True)
+        # Logged once the leave is announced: the log line is not on the clients' path.
+        log.log(level, "%s %s", client.describe(), reason)
 
     def _drop(self, client: _Client, announce: bool) -> None:
         """Close a client, release its queue and table entry and (if ``announce``) queue the
@@ -467,6 +493,7 @@ class Server(RegionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
                 loop.remove_writer(client.fd)
         client.writing = False
         client.sock.close()
+        self._handshake_sent(client)  # it will not take the rest: its source may go on
         self._queued_total -= len(client.queue)
         client.queue.clear()
         while client.fds:
@@ -478,7 +505,17 @@ class Server(RegionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
         table = self._table
         if table is None or client.peer not in table:
             return
-        fds, sends = table.leave(client.peer)
+        peer = client.peer
+        fds = table.remove(peer)
+        sends: list[Message] = []
+        if announce:
+            # Where its whole join is still queued, the join and this leave cancel out.
+            collapse = self._collapse_join
+            sends = [
+                (other.peer, peer, None)
+                for other in self._clients.values()
+                if not other.closed and not (other.joins_queued and collapse(peer, fds, other))
+            ]
         for holder in fds:
             holder.release()
         self._counters.leaves += 1

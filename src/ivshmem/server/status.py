@@ -84,6 +84,8 @@ class StatusMixin(ServerBase):
                 "stalled_clients_dropped": c.stalled_clients_dropped,
                 "accept_errors": c.accept_errors,
                 "fd_shortages": c.fd_shortages,
+                "joins_collapsed": c.joins_collapsed,
+                "clients_waited": c.clients_waited,
                 "status_queries": c.status_queries,
             },
             "membership": None
@@ -96,6 +98,8 @@ class StatusMixin(ServerBase):
             "limits": {
                 "max_queue": cfg.max_queue,
                 "max_queued_total": cfg.max_queued_total,
+                "max_pending": cfg.max_pending,
+                "clients_waiting": sum(len(src.waiting) for src in self._sources.values()),
                 "open_fds": open_fds,
                 "fd_limit": soft,
                 "accept_paused": self._accept_paused,
