@@ -208,8 +208,12 @@ def test_host_peer_exiting_without_close_is_a_leave(short_tmp: Path) -> None:
         finally:
             for fd in (ready_r, ready_w, go_r, go_w):
                 os.close(fd)
-        line = next(
-            line for line in server.log().splitlines() if f"peer {child_id} (pid {pid}" in line
-        )
+
+        def lines() -> list[str]:
+            return [line for line in server.log().splitlines() if f"peer {child_id} (pid" in line]
+
+        # The line is written once the leave is announced: the other peer may be first.
+        server.wait_until(lambda: len(lines()) == 1, what="the leave's log line")
+        line = lines()[0]
         assert "left" in line and "connection broke" not in line, line
         other.close()

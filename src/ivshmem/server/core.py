@@ -516,8 +516,6 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
                 for other in self._clients.values()
                 if not other.closed and not (other.joins_queued and collapse(peer, fds, other))
             ]
-        for holder in fds:
-            holder.release()
         self._counters.leaves += 1
         if self._membership is not None:
             # Also at shutdown (announce=False): the table must not list peers of a server
@@ -525,6 +523,9 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
             self._membership.left(client.peer)
         if announce:
             self._dispatch(sends)
+        for holder in fds:  # closing its eventfds is not on the others' path
+            holder.release()
+        if announce:
             self._membership_changed(client.peer)
             self._notify_observers("on_leave", client.peer)
 
@@ -541,6 +542,11 @@ def run(server: Server) -> None:
     # asyncio's default on Linux is epoll already; being explicit documents that select()
     # (and its 1024-fd ceiling, which QEMU's server hits) is never used.
     loop = asyncio.SelectorEventLoop(selectors.EpollSelector())
+    # A line per join and leave: skip what the server's log lines never show (the logging
+    # HOWTO's "Optimization": caller lookup, thread and multiprocessing names).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     try:
         loop.run_until_complete(server.serve())
     finally:

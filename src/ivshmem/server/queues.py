@@ -9,7 +9,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..protocol import encode
 from .base import ServerBase
@@ -19,6 +19,16 @@ log = logging.getLogger("ivshmem.server")
 
 _MSG_NOSIGNAL = socket.MSG_NOSIGNAL
 _PACK = struct.Struct("<q").pack
+
+
+def _no_send(data: bytes, flags: int) -> int:
+    raise AssertionError("no client")
+
+
+def _no_sendmsg(data: list[bytes], anc: list[tuple[int, int, bytes]], flags: int) -> int:
+    raise AssertionError("no client")
+
+
 #: One message to send: (recipient, value, fd or None) -- what protocol.Send says, as a tuple.
 Message = tuple[int, int, "SharedFd | None"]  # protocol.encode, without the call
 #: A client whose queue passed its bound is disconnected only once the kernel took none of
@@ -112,37 +122,40 @@ class QueuesMixin(ServerBase):
         pack = _PACK
         last = -1
         client: _Client | None = None
-        sock = None
+        direct_ok = False
+        send_plain: Callable[[bytes, int], int] = _no_send
+        send_fd: Callable[[list[bytes], list[tuple[int, int, bytes]], int], int] = _no_sendmsg
         # Runs of messages go to one recipient (a handshake, a join's vectors): look it up
         # once per run. No client closes while this runs (disconnects are not made here).
         for recipient, value, fd in sends:
             if recipient != last:
                 last = recipient
                 client = clients.get(recipient)
-                if client is not None:
-                    if client.closed:
-                        client = None
-                    else:
-                        sock = client.sock
-            if client is None:
+                if client is None or client.closed:
+                    client = None
+                    continue
+                direct_ok = not (client.queue or client.partial or client.writing or client.blocked)
+                if direct_ok:
+                    send_plain, send_fd = client.sock.send, client.sock.sendmsg
+            elif client is None:
                 continue
-            if not (client.queue or client.partial or client.writing or client.blocked):
+            if direct_ok:
                 data = pack(value)
                 try:
-                    assert sock is not None
                     if fd is None:
-                        n = sock.send(data, _MSG_NOSIGNAL)
+                        n = send_plain(data, _MSG_NOSIGNAL)
                     else:
-                        n = sock.sendmsg([data], fd.ancillary(), _MSG_NOSIGNAL)
+                        n = send_fd([data], fd.ancillary(), _MSG_NOSIGNAL)
                 except OSError:
-                    pass  # queued below: flushing meets the condition again
+                    direct_ok = False  # queued below: flushing meets the condition again
                 else:
                     direct += 1
                     client.sent += 1
-                    if not client.progressed:
+                    if not client.progressed:  # the kernel took one: it reads
                         client.progressed = True
                         progressed.append(client)
                     if n < 8:  # its fd went with byte 0
+                        direct_ok = False
                         client.partial = data[n:]
                         if not client.dirty:
                             client.dirty = True
