@@ -482,10 +482,33 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
 
     def _drop(self, client: _Client, announce: bool) -> None:
         """Close a client, release its queue and table entry and (if ``announce``) queue the
-        leave message to everyone else."""
+        leave message to everyone else. The leave goes out first: closing the socket, its
+        queue and its eventfds is not on the others' path."""
         if client.closed:
             return
         client.closed = True
+        peer = client.peer
+        self._clients.pop(peer, None)
+        table = self._table
+        fds: tuple[SharedFd, ...] = ()
+        if table is not None and peer in table:
+            fds = table.remove(peer)
+            self._counters.leaves += 1
+            if self._membership is not None:
+                # Also at shutdown (announce=False): the table must not list peers of a
+                # server that is gone.
+                self._membership.left(peer)
+            if announce:
+                # Where its whole join is still queued, the join and this leave cancel out.
+                collapse = self._collapse_join
+                self._dispatch(
+                    [
+                        (other.peer, peer, None)
+                        for other in self._clients.values()
+                        if not other.closed
+                        and not (other.joins_queued and collapse(peer, fds, other))
+                    ]
+                )
         loop = self._loop
         if loop is not None:
             loop.remove_reader(client.fd)
@@ -500,34 +523,12 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
             holder = client.fds.popleft()
             if holder is not None:
                 holder.release()
-        self._restore_reserve()  # an fd was just freed
-        self._clients.pop(client.peer, None)
-        table = self._table
-        if table is None or client.peer not in table:
-            return
-        peer = client.peer
-        fds = table.remove(peer)
-        sends: list[Message] = []
-        if announce:
-            # Where its whole join is still queued, the join and this leave cancel out.
-            collapse = self._collapse_join
-            sends = [
-                (other.peer, peer, None)
-                for other in self._clients.values()
-                if not other.closed and not (other.joins_queued and collapse(peer, fds, other))
-            ]
-        self._counters.leaves += 1
-        if self._membership is not None:
-            # Also at shutdown (announce=False): the table must not list peers of a server
-            # that is gone.
-            self._membership.left(client.peer)
-        if announce:
-            self._dispatch(sends)
-        for holder in fds:  # closing its eventfds is not on the others' path
+        for holder in fds:
             holder.release()
-        if announce:
-            self._membership_changed(client.peer)
-            self._notify_observers("on_leave", client.peer)
+        self._restore_reserve()  # an fd was just freed
+        if fds and announce:
+            self._membership_changed(peer)
+            self._notify_observers("on_leave", peer)
 
     def _notify_observers(self, method: str, peer: int) -> None:
         for observer in list(self.observers):
