@@ -31,6 +31,7 @@ from ..errors import IvshmemError, ServerConfigError, UsageError
 from ..memory import parse_size
 from ..protocol import MAX_PEER_ID, MAX_VECTORS
 from ..server import (
+    DEFAULT_MAX_PENDING,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_QUEUED_TOTAL,
     DEFAULT_SHM_NAME,
@@ -163,8 +164,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=int,
         default=DEFAULT_MAX_QUEUE,
-        help="messages a client may fall behind beyond one full handshake before it is "
-        f"disconnected (default {DEFAULT_MAX_QUEUE})",
+        help="messages a client may fall behind beyond one full handshake; past it, a client "
+        "that has read nothing for a second is disconnected (one that reads never is; "
+        f"default {DEFAULT_MAX_QUEUE})",
+    )
+    more.add_argument(
+        "--max-pending",
+        metavar="N",
+        type=int,
+        default=DEFAULT_MAX_PENDING,
+        help="handshakes one client process may have unsent at once; its further connections "
+        f"wait and join in order (default {DEFAULT_MAX_PENDING})",
     )
     more.add_argument(
         "--max-queued-total",
@@ -317,6 +327,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         status_socket=status_socket,
         max_queue=args.max_queue,
         max_queued_total=args.max_queued_total,
+        max_pending=args.max_pending,
         first_id=args.first_id,
         format_region=args.format_region or args.reformat,
         reformat=args.reformat,
