@@ -62,12 +62,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from . import __version__
 from .errors import ClosedError, IvshmemError, ServerConfigError, UsageError
 from .memory import (
-    Mapping,
     SharedMemory,
     ShrinkRefusedError,
     format_size,
@@ -76,9 +75,7 @@ from .memory import (
     validate_shm_name,
 )
 from .protocol import MAX_PEER_ID, MAX_VECTORS, PeerTable, Send, TableFullError, encode
-
-if TYPE_CHECKING:
-    from .channel import MembershipWriter
+from .regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership
 
 __all__ = [
     "BACKINGS",
@@ -734,9 +731,11 @@ class Server:
         #: (st_dev, st_ino) of each socket file we bound, to remove only our own at exit.
         self._bound: dict[str, tuple[int, int]] = {}
         self.size = 0
-        #: With ``format_region``: the server's mapping of the region and its table writer.
-        self._region_map: Mapping | None = None
-        self._membership: MembershipWriter | None = None
+        # [regionguard] The region's size guard (a no-op on a sealed memfd) and its timer;
+        # with ``format_region`` the membership table, written so the server cannot fault.
+        self._guard: RegionGuard | None = None
+        self._region_timer: asyncio.TimerHandle | None = None
+        self._membership: RegionMembership | None = None
 
     # -- setup --------------------------------------------------------------------------
 
@@ -827,43 +826,13 @@ class Server:
             pass
 
     def _open_membership(self) -> None:
-        """Map the region and take the membership table's writer role, formatting the
-        region first unless it already carries the layout (kept across a restart)."""
-        from .channel import MembershipWriter, Region, format_region, is_formatted
-
-        assert self._shm is not None
-        self._region_map = self._shm.map()
-        memory = self._region_map.memory
-        cfg = self.config
-        if cfg.reformat:
-            format_region(memory, max_peers=cfg.max_peers)
-            log.warning(
-                "reformatted the region for %d peers (--reformat): every channel it held is gone",
-                cfg.max_peers,
-            )
-        elif is_formatted(memory):
-            try:
-                region = Region(memory)
-            except IvshmemError as err:  # another version, resized, or a corrupted header
-                raise ServerConfigError(
-                    f"the region's channel layout cannot be used ({err}): add --reformat to "
-                    "lay it out afresh (this erases every channel in it)"
-                ) from None
-            log.info(
-                "the region is already formatted (for %d peers): keeping its layout and content",
-                region.max_peers,
-            )
-            if region.max_peers != cfg.max_peers:
-                log.warning(
-                    "--max-peers %d is not applied: the region keeps its layout for %d peers "
-                    "(--reformat lays it out afresh, erasing its channels)",
-                    cfg.max_peers,
-                    region.max_peers,
-                )
-        else:
-            format_region(memory, max_peers=cfg.max_peers)
-            log.info("formatted the region for %d peers", cfg.max_peers)
-        self._membership = MembershipWriter(memory)
+        """Take the membership table's writer role, formatting the region first unless it
+        already carries the layout (kept across a restart)."""
+        # [regionguard] Written with pwrite (or into a sealed region's mapping): see there.
+        assert self._guard is not None and self._shm is not None
+        self._membership = RegionMembership.open(
+            self._guard, self._shm, max_peers=self.config.max_peers, reformat=self.config.reformat
+        )
 
     def _membership_joined(self, peer: int) -> None:
         if self._membership is None:
@@ -942,6 +911,7 @@ class Server:
             )
         self.size = shm.size
         self._shm = shm
+        self._guard = RegionGuard(shm)  # [regionguard]
         self._shm_ref = SharedFd(shm.fd, close=lambda _fd: shm.close())
         self._table = PeerTable(self._shm_ref, first_id=cfg.first_id)
 
@@ -1059,6 +1029,9 @@ class Server:
                 "backing": cfg.backing,
                 "path": None if shm is None or cfg.backing == "memfd" else shm.path or cfg.shm_path,
                 "size": self.size,
+                # [regionguard]
+                "sealed": self._guard is not None and self._guard.sealed,
+                "size_restores": 0 if self._guard is None else self._guard.restores,
             },
             "vectors": cfg.vectors,
             "peers": [
@@ -1131,6 +1104,8 @@ class Server:
             loop.add_reader(self._listener.fileno(), self._on_accept)
             if self._status_listener is not None:
                 loop.add_reader(self._status_listener.fileno(), self._on_status_accept)
+            if self._guard is not None and not self._guard.sealed:  # [regionguard]
+                self._region_timer = loop.call_later(CHECK_INTERVAL, self._on_region_timer)
             sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.config.socket_path}")
             await self._stopping.wait()
         finally:
@@ -1183,6 +1158,9 @@ class Server:
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+        if self._region_timer is not None:  # [regionguard]
+            self._region_timer.cancel()
+            self._region_timer = None
         for task in list(self._tasks.status):
             task.cancel()
         for listener, path in (
@@ -1198,10 +1176,9 @@ class Server:
                 self._remove_socket_file(path)
             listener.close()
         self._listener = self._status_listener = None
-        self._membership = None
-        if self._region_map is not None:
-            self._region_map.close()
-            self._region_map = None
+        if self._membership is not None:  # [regionguard]
+            self._membership.close()
+            self._membership = None
         if discard and self._shm is not None and self._shm.created:
             log.info("removing %s, created by this failed start", self._shm.path)
             self._shm.unlink()
@@ -1440,6 +1417,8 @@ class Server:
             uid,
             len(self._clients),
         )
+        # [regionguard] Before the newcomer is sent the fd: it must map the right size.
+        self._check_region()
         # Listed in the membership table before it is sent anything, so a peer that looks at
         # the table right after its handshake finds itself there.
         self._membership_joined(peer)
@@ -1769,6 +1748,8 @@ class Server:
         for holder in fds:
             holder.release()
         self._counters.leaves += 1
+        if announce:
+            self._check_region()  # [regionguard]
         if self._membership is not None:
             # Also at shutdown (announce=False): the table must not list peers of a server
             # that is gone.
@@ -1777,6 +1758,25 @@ class Server:
             self._dispatch(sends)
             self._membership_changed(client.peer)
             self._notify_observers("on_leave", client.peer)
+
+    # -- [regionguard] the region's size ---------------------------------------------------
+
+    def _check_region(self) -> None:
+        """Restore an unsealed region's size if a peer changed it, write back what the
+        server keeps in it, and ring the membership vector if that changed the table."""
+        guard = self._guard
+        if guard is None or guard.sealed or self._closed:
+            return
+        cut = guard.check()
+        if self._membership is not None and self._membership.repair(cut):
+            self._membership_changed(-1)
+
+    def _on_region_timer(self) -> None:
+        self._region_timer = None
+        if self._closed or self._loop is None:
+            return
+        self._check_region()
+        self._region_timer = self._loop.call_later(CHECK_INTERVAL, self._on_region_timer)
 
     def _notify_observers(self, method: str, peer: int) -> None:
         for observer in list(self.observers):

@@ -1,0 +1,395 @@
+"""The server's side of the region: keeping it at its size, and writing into it safely.
+
+Every admitted peer holds the region's fd, and with it ``ftruncate``. A region that shrinks
+under a mapping makes every access to the lost pages a SIGBUS, which kills the process: the
+server while it writes the membership table, every QEMU, every host peer. Two defences:
+
+* **Sealing.** A memfd region (``--memfd``) is sealed against shrinking and growing as soon as
+  it has its size (:func:`ivshmem.memory.seal_size`): a peer's truncate fails with EPERM and
+  nobody can fault. This is the only complete defence, and the reason to prefer ``--memfd``.
+* **Guarding.** Named and directory backings (``-M``, ``--file``, ``-m``) cannot be sealed.
+  For them :class:`RegionGuard` notices a region whose size changed, logs it as an error and
+  restores the size, and :class:`RegionMembership` writes the membership table with
+  ``pwrite`` on the fd, never through a mapping, so the server itself can never fault: a
+  ``pwrite`` past the end of a truncated file just extends it. What the server would read
+  back is kept in a private shadow copy and never read from the region.
+
+**When the guard looks.** ``fstat`` on every join (before the newcomer is sent the fd, so it
+maps a region of the right size), on every leave, and every :data:`CHECK_INTERVAL` seconds.
+An inotify watch would see a truncate sooner, but it cannot close the window either: a VM
+or host peer that touches a lost page faults at that instant, before any notification could
+be handled. So the check only bounds how long the region stays short (and so how many
+accesses can fault), at the cost of one ``fstat`` (about a microsecond) per tick; sealing is
+the fix, the guard is damage control.
+
+**Store atomicity.** Readers of the membership table rely on aligned 8-byte stores (the
+seqlock word, and each slot's "joined" word, which channels read without the seqlock; see
+:mod:`ivshmem.channel.layout`). On a sealed region the table is written through a mapping,
+one 8-byte store per word, exactly as :class:`~ivshmem.channel.MembershipWriter` does. On an
+unsealed one each changed word is one 8-byte ``pwrite``, in the writer's order (seqlock word
+odd, the arena header of a newcomer, the slot, the seqlock word even); the kernel copies it
+with one 8-byte move on most CPUs, but on CPUs with fast short ``rep movsb`` it may land in
+smaller pieces. The seqlock copes with that (a torn sequence word never matches on both
+reads around a copy that overlapped a write). A channel's guard word read torn while a slot
+changes hands is not equal to the old owner's value, so it reads as "left" -- except in the
+coincidence already documented at :func:`ivshmem.channel.layout.membership_guard`, which a
+torn read makes no likelier than a well-timed leave and join.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .errors import IvshmemError, ServerConfigError
+from .memory import Mapping, SharedMemory, format_size, is_size_sealed
+
+if TYPE_CHECKING:
+    from .channel import MembershipWriter, Region
+
+__all__ = ["CHECK_INTERVAL", "RegionGuard", "RegionMembership"]
+
+log = logging.getLogger("ivshmem.server")
+
+#: Seconds between two size checks of an unsealed region (besides every join and leave).
+CHECK_INTERVAL = 0.2
+
+_WORD = struct.Struct("<Q")
+#: The arena header (owner, epoch, allocation counters, directory seqlock) is the first 64
+#: bytes of an arena (``layout._A_ENTRIES``); the membership writer resets it before it
+#: publishes a slot, and of it only owner and epoch (the first 16 bytes) are the writer's
+#: once the slot is published.
+_ARENA_HEADER = 64
+_ARENA_OWNED = 16
+#: The layout's page (``ivshmem.channel.layout.PAGE``; that module is imported lazily).
+PAGE_SIZE = 4096
+
+
+class RegionGuard:
+    """Keeps an unsealed region at the size the server serves; a no-op on a sealed one."""
+
+    def __init__(self, shm: SharedMemory) -> None:
+        self._shm = shm
+        self.size = shm.size
+        #: Nobody can change the size: nothing to check, and a mapping can never fault.
+        self.sealed = shm.sealed or is_size_sealed(shm.fd)
+        #: How many times the size was found changed and restored.
+        self.restores = 0
+        self._fstat_failed = False
+
+    def check(self) -> int | None:
+        """Restore the size if someone changed it. Returns None if it was intact, else the
+        size it was found at (the bytes from there on were lost and read as zeros now)."""
+        if self.sealed or self._shm.closed:
+            return None
+        fd = self._shm.fd
+        try:
+            found = os.fstat(fd).st_size
+        except OSError as err:
+            if not self._fstat_failed:
+                self._fstat_failed = True
+                log.error("cannot check the size of the shared memory: %s", err.strerror)
+            return None
+        if found == self.size:
+            return None
+        self.restores += 1
+        lost = "its content from there on is lost (zeros now)" if found < self.size else ""
+        try:
+            os.ftruncate(fd, self.size)
+        except OSError as err:
+            log.error(
+                "the shared memory was resized from %s to %s by a peer (any peer holding the "
+                "fd can do this to a %s backing; --memfd seals it), and restoring its size "
+                "failed: %s; peers that touch pages past the end die of SIGBUS",
+                format_size(self.size),
+                format_size(found),
+                self._shm.kind,
+                err.strerror,
+            )
+            return found
+        log.error(
+            "the shared memory was resized from %s to %s by a peer (any peer holding the fd "
+            "can do this to a %s backing; --memfd seals it against that): size restored%s; "
+            "a VM or host peer that touched the lost pages meanwhile died of SIGBUS",
+            format_size(self.size),
+            format_size(found),
+            self._shm.kind,
+            f", {lost}" if lost else "",
+        )
+        return min(found, self.size)
+
+
+class RegionWriteError(IvshmemError):
+    """The server could not write the membership table into the region."""
+
+
+class RegionMembership:
+    """The server's membership table, written so that the server never faults.
+
+    :class:`~ivshmem.channel.MembershipWriter` (the layout's one writer logic) runs on a
+    private shadow of the region -- an anonymous, lazily allocated mapping of the same size,
+    of which only the header page, the membership table and the arena headers are ever
+    touched -- and every change is then copied into the region, word by word in the writer's
+    order: through a mapping on a sealed region, with ``pwrite`` otherwise. The server never
+    reads the region after start, so a peer that scribbles over the table cannot steer it.
+    Same interface as the writer (``joined``, ``left``, ``peers``, ``generation``).
+    """
+
+    def __init__(self, guard: RegionGuard, shm: SharedMemory) -> None:
+        self._guard = guard
+        self._fd = shm.fd
+        size = shm.size
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
+        flags |= getattr(mmap, "MAP_NORESERVE", 0x4000)
+        try:
+            self._shadow: mmap.mmap | None = mmap.mmap(-1, size, flags=flags)
+        except OSError as err:
+            raise RegionWriteError(
+                f"cannot reserve {format_size(size)} of address space for the server's copy "
+                f"of the membership table: {err.strerror}"
+            ) from err
+        self._mem = memoryview(self._shadow)
+        #: A mapping of the region itself, for 8-byte stores, only when it is sealed.
+        self._map: Mapping | None = shm.map() if guard.sealed else None
+        self._writer: MembershipWriter | None = None
+        self._region: Region | None = None
+        #: A write into the region failed half-way: the next check writes the table again.
+        self._stale = False
+
+    @classmethod
+    def open(
+        cls, guard: RegionGuard, shm: SharedMemory, *, max_peers: int, reformat: bool
+    ) -> RegionMembership:
+        """Take the membership writer's role, formatting the region first with ``reformat``
+        or unless it already carries the layout (kept across a restart)."""
+        from .channel import MembershipWriter, Region, is_formatted
+
+        self = cls(guard, shm)
+        try:
+            self._load(0, PAGE_SIZE)
+            if reformat:
+                self._format(max_peers)
+                log.warning(
+                    "reformatted the region for %d peers (--reformat): every channel it held "
+                    "is gone",
+                    max_peers,
+                )
+            elif is_formatted(self._mem):
+                try:
+                    region = Region(self._mem)
+                except IvshmemError as err:  # another version, resized, or corrupted
+                    raise ServerConfigError(
+                        f"the region's channel layout cannot be used ({err}): add --reformat "
+                        "to lay it out afresh (this erases every channel in it)"
+                    ) from None
+                header = region._header
+                self._load(header.membership_offset, header.membership_size)
+                for slot in range(region.max_peers):
+                    self._load(region.arena_offset(slot), _ARENA_HEADER)
+                log.info(
+                    "the region is already formatted (for %d peers): keeping its layout and "
+                    "content",
+                    region.max_peers,
+                )
+                if region.max_peers != max_peers:
+                    log.warning(
+                        "--max-peers %d is not applied: the region keeps its layout for %d "
+                        "peers (--reformat lays it out afresh, erasing its channels)",
+                        max_peers,
+                        region.max_peers,
+                    )
+            else:
+                self._format(max_peers)
+                log.info("formatted the region for %d peers", max_peers)
+            self._region = Region(self._mem)
+            self._writer = MembershipWriter(self._region)
+            self._push_table(None)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    # -- the writer's interface ---------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._w.generation
+
+    @property
+    def peers(self) -> frozenset[int]:
+        return self._w.peers
+
+    @property
+    def _w(self) -> MembershipWriter:
+        if self._writer is None:
+            raise RegionWriteError("the membership table is closed")
+        return self._writer
+
+    def joined(self, peer: int, vectors: int) -> int:
+        """List ``peer``; RegionFullError (from the writer) when every slot is taken."""
+        before = self._table_bytes()
+        slot = self._w.joined(peer, vectors)
+        arena = self._r.arena_offset(slot)
+        self._push_changes(before, [(arena, bytes(self._mem[arena : arena + _ARENA_HEADER]))])
+        return slot
+
+    def left(self, peer: int) -> bool:
+        """Unlist ``peer``; never raises for a failed write (it is logged, and retried)."""
+        before = self._table_bytes()
+        done = self._w.left(peer)
+        if done:
+            self._push_changes(before, [])
+        return done
+
+    def close(self) -> None:
+        self._writer = None
+        self._region = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        mem, self._mem = self._mem, memoryview(b"")
+        shadow, self._shadow = self._shadow, None
+        # Views made from the shadow (a Region's, an exception's frames) may still be alive:
+        # then the anonymous mapping goes when they do.
+        with contextlib.suppress(BufferError):
+            mem.release()
+            if shadow is not None:
+                shadow.close()
+
+    # -- after a truncation -------------------------------------------------------------
+
+    def repair(self, cut: int | None) -> bool:
+        """Write back whatever the server keeps in the region from offset ``cut`` on (the
+        size was restored after a peer truncated it there: those bytes read as zeros), and
+        the whole table if an earlier write failed. True if anything was written."""
+        if self._writer is None:
+            return False
+        region = self._r
+        header = region._header
+        stale, self._stale = self._stale, False
+        if cut is None and not stale:
+            return False
+        cut = self._guard.size if cut is None else cut
+        wrote = False
+        try:
+            if cut < PAGE_SIZE:
+                # Unpublished (magic zero) until the rest is back, as format_region does.
+                self._store(8, bytes(self._mem[8:PAGE_SIZE]))
+                self._store(0, bytes(self._mem[0:8]))
+                wrote = True
+            arenas = []
+            for slot in range(region.max_peers):
+                base = region.arena_offset(slot)
+                if base + _ARENA_HEADER > cut:
+                    # Lost: the writer's words back, the owner's counters reset (the
+                    # arena's directory and channels are zeros now, as the counters say).
+                    owned = bytes(self._mem[base : base + _ARENA_OWNED])
+                    arenas.append((base, owned + bytes(_ARENA_HEADER - _ARENA_OWNED)))
+            table_lost = cut < header.membership_offset + header.membership_size
+            if table_lost or stale or arenas:
+                self._push_table(None, arenas)
+                wrote = True
+        except OSError as err:
+            self._stale = True
+            log.error("cannot write the membership table back: %s", err.strerror)
+        return wrote
+
+    # -- writing ------------------------------------------------------------------------
+
+    @property
+    def _r(self) -> Region:
+        if self._region is None:
+            raise RegionWriteError("the membership table is closed")
+        return self._region
+
+    def _extent(self) -> tuple[int, int]:
+        header = self._r._header
+        return header.membership_offset, header.membership_size
+
+    def _table_bytes(self) -> bytes:
+        off, length = self._extent()
+        return bytes(self._mem[off : off + length])
+
+    def _push_changes(self, before: bytes, first: list[tuple[int, bytes]]) -> None:
+        try:
+            self._push_table(before, first)
+        except OSError as err:
+            self._stale = True
+            log.error(
+                "cannot write the membership table into the region (%s): written again at "
+                "the next check",
+                err.strerror,
+            )
+
+    def _push_table(self, before: bytes | None, first: Sequence[tuple[int, bytes]] = ()) -> None:
+        """Copy the shadow's table into the region: the seqlock word odd, ``first`` (arena
+        headers, which must be in place before a slot names them), every changed word in
+        ascending order (all of them when ``before`` is None), the seqlock word even."""
+        off, length = self._extent()
+        after = bytes(self._mem[off : off + length])
+        (seq,) = _WORD.unpack_from(after, 0)
+        # The writer's own odd value is seq - 1 (it counts in twos); any odd value will do.
+        self._store_word(off, seq - 1 if seq and not seq & 1 else seq | 1)
+        for where, data in first:
+            self._store(where, data)
+        if before is None:
+            for word in range(8, length, 8):
+                self._store_word(off + word, _WORD.unpack_from(after, word)[0])
+        else:
+            for word in range(8, length, 8):
+                if after[word : word + 8] != before[word : word + 8]:
+                    self._store_word(off + word, _WORD.unpack_from(after, word)[0])
+        self._store_word(off, seq)
+
+    def _store_word(self, offset: int, value: int) -> None:
+        if self._map is not None:
+            # One aligned 8-byte store, as the writer itself would do.
+            self._map.memory[offset : offset + 8].cast("Q")[0] = value
+            return
+        self._store(offset, _WORD.pack(value))
+
+    def _store(self, offset: int, data: bytes) -> None:
+        if self._map is not None:
+            self._map.memory[offset : offset + len(data)] = data
+            return
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def _load(self, offset: int, length: int) -> None:
+        """Copy region bytes into the shadow (at start only). A short read (a region that
+        is shorter than it should be) leaves zeros, which is what the region holds."""
+        data = os.pread(self._fd, length, offset)
+        self._mem[offset : offset + len(data)] = data
+
+    def _format(self, max_peers: int) -> None:
+        from .channel import format_region
+
+        region = format_region(self._mem, max_peers=max_peers)
+        # format_region's order: unpublish, everything else, publish.
+        self._store(0, bytes(8))
+        for off, length in region.allocations.values():
+            self._zero(off, length)
+        for slot in range(region.max_peers):
+            base = region.arena_offset(slot)
+            self._store(base, bytes(self._mem[base : base + PAGE_SIZE]))
+        header = region._header
+        m_off, m_size = header.membership_offset, header.membership_size
+        self._store(m_off, bytes(self._mem[m_off : m_off + m_size]))
+        self._store(8, bytes(self._mem[8:PAGE_SIZE]))
+        self._store(0, bytes(self._mem[0:8]))
+
+    def _zero(self, offset: int, length: int) -> None:
+        chunk = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            self._store(offset, chunk[:n])
+            offset += n

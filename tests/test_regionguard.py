@@ -1,0 +1,162 @@
+"""A peer that truncates (or reseals) the region must not kill the server or anyone else."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from serverproc import RawPeer, ServerProcess
+
+import ivshmem
+from ivshmem.channel import Membership, Receiver, Region, Sender, is_formatted
+from ivshmem.channel.layout import read_arena
+from ivshmem.memory import F_SEAL_FUTURE_WRITE, SharedMemory, format_size
+
+SIZE = 1 << 20
+
+
+def _hostile(server: ServerProcess) -> RawPeer:
+    """An admitted peer that keeps the region's fd (and maps nothing: it only truncates)."""
+    peer = RawPeer(server.socket_path, keep_fds=True)
+    peer.wait(lambda: peer.shm_fd is not None and peer.complete(set(peer.peers), 1))
+    return peer
+
+
+def _region_copy(fd: int) -> bytearray:
+    """The region's content, read without mapping it (a mapping of a truncated region
+    would kill this test process the way it used to kill the server)."""
+    return bytearray(os.pread(fd, SIZE, 0))
+
+
+@pytest.fixture
+def shm_name() -> Iterator[str]:
+    name = f"ivt-truncate-{os.getpid()}"
+    try:
+        yield name
+    finally:
+        Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def test_a_memfd_region_is_sealed_so_a_peer_cannot_resize_or_reseal_it(short_tmp: Path) -> None:
+    with ServerProcess(short_tmp, size="1M", vectors=1, extra_args=["--format"]) as server:
+        a = ivshmem.connect(server.socket_path)
+        b = ivshmem.connect(server.socket_path)
+        hostile = _hostile(server)
+        try:
+            rx = Receiver(a, "after-attack", sender=b.id, capacity=4096)
+            tx = Sender(b, "after-attack", receiver=a.id)
+            fd = hostile.shm_fd
+            assert fd is not None
+            for attack in (
+                lambda: os.ftruncate(fd, 0),
+                lambda: os.ftruncate(fd, SIZE // 2),
+                lambda: os.ftruncate(fd, SIZE * 2),  # growing is refused too
+                # A peer's own seal would stop every later mmap(PROT_WRITE): no new peer.
+                lambda: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE),
+                lambda: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE),
+            ):
+                with pytest.raises(PermissionError) as info:
+                    attack()
+                assert info.value.errno == errno.EPERM
+            assert os.fstat(fd).st_size == SIZE
+            # The host peers touch the whole region (the last page included) and go on.
+            a.memory[SIZE - 1] = 0x5A
+            assert b.memory[SIZE - 1] == 0x5A
+            tx.send(b"still here")
+            assert rx.recv(timeout=10) == b"still here"
+            with ivshmem.connect(server.socket_path) as c:
+                assert Membership(c.memory).peers() == {a.id, b.id, hostile.id, c.id}
+            assert server.alive
+            shared = server.status()["shared_memory"]
+            assert shared["sealed"] is True and shared["size_restores"] == 0
+        finally:
+            hostile.close()
+            a.close()
+            b.close()
+
+
+@pytest.mark.parametrize("cut", [0, 4096, SIZE // 2], ids=["to-zero", "to-one-page", "to-half"])
+def test_a_truncated_named_region_is_restored_and_the_server_survives(
+    short_tmp: Path, shm_name: str, cut: int
+) -> None:
+    args = ["-M", shm_name, "--format"]
+    with ServerProcess(short_tmp, size="1M", vectors=1, extra_args=args) as server:
+        first = _hostile(server)
+        hostile = _hostile(server)
+        try:
+            assert hostile.shm_fd is not None and first.id is not None
+            fd = hostile.shm_fd
+            before = Region(_region_copy(fd))
+            format_id = before.format_id
+            os.ftruncate(fd, cut)  # allowed: -M cannot be sealed
+            # The next join used to kill the server with SIGBUS in its membership write.
+            with ivshmem.connect(server.socket_path) as newcomer:
+                assert server.alive
+                assert os.fstat(fd).st_size == SIZE
+                assert newcomer.size == SIZE
+                listed = {first.id, hostile.id, newcomer.id}
+                assert Membership(newcomer.memory).peers() == listed
+                region = Region(newcomer.memory)
+                assert region.format_id == format_id  # the layout was written back, not redone
+                for entry in region.membership.snapshot().entries.values():
+                    # Every listed peer's arena says who owns it (lost headers written back).
+                    assert read_arena(region, entry.slot).owner == entry.peer
+            log = server.log()
+            assert f"resized from 1M to {format_size(cut)}" in log, log
+            assert "size restored" in log
+            assert server.status()["shared_memory"]["size_restores"] == 1
+            server.wait_until(
+                lambda: Membership(_region_copy(fd)).peers() == {first.id, hostile.id},
+                what="the newcomer unlisted",
+            )
+        finally:
+            hostile.close()
+            first.close()
+
+
+def test_the_size_is_restored_without_a_join_or_format(short_tmp: Path, shm_name: str) -> None:
+    with ServerProcess(short_tmp, size="1M", vectors=1, extra_args=["-M", shm_name]) as server:
+        hostile = _hostile(server)
+        try:
+            assert hostile.shm_fd is not None
+            os.ftruncate(hostile.shm_fd, 0)
+            fd = hostile.shm_fd
+            server.wait_until(lambda: os.fstat(fd).st_size == SIZE, what="size restored")
+            # Grown by a peer: put back too (the layout and new QEMUs' BARs follow the size).
+            os.ftruncate(fd, SIZE * 4)
+            server.wait_until(lambda: os.fstat(fd).st_size == SIZE, what="growth undone")
+            assert server.status()["shared_memory"]["size_restores"] == 2
+            assert "resized from 1M to 4M" in server.log()
+        finally:
+            hostile.close()
+
+
+def test_a_directory_backing_is_guarded_too(short_tmp: Path) -> None:
+    directory = short_tmp / "backing"
+    directory.mkdir()
+    args = ["-m", str(directory), "--format"]
+    with ServerProcess(short_tmp, size="1M", vectors=1, extra_args=args) as server:
+        hostile = _hostile(server)
+        try:
+            assert hostile.shm_fd is not None
+            os.ftruncate(hostile.shm_fd, 0)
+            with ivshmem.connect(server.socket_path) as newcomer:
+                assert is_formatted(newcomer.memory)
+                assert Membership(newcomer.memory).peers() == {hostile.id, newcomer.id}
+            assert server.status()["shared_memory"]["sealed"] is False
+        finally:
+            hostile.close()
+
+
+def test_shared_memory_memfd_is_sealed_unless_asked_not_to() -> None:
+    with SharedMemory.memfd(SIZE) as sealed, SharedMemory.memfd(SIZE, seal=False) as loose:
+        assert sealed.sealed and not loose.sealed
+        with pytest.raises(PermissionError):
+            os.ftruncate(sealed.fd, 0)
+        os.ftruncate(loose.fd, SIZE // 2)
+        seals = fcntl.fcntl(sealed.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SEAL and not seals & fcntl.F_SEAL_WRITE
