@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qtest import IvshmemDevice, Qemu
 from serverproc import RawPeer, ServerProcess
 
 import ivshmem
@@ -160,3 +161,33 @@ def test_shared_memory_memfd_is_sealed_unless_asked_not_to() -> None:
         os.ftruncate(loose.fd, SIZE // 2)
         seals = fcntl.fcntl(sealed.fd, fcntl.F_GET_SEALS)
         assert seals & fcntl.F_SEAL_SEAL and not seals & fcntl.F_SEAL_WRITE
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(120)
+def test_a_qemu_and_a_host_peer_survive_a_truncate_attempt_on_a_sealed_region(
+    qemu_binary: str, short_tmp: Path
+) -> None:
+    with ServerProcess(short_tmp, size="1M", vectors=1, extra_args=["--format"]) as server:
+        chardev = f"socket,id=ivshmem,path={server.socket_path}"
+        args = ("-chardev", chardev, "-device", "ivshmem-doorbell,chardev=ivshmem,vectors=1")
+        with Qemu(qemu_binary, short_tmp, args, name="sealed") as qemu:
+            vm = IvshmemDevice.find(qemu)
+            host = ivshmem.connect(server.socket_path)
+            hostile = _hostile(server)
+            try:
+                assert hostile.shm_fd is not None
+                with pytest.raises(PermissionError):
+                    os.ftruncate(hostile.shm_fd, 0)
+                # Both touch the end of the region, which an unsealed truncate would have
+                # taken away from under them (QEMU and the host peer would die of SIGBUS).
+                vm.write(SIZE - 8, b"from-vm!")
+                assert bytes(host.memory[SIZE - 8 :]) == b"from-vm!"
+                host.memory[SIZE - 16 : SIZE - 8] = b"from-hp!"
+                assert vm.read(SIZE - 16, 8) == b"from-hp!"
+                assert qemu.alive and server.alive
+                listed = Membership(host.memory).peers()
+                assert listed == {vm.ivposition, host.id, hostile.id}
+            finally:
+                hostile.close()
+                host.close()

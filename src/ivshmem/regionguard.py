@@ -132,7 +132,7 @@ class RegionMembership:
     """The server's membership table, written so that the server never faults.
 
     :class:`~ivshmem.channel.MembershipWriter` (the layout's one writer logic) runs on a
-    private shadow of the region -- an anonymous, lazily allocated mapping of the same size,
+    private shadow of the region -- a memfd of the same size that only the server holds,
     of which only the header page, the membership table and the arena headers are ever
     touched -- and every change is then copied into the region, word by word in the writer's
     order: through a mapping on a sealed region, with ``pwrite`` otherwise. The server never
@@ -144,15 +144,25 @@ class RegionMembership:
         self._guard = guard
         self._fd = shm.fd
         size = shm.size
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
-        flags |= getattr(mmap, "MAP_NORESERVE", 0x4000)
+        # A memfd nobody else holds: pages exist only where written (a few), and unlike a
+        # private anonymous mapping it is not charged in full against a strict overcommit
+        # limit (vm.overcommit_memory=2), so a 1 TiB region costs what it did before.
         try:
-            self._shadow: mmap.mmap | None = mmap.mmap(-1, size, flags=flags)
+            shadow_fd = os.memfd_create("ivshmem-server-shadow", os.MFD_CLOEXEC)
         except OSError as err:
             raise RegionWriteError(
-                f"cannot reserve {format_size(size)} of address space for the server's copy "
-                f"of the membership table: {err.strerror}"
+                f"cannot create the server's copy of the membership table: {err.strerror}"
             ) from err
+        try:
+            os.ftruncate(shadow_fd, size)
+            self._shadow: mmap.mmap | None = mmap.mmap(shadow_fd, size)
+        except OSError as err:
+            raise RegionWriteError(
+                f"cannot map {format_size(size)} for the server's copy of the membership "
+                f"table: {err.strerror}"
+            ) from err
+        finally:
+            os.close(shadow_fd)
         self._mem = memoryview(self._shadow)
         #: A mapping of the region itself, for 8-byte stores, only when it is sealed.
         self._map: Mapping | None = shm.map() if guard.sealed else None
@@ -255,7 +265,7 @@ class RegionMembership:
         mem, self._mem = self._mem, memoryview(b"")
         shadow, self._shadow = self._shadow, None
         # Views made from the shadow (a Region's, an exception's frames) may still be alive:
-        # then the anonymous mapping goes when they do.
+        # then the shadow mapping goes when they do.
         with contextlib.suppress(BufferError):
             mem.release()
             if shadow is not None:
