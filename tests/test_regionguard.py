@@ -153,6 +153,26 @@ def test_a_directory_backing_is_guarded_too(short_tmp: Path) -> None:
             hostile.close()
 
 
+def test_a_peer_that_blocks_and_saturates_its_eventfd_cannot_hang_the_server(
+    short_tmp: Path,
+) -> None:
+    args = ["--format", "--membership-vector", "0"]
+    with ServerProcess(short_tmp, size="1M", vectors=1, extra_args=args) as server:
+        hostile = _hostile(server)
+        try:
+            (own,) = hostile.own_fds
+            # O_NONBLOCK belongs to the open file, which the server shares: clear it, and
+            # fill the counter so that the next write of 1 would wait for a reader.
+            fcntl.fcntl(own, fcntl.F_SETFL, fcntl.fcntl(own, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            os.eventfd_write(own, (1 << 64) - 2)
+            for _ in range(2):  # each join and leave rings the hostile peer's vector 0
+                with ivshmem.connect(server.socket_path) as newcomer:
+                    assert Membership(newcomer.memory).peers() == {hostile.id, newcomer.id}
+            assert server.status(timeout=5)["counters"]["joins"] == 3
+        finally:
+            hostile.close()
+
+
 def test_shared_memory_memfd_is_sealed_unless_asked_not_to() -> None:
     with SharedMemory.memfd(SIZE) as sealed, SharedMemory.memfd(SIZE, seal=False) as loose:
         assert sealed.sealed and not loose.sealed

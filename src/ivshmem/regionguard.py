@@ -42,6 +42,7 @@ import contextlib
 import logging
 import mmap
 import os
+import select
 import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -52,7 +53,7 @@ from .memory import Mapping, SharedMemory, format_size, is_size_sealed
 if TYPE_CHECKING:
     from .channel import MembershipWriter, Region
 
-__all__ = ["CHECK_INTERVAL", "RegionGuard", "RegionMembership"]
+__all__ = ["CHECK_INTERVAL", "RegionGuard", "RegionMembership", "ring_eventfd"]
 
 log = logging.getLogger("ivshmem.server")
 
@@ -403,3 +404,29 @@ class RegionMembership:
             n = min(len(chunk), end - offset)
             self._store(offset, chunk[:n])
             offset += n
+
+
+# -- the eventfds a peer holds ----------------------------------------------------------------
+
+
+def ring_eventfd(fd: int) -> bool:
+    """Add 1 to eventfd ``fd`` without ever blocking; False if it was not rung (its counter
+    is saturated: a ring is pending anyway).
+
+    The server creates every eventfd non-blocking, but O_NONBLOCK is a flag of the open file
+    description, which the peer it was sent to shares: a peer can clear it on its own
+    eventfd and saturate the counter (write 2**64 - 2), and a plain write of 1 would then block
+    the whole server until someone reads the counter -- which that peer never does. So the
+    server writes only when poll() says a write would not block (the counter is below its
+    maximum) and still takes EAGAIN as "pending". A peer that saturates its counter in the
+    microsecond between the poll and the write, having cleared the flag, would still win;
+    it cannot observe when that microsecond is, and every ring is a new blind try."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not poller.poll(0):
+        return False
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        return False
+    return True

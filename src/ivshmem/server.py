@@ -75,7 +75,7 @@ from .memory import (
     validate_shm_name,
 )
 from .protocol import MAX_PEER_ID, MAX_VECTORS, PeerTable, Send, TableFullError, encode
-from .regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership
+from .regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership, ring_eventfd
 
 __all__ = [
     "BACKINGS",
@@ -1017,8 +1017,8 @@ class Server:
         fds = table.vectors_of(peer)
         if not 0 <= vector < len(fds):
             raise UsageError(f"vector {vector} does not exist: peers have {len(fds)}")
-        with contextlib.suppress(BlockingIOError):  # counter saturated: a ring is pending
-            os.eventfd_write(fds[vector].fileno(), 1)
+        # [regionguard] Never blocks, even on an eventfd a peer made blocking and saturated.
+        ring_eventfd(fds[vector].fileno())
 
     def status(self) -> dict[str, Any]:
         """Everything an operator asks about, JSON-ready."""
