@@ -2,7 +2,8 @@
 
 Four backings exist, as in QEMU's tooling plus one:
 
-* ``memfd``      anonymous memory (``memfd_create``); lives as long as some fd or mapping does.
+* ``memfd``      anonymous memory (``memfd_create``); lives as long as some fd or mapping does;
+                 sealed at its size (:func:`seal_size`), so no holder of the fd can resize it.
 * ``posix``      a POSIX shm object, i.e. a file under ``/dev/shm`` (the server's ``-M NAME``).
 * ``directory``  an unlinked file created in a directory such as a hugetlbfs mount (``-m DIR``).
 * ``file``       an existing or new named file (survives server restarts).

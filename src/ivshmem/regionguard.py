@@ -34,6 +34,9 @@ reads around a copy that overlapped a write). A channel's guard word read torn w
 changes hands is not equal to the old owner's value, so it reads as "left" -- except in the
 coincidence already documented at :func:`ivshmem.channel.layout.membership_guard`, which a
 torn read makes no likelier than a well-timed leave and join.
+
+**Eventfds.** Peers hold the doorbell eventfds too; :func:`ring_eventfd` is how the server
+rings one without ever blocking, whatever a peer did to it.
 """
 
 from __future__ import annotations

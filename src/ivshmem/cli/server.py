@@ -85,14 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     backing.add_argument(
         "--memfd",
         action="store_true",
-        help="anonymous memory (memfd): nothing in the filesystem, gone with the last user",
+        help="anonymous memory (memfd): nothing in the filesystem, gone with the last user; "
+        "sealed at its size, so no peer can truncate it (recommended when peers are not all "
+        "trusted)",
     )
     backing.add_argument(
         "--file",
         dest="shm_file",
         metavar="PATH",
         help="a named file as the memory (created if missing; kept after exit; same rules "
-        "as -M, and never a symbolic link)",
+        "as -M, never a symbolic link, never on /proc, /sys or another pseudo filesystem)",
     )
     qemu.add_argument(
         "-l",
@@ -181,7 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-file",
         metavar="PATH",
         help="log to this file (appended; reopened when rotated away) instead of stderr "
-        "with -F, or instead of syslog as a daemon",
+        "with -F, or instead of syslog as a daemon; never through a symbolic link, and only a "
+        "regular file of the server's user",
     )
     more.add_argument(
         "--first-id",
