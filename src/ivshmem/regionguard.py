@@ -47,7 +47,8 @@ import mmap
 import os
 import select
 import struct
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import IvshmemError, ServerConfigError
@@ -62,6 +63,8 @@ log = logging.getLogger("ivshmem.server")
 
 #: Seconds between two size checks of an unsealed region (besides every join and leave).
 CHECK_INTERVAL = 0.2
+#: Seconds between two ERROR lines about a resized region.
+_REPORT_INTERVAL = 60.0
 
 _WORD = struct.Struct("<Q")
 #: The arena header (owner, epoch, allocation counters, directory seqlock) is the first 64
@@ -85,6 +88,8 @@ class RegionGuard:
         #: How many times the size was found changed and restored.
         self.restores = 0
         self._fstat_failed = False
+        self._last_report: float | None = None
+        self._reported = 0
 
     def check(self) -> int | None:
         """Restore the size if someone changed it. Returns None if it was intact, else the
@@ -102,28 +107,41 @@ class RegionGuard:
         if found == self.size:
             return None
         self.restores += 1
+        # One ERROR line a minute at most: a peer truncating in a loop must not flood the log
+        # (every restore is counted in the status, and the next line says how many there were).
+        now = time.monotonic()
+        loud = self._last_report is None or now - self._last_report >= _REPORT_INTERVAL
+        level = logging.ERROR if loud else logging.DEBUG
+        since = self.restores - self._reported
+        if loud:
+            self._last_report, self._reported = now, self.restores
+        more = f" ({since - 1} more time(s) since the last report)" if loud and since > 1 else ""
         lost = "its content from there on is lost (zeros now)" if found < self.size else ""
         try:
             os.ftruncate(fd, self.size)
         except OSError as err:
-            log.error(
+            log.log(
+                level,
                 "the shared memory was resized from %s to %s by a peer (any peer holding the "
                 "fd can do this to a %s backing; --memfd seals it), and restoring its size "
-                "failed: %s; peers that touch pages past the end die of SIGBUS",
+                "failed: %s; peers that touch pages past the end die of SIGBUS%s",
                 format_size(self.size),
                 format_size(found),
                 self._shm.kind,
                 err.strerror,
+                more,
             )
             return found
-        log.error(
+        log.log(
+            level,
             "the shared memory was resized from %s to %s by a peer (any peer holding the fd "
             "can do this to a %s backing; --memfd seals it against that): size restored%s; "
-            "a VM or host peer that touched the lost pages meanwhile died of SIGBUS",
+            "a VM or host peer that touched the lost pages meanwhile died of SIGBUS%s",
             format_size(self.size),
             format_size(found),
             self._shm.kind,
             f", {lost}" if lost else "",
+            more,
         )
         return min(found, self.size)
 
@@ -345,19 +363,18 @@ class RegionMembership:
         headers, which must be in place before a slot names them), every changed word in
         ascending order (all of them when ``before`` is None), the seqlock word even."""
         off, length = self._extent()
-        after = bytes(self._mem[off : off + length])
-        (seq,) = _WORD.unpack_from(after, 0)
+        new = memoryview(bytes(self._mem[off : off + length])).cast("Q").tolist()
+        seq = new[0]
         # The writer's own odd value is seq - 1 (it counts in twos); any odd value will do.
         self._store_word(off, seq - 1 if seq and not seq & 1 else seq | 1)
         for where, data in first:
             self._store(where, data)
-        if before is None:
-            for word in range(8, length, 8):
-                self._store_word(off + word, _WORD.unpack_from(after, word)[0])
-        else:
-            for word in range(8, length, 8):
-                if after[word : word + 8] != before[word : word + 8]:
-                    self._store_word(off + word, _WORD.unpack_from(after, word)[0])
+        changed: Iterable[int] = range(1, len(new))
+        if before is not None:
+            old = memoryview(before).cast("Q").tolist()
+            changed = [i for i in changed if new[i] != old[i]]
+        for word in changed:
+            self._store_word(off + 8 * word, new[word])
         self._store_word(off, seq)
 
     def _store_word(self, offset: int, value: int) -> None:
