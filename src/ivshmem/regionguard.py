@@ -48,7 +48,7 @@ import os
 import select
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .errors import IvshmemError, ServerConfigError
@@ -363,18 +363,15 @@ class RegionMembership:
         headers, which must be in place before a slot names them), every changed word in
         ascending order (all of them when ``before`` is None), the seqlock word even."""
         off, length = self._extent()
-        new = memoryview(bytes(self._mem[off : off + length])).cast("Q").tolist()
-        seq = new[0]
+        new = bytes(self._mem[off : off + length])
+        (seq,) = _WORD.unpack_from(new, 0)
         # The writer's own odd value is seq - 1 (it counts in twos); any odd value will do.
         self._store_word(off, seq - 1 if seq and not seq & 1 else seq | 1)
         for where, data in first:
             self._store(where, data)
-        changed: Iterable[int] = range(1, len(new))
-        if before is not None:
-            old = memoryview(before).cast("Q").tolist()
-            changed = [i for i in changed if new[i] != old[i]]
+        changed = range(1, length // 8) if before is None else _changed_words(before, new)
         for word in changed:
-            self._store_word(off + 8 * word, new[word])
+            self._store_word(off + 8 * word, _WORD.unpack_from(new, 8 * word)[0])
         self._store_word(off, seq)
 
     def _store_word(self, offset: int, value: int) -> None:
@@ -424,6 +421,23 @@ class RegionMembership:
             n = min(len(chunk), end - offset)
             self._store(offset, chunk[:n])
             offset += n
+
+
+def _changed_words(old: bytes, new: bytes) -> list[int]:
+    """Indexes (from 1: word 0 is the seqlock word) of the 8-byte words that differ, in
+    ascending order. One XOR of the two tables as integers, then a walk over its set bits:
+    a join or leave changes two words of a table of up to 2,000, and this stays a few
+    microseconds where a word-by-word comparison in Python took a quarter of a millisecond."""
+    diff = (int.from_bytes(old, "little") ^ int.from_bytes(new, "little")) >> 64
+    words = []
+    index = 1
+    while diff:
+        skip = ((diff & -diff).bit_length() - 1) // 64
+        index += skip
+        words.append(index)
+        diff >>= 64 * (skip + 1)
+        index += 1
+    return words
 
 
 # -- the eventfds a peer holds ----------------------------------------------------------------
