@@ -222,18 +222,21 @@ def test_a_qemu_and_a_host_peer_survive_a_truncate_attempt_on_a_sealed_region(
 def _shm(kind: str, tmp: Path) -> SharedMemory:
     if kind == "sealed":
         return SharedMemory.memfd(SIZE)
-    if kind == "unsealed":
+    if kind in ("unsealed", "procmem"):
         return SharedMemory.memfd(SIZE, seal=False)
     return SharedMemory.file(str(tmp / "region"), SIZE, follow_symlinks=False)
 
 
-@pytest.mark.parametrize("kind", ["sealed", "unsealed", "file"])
+@pytest.mark.parametrize("kind", ["sealed", "unsealed", "file", "procmem"])
 def test_the_region_mirrors_the_servers_membership_table(kind: str, tmp_path: Path) -> None:
     with _shm(kind, tmp_path) as shm:
         guard = RegionGuard(shm)
         assert guard.sealed == (kind == "sealed")
-        table = RegionMembership.open(guard, shm, max_peers=8, reformat=False)
+        # procmem: how a hugetlbfs backing (no write()) is written; forced on a memfd here.
+        mode = "procmem" if kind == "procmem" else None
+        table = RegionMembership.open(guard, shm, max_peers=8, reformat=False, mode=mode)
         try:
+            assert table.mode == {"sealed": "map", "procmem": "procmem"}.get(kind, "pwrite")
             expected: dict[int, int] = {}
             for op, peer, vectors in [
                 ("join", 5, 2), ("join", 9, 1), ("leave", 5, 0), ("join", 11, 3),
@@ -266,13 +269,12 @@ def test_a_truncation_is_restored_and_written_back_and_reported_once(
             table.joined(3, 1)
             table.joined(7, 1)
             before = bytes(_region_copy(shm.fd)[: 3 * 4096])
-            assert guard.check() is None and not table.repair(None)  # nothing to do
+            assert guard.check() is None and not table.repair(resized=False)  # nothing to do
             with caplog.at_level("DEBUG", logger="ivshmem.server"):
                 for _ in range(3):
                     os.ftruncate(shm.fd, 0)
-                    cut = guard.check()
-                    assert cut == 0 and os.fstat(shm.fd).st_size == SIZE
-                    assert table.repair(cut)
+                    assert guard.check() == 0 and os.fstat(shm.fd).st_size == SIZE
+                    assert table.repair(resized=True)
             errors = [r for r in caplog.records if r.levelname == "ERROR"]
             assert len(errors) == 1 and "resized from 1M to 0B" in errors[0].getMessage()
             assert guard.restores == 3
@@ -281,6 +283,35 @@ def test_a_truncation_is_restored_and_written_back_and_reported_once(
             assert Membership(copy).peers() == {3, 7}
             table.joined(8, 1)  # and the table goes on from there
             assert Membership(_region_copy(shm.fd)).peers() == {3, 7, 8}
+        finally:
+            table.close()
+
+
+@pytest.mark.parametrize("mode", ["pwrite", "procmem"])
+def test_writing_into_a_truncated_region_fails_instead_of_faulting(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with SharedMemory.memfd(SIZE, seal=False) as shm:
+        guard = RegionGuard(shm)
+        table = RegionMembership.open(guard, shm, max_peers=4, reformat=False, mode=mode)
+        try:
+            table.joined(3, 1)
+            format_id = Region(_region_copy(shm.fd)).format_id
+            os.ftruncate(shm.fd, 0)
+            # Written before anyone looked at the size: a store into a mapping would have
+            # killed this process; pwrite extends the file (so the guard then finds neither
+            # 0 nor the full size), /proc/self/mem fails with EIO.
+            table.joined(4, 1)
+            assert table.left(3)
+            assert guard.check() is not None
+            assert table.repair(resized=True)
+            assert os.fstat(shm.fd).st_size == SIZE
+            region = Region(_region_copy(shm.fd))  # the header page is back, too
+            assert region.format_id == format_id
+            snapshot = Membership(region).snapshot()
+            assert snapshot.peers == {4}
+            (entry,) = snapshot.entries.values()
+            assert read_arena(region, entry.slot).owner == 4
         finally:
             table.close()
 

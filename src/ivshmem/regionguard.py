@@ -42,6 +42,8 @@ rings one without ever blocking, whatever a peer did to it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -162,7 +164,7 @@ class RegionMembership:
     Same interface as the writer (``joined``, ``left``, ``peers``, ``generation``).
     """
 
-    def __init__(self, guard: RegionGuard, shm: SharedMemory) -> None:
+    def __init__(self, guard: RegionGuard, shm: SharedMemory, mode: str | None = None) -> None:
         self._guard = guard
         self._fd = shm.fd
         size = shm.size
@@ -186,22 +188,56 @@ class RegionMembership:
         finally:
             os.close(shadow_fd)
         self._mem = memoryview(self._shadow)
-        #: A mapping of the region itself, for 8-byte stores, only when it is sealed.
-        self._map: Mapping | None = shm.map() if guard.sealed else None
+        #: How the region is written: ``map`` (sealed: plain 8-byte stores into a mapping),
+        #: ``pwrite`` (on the fd), or ``procmem`` for a backing that has no write() --
+        #: hugetlbfs -- through /proc/self/mem at the address of a mapping: the kernel then
+        #: touches the page on the server's behalf, and a page lost to a truncate makes the
+        #: write fail (EIO) where a store would have raised SIGBUS.
+        self.mode = mode or ("map" if guard.sealed else self._probe_pwrite())
+        self._map: Mapping | None = None
+        self._procmem = -1
+        self._base = 0
+        if self.mode in ("map", "procmem"):
+            self._map = shm.map()
+        if self.mode == "procmem":
+            assert self._map is not None
+            self._procmem = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+            anchor = ctypes.c_char.from_buffer(self._map.memory)
+            self._base = ctypes.addressof(anchor)
+            del anchor  # the address stays valid as long as the mapping does
         self._writer: MembershipWriter | None = None
         self._region: Region | None = None
         #: A write into the region failed half-way: the next check writes the table again.
         self._stale = False
 
+    def _probe_pwrite(self) -> str:
+        """``pwrite``, unless the backing refuses write() (then ``procmem``). The probe
+        writes back the bytes it just read: nobody else writes the region while the
+        server starts, so nothing changes."""
+        try:
+            os.pwrite(self._fd, os.pread(self._fd, 8, 0), 0)
+        except OSError as err:
+            if err.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV):
+                return "procmem"
+            raise RegionWriteError(f"cannot write the region: {err.strerror}") from err
+        return "pwrite"
+
     @classmethod
     def open(
-        cls, guard: RegionGuard, shm: SharedMemory, *, max_peers: int, reformat: bool
+        cls,
+        guard: RegionGuard,
+        shm: SharedMemory,
+        *,
+        max_peers: int,
+        reformat: bool,
+        mode: str | None = None,
     ) -> RegionMembership:
         """Take the membership writer's role, formatting the region first with ``reformat``
-        or unless it already carries the layout (kept across a restart)."""
+        or unless it already carries the layout (kept across a restart). ``mode`` forces a
+        way of writing (see ``mode``; for tests)."""
         from .channel import MembershipWriter, Region, is_formatted
 
-        self = cls(guard, shm)
+        self = cls(guard, shm, mode)
         try:
             self._load(0, PAGE_SIZE)
             if reformat:
@@ -281,6 +317,9 @@ class RegionMembership:
     def close(self) -> None:
         self._writer = None
         self._region = None
+        procmem, self._procmem = self._procmem, -1
+        if procmem >= 0:
+            os.close(procmem)
         if self._map is not None:
             self._map.close()
             self._map = None
@@ -295,35 +334,44 @@ class RegionMembership:
 
     # -- after a truncation -------------------------------------------------------------
 
-    def repair(self, cut: int | None) -> bool:
-        """Write back whatever the server keeps in the region from offset ``cut`` on (the
-        size was restored after a peer truncated it there: those bytes read as zeros), and
-        the whole table if an earlier write failed. True if anything was written."""
+    def repair(self, resized: bool) -> bool:
+        """After the size was restored (``resized``), or after a write failed half-way:
+        write back whatever the server keeps in the region and finds changed there. True
+        if anything was written.
+
+        Found by content, not from the size the guard saw: between two checks a truncate
+        may be followed by the server's own pwrite, which extends the file again, so the
+        size seen says little about what was lost. The header page and the membership
+        table are the server's alone; of an arena header, owner and epoch are. An arena
+        header found all zeros was lost with its page: its owner's counters are reset too
+        (its directory and channels are zeros as well now)."""
         if self._writer is None:
             return False
-        region = self._r
-        header = region._header
         stale, self._stale = self._stale, False
-        if cut is None and not stale:
+        if not resized and not stale:
             return False
-        cut = self._guard.size if cut is None else cut
+        region = self._r
         wrote = False
         try:
-            if cut < PAGE_SIZE:
+            if os.pread(self._fd, PAGE_SIZE, 0) != bytes(self._mem[0:PAGE_SIZE]):
                 # Unpublished (magic zero) until the rest is back, as format_region does.
+                self._store(0, bytes(8))
                 self._store(8, bytes(self._mem[8:PAGE_SIZE]))
                 self._store(0, bytes(self._mem[0:8]))
                 wrote = True
             arenas = []
             for slot in range(region.max_peers):
                 base = region.arena_offset(slot)
-                if base + _ARENA_HEADER > cut:
-                    # Lost: the writer's words back, the owner's counters reset (the
-                    # arena's directory and channels are zeros now, as the counters say).
-                    owned = bytes(self._mem[base : base + _ARENA_OWNED])
+                found = os.pread(self._fd, _ARENA_HEADER, base)
+                owned = bytes(self._mem[base : base + _ARENA_OWNED])
+                if found[:_ARENA_OWNED] == owned:
+                    continue
+                if any(found):
+                    arenas.append((base, owned))  # overwritten: the writer's words back
+                else:
                     arenas.append((base, owned + bytes(_ARENA_HEADER - _ARENA_OWNED)))
-            table_lost = cut < header.membership_offset + header.membership_size
-            if table_lost or stale or arenas:
+            off, length = self._extent()
+            if stale or arenas or os.pread(self._fd, length, off) != self._table_bytes():
                 self._push_table(None, arenas)
                 wrote = True
         except OSError as err:
@@ -375,21 +423,28 @@ class RegionMembership:
         self._store_word(off, seq)
 
     def _store_word(self, offset: int, value: int) -> None:
-        if self._map is not None:
+        if self.mode == "map":
+            assert self._map is not None
             # One aligned 8-byte store, as the writer itself would do.
             self._map.memory[offset : offset + 8].cast("Q")[0] = value
             return
         self._store(offset, _WORD.pack(value))
 
     def _store(self, offset: int, data: bytes) -> None:
-        if self._map is not None:
+        if self.mode == "map":
+            assert self._map is not None
             self._map.memory[offset : offset + len(data)] = data
             return
+        fd, where = self._fd, offset
+        if self._procmem >= 0:
+            fd, where = self._procmem, self._base + offset
         view = memoryview(data)
         while view:
-            written = os.pwrite(self._fd, view, offset)
+            written = os.pwrite(fd, view, where)
+            if written <= 0:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
             view = view[written:]
-            offset += written
+            where += written
 
     def _load(self, offset: int, length: int) -> None:
         """Copy region bytes into the shadow (at start only). A short read (a region that

@@ -1781,8 +1781,8 @@ class Server:
         guard = self._guard
         if guard is None or guard.sealed or self._closed:
             return
-        cut = guard.check()
-        if self._membership is not None and self._membership.repair(cut):
+        resized = guard.check() is not None
+        if self._membership is not None and self._membership.repair(resized):
             self._membership_changed(-1)
 
     def _on_region_timer(self) -> None:
