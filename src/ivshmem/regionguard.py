@@ -11,8 +11,10 @@ server while it writes the membership table, every QEMU, every host peer. Two de
   For them :class:`RegionGuard` notices a region whose size changed, logs it as an error and
   restores the size, and :class:`RegionMembership` writes the membership table with
   ``pwrite`` on the fd, never through a mapping, so the server itself can never fault: a
-  ``pwrite`` past the end of a truncated file just extends it. What the server would read
-  back is kept in a private shadow copy and never read from the region.
+  ``pwrite`` past the end of a truncated file just extends it (hugetlbfs has no ``write()``:
+  there the kernel writes for it through ``/proc/self/mem``, and a lost page fails the write
+  with EIO). What the server keeps in the region lives in a private shadow copy; after a
+  resize it compares the region with it and writes back whatever differs.
 
 **When the guard looks.** ``fstat`` on every join (before the newcomer is sent the fd, so it
 maps a region of the right size), on every leave, and every :data:`CHECK_INTERVAL` seconds.
