@@ -255,6 +255,9 @@ def test_the_region_mirrors_the_servers_membership_table(kind: str, tmp_path: Pa
                 assert snap.live and snap.generation == table.generation
                 for entry in snap.entries.values():
                     assert read_arena(region, entry.slot).owner == entry.peer
+                # Everything the layout's writer wrote reached the region, and nothing else
+                # was written (a fresh region: it and the server's shadow start as zeros).
+                assert copy == bytes(table._mem)
         finally:
             table.close()
 

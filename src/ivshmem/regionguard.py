@@ -277,7 +277,9 @@ class RegionMembership:
                 self._format(max_peers)
                 log.info("formatted the region for %d peers", max_peers)
             self._region = Region(self._mem)
+            page = bytes(self._mem[0:PAGE_SIZE])
             self._writer = MembershipWriter(self._region)
+            self._push_header(page)
             self._push_table(None)
         except BaseException:
             self.close()
@@ -302,7 +304,7 @@ class RegionMembership:
 
     def joined(self, peer: int, vectors: int) -> int:
         """List ``peer``; RegionFullError (from the writer) when every slot is taken."""
-        before = self._table_bytes()
+        before = self._table_bytes(), bytes(self._mem[0:PAGE_SIZE])
         slot = self._w.joined(peer, vectors)
         arena = self._r.arena_offset(slot)
         self._push_changes(before, [(arena, bytes(self._mem[arena : arena + _ARENA_HEADER]))])
@@ -310,7 +312,7 @@ class RegionMembership:
 
     def left(self, peer: int) -> bool:
         """Unlist ``peer``; never raises for a failed write (it is logged, and retried)."""
-        before = self._table_bytes()
+        before = self._table_bytes(), bytes(self._mem[0:PAGE_SIZE])
         done = self._w.left(peer)
         if done:
             self._push_changes(before, [])
@@ -397,9 +399,15 @@ class RegionMembership:
         off, length = self._extent()
         return bytes(self._mem[off : off + length])
 
-    def _push_changes(self, before: bytes, first: list[tuple[int, bytes]]) -> None:
+    def _push_changes(self, before: tuple[bytes, bytes], first: list[tuple[int, bytes]]) -> None:
+        """Push one writer operation: the table (and ``first``, see :meth:`_push_table`),
+        after any word of the header page the writer changed. Today's writer changes none
+        there; the check keeps a future one (a restart epoch, say) from being written into
+        the shadow only."""
+        table, page = before
         try:
-            self._push_table(before, first)
+            self._push_header(page)
+            self._push_table(table, first)
         except OSError as err:
             self._stale = True
             log.error(
@@ -423,6 +431,12 @@ class RegionMembership:
         for word in changed:
             self._store_word(off + 8 * word, _WORD.unpack_from(new, 8 * word)[0])
         self._store_word(off, seq)
+
+    def _push_header(self, before: bytes) -> None:
+        after = bytes(self._mem[0:PAGE_SIZE])
+        if after != before:
+            for word in _changed_words(before, after, first=0):
+                self._store_word(8 * word, _WORD.unpack_from(after, 8 * word)[0])
 
     def _store_word(self, offset: int, value: int) -> None:
         if self.mode == "map":
@@ -480,14 +494,15 @@ class RegionMembership:
             offset += n
 
 
-def _changed_words(old: bytes, new: bytes) -> list[int]:
-    """Indexes (from 1: word 0 is the seqlock word) of the 8-byte words that differ, in
-    ascending order. One XOR of the two tables as integers, then a walk over its set bits:
-    a join or leave changes two words of a table of up to 2,000, and this stays a few
-    microseconds where a word-by-word comparison in Python took a quarter of a millisecond."""
-    diff = (int.from_bytes(old, "little") ^ int.from_bytes(new, "little")) >> 64
+def _changed_words(old: bytes, new: bytes, first: int = 1) -> list[int]:
+    """Indexes (from ``first``; word 0 of the table is the seqlock word) of the 8-byte words
+    that differ, in ascending order. One XOR of the two as integers, then a walk over its
+    set bits: a join or leave changes two words of a table of up to 2,000, and this stays a
+    few microseconds where a word-by-word comparison in Python took a quarter of a
+    millisecond."""
+    diff = (int.from_bytes(old, "little") ^ int.from_bytes(new, "little")) >> (64 * first)
     words = []
-    index = 1
+    index = first
     while diff:
         skip = ((diff & -diff).bit_length() - 1) // 64
         index += skip
