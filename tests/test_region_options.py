@@ -33,7 +33,7 @@ def test_proc_self_mem_is_refused_as_the_region(short_tmp: Path) -> None:
     assert proc.returncode == cli.EXIT_CANNOT_START
     assert "is on proc, a kernel pseudo filesystem" in proc.stderr, proc.stderr
     with pytest.raises(UsageError, match="on proc"):
-        SharedMemory.file("/proc/self/mem", 4096, follow_symlinks=False)
+        SharedMemory.file("/proc/self/mem", 4096, pseudo_filesystems=False)
     # Device files were refused already (not regular files); they stay so.
     proc = _refused(short_tmp, "--file", "/dev/zero", "-l", "4K")
     assert proc.returncode == cli.EXIT_CANNOT_START

@@ -217,6 +217,7 @@ class SharedMemory:
             follow_symlinks=False,
             owner_uid=owner_uid,
             group=group,
+            check_filesystem=True,
         )
 
     @classmethod
@@ -252,6 +253,7 @@ class SharedMemory:
         follow_symlinks: bool = True,
         owner_uid: int | None = None,
         group: int | None = None,
+        pseudo_filesystems: bool = True,
     ) -> SharedMemory:
         """A named file; created with ``size`` if missing, else opened (and grown to ``size``;
         a larger file is refused with :class:`ShrinkRefusedError`, never shrunk).
@@ -260,6 +262,9 @@ class SharedMemory:
         server claiming the region) an existing file must belong to that user -- another
         user's file may already be open in that user's processes, so it could never be made
         private -- and ``mode`` (and ``group``) are set on it, or it is refused.
+        ``pseudo_filesystems=False`` (a server's backing) refuses a file on /proc, /sys and
+        the like (:func:`check_backing_filesystem`) before anything is done to it; a process
+        mapping a file for itself -- a guest's sysfs ``resource2``, say -- may leave it on.
         """
         return cls._named(
             path,
@@ -270,6 +275,7 @@ class SharedMemory:
             follow_symlinks=follow_symlinks,
             owner_uid=owner_uid,
             group=group,
+            check_filesystem=not pseudo_filesystems,
         )
 
     @classmethod
@@ -297,6 +303,7 @@ class SharedMemory:
         follow_symlinks: bool,
         owner_uid: int | None,
         group: int | None,
+        check_filesystem: bool,
     ) -> SharedMemory:
         fd, created = _open_named(path, what, size is not None, mode, follow_symlinks)
         try:
@@ -305,7 +312,8 @@ class SharedMemory:
                 # A FIFO or a device node where the region should be: resizing or chmod-ing
                 # it would at best fail and at worst change something else entirely.
                 raise UsageError(f"{what} is not a regular file: remove it, or choose another name")
-            check_backing_filesystem(fd, what)
+            if check_filesystem:
+                check_backing_filesystem(fd, what)
             if owner_uid is not None:
                 if not created and st.st_uid != owner_uid:
                     raise UsageError(

@@ -902,6 +902,7 @@ class Server:
                     follow_symlinks=False,
                     owner_uid=os.geteuid(),
                     group=cfg.group,
+                    pseudo_filesystems=False,  # [region branch] never /proc/self/mem
                 )
             else:
                 shm = self._open_in_directory(size)
