@@ -56,7 +56,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .errors import IvshmemError, ServerConfigError
-from .memory import Mapping, SharedMemory, format_size, is_size_sealed
+from .memory import Mapping, SharedMemory, filesystem_type, format_size, is_size_sealed
 
 if TYPE_CHECKING:
     from .channel import MembershipWriter, Region
@@ -161,8 +161,9 @@ class RegionMembership:
     private shadow of the region -- a memfd of the same size that only the server holds,
     of which only the header page, the membership table and the arena headers are ever
     touched -- and every change is then copied into the region, word by word in the writer's
-    order: through a mapping on a sealed region, with ``pwrite`` otherwise. The server never
-    reads the region after start, so a peer that scribbles over the table cannot steer it.
+    order: through a mapping on a sealed region, with ``pwrite`` otherwise. The server reads
+    the region only at start and, after a resize, to compare it with the shadow: a peer that
+    scribbles over the table cannot steer it.
     Same interface as the writer (``joined``, ``left``, ``peers``, ``generation``).
     """
 
@@ -195,7 +196,7 @@ class RegionMembership:
         #: hugetlbfs -- through /proc/self/mem at the address of a mapping: the kernel then
         #: touches the page on the server's behalf, and a page lost to a truncate makes the
         #: write fail (EIO) where a store would have raised SIGBUS.
-        self.mode = mode or ("map" if guard.sealed else self._probe_pwrite())
+        self.mode = mode or ("map" if guard.sealed else _unsealed_mode(shm.fd))
         self._map: Mapping | None = None
         self._procmem = -1
         self._base = 0
@@ -203,7 +204,15 @@ class RegionMembership:
             self._map = shm.map()
         if self.mode == "procmem":
             assert self._map is not None
-            self._procmem = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                self._procmem = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as err:
+                self._map.close()
+                raise RegionWriteError(
+                    "a hugetlbfs region is written through /proc/self/mem (hugetlbfs has no "
+                    f"write(), and a mapping could fault), which cannot be opened: "
+                    f"{err.strerror}; mount /proc, or use --memfd"
+                ) from err
             anchor = ctypes.c_char.from_buffer(self._map.memory)
             self._base = ctypes.addressof(anchor)
             del anchor  # the address stays valid as long as the mapping does
@@ -211,18 +220,6 @@ class RegionMembership:
         self._region: Region | None = None
         #: A write into the region failed half-way: the next check writes the table again.
         self._stale = False
-
-    def _probe_pwrite(self) -> str:
-        """``pwrite``, unless the backing refuses write() (then ``procmem``). The probe
-        writes back the bytes it just read: nobody else writes the region while the
-        server starts, so nothing changes."""
-        try:
-            os.pwrite(self._fd, os.pread(self._fd, 8, 0), 0)
-        except OSError as err:
-            if err.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV):
-                return "procmem"
-            raise RegionWriteError(f"cannot write the region: {err.strerror}") from err
-        return "pwrite"
 
     @classmethod
     def open(
@@ -492,6 +489,19 @@ class RegionMembership:
             n = min(len(chunk), end - offset)
             self._store(offset, chunk[:n])
             offset += n
+
+
+#: HUGETLBFS_MAGIC (include/uapi/linux/magic.h): its files have no write().
+_HUGETLBFS = 0x958458F6
+
+
+def _unsealed_mode(fd: int) -> str:
+    """``procmem`` on hugetlbfs (no write()), ``pwrite`` elsewhere. Told by the filesystem
+    rather than by a trial write: peers of an earlier server may be writing the region."""
+    try:
+        return "procmem" if filesystem_type(fd) == _HUGETLBFS else "pwrite"
+    except OSError:
+        return "pwrite"
 
 
 def _changed_words(old: bytes, new: bytes, first: int = 1) -> list[int]:
