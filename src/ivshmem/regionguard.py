@@ -120,7 +120,13 @@ class RegionGuard:
         if loud:
             self._last_report, self._reported = now, self.restores
         more = f" ({since - 1} more time(s) since the last report)" if loud and since > 1 else ""
-        lost = "its content from there on is lost (zeros now)" if found < self.size else ""
+        if found < self.size:
+            effect = (
+                ", its content from there on is lost (zeros now); a VM or host peer that "
+                "touched the lost pages meanwhile died of SIGBUS"
+            )
+        else:
+            effect = " (a peer that mapped the grown part meanwhile faults there now)"
         try:
             os.ftruncate(fd, self.size)
         except OSError as err:
@@ -139,12 +145,11 @@ class RegionGuard:
         log.log(
             level,
             "the shared memory was resized from %s to %s by a peer (any peer holding the fd "
-            "can do this to a %s backing; --memfd seals it against that): size restored%s; "
-            "a VM or host peer that touched the lost pages meanwhile died of SIGBUS%s",
+            "can do this to a %s backing; --memfd seals it against that): size restored%s%s",
             format_size(self.size),
             format_size(found),
             self._shm.kind,
-            f", {lost}" if lost else "",
+            effect,
             more,
         )
         return min(found, self.size)
