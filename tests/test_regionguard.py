@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -315,6 +317,38 @@ def test_writing_into_a_truncated_region_fails_instead_of_faulting(
             assert snapshot.peers == {4}
             (entry,) = snapshot.entries.values()
             assert read_arena(region, entry.slot).owner == 4
+        finally:
+            table.close()
+
+
+def test_failed_writes_are_logged_once_and_written_again(caplog: pytest.LogCaptureFixture) -> None:
+    with SharedMemory.memfd(SIZE, seal=False) as shm:
+        guard = RegionGuard(shm)
+        table = RegionMembership.open(guard, shm, max_peers=4, reformat=False)
+        try:
+            table.joined(1, 1)
+            # RLIMIT_FSIZE makes every write past 4 KiB fail (EFBIG), as a full /dev/shm
+            # would (ENOSPC): the table and the arenas are beyond.
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            try:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+                with caplog.at_level("DEBUG", logger="ivshmem.server"):
+                    table.joined(2, 1)
+                    assert table.left(1)
+                    table.joined(3, 1)
+                    assert not table.repair(resized=False)  # still failing
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+                signal.signal(signal.SIGXFSZ, previous)
+            errors = [r for r in caplog.records if r.levelname == "ERROR"]
+            assert len(errors) == 1 and "cannot write the membership table" in caplog.text
+            with caplog.at_level("INFO", logger="ivshmem.server"):
+                assert table.repair(resized=False)
+            assert "written into the region again" in caplog.text
+            copy = _region_copy(shm.fd)
+            assert Membership(copy).peers() == {2, 3}
+            assert copy == bytes(table._mem)  # the arenas handed out meanwhile too
         finally:
             table.close()
 

@@ -223,8 +223,11 @@ class RegionMembership:
             del anchor  # the address stays valid as long as the mapping does
         self._writer: MembershipWriter | None = None
         self._region: Region | None = None
-        #: A write into the region failed half-way: the next check writes the table again.
+        #: A write into the region failed half-way: the next check writes the table again
+        #: (and the whole header of each arena in ``_unpushed``, handed out meanwhile).
         self._stale = False
+        self._unpushed: set[int] = set()
+        self._failing = False  # logged once per episode of failed writes
 
     @classmethod
     def open(
@@ -283,6 +286,11 @@ class RegionMembership:
             self._writer = MembershipWriter(self._region)
             self._push_header(page)
             self._push_table(None)
+        except OSError as err:  # e.g. a full /dev/shm (ENOSPC)
+            self.close()
+            raise RegionWriteError(
+                f"cannot write the channel layout into the region: {err.strerror}"
+            ) from err
         except BaseException:
             self.close()
             raise
@@ -309,7 +317,9 @@ class RegionMembership:
         before = self._table_bytes(), bytes(self._mem[0:PAGE_SIZE])
         slot = self._w.joined(peer, vectors)
         arena = self._r.arena_offset(slot)
-        self._push_changes(before, [(arena, bytes(self._mem[arena : arena + _ARENA_HEADER]))])
+        header = bytes(self._mem[arena : arena + _ARENA_HEADER])
+        if not self._push_changes(before, [(arena, header)]):
+            self._unpushed.add(arena)
         return slot
 
     def left(self, peer: int) -> bool:
@@ -370,9 +380,11 @@ class RegionMembership:
                 base = region.arena_offset(slot)
                 found = os.pread(self._fd, _ARENA_HEADER, base)
                 owned = bytes(self._mem[base : base + _ARENA_OWNED])
-                if found[:_ARENA_OWNED] == owned:
+                if base in self._unpushed:  # handed out while writes failed: all of it
+                    arenas.append((base, bytes(self._mem[base : base + _ARENA_HEADER])))
+                elif found[:_ARENA_OWNED] == owned:
                     continue
-                if any(found):
+                elif any(found):
                     arenas.append((base, owned))  # overwritten: the writer's words back
                 else:
                     arenas.append((base, owned + bytes(_ARENA_HEADER - _ARENA_OWNED)))
@@ -381,9 +393,24 @@ class RegionMembership:
                 self._push_table(None, arenas)
                 wrote = True
         except OSError as err:
-            self._stale = True
-            log.error("cannot write the membership table back: %s", err.strerror)
+            self._write_failed(err)
+            return wrote
+        self._unpushed.clear()
+        if self._failing:
+            self._failing = False
+            log.info("the membership table is written into the region again")
         return wrote
+
+    def _write_failed(self, err: OSError) -> None:
+        self._stale = True
+        log.log(
+            logging.DEBUG if self._failing else logging.ERROR,
+            "cannot write the membership table into the region (%s): peers may find it out "
+            "of date until it is written again, which is tried at every check (logged once "
+            "until it works)",
+            err.strerror,
+        )
+        self._failing = True
 
     # -- writing ------------------------------------------------------------------------
 
@@ -401,22 +428,21 @@ class RegionMembership:
         off, length = self._extent()
         return bytes(self._mem[off : off + length])
 
-    def _push_changes(self, before: tuple[bytes, bytes], first: list[tuple[int, bytes]]) -> None:
+    def _push_changes(self, before: tuple[bytes, bytes], first: list[tuple[int, bytes]]) -> bool:
         """Push one writer operation: the table (and ``first``, see :meth:`_push_table`),
         after any word of the header page the writer changed. Today's writer changes none
         there; the check keeps a future one (a restart epoch, say) from being written into
-        the shadow only."""
+        the shadow only. False if a write failed (then retried by :meth:`repair`)."""
         table, page = before
+        if self._stale:
+            return False  # the next repair writes everything, in order
         try:
             self._push_header(page)
             self._push_table(table, first)
         except OSError as err:
-            self._stale = True
-            log.error(
-                "cannot write the membership table into the region (%s): written again at "
-                "the next check",
-                err.strerror,
-            )
+            self._write_failed(err)
+            return False
+        return True
 
     def _push_table(self, before: bytes | None, first: Sequence[tuple[int, bytes]] = ()) -> None:
         """Copy the shadow's table into the region: the seqlock word odd, ``first`` (arena
