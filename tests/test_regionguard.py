@@ -178,6 +178,25 @@ def test_a_peer_that_blocks_and_saturates_its_eventfd_cannot_hang_the_server(
             hostile.close()
 
 
+def test_a_peer_that_sets_o_append_on_the_region_cannot_misdirect_the_servers_writes(
+    short_tmp: Path, shm_name: str
+) -> None:
+    with ServerProcess(short_tmp, size="1M", extra_args=["-M", shm_name, "--format"]) as server:
+        hostile = _hostile(server)
+        try:
+            fd = hostile.shm_fd
+            assert fd is not None
+            # Status flags belong to the open file description, which the server shares
+            # with every peer it sent the fd to: a pwrite on it would append at the end.
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+            with ivshmem.connect(server.socket_path) as newcomer:
+                assert Membership(newcomer.memory).peers() == {hostile.id, newcomer.id}
+            assert os.fstat(fd).st_size == SIZE
+            assert server.status()["shared_memory"]["size_restores"] == 0
+        finally:
+            hostile.close()
+
+
 def test_shared_memory_memfd_is_sealed_unless_asked_not_to() -> None:
     with SharedMemory.memfd(SIZE) as sealed, SharedMemory.memfd(SIZE, seal=False) as loose:
         assert sealed.sealed and not loose.sealed

@@ -174,7 +174,8 @@ class RegionMembership:
 
     def __init__(self, guard: RegionGuard, shm: SharedMemory, mode: str | None = None) -> None:
         self._guard = guard
-        self._fd = shm.fd
+        self._fd = _own_description(shm.fd)
+        self._own_fd = self._fd != shm.fd
         size = shm.size
         # A memfd nobody else holds: pages exist only where written (a few), and unlike a
         # private anonymous mapping it is not charged in full against a strict overcommit
@@ -333,6 +334,9 @@ class RegionMembership:
     def close(self) -> None:
         self._writer = None
         self._region = None
+        own, self._own_fd = self._own_fd, False
+        if own:
+            os.close(self._fd)
         procmem, self._procmem = self._procmem, -1
         if procmem >= 0:
             os.close(procmem)
@@ -520,6 +524,21 @@ class RegionMembership:
             n = min(len(chunk), end - offset)
             self._store(offset, chunk[:n])
             offset += n
+
+
+def _own_description(fd: int) -> int:
+    """A new open file description of the file open as ``fd``, which only the server holds.
+
+    The fd sent to peers shares its description -- and with it the status flags -- with
+    every peer: one that sets O_APPEND there (``fcntl(F_SETFL)``, allowed to any holder)
+    turns each of the server's ``pwrite`` calls into an append at the end of the region, so
+    the table would never be written where readers look. Reopening through /proc/self/fd
+    gives the server flags nobody else can touch. Without /proc, the shared fd is used."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        log.debug("cannot reopen the region through /proc/self/fd (%s)", err.strerror)
+        return fd
 
 
 #: HUGETLBFS_MAGIC (include/uapi/linux/magic.h): its files have no write().
