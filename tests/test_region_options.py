@@ -118,6 +118,9 @@ def test_a_rotated_log_file_replaced_by_a_symlink_is_not_followed(short_tmp: Pat
         with RawPeer(server.socket_path) as peer:
             peer.wait(lambda: peer.id is not None)
         server.wait_until(lambda: log.exists() and "joined" in log.read_text(), what="new log")
+        output = server.log()  # the server's stderr: the refusal said once, no tracebacks
+        assert output.count("is a symbolic link, which is not followed") == 1, output
+        assert "Traceback" not in output
     assert victim.read_text() == "precious\n"
 
 

@@ -396,14 +396,23 @@ class _LogFileHandler(logging.handlers.WatchedFileHandler):
     def _open(self) -> Any:
         return os.fdopen(open_log_file(self.baseFilename), "a", encoding=self.encoding)
 
+    _refused = False
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.reopenIfNeeded()
             if self.stream is None:
                 self.stream = self._open()
-        except (OSError, IvshmemError):
-            self.handleError(record)
+        except (OSError, IvshmemError) as err:
+            # Said once on stderr (a traceback per line would follow otherwise), and again
+            # only after the file could be opened in between.
+            if not self._refused:
+                self._refused = True
+                note = f"ivshmem-server: {err} (log lines are dropped until it can be opened)"
+                with contextlib.suppress(OSError, ValueError):
+                    print(note, file=sys.stderr)
             return
+        self._refused = False
         logging.StreamHandler.emit(self, record)
 
 
