@@ -174,7 +174,13 @@ def test_status_reports_peers_queues_and_counters(short_tmp: Path) -> None:
             status = server.status()
             assert status["server"]["pid"] == server.pid
             assert status["server"]["socket"] == server.socket_path
-            assert status["shared_memory"] == {"backing": "memfd", "path": None, "size": 65536}
+            assert status["shared_memory"] == {
+                "backing": "memfd",
+                "path": None,
+                "size": 65536,
+                "sealed": True,  # region branch: a memfd is sealed at its size
+                "size_restores": 0,
+            }
             assert status["vectors"] == 3
             assert [(p["id"], p["pid"], p["queued"]) for p in status["peers"]] == [
                 (0, os.getpid(), 0),

@@ -12,13 +12,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from ..memory import Mapping, SharedMemory
+from ..memory import SharedMemory
 from ..protocol import PeerTable
+from ..regionguard import RegionGuard, RegionMembership
 from .config import ServerConfig
 from .fds import SharedFd
 
 if TYPE_CHECKING:
-    from ..channel import MembershipWriter
     from .admission import _Source
     from .core import Server
     from .flow import _SendStall
@@ -95,8 +95,9 @@ class ServerBase:
     _counters: _Counters
     _tasks: _Tasks
     _closed: bool
-    _region_map: Mapping | None
-    _membership: MembershipWriter | None
+    _guard: RegionGuard | None
+    _region_timer: asyncio.TimerHandle | None
+    _membership: RegionMembership | None
     _sources: dict[tuple[int, int], _Source]
     _source_warned: dict[tuple[int, int, int], float]
 
@@ -114,3 +115,4 @@ class ServerBase:
         def _release_reserve(self) -> bool: ...
         def _judge_reader(self, client: _Client) -> None: ...
         def _handshake_sent(self, client: _Client) -> None: ...
+        def _check_region(self) -> None: ...

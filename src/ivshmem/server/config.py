@@ -30,6 +30,8 @@ DEFAULT_MAX_PENDING = 256
 #: peers that all join at once and read slowly need up to vectors x N^2: 1000 peers with 4
 #: vectors joining as fast as they can (benchmarks/bench_join.py) peak at 3.7 million.
 DEFAULT_MAX_QUEUED_TOTAL = 1 << 23
+#: The largest uid or gid: they are 32-bit, and (uid_t)-1 means "no id" (chown's "keep").
+MAX_ID = (1 << 32) - 2
 #: QEMU's ivshmem device refuses more vectors than this (hw/misc/ivshmem.c).
 QEMU_MAX_VECTORS = 64
 #: ``backing`` values: POSIX shm object (``-M``), unlinked file in a directory (``-m``),
@@ -95,6 +97,18 @@ class ServerConfig:
             raise ServerConfigError(f"size {self.size} must be greater than zero")
         if not 0 <= self.first_id <= MAX_PEER_ID:
             raise ServerConfigError(f"first id {self.first_id} is out of range 0..{MAX_PEER_ID}")
+        # User and group ids are 32-bit, and (uid_t)-1 means "no id".
+        for option, kind, ids in (
+            ("--group", "gid", () if self.group is None else (self.group,)),
+            ("--allow-uid", "uid", self.allow_uids),
+            ("--allow-gid", "gid", self.allow_gids),
+        ):
+            for value in sorted(ids):
+                if not 0 <= value <= MAX_ID:
+                    raise ServerConfigError(
+                        f"{option}: {kind} {value} is out of range: user and group ids are "
+                        f'0..{MAX_ID} ({MAX_ID + 1} is the kernel\'s "no id")'
+                    )
         if self.max_queue < 1:
             raise ServerConfigError(f"max queue {self.max_queue} must be at least 1")
         if self.max_pending < 1:

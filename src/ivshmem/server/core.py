@@ -20,11 +20,11 @@ import signal
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from ..memory import Mapping, SharedMemory, format_size
+from ..memory import SharedMemory, format_size
 from ..protocol import PROTOCOL_VERSION, SHM_MARKER, PeerTable, TableFullError
+from ..regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership, ring_eventfd
 from .access import client_allowed, peer_credentials, peer_groups
 from .admission import AdmissionMixin, _Source
 from .base import MembershipObserver, _Counters, _Tasks
@@ -37,9 +37,6 @@ from .region import RegionMixin
 from .shortage import _BACKOFF_MIN, ShortageMixin, _Shortage
 from .sockets import listen, sd_notify
 from .status import _ACCEPT_BURST, StatusMixin
-
-if TYPE_CHECKING:
-    from ..channel import MembershipWriter
 
 log = logging.getLogger("ivshmem.server")
 
@@ -90,9 +87,11 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
         #: (st_dev, st_ino) of each socket file we bound, to remove only our own at exit.
         self._bound: dict[str, tuple[int, int]] = {}
         self.size = 0
-        #: With ``format_region``: the server's mapping of the region and its table writer.
-        self._region_map: Mapping | None = None
-        self._membership: MembershipWriter | None = None
+        # The region's size guard (a no-op on a sealed memfd) and its timer; with
+        # ``format_region`` the membership table, written so the server cannot fault.
+        self._guard: RegionGuard | None = None
+        self._region_timer: asyncio.TimerHandle | None = None
+        self._membership: RegionMembership | None = None
         #: Per client process: its handshakes in flight and connections waiting to join.
         self._sources: dict[tuple[int, int], _Source] = {}
         #: When each source was last warned about (admission.py).
@@ -175,8 +174,8 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
         fds = table.vectors_of(peer)
         if not 0 <= vector < len(fds):
             raise UsageError(f"vector {vector} does not exist: peers have {len(fds)}")
-        with contextlib.suppress(BlockingIOError):  # counter saturated: a ring is pending
-            os.eventfd_write(fds[vector].fileno(), 1)
+        # Never blocks, even on an eventfd a peer made blocking and saturated.
+        ring_eventfd(fds[vector].fileno())
 
     # -- running ------------------------------------------------------------------------
 
@@ -200,6 +199,8 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
             loop.add_reader(self._listener.fileno(), self._on_accept)
             if self._status_listener is not None:
                 loop.add_reader(self._status_listener.fileno(), self._on_status_accept)
+            if self._guard is not None and not self._guard.sealed:
+                self._region_timer = loop.call_later(CHECK_INTERVAL, self._on_region_timer)
             sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.config.socket_path}")
             await self._stopping.wait()
         finally:
@@ -253,6 +254,9 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+        if self._region_timer is not None:
+            self._region_timer.cancel()
+            self._region_timer = None
         for task in list(self._tasks.status):
             task.cancel()
         for listener, path in (
@@ -268,10 +272,9 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
                 self._remove_socket_file(path)
             listener.close()
         self._listener = self._status_listener = None
-        self._membership = None
-        if self._region_map is not None:
-            self._region_map.close()
-            self._region_map = None
+        if self._membership is not None:
+            self._membership.close()
+            self._membership = None
         if discard and self._shm is not None and self._shm.created:
             log.info("removing %s, created by this failed start", self._shm.path)
             self._shm.unlink()
@@ -429,6 +432,8 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
         client.handshake_left = 3 + self.config.vectors * len(self._table)
         self._source_started(client)
         self._loop.add_reader(client.fd, self._on_client_readable, client)
+        # Before the newcomer is sent the fd: it must map the region at its right size.
+        self._check_region()
         # Listed in the membership table before it is sent anything, so a peer that looks at
         # the table right after its handshake finds itself there.
         self._membership_joined(peer)
@@ -494,6 +499,8 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
         if table is not None and peer in table:
             fds = table.remove(peer)
             self._counters.leaves += 1
+            if announce:
+                self._check_region()
             if self._membership is not None:
                 # Also at shutdown (announce=False): the table must not list peers of a
                 # server that is gone.

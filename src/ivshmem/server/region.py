@@ -1,6 +1,8 @@
 """The shared-memory region: opening its backing (POSIX shm, a directory such as
-hugetlbfs, a memfd, a named file), checking a kept channel layout before growing it, and the
-membership table the server keeps in a formatted region."""
+hugetlbfs, a memfd, a named file), checking a kept channel layout before growing it, the
+membership table the server keeps in a formatted region, and keeping an unsealed region at
+its size (:mod:`ivshmem.regionguard`: checked on every join and leave and every
+``CHECK_INTERVAL`` seconds)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..memory import (
     round_up_power_of_two,
 )
 from ..protocol import PeerTable
+from ..regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership
 from .base import ServerBase
 from .fds import SharedFd
 
@@ -69,6 +72,7 @@ class RegionMixin(ServerBase):
                     follow_symlinks=False,
                     owner_uid=os.geteuid(),
                     group=cfg.group,
+                    pseudo_filesystems=False,  # never /proc/self/mem
                 )
             else:
                 shm = self._open_in_directory(size)
@@ -92,6 +96,7 @@ class RegionMixin(ServerBase):
             )
         self.size = shm.size
         self._shm = shm
+        self._guard = RegionGuard(shm)
         self._shm_ref = SharedFd(shm.fd, close=lambda _fd: shm.close())
         self._table = PeerTable(self._shm_ref, first_id=cfg.first_id)
 
@@ -163,43 +168,13 @@ class RegionMixin(ServerBase):
                 )
 
     def _open_membership(self) -> None:
-        """Map the region and take the membership table's writer role, formatting the
-        region first unless it already carries the layout (kept across a restart)."""
-        from ..channel import MembershipWriter, Region, format_region, is_formatted
-
-        assert self._shm is not None
-        self._region_map = self._shm.map()
-        memory = self._region_map.memory
-        cfg = self.config
-        if cfg.reformat:
-            format_region(memory, max_peers=cfg.max_peers)
-            log.warning(
-                "reformatted the region for %d peers (--reformat): every channel it held is gone",
-                cfg.max_peers,
-            )
-        elif is_formatted(memory):
-            try:
-                region = Region(memory)
-            except IvshmemError as err:  # another version, resized, or a corrupted header
-                raise ServerConfigError(
-                    f"the region's channel layout cannot be used ({err}): add --reformat to "
-                    "lay it out afresh (this erases every channel in it)"
-                ) from None
-            log.info(
-                "the region is already formatted (for %d peers): keeping its layout and content",
-                region.max_peers,
-            )
-            if region.max_peers != cfg.max_peers:
-                log.warning(
-                    "--max-peers %d is not applied: the region keeps its layout for %d peers "
-                    "(--reformat lays it out afresh, erasing its channels)",
-                    cfg.max_peers,
-                    region.max_peers,
-                )
-        else:
-            format_region(memory, max_peers=cfg.max_peers)
-            log.info("formatted the region for %d peers", cfg.max_peers)
-        self._membership = MembershipWriter(memory)
+        """Take the membership table's writer role, formatting the region first unless it
+        already carries the layout (kept across a restart)."""
+        # Written with pwrite (or into a sealed region's mapping): see ivshmem.regionguard.
+        assert self._guard is not None and self._shm is not None
+        self._membership = RegionMembership.open(
+            self._guard, self._shm, max_peers=self.config.max_peers, reformat=self.config.reformat
+        )
 
     def _membership_joined(self, peer: int) -> None:
         if self._membership is None:
@@ -217,3 +192,22 @@ class RegionMixin(ServerBase):
         for other in list(self._table):
             if other != peer:
                 self.ring(other, vector)
+
+    # -- the region's size ----------------------------------------------------------------
+
+    def _check_region(self) -> None:
+        """Restore an unsealed region's size if a peer changed it, write back what the
+        server keeps in it, and ring the membership vector if that changed the table."""
+        guard = self._guard
+        if guard is None or guard.sealed or self._closed:
+            return
+        resized = guard.check() is not None
+        if self._membership is not None and self._membership.repair(resized):
+            self._membership_changed(-1)
+
+    def _on_region_timer(self) -> None:
+        self._region_timer = None
+        if self._closed or self._loop is None:
+            return
+        self._check_region()
+        self._region_timer = self._loop.call_later(CHECK_INTERVAL, self._on_region_timer)

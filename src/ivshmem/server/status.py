@@ -54,6 +54,8 @@ class StatusMixin(ServerBase):
                 "backing": cfg.backing,
                 "path": None if shm is None or cfg.backing == "memfd" else shm.path or cfg.shm_path,
                 "size": self.size,
+                "sealed": self._guard is not None and self._guard.sealed,
+                "size_restores": 0 if self._guard is None else self._guard.restores,
             },
             "vectors": cfg.vectors,
             "peers": [
