@@ -173,6 +173,13 @@ def test_a_peer_that_blocks_and_saturates_its_eventfd_cannot_hang_the_server(
             for _ in range(2):  # each join and leave rings the hostile peer's vector 0
                 with ivshmem.connect(server.socket_path) as newcomer:
                     assert Membership(newcomer.memory).peers() == {hostile.id, newcomer.id}
+                # The server sends a handshake while it may still be accepting: a newcomer
+                # that leaves and the next one that connects at once can be taken in either
+                # order. Its leave (which rings the hostile peer) is what is waited for.
+                server.wait_until(
+                    lambda: server.status(timeout=5)["membership"]["listed"] == [hostile.id],
+                    what="the newcomer's leave",
+                )
             assert server.status(timeout=5)["counters"]["joins"] == 3
         finally:
             hostile.close()
