@@ -1,19 +1,24 @@
-"""Join throughput of ivshmem-server: N peers joining with V vectors each, every handshake
-checked complete.
+"""Join throughput and leave latency of ivshmem-server, beside QEMU's own server in the same run.
 
-For each (N, V) a fresh server process starts; N raw clients (protocol.Decoder/ClientState over
+For each (N, V) a fresh server starts and N raw clients (protocol.Decoder/ClientState over
 real sockets, in this process) connect as fast as they can while everything received is read.
-The run ends when every client holds its own V vectors and all other N-1 peers with V vectors
+The joins end when every client holds its own V vectors and all other N-1 peers with V vectors
 each -- i.e. nothing was lost. The server sends 3 + V*N messages per join, V*(N-1) of them to
 the joining client and V to each of the others, so the total is about V*N^2 messages, most
-carrying an fd.
+carrying an fd. Then LEAVES clients close one at a time, and each leave's latency is the time
+from close() until every remaining client has read the leave message.
 
-Reported: wall time, joins/s, messages/s, and the server's own CPU time per message (from
-/proc/PID/stat), since the Python clients in this process do at least as much work as the
-server and dominate the wall time.
+Both servers serve a POSIX shm object (-M) and get the very same client code. QEMU's server
+(contrib/ivshmem-server, built once into a cache by benchmarks/qemu_server.py from Debian's
+qemu source package) loses messages once a client's socket buffer is full and aborts at fd
+1024 (it uses select()); a cell it does not complete within --timeout is reported as lost.
 
-    .venv/bin/python benchmarks/bench_join.py              # N = 50, 200, 1000; V = 1, 4
-    .venv/bin/python benchmarks/bench_join.py -N 1000 -V 4
+Reported per server: wall time, joins/s, messages/s, the server's own CPU time per message
+(from /proc/PID/stat; the Python clients in this process do at least as much work as the
+server), the median leave latency, and ours/QEMU ratios (medians over --runs runs).
+
+    .venv/bin/python benchmarks/bench_join.py                     # both servers, 3 cells
+    .venv/bin/python benchmarks/bench_join.py -N 1000 -V 4 --server ours
 """
 
 from __future__ import annotations
@@ -21,14 +26,21 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from qemu_server import BuildError, build
 from serverproc import RawPeer, ServerProcess, pump_all
+
+from ivshmem.server.sockets import _listening_unix_paths
 
 
 def cpu_seconds(pid: int) -> float:
@@ -38,69 +50,211 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
 
 
-def run_one(peers: int, vectors: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="ivb-", dir="/tmp") as tmp:
-        server = ServerProcess(tmp, size="1M", vectors=vectors)
-        with server:
-            baseline = server.fd_count()
-            cpu0 = cpu_seconds(server.pid)
-            start = time.perf_counter()
-            clients: list[RawPeer] = []
-            for _ in range(peers):
-                clients.append(RawPeer(server.socket_path))
-                # Read as we go, as real peers would; the server must cope either way.
-                for client in clients[-8:]:
-                    client.pump(64)
-            ids = set(range(peers))
+class QemuServer:
+    """QEMU's contrib ivshmem-server in the foreground, on a POSIX shm object."""
+
+    def __init__(self, binary: Path, tmp: str, vectors: int, shm_name: str) -> None:
+        self.socket_path = os.path.join(tmp, "qemu.sock")
+        self.shm_name = shm_name
+        self.log_path = os.path.join(tmp, "qemu.log")
+        with open(self.log_path, "wb") as log:
+            command = [str(binary), "-F", "-S", self.socket_path, "-M", shm_name, "-l", "1M"]
+            command += ["-n", str(vectors)]
+            self.proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + 20
+        while self.socket_path not in (_listening_unix_paths() or set()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"QEMU's ivshmem-server did not start: {self.log()}")
+            time.sleep(0.01)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:
+            os.unlink(f"/dev/shm/{self.shm_name}")
+        except FileNotFoundError:
+            pass
+
+
+def measure(
+    socket_path: str, pid: int, peers: int, vectors: int, leaves: int, timeout: float
+) -> dict[str, float]:
+    """Join ``peers`` clients, then close ``leaves`` of them one at a time; NaN figures for a
+    server that lost messages (did not complete within ``timeout``)."""
+    cpu0 = cpu_seconds(pid)
+    start = time.perf_counter()
+    clients: list[RawPeer] = []
+    try:
+        for _ in range(peers):
+            clients.append(RawPeer(socket_path))
+            # Read as we go, as real peers would; the server must cope either way.
+            for client in clients[-8:]:
+                client.pump(64)
+        ids = set(range(peers))
+        try:
             pump_all(
                 clients,
                 lambda: all(
                     c.id is not None and c.complete(ids - {c.id}, vectors) for c in clients
                 ),
-                timeout=600,
+                timeout=timeout,
             )
-            elapsed = time.perf_counter() - start
-            cpu = cpu_seconds(server.pid) - cpu0
-            messages = sum(c.messages for c in clients)
-            expected = peers * (3 + vectors * peers)
-            assert messages == expected, (messages, expected)
-            status = server.status()
-            assert status["counters"]["peers"] == peers
-            assert status["counters"]["messages_sent"] == expected
-            for client in clients:
-                client.close()
-            server.wait_for_fd_count(baseline, timeout=60)
-    return {
-        "peers": peers,
-        "vectors": vectors,
-        "seconds": elapsed,
-        "joins_per_s": peers / elapsed,
-        "messages": messages,
-        "messages_per_s": messages / elapsed,
-        "server_cpu_s": cpu,
-        "server_us_per_message": cpu / messages * 1e6,
-    }
+        except AssertionError:
+            nan = float("nan")
+            return {
+                "seconds": nan,
+                "joins_per_s": nan,
+                "messages": nan,
+                "cpu_per_msg_us": nan,
+                "leave_us": nan,
+            }
+        elapsed = time.perf_counter() - start
+        cpu = cpu_seconds(pid) - cpu0
+        messages = sum(c.messages for c in clients)
+        latencies = []
+        for _ in range(min(leaves, peers - 1)):
+            leaving = clients.pop()
+            gone = leaving.id
+            before = time.perf_counter()
+            leaving.close()
+
+            def done(gone: int | None = gone) -> bool:
+                return all(gone not in c.peers for c in clients)
+
+            pump_all(clients, done, timeout=timeout)
+            latencies.append(time.perf_counter() - before)
+        return {
+            "seconds": elapsed,
+            "joins_per_s": peers / elapsed,
+            "messages": messages,
+            "cpu_per_msg_us": cpu / messages * 1e6,
+            "leave_us": statistics.median(latencies) * 1e6 if latencies else float("nan"),
+        }
+    finally:
+        for client in clients:
+            client.close()
+
+
+def run_ours(peers: int, vectors: int, leaves: int, timeout: float) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="ivb-", dir="/tmp") as tmp:
+        name = f"ivb-ours-{os.getpid()}"
+        server = ServerProcess(tmp, size="1M", vectors=vectors, extra_args=["-M", name])
+        try:
+            with server:
+                baseline = server.fd_count()
+                result = measure(server.socket_path, server.pid, peers, vectors, leaves, timeout)
+                status = server.status()
+                expected = peers * (3 + vectors * peers)
+                assert status["counters"]["joins"] == peers
+                assert status["counters"]["messages_sent"] >= expected
+                server.wait_for_fd_count(baseline, timeout=60)
+        finally:
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except FileNotFoundError:
+                pass
+    return result
+
+
+def run_qemu(
+    binary: Path, peers: int, vectors: int, leaves: int, timeout: float
+) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="ivb-", dir="/tmp") as tmp:
+        server = QemuServer(binary, tmp, vectors, f"ivb-qemu-{os.getpid()}")
+        try:
+            return measure(server.socket_path, server.pid, peers, vectors, leaves, timeout)
+        finally:
+            server.stop()
+
+
+def _median(runs: list[dict[str, float]], key: str) -> float:
+    values = [r[key] for r in runs]
+    if any(v != v for v in values):  # a run that lost messages
+        return float("nan")
+    return statistics.median(values)
+
+
+def _ratio(ours: dict[str, float], qemu: dict[str, float], key: str) -> str:
+    if not qemu[key] or qemu[key] != qemu[key] or ours[key] != ours[key]:
+        return "n/a"
+    return f"{ours[key] / qemu[key]:.2f}x"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-N", "--peers", type=int, action="append", help="peers (repeatable)")
     parser.add_argument("-V", "--vectors", type=int, action="append", help="vectors (repeatable)")
+    parser.add_argument(
+        "--server", choices=("both", "ours", "qemu"), default="both", help="default both"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs per cell (medians; default 3)")
+    parser.add_argument("--leaves", type=int, default=20, help="leaves timed per run")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per cell, seconds")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    binary: Path | None = None
+    if args.server != "ours":
+        try:
+            binary = build()
+        except BuildError as err:
+            print(f"QEMU's server is not available ({err}); measuring ours only", file=sys.stderr)
+    if args.peers or args.vectors:
+        cells = [(n, v) for v in args.vectors or [1, 4] for n in args.peers or [50, 200, 1000]]
+    else:
+        cells = [(50, 1), (200, 1), (50, 4)]
+    servers = [name for name in ("ours", "qemu") if args.server in (name, "both")]
+    if binary is None and "qemu" in servers:
+        servers.remove("qemu")
     print(
-        f"{'peers':>6} {'vectors':>7} {'seconds':>8} {'joins/s':>9} {'messages':>9} "
-        f"{'msgs/s':>9} {'server cpu s':>12} {'server us/msg':>13}  handshakes"
+        f"{'server':>6} {'peers':>6} {'vectors':>7} {'seconds':>8} {'joins/s':>9} "
+        f"{'messages':>9} {'cpu us/msg':>10} {'leave us':>9}"
     )
-    for vectors in args.vectors or [1, 4]:
-        for peers in args.peers or [50, 200, 1000]:
-            r = run_one(peers, vectors)
+    medians: dict[tuple[str, int, int], dict[str, float]] = {}
+    for peers, vectors in cells:
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+        for _ in range(args.runs):
+            for name in servers:  # interleaved, so that load changes hit both alike
+                if name == "ours":
+                    runs[name].append(run_ours(peers, vectors, args.leaves, args.timeout))
+                else:
+                    assert binary is not None
+                    runs[name].append(run_qemu(binary, peers, vectors, args.leaves, args.timeout))
+        for name in servers:
+            m = {k: _median(runs[name], k) for k in runs[name][0]}
+            medians[(name, peers, vectors)] = m
+            lost = "" if m["seconds"] == m["seconds"] else "  lost messages"
             print(
-                f"{peers:>6} {vectors:>7} {r['seconds']:>8.2f} {r['joins_per_s']:>9.0f} "
-                f"{r['messages']:>9.0f} {r['messages_per_s']:>9.0f} {r['server_cpu_s']:>12.2f} "
-                f"{r['server_us_per_message']:>13.2f}  all {peers} complete",
+                f"{name:>6} {peers:>6} {vectors:>7} {m['seconds']:>8.3f} {m['joins_per_s']:>9.0f} "
+                f"{m['messages']:>9.0f} {m['cpu_per_msg_us']:>10.2f} {m['leave_us']:>9.0f}{lost}",
                 flush=True,
+            )
+    if len(servers) == 2:
+        print("\nours / QEMU (medians; joins/s: higher is better, leave latency: lower)")
+        for peers, vectors in cells:
+            ours, qemu = medians[("ours", peers, vectors)], medians[("qemu", peers, vectors)]
+            print(
+                f"  {peers:>5} x {vectors}: joins/s {_ratio(ours, qemu, 'joins_per_s')}, "
+                f"leave latency {_ratio(ours, qemu, 'leave_us')}, server CPU per message "
+                f"{_ratio(ours, qemu, 'cpu_per_msg_us')}"
             )
     return 0
 

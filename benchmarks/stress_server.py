@@ -30,6 +30,15 @@ interval; an allocator step (a new arena, a dict resized) shows in one.
 
     .venv/bin/python benchmarks/stress_server.py                  # 10,000 cycles
     .venv/bin/python benchmarks/stress_server.py --cycles 2000 --vectors 4 --seed 7
+
+With ``--storm N`` it runs the connection storm instead: three honest peers, each in its own
+process, ping-pong doorbells around a ring (vector 0 pings, vector 1 answers; one round trip
+per peer every millisecond) and read their sockets all the time, while one process connects
+and closes N times as fast as it can.
+Reported: honest peers dropped (must be 0; exit status 1 otherwise), their round-trip p50/p99
+before and during the storm, the storm's cycles/s and the server's CPU time.
+
+    .venv/bin/python benchmarks/stress_server.py --storm 20000
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ KINDS = {
     "idwrap": 2,
 }
 FLOOD = 50
+#: Pause between one honest peer's round trips in the storm (they share the CPU with it).
+PING_INTERVAL = 0.001
 IDWRAP_BURST = 256
 
 
@@ -223,6 +234,169 @@ class Stress:
             time.sleep(0.01)
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _honest(peer: RawPeer, target: int, pinger: int, stop: int, out: str) -> None:
+    """One honest peer (in a child process): ping ``target`` on vector 0, answer pings from
+    ``pinger`` on vector 1, read the socket whenever it is readable. Writes to ``out``
+    whether the server hung up, then (time, round trip) pairs as doubles."""
+    import array
+    import select
+
+    ping_fd, pong_fd = peer.own_fds[0], peer.own_fds[1]
+    poll = select.epoll()
+    for fd in (peer.fileno(), ping_fd, pong_fd, stop):
+        poll.register(fd, select.EPOLLIN)
+    samples = array.array("d")
+    dropped = False
+    sent = time.perf_counter()
+    os.eventfd_write(peer.peer_fds[target][0], 1)
+    next_ping: float | None = None
+    running = True
+    while running:
+        timeout = 1.0
+        if next_ping is not None:
+            timeout = max(0.0, next_ping - time.perf_counter())
+            if timeout == 0.0:
+                sent, next_ping = time.perf_counter(), None
+                os.eventfd_write(peer.peer_fds[target][0], 1)
+                timeout = 1.0
+        for fd, _ in poll.poll(timeout):
+            if fd == peer.fileno():
+                peer.pump()
+                if peer.eof:
+                    dropped = True
+                    running = False
+            elif fd == ping_fd:
+                os.eventfd_read(ping_fd)
+                os.eventfd_write(peer.peer_fds[pinger][1], 1)
+            elif fd == pong_fd:
+                os.eventfd_read(pong_fd)
+                now = time.perf_counter()
+                samples.extend((now, now - sent))
+                next_ping = now + PING_INTERVAL  # doorbells at a VM's pace, not a busy loop
+            elif fd == stop:
+                running = False
+    with open(out, "wb") as f:
+        array.array("d", [float(dropped)]).tofile(f)
+        samples.tofile(f)
+
+
+def _read_report(path: str) -> tuple[bool, list[tuple[float, float]]]:
+    import array
+
+    values = array.array("d")
+    with open(path, "rb") as f:
+        values.frombytes(f.read())
+    pairs = list(zip(values[1::2], values[2::2], strict=False))
+    return bool(values[0]), pairs
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def storm(cycles: int, quiet: float, server_args: list[str]) -> int:
+    """The connection storm: see the module docstring."""
+    vectors = 2
+    with (
+        tempfile.TemporaryDirectory(prefix="ivs-", dir="/tmp") as tmp,
+        ServerProcess(tmp, vectors=vectors, extra_args=server_args, start_timeout=60) as server,
+    ):
+        honest = [RawPeer(server.socket_path, keep_fds=True) for _ in range(3)]
+        ids = []
+        for peer in honest:
+            peer.wait(lambda p=peer: p.state.own_vectors == vectors)  # type: ignore[misc]
+        for peer in honest:
+            peer.wait(lambda p=peer: len(p.peers) == 2)  # type: ignore[misc]
+            ids.append(peer.id)
+        stop_r, stop_w = os.pipe()
+        outs = [os.path.join(tmp, f"honest-{i}.bin") for i in range(3)]
+        children = []
+        for i, peer in enumerate(honest):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.close(stop_w)
+                    target, pinger = ids[(i + 1) % 3], ids[(i - 1) % 3]
+                    _honest(peer, target, pinger, stop_r, outs[i])  # type: ignore[arg-type]
+                finally:
+                    os._exit(0)
+            children.append(pid)
+        for peer in honest:
+            peer.close()  # the children hold their own copies
+        os.close(stop_r)
+        time.sleep(quiet)  # round trips without a storm, for comparison
+        cpu0 = cpu_seconds(server.pid)
+        storm_start = time.perf_counter()
+        storm_pid = os.fork()
+        if storm_pid == 0:
+            code = 0
+            try:
+                for _ in range(cycles):
+                    sock = socket.socket(socket.AF_UNIX)
+                    sock.connect(server.socket_path)
+                    sock.close()
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(storm_pid, 0)
+        storm_end = time.perf_counter()
+
+        # Until the server has dealt with the whole backlog (honest peers it dropped are
+        # missing from the count).
+        def absorbed() -> bool:
+            status = server.status()
+            return bool(
+                status["counters"]["peers"] <= 3 and not status["limits"].get("clients_waiting", 0)
+            )
+
+        server.wait_until(absorbed, timeout=120, what="the storm to be absorbed")
+        settled = time.perf_counter()
+        cpu = cpu_seconds(server.pid) - cpu0
+        time.sleep(0.5)
+        os.close(stop_w)
+        for pid in children:
+            os.waitpid(pid, 0)
+        reports = [_read_report(out) for out in outs if os.path.exists(out)]
+        counters = server.status()["counters"]
+        log = server.log()
+    dropped = sum(1 for gone, _ in reports if gone) + (3 - len(reports))
+    before = [rtt for _, pairs in reports for t, rtt in pairs if t < storm_start]
+    during = [rtt for _, pairs in reports for t, rtt in pairs if storm_start <= t <= settled]
+    print(
+        f"storm: {cycles} connect/close cycles in {storm_end - storm_start:.2f} s "
+        f"({cycles / (storm_end - storm_start):.0f}/s; the storm process exited with "
+        f"{os.waitstatus_to_exitcode(status)}), absorbed after {settled - storm_start:.2f} s"
+    )
+    print(f"honest peers dropped: {dropped} of 3")
+    for name, values in (("before the storm", before), ("during the storm", during)):
+        print(
+            f"round trip {name}: p50 {_percentile(values, 0.5) * 1e6:.0f} us, p99 "
+            f"{_percentile(values, 0.99) * 1e6:.0f} us ({len(values)} round trips)"
+        )
+    print(
+        f"server CPU during the storm: {cpu:.2f} s ({cpu / max(settled - storm_start, 1e-9):.0%}"
+        f" of one core); joins {counters['joins']}, collapsed "
+        f"{counters.get('joins_collapsed', 0)}, waited {counters.get('clients_waited', 0)}, "
+        f"slow clients dropped "
+        f"{counters['slow_clients_dropped']}, queue budget drops {counters['queue_budget_drops']}"
+    )
+    if dropped:
+        print("FAIL: honest peers were dropped")
+        print("\n".join(line for line in log.splitlines() if "WARNING" in line)[-3000:])
+        return 1
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=10_000)
@@ -238,9 +412,28 @@ def main() -> int:
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
+        "--storm",
+        metavar="N",
+        type=int,
+        help="run the connection storm (N connect/close cycles beside 3 ping-ponging peers) "
+        "instead of the mix",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        metavar="ARG",
+        help="pass ARG to the server in the storm (repeatable; e.g. --server-arg=--max-queue "
+        "--server-arg=100)",
+    )
+    parser.add_argument(
+        "--quiet", type=float, default=2.0, help="seconds of ping-pong before the storm"
+    )
+    parser.add_argument(
         "--only", metavar="KIND", action="append", choices=sorted(KINDS), help="only these kinds"
     )
     args = parser.parse_args()
+    if args.storm:
+        return storm(args.storm, args.quiet, args.server_arg or [])
     rng = random.Random(args.seed)
     chosen = args.only or list(KINDS)
     kinds = [kind for kind, weight in KINDS.items() if kind in chosen for _ in range(weight)]

@@ -2,7 +2,8 @@
 
 Four backings exist, as in QEMU's tooling plus one:
 
-* ``memfd``      anonymous memory (``memfd_create``); lives as long as some fd or mapping does.
+* ``memfd``      anonymous memory (``memfd_create``); lives as long as some fd or mapping does;
+                 sealed at its size (:func:`seal_size`), so no holder of the fd can resize it.
 * ``posix``      a POSIX shm object, i.e. a file under ``/dev/shm`` (the server's ``-M NAME``).
 * ``directory``  an unlinked file created in a directory such as a hugetlbfs mount (``-m DIR``).
 * ``file``       an existing or new named file (survives server restarts).
@@ -13,7 +14,10 @@ A :class:`SharedMemory` owns exactly one fd; :meth:`SharedMemory.map` returns a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import fcntl
 import mmap
 import os
 import pwd
@@ -33,6 +37,7 @@ __all__ = [
     "is_power_of_two",
     "parse_size",
     "round_up_power_of_two",
+    "seal_size",
     "validate_shm_name",
 ]
 
@@ -157,6 +162,9 @@ class SharedMemory:
         self.created = created
         #: Size of an existing named object before it was grown (None: created, or unknown).
         self.previous_size = previous_size
+        #: Sealed against shrinking and growing (a memfd made by :meth:`memfd`): nobody
+        #: holding the fd can change its size, so a mapping of it can never fault.
+        self.sealed = False
         self._identity: tuple[int, int] | None = None
         if path is not None:
             try:
@@ -168,10 +176,19 @@ class SharedMemory:
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
-    def memfd(cls, size: int, name: str = "ivshmem") -> SharedMemory:
-        """Anonymous memory of ``size`` bytes."""
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0))
-        return cls._sized(fd, size, "memfd", None)
+    def memfd(cls, size: int, name: str = "ivshmem", *, seal: bool = True) -> SharedMemory:
+        """Anonymous memory of ``size`` bytes, sealed at that size (see :func:`seal_size`)
+        unless ``seal`` is false."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        shm = cls._sized(fd, size, "memfd", None)
+        if seal:
+            try:
+                seal_size(shm.fd)
+            except OSError as err:
+                shm.close()
+                raise UsageError(f"cannot seal the shared memory: {err.strerror}") from err
+            shm.sealed = True
+        return shm
 
     @classmethod
     def posix(
@@ -200,6 +217,7 @@ class SharedMemory:
             follow_symlinks=False,
             owner_uid=owner_uid,
             group=group,
+            check_filesystem=True,
         )
 
     @classmethod
@@ -218,6 +236,11 @@ class SharedMemory:
             raise UsageError(f"cannot create a file in {directory!r}: {err.strerror}") from err
         os.unlink(path)
         os.set_inheritable(fd, False)
+        try:
+            check_backing_filesystem(fd, f"directory {directory!r}")
+        except BaseException:
+            os.close(fd)
+            raise
         return cls._sized(fd, size, "directory", None)
 
     @classmethod
@@ -230,6 +253,7 @@ class SharedMemory:
         follow_symlinks: bool = True,
         owner_uid: int | None = None,
         group: int | None = None,
+        pseudo_filesystems: bool = True,
     ) -> SharedMemory:
         """A named file; created with ``size`` if missing, else opened (and grown to ``size``;
         a larger file is refused with :class:`ShrinkRefusedError`, never shrunk).
@@ -238,6 +262,9 @@ class SharedMemory:
         server claiming the region) an existing file must belong to that user -- another
         user's file may already be open in that user's processes, so it could never be made
         private -- and ``mode`` (and ``group``) are set on it, or it is refused.
+        ``pseudo_filesystems=False`` (a server's backing) refuses a file on /proc, /sys and
+        the like (:func:`check_backing_filesystem`) before anything is done to it; a process
+        mapping a file for itself -- a guest's sysfs ``resource2``, say -- may leave it on.
         """
         return cls._named(
             path,
@@ -248,6 +275,7 @@ class SharedMemory:
             follow_symlinks=follow_symlinks,
             owner_uid=owner_uid,
             group=group,
+            check_filesystem=not pseudo_filesystems,
         )
 
     @classmethod
@@ -275,6 +303,7 @@ class SharedMemory:
         follow_symlinks: bool,
         owner_uid: int | None,
         group: int | None,
+        check_filesystem: bool,
     ) -> SharedMemory:
         fd, created = _open_named(path, what, size is not None, mode, follow_symlinks)
         try:
@@ -283,6 +312,8 @@ class SharedMemory:
                 # A FIFO or a device node where the region should be: resizing or chmod-ing
                 # it would at best fail and at worst change something else entirely.
                 raise UsageError(f"{what} is not a regular file: remove it, or choose another name")
+            if check_filesystem:
+                check_backing_filesystem(fd, what)
             if owner_uid is not None:
                 if not created and st.st_uid != owner_uid:
                     raise UsageError(
@@ -373,6 +404,90 @@ class SharedMemory:
     def __repr__(self) -> str:
         where = f" {self.path}" if self.path else ""
         return f"<SharedMemory {self.kind}{where} {format_size(self.size)} fd={self._fd}>"
+
+
+#: F_SEAL_FUTURE_WRITE (Linux 5.1, include/uapi/linux/fcntl.h); not in Python's fcntl.
+F_SEAL_FUTURE_WRITE = 0x0010
+
+
+def seal_size(fd: int) -> None:
+    """Seal a memfd against shrinking and growing, then against further seals.
+
+    Every peer holds this fd. Unsealed, one ``ftruncate(fd, 0)`` from any of them removes the
+    pages under everyone's mapping, and every process that touches them -- the server, each
+    QEMU, each host peer -- dies of SIGBUS. F_SEAL_SHRINK | F_SEAL_GROW make such a truncate
+    fail (EPERM) for everyone, the sealer included. F_SEAL_SEAL, added in the same call, stops
+    a peer from adding seals of its own: F_SEAL_FUTURE_WRITE (or F_SEAL_WRITE, once no
+    writable mapping exists) would make every later ``mmap(PROT_WRITE)`` fail, so no new QEMU
+    or host peer could map the region."""
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+
+
+def is_size_sealed(fd: int) -> bool:
+    """Whether ``fd`` is sealed so that its size cannot change (False if it cannot be sealed)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False
+    need = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+    return seals & need == need
+
+
+# Pseudo filesystems (include/uapi/linux/magic.h) whose files are windows on the kernel or on
+# processes, not memory: /proc/self/mem opens as a "regular file", and served as the region it
+# handed every client a read-write window on the server's own memory.
+_PSEUDO_FILESYSTEMS = {
+    0x9FA0: "proc",  # PROC_SUPER_MAGIC
+    0x62656572: "sysfs",  # SYSFS_MAGIC
+    0x64626720: "debugfs",  # DEBUGFS_MAGIC
+    0x74726163: "tracefs",  # TRACEFS_MAGIC
+    0x73636673: "securityfs",  # SECURITYFS_MAGIC
+    0x27E0EB: "cgroup",  # CGROUP_SUPER_MAGIC
+    0x63677270: "cgroup2",  # CGROUP2_SUPER_MAGIC
+    0xCAFE4A11: "bpf",  # BPF_FS_MAGIC
+    0x62656570: "configfs",  # CONFIGFS_MAGIC
+    0x6165676C: "pstore",  # PSTOREFS_MAGIC
+    0xDE5E81E4: "efivarfs",  # EFIVARFS_MAGIC
+    0x1CD1: "devpts",  # DEVPTS_SUPER_MAGIC
+    0x65735543: "fusectl",  # FUSE_CTL_SUPER_MAGIC
+    0x42494E4D: "binfmt_misc",  # BINFMTFS_MAGIC
+    0x534F434B: "sockfs",  # SOCKFS_MAGIC
+    0x50495045: "pipefs",  # PIPEFS_MAGIC
+    0x09041934: "anon_inode",  # ANON_INODE_FS_MAGIC
+    0x6E736673: "nsfs",  # NSFS_MAGIC
+}
+
+_libc: ctypes.CDLL | None = None
+
+
+def filesystem_type(fd: int) -> int:
+    """``f_type`` of the filesystem holding ``fd`` (``fstatfs``; Python's statvfs lacks it).
+
+    ``struct statfs`` starts with ``f_type`` as a native long on Linux; the buffer is larger
+    than the struct on every architecture."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    buf = ctypes.create_string_buffer(512)
+    if _libc.fstatfs(fd, buf) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
+
+
+def check_backing_filesystem(fd: int, what: str) -> None:
+    """Refuse a file on a pseudo filesystem (/proc, /sys, ...) as shared memory."""
+    try:
+        kind = _PSEUDO_FILESYSTEMS.get(filesystem_type(fd))
+    except OSError as err:
+        raise UsageError(f"cannot tell which filesystem holds {what}: {err.strerror}") from err
+    if kind is not None:
+        raise UsageError(
+            f"{what} is on {kind}, a kernel pseudo filesystem: its files are windows on the "
+            "kernel or on processes (such as /proc/self/mem, this process's own memory), not "
+            "memory that can be shared; give a regular file on a disk, tmpfs (/dev/shm) or "
+            "hugetlbfs"
+        )
 
 
 def _open_named(

@@ -203,40 +203,57 @@ class PeerTable(Generic[FdT]):
             candidate = (candidate + 1) & MAX_PEER_ID
         raise TableFullError("all 65536 peer ids are in use: no more clients can join")
 
-    def join(self, peer: int, vector_fds: Sequence[FdT]) -> list[Send[FdT]]:
-        """Add ``peer`` with one fd per vector; return its handshake and the announcements."""
+    def add(self, peer: int, vector_fds: Sequence[FdT]) -> list[tuple[int, tuple[FdT, ...]]]:
+        """Add ``peer`` with one fd per vector, like :meth:`join`, but return the peers that
+        were already here (with their fds, in the order :meth:`join` announces them)
+        instead of a list of :class:`Send`: for a caller that builds its messages itself."""
         if not 0 <= peer <= MAX_PEER_ID:
             raise UsageError(f"peer id {peer} is out of range 0..{MAX_PEER_ID}")
         if peer in self._peers:
             raise UsageError(f"peer id {peer} is already in use")
         if not 0 <= len(vector_fds) <= MAX_VECTORS:
             raise UsageError(f"{len(vector_fds)} vectors: at most {MAX_VECTORS} are supported")
+        before = list(self._peers.items())
+        self._peers[peer] = tuple(vector_fds)
+        self._next_id = (peer + 1) & MAX_PEER_ID
+        return before
+
+    @property
+    def shm(self) -> FdT:
+        """The shared memory's fd, as given."""
+        return self._shm
+
+    def join(self, peer: int, vector_fds: Sequence[FdT]) -> list[Send[FdT]]:
+        """Add ``peer`` with one fd per vector; return its handshake and the announcements."""
+        before = self.add(peer, vector_fds)
         # The announcements to the peers already here come first. Sends to different
         # recipients are independent on the wire, but the server flushes in this order, so by
         # the time the newcomer holds its handshake (and can ring anyone), every other peer's
         # socket already holds the news of its arrival: a peer rung by a newcomer finds it in
         # its peer set on its next read, unless that peer's own socket was full.
-        sends: list[Send[FdT]] = [
-            Send(other, peer, fd) for other in self._peers for fd in vector_fds
-        ]
+        fds = self._peers[peer]
+        sends: list[Send[FdT]] = [Send(other, peer, fd) for other, _ in before for fd in fds]
         sends += [
             Send(peer, PROTOCOL_VERSION),
             Send(peer, peer),
             Send(peer, SHM_MARKER, self._shm),
         ]
-        for other, fds in self._peers.items():
-            sends.extend(Send(peer, other, fd) for fd in fds)
-        sends.extend(Send(peer, peer, fd) for fd in vector_fds)
-        self._peers[peer] = tuple(vector_fds)
-        self._next_id = (peer + 1) & MAX_PEER_ID
+        for other, other_fds in before:
+            sends.extend(Send(peer, other, fd) for fd in other_fds)
+        sends.extend(Send(peer, peer, fd) for fd in fds)
         return sends
+
+    def remove(self, peer: int) -> tuple[FdT, ...]:
+        """Remove ``peer`` like :meth:`leave`, returning only its fds: every remaining peer
+        is to be told ``peer`` (no fd)."""
+        try:
+            return self._peers.pop(peer)
+        except KeyError:
+            raise UsageError(f"peer {peer} is not in the table") from None
 
     def leave(self, peer: int) -> tuple[tuple[FdT, ...], list[Send[FdT]]]:
         """Remove ``peer``; return its fds (for the caller to release) and the announcements."""
-        try:
-            fds = self._peers.pop(peer)
-        except KeyError:
-            raise UsageError(f"peer {peer} is not in the table") from None
+        fds = self.remove(peer)
         return fds, [Send(other, peer) for other in self._peers]
 
 

@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import logging.handlers
 import os
 import signal
+import stat
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import IvshmemError, ServerConfigError, UsageError
 from ..memory import parse_size
 from ..protocol import MAX_PEER_ID, MAX_VECTORS
 from ..server import (
+    DEFAULT_MAX_PENDING,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_QUEUED_TOTAL,
     DEFAULT_SHM_NAME,
@@ -82,14 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     backing.add_argument(
         "--memfd",
         action="store_true",
-        help="anonymous memory (memfd): nothing in the filesystem, gone with the last user",
+        help="anonymous memory (memfd): nothing in the filesystem, gone with the last user; "
+        "sealed at its size, so no peer can truncate it (recommended when peers are not all "
+        "trusted)",
     )
     backing.add_argument(
         "--file",
         dest="shm_file",
         metavar="PATH",
         help="a named file as the memory (created if missing; kept after exit; same rules "
-        "as -M, and never a symbolic link)",
+        "as -M, never a symbolic link, never on /proc, /sys or another pseudo filesystem)",
     )
     qemu.add_argument(
         "-l",
@@ -163,8 +169,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=int,
         default=DEFAULT_MAX_QUEUE,
-        help="messages a client may fall behind beyond one full handshake before it is "
-        f"disconnected (default {DEFAULT_MAX_QUEUE})",
+        help="messages a client may fall behind beyond one full handshake; past it, a client "
+        "that has read nothing for a second is disconnected (one that reads never is; "
+        f"default {DEFAULT_MAX_QUEUE})",
+    )
+    more.add_argument(
+        "--max-pending",
+        metavar="N",
+        type=int,
+        default=DEFAULT_MAX_PENDING,
+        help="handshakes one client process may have unsent at once; its further connections "
+        f"wait and join in order (default {DEFAULT_MAX_PENDING})",
     )
     more.add_argument(
         "--max-queued-total",
@@ -178,7 +193,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-file",
         metavar="PATH",
         help="log to this file (appended; reopened when rotated away) instead of stderr "
-        "with -F, or instead of syslog as a daemon",
+        "with -F, or instead of syslog as a daemon; never through a symbolic link, and only a "
+        "regular file of the server's user",
     )
     more.add_argument(
         "--first-id",
@@ -317,6 +333,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         status_socket=status_socket,
         max_queue=args.max_queue,
         max_queued_total=args.max_queued_total,
+        max_pending=args.max_pending,
         first_id=args.first_id,
         format_region=args.format_region or args.reformat,
         reformat=args.reformat,
@@ -338,14 +355,81 @@ def _stderr_handler() -> logging.Handler:
     return handler
 
 
-def _file_handler(path: str) -> logging.Handler:
+def open_log_file(path: str) -> int:
+    """Open ``path`` for appending with the care the pid file gets: never through a symbolic
+    link (a link planted there would make a root server append to, say, a file in /etc),
+    only a regular file (not a FIFO or a device), with one name (a hard link to another
+    file is the same trick), owned by the server's own user. Returns the fd."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        # Watched: after logrotate moves the file away, the next line goes to a new one.
-        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO for writing would otherwise wait for a reader forever.
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o640)
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ServerConfigError(
+                f"--log-file: {path!r} is a symbolic link, which is not followed (a link could "
+                "point the server at any file it may write); give the path of the file itself"
+            ) from err
+        if err.errno == errno.ENXIO:  # a FIFO nobody reads (O_NONBLOCK), or a socket
+            raise ServerConfigError(
+                f"--log-file: {path!r} is not a regular file: remove it, or choose another path"
+            ) from err
         raise ServerConfigError(
             f"--log-file: cannot open {path!r}: {err.strerror}; choose a writable path"
         ) from err
+    try:
+        st = os.fstat(fd)
+        problem = ""
+        if not stat.S_ISREG(st.st_mode):
+            problem = "is not a regular file"
+        elif st.st_nlink != 1:
+            problem = f"has {st.st_nlink} hard links (it may be another file under a new name)"
+        elif st.st_uid != os.geteuid():
+            problem = (
+                f"belongs to uid {st.st_uid}, not to uid {os.geteuid()} who runs the server "
+                "(its owner could make it anything)"
+            )
+        if problem:
+            raise ServerConfigError(
+                f"--log-file: {path!r} {problem}: remove it, or choose another path"
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _LogFileHandler(logging.handlers.WatchedFileHandler):
+    """A WatchedFileHandler that opens (and, after a rotation, reopens) the file with
+    :func:`open_log_file`; a reopen that is refused costs log lines, never the server."""
+
+    def _open(self) -> Any:
+        return os.fdopen(open_log_file(self.baseFilename), "a", encoding=self.encoding)
+
+    _refused = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.reopenIfNeeded()
+            if self.stream is None:
+                self.stream = self._open()
+        except (OSError, IvshmemError) as err:
+            # Said once on stderr (a traceback per line would follow otherwise), and again
+            # only after the file could be opened in between.
+            if not self._refused:
+                self._refused = True
+                note = f"ivshmem-server: {err} (log lines are dropped until it can be opened)"
+                with contextlib.suppress(OSError, ValueError):
+                    print(note, file=sys.stderr)
+            return
+        self._refused = False
+        logging.StreamHandler.emit(self, record)
+
+
+def _file_handler(path: str) -> logging.Handler:
+    # Watched: after logrotate moves the file away, the next line goes to a new one.
+    handler = _LogFileHandler(path, encoding="utf-8")
     handler.setFormatter(
         logging.Formatter("%(asctime)s ivshmem-server[%(process)d] %(levelname)s: %(message)s")
     )

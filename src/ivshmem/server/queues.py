@@ -1,0 +1,401 @@
+"""Per-client queues: each client's messages and the fds they carry, the per-client and
+all-clients bounds, and flushing with non-blocking sends."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from ..protocol import encode
+from .base import ServerBase
+from .fds import SharedFd
+
+log = logging.getLogger("ivshmem.server")
+
+_MSG_NOSIGNAL = socket.MSG_NOSIGNAL
+_PACK = struct.Struct("<q").pack
+
+
+def _no_send(data: bytes, flags: int) -> int:
+    raise AssertionError("no client")
+
+
+def _no_sendmsg(data: list[bytes], anc: list[tuple[int, int, bytes]], flags: int) -> int:
+    raise AssertionError("no client")
+
+
+#: One message to send: (recipient, value, fd or None) -- what protocol.Send says, as a tuple.
+Message = tuple[int, int, "SharedFd | None"]  # protocol.encode, without the call
+#: A client whose queue passed its bound is disconnected only once the kernel took none of
+#: its messages for this long (it read nothing): a reader is never dropped for its backlog.
+_READ_GRACE = 1.0
+
+
+class _Client:
+    """One connected peer: its socket, its queue, and what the status report shows."""
+
+    __slots__ = (
+        "blocked",
+        "closed",
+        "connected_at",
+        "dirty",
+        "fd",
+        "fds",
+        "gid",
+        "handshake_left",
+        "joins_queued",
+        "judging",
+        "partial",
+        "peer",
+        "pending",
+        "pid",
+        "progress_at",
+        "progressed",
+        "queue",
+        "sent",
+        "sock",
+        "uid",
+        "writing",
+    )
+
+    def __init__(self, sock: socket.socket, peer: int, creds: tuple[int, int, int]) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.pid, self.uid, self.gid = creds
+        # The queue: message values, and beside them the fd each carries (or None). Two
+        # deques of references cost about 16 bytes a message where a deque of pairs costs 75,
+        # and a join of N peers queues V x N messages for the newcomer alone.
+        self.queue: deque[int] = deque()
+        self.fds: deque[SharedFd | None] = deque()
+        #: Unsent tail of a message the kernel took only part of (its fd went with byte 0).
+        self.partial = b""
+        self.sent = 0
+        self.connected_at = time.monotonic()
+        self.closed = False
+        self.dirty = False  # in the server's to-flush list
+        self.writing = False  # registered with add_writer
+        self.blocked = False  # waiting for the kernel to take fds again (a send stall)
+        #: A check of whether it reads is scheduled (its queue passed the bound).
+        self.judging = False
+        #: When the kernel last took a message for it (or it connected): a reader's socket
+        #: keeps making room, so this stays recent however long its queue is.
+        self.progress_at = self.connected_at
+        self.progressed = False  # set by direct sends, folded into progress_at
+        #: Messages of its handshake still in the queue (they are at its front).
+        self.handshake_left = 0
+        #: Counted in its source's handshakes in flight (admission.py).
+        self.pending = False
+        #: Per other peer, how many messages carrying that peer's eventfds are queued here:
+        #: when all of a peer's are still queued as it leaves, the join and the leave are
+        #: both dropped from this queue (see QueuesMixin._collapse_join).
+        self.joins_queued: dict[int, int] = {}
+
+    def describe(self) -> str:
+        return f"peer {self.peer} (pid {self.pid}, uid {self.uid})"
+
+
+class QueuesMixin(ServerBase):
+    """Queueing messages for clients and sending them."""
+
+    def _queue_limit(self) -> int:
+        assert self._table is not None
+        # One full handshake (3 fixed messages, every peer's vectors and its own) always fits.
+        return self.config.max_queue + 3 + self.config.vectors * len(self._table)
+
+    def _dispatch(self, sends: Iterable[Message]) -> None:
+        """Send or queue ``sends``. A message for a client with nothing queued goes straight
+        to its socket (one system call, no queue entry, no wait for the next loop turn); the
+        first one the kernel does not take -- a full socket, an error, a stall -- and all
+        after it for that client are queued, and flushing deals with them in order (and with
+        the error, which is not handled from here: a join or leave is half-way through)."""
+        limit = self._queue_limit()
+        clients = self._clients
+        queued = 0
+        direct = 0
+        progressed: list[_Client] = []
+        pack = _PACK
+        last = -1
+        client: _Client | None = None
+        direct_ok = False
+        send_plain: Callable[[bytes, int], int] = _no_send
+        send_fd: Callable[[list[bytes], list[tuple[int, int, bytes]], int], int] = _no_sendmsg
+        # Runs of messages go to one recipient (a handshake, a join's vectors): look it up
+        # once per run. No client closes while this runs (disconnects are not made here).
+        for recipient, value, fd in sends:
+            if recipient != last:
+                last = recipient
+                client = clients.get(recipient)
+                if client is None or client.closed:
+                    client = None
+                    continue
+                direct_ok = not (client.queue or client.partial or client.writing or client.blocked)
+                if direct_ok:
+                    send_plain, send_fd = client.sock.send, client.sock.sendmsg
+            elif client is None:
+                continue
+            if direct_ok:
+                data = pack(value)
+                try:
+                    if fd is None:
+                        n = send_plain(data, _MSG_NOSIGNAL)
+                    else:
+                        n = send_fd([data], fd.ancillary(), _MSG_NOSIGNAL)
+                except OSError:
+                    direct_ok = False  # queued below: flushing meets the condition again
+                else:
+                    direct += 1
+                    client.sent += 1
+                    if not client.progressed:  # the kernel took one: it reads
+                        client.progressed = True
+                        progressed.append(client)
+                    if n < 8:  # its fd went with byte 0
+                        direct_ok = False
+                        client.partial = data[n:]
+                        if not client.dirty:
+                            client.dirty = True
+                            self._dirty.append(client)
+                    if client.handshake_left:
+                        client.handshake_left -= 1
+                        if not client.handshake_left:
+                            self._handshake_sent(client)
+                    continue
+            client.queue.append(value)
+            if fd is None:
+                client.fds.append(None)
+            else:
+                client.fds.append(fd.acquire())
+                if value >= 0 and value != client.peer:
+                    jq = client.joins_queued
+                    jq[value] = jq.get(value, 0) + 1
+            queued += 1
+            if not client.dirty and not client.writing:
+                client.dirty = True
+                self._dirty.append(client)
+            if len(client.queue) > limit and not client.judging:
+                # Not from here (a join or leave is half-way through its bookkeeping), and
+                # not by length alone: a client that reads is never dropped for its queue.
+                client.judging = True
+                if self._loop is not None:
+                    self._loop.call_soon(self._judge_reader, client)
+        if direct:
+            self._counters.messages_sent += direct
+            now = time.monotonic()
+            for client in progressed:
+                client.progressed = False
+                client.progress_at = now
+        self._queued_total += queued
+        loop = self._loop
+        if loop is None:
+            return
+        if self._queued_total > self.config.max_queued_total and not self._budget_check_scheduled:
+            # Not from here: a join or leave is half-way through its bookkeeping.
+            self._budget_check_scheduled = True
+            loop.call_soon(self._enforce_queue_budget)
+        if self._dirty and not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_dirty)
+
+    def _judge_reader(self, client: _Client) -> None:
+        """``client``'s queue passed its bound: disconnect it if it is not reading -- the
+        kernel took none of its messages for _READ_GRACE -- and otherwise look again later.
+        A client that hung up is logged as having left, not as not reading."""
+        client.judging = False
+        if client.closed or self._closed:
+            return
+        limit = self._queue_limit()
+        if len(client.queue) <= limit:
+            return
+        if self._hung_up(client):
+            return
+        if not client.blocked:
+            self._flush(client)  # room it made since the last flush counts as progress
+            if client.closed or len(client.queue) <= limit:
+                return
+        now = time.monotonic()
+        idle = now - client.progress_at
+        if idle < _READ_GRACE or client.blocked:
+            # It read recently (or the kernel is refusing everyone: flow.py judges that).
+            client.judging = True
+            if self._loop is not None:
+                self._loop.call_later(max(_READ_GRACE - idle, 0.05), self._judge_reader, client)
+            return
+        self._counters.slow_clients_dropped += 1
+        self._disconnect(
+            client,
+            f"disconnected: it is not reading (none of its messages was taken for "
+            f"{idle:.1f} s); {len(client.queue)} messages queued for it pass the bound of "
+            f"{limit} (one full handshake + --max-queue {self.config.max_queue})",
+            logging.WARNING,
+        )
+
+    def _hung_up(self, client: _Client) -> bool:
+        """If ``client`` closed its end (EOF or a reset), drop it as having left."""
+        try:
+            data = client.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b""
+        if data:
+            return False  # it sent bytes: the readable callback deals with that
+        self._disconnect(client, "left")
+        return True
+
+    def _collapse_join(self, peer: int, holders: tuple[SharedFd, ...], client: _Client) -> bool:
+        """``peer`` (whose vector fds are ``holders``) leaves: if every message announcing it
+        is still queued for ``client``, drop them (and their fds) and return True -- the
+        client never hears of the peer, so it needs no leave message either."""
+        count = len(holders)
+        jq = client.joins_queued
+        if not count or jq.get(peer, 0) < count:
+            return False
+        fds = client.fds
+        found: list[int] = []
+        # A recent join sits near the tail: look from there.
+        for index in range(len(fds) - 1, -1, -1):
+            holder = fds[index]
+            if holder is not None and any(holder is h for h in holders):
+                found.append(index)
+                if len(found) == count:
+                    break
+        if len(found) != count:
+            return False  # part of it was sent (an id reused since, counted twice)
+        queue = client.queue
+        for index in found:  # highest first: the lower indexes stay valid
+            holder = fds[index]
+            del fds[index]
+            del queue[index]
+            assert holder is not None
+            holder.release()
+            if index < client.handshake_left:
+                client.handshake_left -= 1
+        left = jq[peer] - count
+        if left:
+            jq[peer] = left
+        else:
+            del jq[peer]
+        self._queued_total -= count
+        self._counters.joins_collapsed += 1
+        if client.handshake_left == 0:
+            self._handshake_sent(client)
+        return True
+
+    def _enforce_queue_budget(self) -> None:
+        """Disconnect the clients with the longest queues until all queues together fit in
+        max_queued_total (each one's leave announcement is one more message for the rest)."""
+        self._budget_check_scheduled = False
+        # What the kernel takes now is not queued: a newcomer's handshake, for one.
+        self._flush_dirty()
+        budget = self.config.max_queued_total
+        while self._queued_total > budget and not self._closed:
+            victim = max(self._clients.values(), key=lambda cl: len(cl.queue), default=None)
+            if victim is None or not victim.queue:
+                break
+            self._counters.queue_budget_drops += 1
+            self._disconnect(
+                victim,
+                f"disconnected: {self._queued_total} messages are queued for all clients "
+                f"together, past the bound of {budget} (--max-queued-total), and its queue is "
+                f"the longest ({len(victim.queue)} messages)",
+                logging.WARNING,
+            )
+
+    def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
+        # Disconnects during flushing queue leave messages, which append to the list.
+        while self._dirty:
+            dirty, self._dirty = self._dirty, []
+            for client in dirty:
+                client.dirty = False
+                # A blocked client is retried by the stall timer, all of them in one round.
+                if not client.closed and not client.blocked:
+                    try:
+                        self._flush(client)
+                    except Exception:
+                        # A bug must not leave the rest of this round unflushed for good.
+                        log.exception("unexpected error while sending to %s", client.describe())
+                        self._disconnect(client, "disconnected after an internal error")
+
+    def _on_writable(self, client: _Client) -> None:
+        if not client.closed:
+            self._flush(client)
+        if self._dirty and not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_dirty)
+
+    def _flush(self, client: _Client) -> None:
+        """Send queued messages until the queue is empty or the socket is full."""
+        sock = client.sock
+        queue = client.queue
+        fds = client.fds
+        sent = 0
+        try:
+            while client.partial or queue:
+                if client.partial:
+                    n = sock.send(client.partial, socket.MSG_NOSIGNAL)
+                    client.partial = client.partial[n:]
+                    continue
+                holder = fds[0]
+                data = encode(queue[0])
+                if holder is None:
+                    n = sock.send(data, _MSG_NOSIGNAL)
+                else:
+                    # The queued reference keeps the fd open: its number cannot be a closed
+                    # or reused one here.
+                    n = sock.sendmsg([data], holder.ancillary(), _MSG_NOSIGNAL)
+                value = queue.popleft()
+                fds.popleft()
+                if holder is not None:
+                    holder.release()
+                    if value >= 0 and value != client.peer:
+                        jq = client.joins_queued
+                        left = jq[value] - 1
+                        if left:
+                            jq[value] = left
+                        else:
+                            del jq[value]
+                sent += 1
+                if n < len(data):
+                    # Stream sockets may take part of a message; its fd went with byte 0.
+                    client.partial = data[n:]
+        except (BlockingIOError, InterruptedError):
+            if not client.writing and self._loop is not None:
+                log.debug(
+                    "%s: socket full, %d message(s) wait in its queue",
+                    client.describe(),
+                    len(queue),
+                )
+                client.writing = True
+                self._loop.add_writer(client.fd, self._on_writable, client)
+            return
+        except OSError as err:
+            if err.errno in (errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM):
+                self._stalled(client, err)
+                return
+            if err.errno in (errno.EPIPE, errno.ECONNRESET):
+                # It closed its end (or its process exited) before reading all of it.
+                self._disconnect(client, f"left ({len(queue)} queued message(s) undelivered)")
+            else:
+                self._disconnect(
+                    client, f"went away while messages were queued for it ({err.strerror})"
+                )
+            return
+        finally:
+            if sent:
+                client.sent += sent
+                client.progress_at = time.monotonic()
+                self._counters.messages_sent += sent
+                self._queued_total -= sent
+                if client.handshake_left:
+                    client.handshake_left = max(0, client.handshake_left - sent)
+                    if client.handshake_left == 0:
+                        self._handshake_sent(client)
+        if client.writing and self._loop is not None:
+            client.writing = False
+            self._loop.remove_writer(client.fd)
