@@ -19,4 +19,5 @@ echo "test.sh: the channel tests again, pure Python (IVSHMEM_PURE_PYTHON=1)" >&2
 export IVSHMEM_PURE_PYTHON=1
 exec .venv/bin/python -m pytest -q tests/test_channel.py tests/test_channel_leave.py \
     tests/test_channel_hostile.py tests/test_channel_fuzz.py tests/test_layout.py \
-    tests/test_channel_restart.py tests/test_channel_max_message.py
+    tests/test_channel_restart.py tests/test_channel_max_message.py tests/test_channel_crash.py \
+    tests/test_ring_window.py
