@@ -70,7 +70,7 @@ def main_guest(options: dict[str, Any]) -> None:
     import ivshmem
     from ivshmem.channel import Duplex
 
-    ep = ivshmem.open_pci(interrupts=True, bind_vfio=True)
+    ep = ivshmem.open_pci(0, interrupts=True, bind_vfio=True)
     ext = ep.extension
     everyone = int(options["participants"])
     deadline = time.monotonic() + WAIT
@@ -114,6 +114,21 @@ def main_guest(options: dict[str, Any]) -> None:
         result.update(watch_joins(ep))
     emit("DONE", result)
     ep.close()
+    run_samples(options.get("samples", []))
+
+
+def run_samples(runs: list[list[Any]]) -> None:
+    """Run sample programs (``[name, argv]``) one after the other on this guest's other
+    devices; each prints its JSON line; the next runs even if one failed, so its peers are not
+    left waiting; exit with 1 if any failed."""
+    import importlib
+
+    status = 0
+    for name, argv in runs:
+        sample = importlib.import_module(f"ivshmem.samples.{name}")
+        status |= int(sample.main(list(argv)))
+    if status:
+        raise SystemExit(1)
 
 
 def watch_joins(ep: Any) -> dict[str, Any]:

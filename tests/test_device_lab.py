@@ -9,7 +9,9 @@ Boots are few (each takes 10-30 s under TCG on a loaded machine), so each boot c
   time along a circuit through every ordered pair, so a lost ring is a timeout at a known
   edge), exchange channel messages (g1 with g3, g2 with the host), g1 and g2 see the
   membership in their registers, and g1 sees a new peer join and leave through the membership
-  interrupt;
+  interrupt; then the samples run on our device on each guest's other devices: ``counter
+  --peers 3`` round g1, g2 and a host peer (server b), and a ``bandwidth`` stream from g2 to a
+  host peer (server c);
 * ``intx`` (one guest on our device in legacy INTx mode): the ping-pong sample with the host,
   then a restart of the server: the guest keeps BAR2 and its content, is told (events, state
   register, interrupt), and doorbells work again once the device has reconnected.
@@ -19,6 +21,7 @@ The lab and QEMU 11 plumbing that needs no boot is checked at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,6 +43,8 @@ from serverproc import ServerProcess
 from ivshmem.lab import Doorbell, Lab, LabError, LabUsageError, VfioUser
 from ivshmem.lab.guest import device_arguments
 from ivshmem.peer import connect
+
+Popen = subprocess.Popen[str]
 
 LAB_TIMEOUT = 400.0
 GUEST_PROGRAM = str(Path(device_guest.__file__).resolve())
@@ -94,16 +99,50 @@ class MixedRun:
     status: dict[str, int | None]
     leftovers: list[int]
     left_with_their_guests: bool
+    #: (who, sample) -> the sample's JSON result; who is "host", "g1" or "g2".
+    samples: dict[tuple[str, str], dict[str, Any]]
+    host_samples: dict[str, tuple[int | None, str]]
 
 
 #: name: (device, channel partner's name)
 MIXED_PLAN = {"g1": ("vfio-user", "g3"), "g2": ("vfio-user", "host"), "g3": ("qemu", "g1")}
+#: Increments each of the counter's three peers adds.
+INCREMENTS = 100
+#: The bandwidth sample's stream from g2 to the host: messages, and bytes each.
+STREAM = (100, 65536)
+SAMPLE_WAIT = ["--json", "--timeout", "300"]
+
+
+def _sample_results(output: str) -> dict[str, dict[str, Any]]:
+    found = {}
+    for line in output.splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            if "sample" in result:
+                found[str(result["sample"])] = result
+    return found
+
+
+def _guest_samples(name: str) -> list[list[Any]]:
+    """What a guest of the mixed run runs on its devices 1 (server b) and 2 (server c)."""
+    guest = ["--endpoint", "pci", *SAMPLE_WAIT]
+    runs: list[list[Any]] = []
+    if name in ("g1", "g2"):
+        count = ["--peers", "3", "--increments", str(INCREMENTS)]
+        runs.append(["counter", [*guest, "--device", "1", *count]])
+    if name == "g2":
+        stream = ["--count", str(STREAM[0]), "--size", str(STREAM[1])]
+        runs.append(["bandwidth", ["send", *guest, "--device", "2", *stream]])
+    return runs
 
 
 def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> MixedRun:
     vectors = 3  # 0: the ring circuit; 1: GO, then channels; 2: membership events (ours)
     with (
         ServerProcess(tmp, "4M", vectors, ["--format"]) as server,
+        ServerProcess(tmp, "4M", 2, ["--format"], name="b.sock") as b,
+        ServerProcess(tmp, "16M", 2, ["--format"], name="c.sock") as c,
+        _host_samples(b, c) as host_samples,
         connect(server.socket_path, vectors=vectors) as host,
         Lab(iommu=True) as lab,
     ):
@@ -120,7 +159,11 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
                 "channel": "g2-host" if "host" in (name, partner) else "g1-g3",
                 "watch_joins": name == "g1",
                 "expect_id": number,
+                "samples": _guest_samples(name),
             }
+            # Devices 1 and 2 (ours too) for the samples, as many as this guest runs.
+            servers = (b, c)[: len(_guest_samples(name))]
+            extra = [Doorbell(s.socket_path, 2, "vfio-user") for s in servers]
             guests[name] = lab.start(
                 GUEST_PROGRAM,
                 ["main", json.dumps(options)],
@@ -131,7 +174,8 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
                         vectors,
                         kind,  # type: ignore[arg-type]
                         OURS if kind == "vfio-user" else (),
-                    )
+                    ),
+                    *extra,
                 ],
                 qemu11=True,  # QEMU's device under the same QEMU as ours
                 timeout=LAB_TIMEOUT,
@@ -170,11 +214,18 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
             host.wait(timeout=0.1)
         left_with_their_guests = not set(host.peers) & set(ids.values())
         device_pids = list(lab._device_hosts.pids) if lab._device_hosts is not None else []
+        host_finished = {name: _finish(proc) for name, proc in host_samples.items()}
     leftovers = [pid for pid in [*pids, *device_pids] if Path(f"/proc/{pid}").exists()]
     done = {}
+    samples: dict[tuple[str, str], dict[str, Any]] = {}
     for name, res in results.items():
         if "DONE {" in res.output:
             done[name] = report(res.output, "DONE")
+        for sample, result in _sample_results(res.output).items():
+            samples[(name, sample)] = result
+    for _, text in host_finished.values():
+        for found, result in _sample_results(text).items():
+            samples[("host", found)] = result
     return MixedRun(
         ids=ids,
         ready=ready,
@@ -186,7 +237,36 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
         status={name: res.returncode for name, res in results.items()},
         leftovers=leftovers,
         left_with_their_guests=left_with_their_guests,
+        samples=samples,
+        host_samples=host_finished,
     )
+
+
+@contextlib.contextmanager
+def _host_samples(b: ServerProcess, c: ServerProcess) -> Iterator[dict[str, Popen]]:
+    """The host's side of the samples: the counter's third peer on b, bandwidth's receiver on
+    c; killed if still running at the end."""
+    count = ["--peers", "3", "--increments", str(INCREMENTS)]
+    procs = {
+        "counter": _start_sample("counter", b, *count),
+        "bandwidth": _start_sample("bandwidth", c, "recv"),
+    }
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+def _finish(proc: Popen) -> tuple[int | None, str]:
+    try:
+        out, _ = proc.communicate(timeout=LAB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return proc.returncode, out
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +327,29 @@ def test_mixed_devices_as_the_guests_see_them(mixed: MixedRun) -> None:
 
 @pytest.mark.lab
 @pytest.mark.timeout(600)
+def test_mixed_sample_counter_round_two_guests_on_our_device_and_the_host(mixed: MixedRun) -> None:
+    for name, (status, text) in mixed.host_samples.items():
+        assert status == 0, f"host {name}:\n{text}"
+    results = [mixed.samples[(who, "counter")] for who in ("host", "g1", "g2")]
+    assert all(r["value"] == 3 * INCREMENTS and r["exact"] for r in results)
+    assert all(r["ring"] == results[0]["ring"] for r in results)
+    assert sorted(r["position"] for r in results) == [0, 1, 2]
+    assert all("guest device" in r["endpoint"] for r in results[1:])
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_mixed_sample_bandwidth_from_our_device_to_the_host(mixed: MixedRun) -> None:
+    sent = mixed.samples[("g2", "bandwidth")]
+    got = mixed.samples[("host", "bandwidth")]
+    assert got["ok"] and sent["ok"]
+    assert got["checked_bytes"] == STREAM[0] * STREAM[1] == sent["checked_bytes"]
+    assert (got["sender"], got["receiver"]) == (sent["id"], got["id"])
+    assert got["mb_per_s"] > 0
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
 def test_mixed_join_and_leave_interrupt(mixed: MixedRun) -> None:
     from ivshmem import registers as reg
 
@@ -275,13 +378,17 @@ class IntxRun:
     output: str
 
 
-def _start_pong(server: ServerProcess) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "ivshmem.samples.pingpong", "pong", "--socket"]
-    argv += [server.socket_path, "--vectors", str(server.vectors), "--json"]
-    argv += ["--timeout", "300"]
+def _start_sample(name: str, server: ServerProcess, *args: str) -> Popen:
+    """A sample as a host peer of ``server`` (its output and errors merged, JSON result)."""
+    argv = [sys.executable, "-m", f"ivshmem.samples.{name}", *args, "--socket"]
+    argv += [server.socket_path, "--vectors", str(server.vectors), *SAMPLE_WAIT]
     return subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+def _start_pong(server: ServerProcess) -> Popen:
+    return _start_sample("pingpong", server, "pong")
 
 
 def _run_intx(tmp: Path) -> IntxRun:
@@ -473,3 +580,31 @@ def test_a_device_that_cannot_start_is_reported_with_its_log(short_tmp: Path) ->
             )
         assert "--event-vector 5 is not one of the device's vectors" in str(err.value)
         assert lab.guests == []
+
+
+def test_a_failing_guest_names_what_its_device_logged(short_tmp: Path) -> None:
+    # Broken on purpose, and fast (QEMU stops while realizing its devices, before any boot):
+    # a second vfio-user-pci on the socket of the guest's device process, which turns the
+    # second client away and logs it; QEMU then cannot set that device up and exits.
+    qemu11_ready()
+    with ServerProcess(short_tmp, "1M", 1) as server, Lab(iommu=True) as lab:
+        socket = lab._job_root() / "devices" / "g0-0.sock"  # where the lab puts g0's device
+        second = {
+            "driver": "vfio-user-pci",
+            "id": "second",
+            "socket": {"type": "unix", "path": lab.qemu11_command().path(str(socket))},
+        }
+        guest = lab.start(
+            code="pass",
+            devices=[Doorbell(server.socket_path, 1, "vfio-user")],
+            extra_args=["-device", json.dumps(second)],
+            timeout=120,
+        )
+        with pytest.raises(LabError) as err:
+            guest.wait(120)
+    message = str(err.value)
+    assert "QEMU exited with status" in message
+    assert "--- ivshmem-device g0-0 (last lines) ---" in message
+    assert "a second vfio-user client was turned away" in message
+    # The device's lines come after QEMU's, which say why QEMU stopped.
+    assert message.index("--- QEMU (last lines) ---") < message.index("--- ivshmem-device")

@@ -4,7 +4,8 @@ One process per device of a guest, serving one vfio-user socket in the lab's tem
 directory; it is started (and listening) before the guest's QEMU and stopped when that QEMU
 has exited (so the guest leaves the server then, as with QEMU's own device, whose QEMU is the
 peer), or when the lab closes. Never before QEMU exits: QEMU would see its device vanish (BAR0
-reads 0xffffffff). Its output goes to ``<name>.log`` next to the socket, for error messages.
+reads 0xffffffff). Its output goes to ``<name>.log`` next to the socket; the last lines of a
+guest's device logs end its error messages (:attr:`GuestResult.device_log`), after QEMU's.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class DeviceHosts:
         self._procs: list[tuple[subprocess.Popen[bytes], Path]] = []
         self._lock = threading.Lock()
         self._started: list[int] = []
+        self._logs: dict[str, Path] = {}  # <guest>-<n>: its log, kept after the process stops
 
     def serve(self, device: Device, name: str) -> VfioUser:
         """Start a device process for ``device``; return its socket once it listens."""
@@ -98,6 +100,7 @@ class DeviceHosts:
         assert isinstance(proc, subprocess.Popen)
         with self._lock:
             self._procs.append((proc, log_path))
+            self._logs[name] = log_path
             self._started.append(proc.pid)
         deadline = time.monotonic() + START_TIMEOUT
         while not socket.is_socket():
@@ -122,6 +125,16 @@ class DeviceHosts:
 
     def logs(self) -> list[str]:
         return [_tail(path) for _, path in self._procs]
+
+    def log_of(self, guest: str) -> str:
+        """The last lines each device process of ``guest`` logged, each under a
+        ``--- ivshmem-device <guest>-<n> (last lines) ---`` line ("" when it has none)."""
+        prefix = f"{guest}-"
+        with self._lock:
+            mine = sorted((n, p) for n, p in self._logs.items() if n.startswith(prefix))
+        return "\n".join(
+            f"--- ivshmem-device {name} (last lines) ---\n{_tail(path)}" for name, path in mine
+        )
 
     def stop(self, guest: str) -> None:
         """Stop the device processes of ``guest`` (named ``<guest>-<n>``): its QEMU is gone."""

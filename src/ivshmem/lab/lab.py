@@ -469,6 +469,7 @@ class Lab:
                 prefix=prefix,
                 devices=all_devices,
                 on_exit=None if hosts is None else lambda: hosts.stop(guest_name),
+                device_log=None if hosts is None else lambda: hosts.log_of(guest_name),
             )
             self._guests.append(guest)
             return guest
