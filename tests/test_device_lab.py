@@ -4,14 +4,15 @@ peer on one server and one region.
 
 Boots are few (each takes 10-30 s under TCG on a loaded machine), so each boot checks much:
 
-* ``mixed`` (one lab run, three guests): g1 and g2 on our device (MSI-X), g3 on QEMU's
-  ``ivshmem-doorbell``, and the host peer ring each other in every direction (one ring at a
-  time along a circuit through every ordered pair, so a lost ring is a timeout at a known
-  edge), exchange channel messages (g1 with g3, g2 with the host), g1 and g2 see the
-  membership in their registers, and g1 sees a new peer join and leave through the membership
-  interrupt; then the samples run on our device on each guest's other devices: ``counter
-  --peers 3`` round g1, g2 and a host peer (server b), and a ``bandwidth`` stream from g2 to a
-  host peer (server c);
+* ``mixed`` (one lab run, three guests): g1 and g2 on our device (MSI-X), both served by one
+  device process (``Lab.device_process``), g3 on QEMU's ``ivshmem-doorbell``, and the host peer
+  ring each other in every direction (one ring at a time along a circuit through every ordered
+  pair, so a lost ring is a timeout at a known edge; g1 and g2 ring each other straight through
+  their device process, which counts it), exchange channel messages (g1 with g3, g2 with the
+  host), g1 and g2 see the membership in their registers, and g1 sees a new peer join and leave
+  through the membership interrupt; then the samples run on our device on each guest's other
+  devices: ``counter --peers 3`` round g1, g2 and a host peer (server b), and a ``bandwidth``
+  stream from g2 to a host peer (server c);
 * ``intx`` (one guest on our device in legacy INTx mode): the ping-pong sample with the host,
   then a restart of the server: the guest keeps BAR2 and its content, is told (events, state
   register, interrupt), and doorbells work again once the device has reconnected.
@@ -102,6 +103,8 @@ class MixedRun:
     #: (who, sample) -> the sample's JSON result; who is "host", "g1" or "g2".
     samples: dict[tuple[str, str], dict[str, Any]]
     host_samples: dict[str, tuple[int | None, str]]
+    #: What the device process serving g1 and g2 logged.
+    pair_log: str
 
 
 #: name: (device, channel partner's name)
@@ -148,14 +151,23 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
     ):
         assert host.id == 0
         known = {0}
-        ids: dict[str, int] = {}
-        # Ids follow connection order: each guest's QEMU (or device process) connects before
-        # the next starts, so they are 1, 2, 3 and the partners can be given in advance.
+        # g1 and g2 share one device process, which joins the server for both at once: their
+        # ids come from its log. Then g3's QEMU connects (id 3), so the partners can be given
+        # in advance.
+        pair = lab.device_process(
+            [Doorbell(server.socket_path, vectors, "vfio-user", OURS) for _ in ("g1", "g2")],
+            name="pair",
+        )
+        ids = _served_ids(lab.device_log_path("pair"), ["g1", "g2"])
+        while not set(ids.values()) <= set(host.peers):
+            host.wait(timeout=0.1)
+        known |= set(ids.values())
         guests = {}
         for number, (name, (kind, partner)) in enumerate(plan.items(), start=1):
             options = {
                 "participants": 4,
-                "partner": 0 if partner == "host" else int(partner[1:]),
+                # Not known yet: g3's, which connects after the pair (3).
+                "partner": 0 if partner == "host" else ids.get(partner, 3),
                 "channel": "g2-host" if "host" in (name, partner) else "g1-g3",
                 "watch_joins": name == "g1",
                 "expect_id": number,
@@ -169,18 +181,16 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
                 ["main", json.dumps(options)],
                 name=name,
                 devices=[
-                    Doorbell(
-                        server.socket_path,
-                        vectors,
-                        kind,  # type: ignore[arg-type]
-                        OURS if kind == "vfio-user" else (),
-                    ),
+                    pair[int(name[1:]) - 1]
+                    if name in ids
+                    else Doorbell(server.socket_path, vectors, kind),  # type: ignore[arg-type]
                     *extra,
                 ],
                 qemu11=True,  # QEMU's device under the same QEMU as ours
                 timeout=LAB_TIMEOUT,
             )
-            ids[name] = wait_for_new_peer(host, known)
+            if name not in ids:
+                ids[name] = wait_for_new_peer(host, known)
         ready = {
             name: report(g.wait_for_output("READY-END", LAB_TIMEOUT), "READY")
             for name, g in guests.items()
@@ -215,6 +225,7 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
         left_with_their_guests = not set(host.peers) & set(ids.values())
         device_pids = list(lab._device_hosts.pids) if lab._device_hosts is not None else []
         host_finished = {name: _finish(proc) for name, proc in host_samples.items()}
+        pair_log = lab.device_log_path("pair").read_text(errors="replace")
     leftovers = [pid for pid in [*pids, *device_pids] if Path(f"/proc/{pid}").exists()]
     done = {}
     samples: dict[tuple[str, str], dict[str, Any]] = {}
@@ -239,7 +250,21 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
         left_with_their_guests=left_with_their_guests,
         samples=samples,
         host_samples=host_finished,
+        pair_log=pair_log,
     )
+
+
+def _served_ids(log: Path, names: list[str], timeout: float = 60.0) -> dict[str, int]:
+    """The peer ids a device process serving one VM per name got (``vmN: serving ... peer
+    N)`` lines of its log, in --vm order)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = re.findall(r"\bvm(\d+): serving \S+ \(.*peer (\d+)\)$", log.read_text(), re.M)
+        if len(found) == len(names):
+            by_index = {int(vm): int(peer) for vm, peer in found}
+            return {name: by_index[i] for i, name in enumerate(names)}
+        assert time.monotonic() < deadline, f"the device process said:\n{log.read_text()}"
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -346,6 +371,24 @@ def test_mixed_sample_bandwidth_from_our_device_to_the_host(mixed: MixedRun) -> 
     assert got["checked_bytes"] == STREAM[0] * STREAM[1] == sent["checked_bytes"]
     assert (got["sender"], got["receiver"]) == (sent["id"], got["id"])
     assert got["mb_per_s"] > 0
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_mixed_two_guests_of_one_device_process_ring_each_other_directly(
+    mixed: MixedRun,
+) -> None:
+    # The circuit has one ring g1 -> g2 and one g2 -> g1: each went straight through the
+    # process; every other ring of theirs (to g3 and the host, GO, channels) through the
+    # server. Each VM logs its counts when its QEMU goes away.
+    counts = re.findall(
+        r"\b(vm\d): vfio-user connection closed: .*\(doorbells so far: (\d+) direct, (\d+) "
+        r"through the server\)",
+        mixed.pair_log,
+    )
+    assert sorted(vm for vm, _, _ in counts) == ["vm0", "vm1"], mixed.pair_log
+    assert {vm: int(direct) for vm, direct, _ in counts} == {"vm0": 1, "vm1": 1}
+    assert all(int(through) >= 2 for _, _, through in counts)
 
 
 @pytest.mark.lab
@@ -608,3 +651,43 @@ def test_a_failing_guest_names_what_its_device_logged(short_tmp: Path) -> None:
     assert "a second vfio-user client was turned away" in message
     # The device's lines come after QEMU's, which say why QEMU stopped.
     assert message.index("--- QEMU (last lines) ---") < message.index("--- ivshmem-device")
+
+
+def test_one_device_process_for_several_guests_without_a_boot(short_tmp: Path) -> None:
+    from ivshmem.lab.devicehost import shared_command
+
+    with ServerProcess(short_tmp, "1M", 2) as server:
+        ours = Doorbell(server.socket_path, 2, "vfio-user", ("--event-vector", "1"))
+        with pytest.raises(LabUsageError, match="serves Doorbell"):
+            shared_command([Doorbell(server.socket_path, 2)], ["/tmp/x.sock"])
+        with pytest.raises(LabUsageError, match="'--size' cannot be given"):
+            shared_command([Doorbell(server.socket_path, 2, "vfio-user", ("--size", "1M"))], ["x"])
+        argv = shared_command(
+            [ours, Doorbell(server.socket_path, 2, "vfio-user", ("--intx",))],
+            ["/a.sock", "/b.sock"],
+        )
+        assert argv[-4:] == [
+            "--vm",
+            f"socket=/a.sock,server={server.socket_path},vectors=2,event-vector=1",
+            "--vm",
+            f"socket=/b.sock,server={server.socket_path},vectors=2,intx=1",
+        ]
+        with Lab() as lab:
+            with pytest.raises(LabUsageError, match="no ivshmem server socket"):
+                lab.device_process([Doorbell(short_tmp / "none.sock", 2, "vfio-user")])
+            with pytest.raises(LabUsageError, match="at least one device"):
+                lab.device_process([], name="empty")
+            sockets = lab.device_process([ours, ours], name="two")
+            assert len(sockets) == 2 and all(Path(s.socket).is_socket() for s in sockets)
+            with connect(server.socket_path, vectors=2) as host:
+                deadline = time.monotonic() + 30
+                while len(host.peers) < 2 and time.monotonic() < deadline:
+                    host.wait(timeout=0.1)
+                assert len(host.peers) == 2  # one process, two peers of the server
+            with pytest.raises(LabUsageError, match="'two' was started already"):
+                lab.device_process([ours], name="two")
+            (pid,) = lab._device_hosts.pids if lab._device_hosts is not None else [None]
+            log = lab.device_log_path("two")
+        # No guest used it: it stops with the lab, which removes its sockets and log.
+        assert not Path(f"/proc/{pid}").exists() and not log.exists()
+        assert not any(Path(s.socket).exists() for s in sockets)
