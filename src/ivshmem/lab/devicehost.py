@@ -130,7 +130,7 @@ class DeviceHosts:
             return device
         self._dir.mkdir(exist_ok=True)
         socket = self._dir / f"{name}.sock"
-        self._start(device_command(device, str(socket)), name, [socket])
+        self._start(device_command(device, str(socket)), name, self._dir, [socket])
         return VfioUser(socket)
 
     def serve_shared(self, devices: Sequence[Doorbell], name: str) -> list[VfioUser]:
@@ -141,9 +141,11 @@ class DeviceHosts:
             raise LabUsageError("a device process needs at least one device to serve")
         for device in devices:
             check_device(device)
-        self._dir.mkdir(exist_ok=True)
-        sockets = [self._dir / f"{name}-{i}.sock" for i in range(len(devices))]
-        self._start(shared_command(devices, [str(s) for s in sockets]), name, sockets)
+        # A directory of their own: a guest's device names (<guest>-<n>) never clash with them.
+        where = self._dir / "shared"
+        where.mkdir(parents=True, exist_ok=True)
+        sockets = [where / f"{name}-{i}.sock" for i in range(len(devices))]
+        self._start(shared_command(devices, [str(s) for s in sockets]), name, where, sockets)
         return [VfioUser(s) for s in sockets]
 
     def attach(self, guest: str, devices: Sequence[Device]) -> None:
@@ -156,8 +158,8 @@ class DeviceHosts:
                     entry.users.add(guest)
                     entry.served.add(guest)
 
-    def _start(self, argv: list[str], name: str, sockets: list[Path]) -> None:
-        log_path = self._dir / f"{name}.log"
+    def _start(self, argv: list[str], name: str, where: Path, sockets: list[Path]) -> None:
+        log_path = where / f"{name}.log"
         if log_path.exists():
             raise LabUsageError(f"a device process named {name!r} was started already")
         with open(log_path, "wb") as log:
@@ -207,8 +209,9 @@ class DeviceHosts:
         return [_tail(entry.log) for entry in self._procs]
 
     def log_path(self, name: str) -> Path:
-        """Where the device process ``name`` logs (``<guest>-<n>``, or a shared one's name)."""
-        return self._dir / f"{name}.log"
+        """Where the device process ``name`` logs (a shared one's name, or ``<guest>-<n>``)."""
+        shared = self._dir / "shared" / f"{name}.log"
+        return shared if shared.exists() else self._dir / f"{name}.log"
 
     def log_of(self, guest: str) -> str:
         """The last lines each device process that served ``guest`` logged, each under a
