@@ -65,11 +65,28 @@ def _table_peers(ep: Any) -> frozenset[int]:
     return Membership(ep).snapshot().peers - {ep.id}
 
 
+def ivshmem_info() -> Any:
+    """What ``ivshmem info --json`` prints here."""
+    import contextlib
+    import io
+
+    from ivshmem.cli.main import main as cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli(["info", "--json"])
+    if status != 0:
+        raise SystemExit(f"ivshmem info exited with status {status}")
+    return json.loads(out.getvalue())
+
+
 def main_guest(options: dict[str, Any]) -> None:
     """One participant of the doorbell circuit and of a channel, on either device."""
     import ivshmem
     from ivshmem.channel import Duplex
 
+    # `ivshmem info` first, while no driver holds the devices (sysfs reads BAR0 then).
+    emit("INFO", {"devices": ivshmem_info()})
     ep = ivshmem.open_pci(0, interrupts=True, bind_vfio=True)
     ext = ep.extension
     everyone = int(options["participants"])

@@ -92,6 +92,8 @@ def wait_for_new_peer(host: Any, known: set[int], timeout: float = 60.0) -> int:
 class MixedRun:
     ids: dict[str, int]
     ready: dict[str, dict[str, Any]]
+    #: ``ivshmem info --json`` in each guest, before anything opened a device.
+    info: dict[str, list[dict[str, Any]]]
     done: dict[str, dict[str, Any]]
     host_rings: int
     host_channel_ok: bool
@@ -195,6 +197,10 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
             name: report(g.wait_for_output("READY-END", LAB_TIMEOUT), "READY")
             for name, g in guests.items()
         }
+        info = {
+            name: report(g.wait_for_output("INFO-END", LAB_TIMEOUT), "INFO")["devices"]
+            for name, g in guests.items()
+        }
         for name in guests:
             host.notify(ids[name], device_guest.GO)
         everyone = [0, *ids.values()]
@@ -240,6 +246,7 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
     return MixedRun(
         ids=ids,
         ready=ready,
+        info=info,
         done=done,
         host_rings=host_rings,
         host_channel_ok=host_channel_ok,
@@ -389,6 +396,24 @@ def test_mixed_two_guests_of_one_device_process_ring_each_other_directly(
     assert sorted(vm for vm, _, _ in counts) == ["vm0", "vm1"], mixed.pair_log
     assert {vm: int(direct) for vm, direct, _ in counts} == {"vm0": 1, "vm1": 1}
     assert all(int(through) >= 2 for _, _, through in counts)
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_mixed_ivshmem_info_tells_the_devices_apart(mixed: MixedRun) -> None:
+    for name in ("g1", "g2"):
+        first, *samples = mixed.info[name]
+        assert first["device"] == "ours" and first["interrupts"] == "msix"
+        assert first["id"] == mixed.ids[name] and first["vectors"] == 3
+        ext = first["extension"]
+        assert ext["features"] == ["membership", "membership-irq", "reconnect", "server"]
+        assert ext["event_vector"] == EVENT_VECTOR and ext["server_state"] == "connected"
+        assert isinstance(ext["peers"], int) and 1 <= ext["peers"] <= 3  # others still booting
+        assert [d["device"] for d in samples] == ["ours"] * len(_guest_samples(name))
+        assert all(d["extension"]["event_vector"] is None for d in samples)
+    (qemus,) = mixed.info["g3"]
+    assert qemus["device"] == "qemu" and qemus["extension"] is None
+    assert qemus["interrupts"] == "msix" and qemus["id"] == mixed.ids["g3"]
 
 
 @pytest.mark.lab
