@@ -65,12 +65,29 @@ def _table_peers(ep: Any) -> frozenset[int]:
     return Membership(ep).snapshot().peers - {ep.id}
 
 
+def ivshmem_info() -> Any:
+    """What ``ivshmem info --json`` prints here."""
+    import contextlib
+    import io
+
+    from ivshmem.cli.main import main as cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli(["info", "--json"])
+    if status != 0:
+        raise SystemExit(f"ivshmem info exited with status {status}")
+    return json.loads(out.getvalue())
+
+
 def main_guest(options: dict[str, Any]) -> None:
     """One participant of the doorbell circuit and of a channel, on either device."""
     import ivshmem
     from ivshmem.channel import Duplex
 
-    ep = ivshmem.open_pci(interrupts=True, bind_vfio=True)
+    # `ivshmem info` first, while no driver holds the devices (sysfs reads BAR0 then).
+    emit("INFO", {"devices": ivshmem_info()})
+    ep = ivshmem.open_pci(0, interrupts=True, bind_vfio=True)
     ext = ep.extension
     everyone = int(options["participants"])
     deadline = time.monotonic() + WAIT
@@ -114,6 +131,21 @@ def main_guest(options: dict[str, Any]) -> None:
         result.update(watch_joins(ep))
     emit("DONE", result)
     ep.close()
+    run_samples(options.get("samples", []))
+
+
+def run_samples(runs: list[list[Any]]) -> None:
+    """Run sample programs (``[name, argv]``) one after the other on this guest's other
+    devices; each prints its JSON line; the next runs even if one failed, so its peers are not
+    left waiting; exit with 1 if any failed."""
+    import importlib
+
+    status = 0
+    for name, argv in runs:
+        sample = importlib.import_module(f"ivshmem.samples.{name}")
+        status |= int(sample.main(list(argv)))
+    if status:
+        raise SystemExit(1)
 
 
 def watch_joins(ep: Any) -> dict[str, Any]:

@@ -4,12 +4,15 @@ peer on one server and one region.
 
 Boots are few (each takes 10-30 s under TCG on a loaded machine), so each boot checks much:
 
-* ``mixed`` (one lab run, three guests): g1 and g2 on our device (MSI-X), g3 on QEMU's
-  ``ivshmem-doorbell``, and the host peer ring each other in every direction (one ring at a
-  time along a circuit through every ordered pair, so a lost ring is a timeout at a known
-  edge), exchange channel messages (g1 with g3, g2 with the host), g1 and g2 see the
-  membership in their registers, and g1 sees a new peer join and leave through the membership
-  interrupt;
+* ``mixed`` (one lab run, three guests): g1 and g2 on our device (MSI-X), both served by one
+  device process (``Lab.device_process``), g3 on QEMU's ``ivshmem-doorbell``, and the host peer
+  ring each other in every direction (one ring at a time along a circuit through every ordered
+  pair, so a lost ring is a timeout at a known edge; g1 and g2 ring each other straight through
+  their device process, which counts it), exchange channel messages (g1 with g3, g2 with the
+  host), g1 and g2 see the membership in their registers, and g1 sees a new peer join and leave
+  through the membership interrupt; then the samples run on our device on each guest's other
+  devices: ``counter --peers 3`` round g1, g2 and a host peer (server b), and a ``bandwidth``
+  stream from g2 to a host peer (server c);
 * ``intx`` (one guest on our device in legacy INTx mode): the ping-pong sample with the host,
   then a restart of the server: the guest keeps BAR2 and its content, is told (events, state
   register, interrupt), and doorbells work again once the device has reconnected.
@@ -19,6 +22,7 @@ The lab and QEMU 11 plumbing that needs no boot is checked at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,6 +44,8 @@ from serverproc import ServerProcess
 from ivshmem.lab import Doorbell, Lab, LabError, LabUsageError, VfioUser
 from ivshmem.lab.guest import device_arguments
 from ivshmem.peer import connect
+
+Popen = subprocess.Popen[str]
 
 LAB_TIMEOUT = 400.0
 GUEST_PROGRAM = str(Path(device_guest.__file__).resolve())
@@ -86,6 +92,8 @@ def wait_for_new_peer(host: Any, known: set[int], timeout: float = 60.0) -> int:
 class MixedRun:
     ids: dict[str, int]
     ready: dict[str, dict[str, Any]]
+    #: ``ivshmem info --json`` in each guest, before anything opened a device.
+    info: dict[str, list[dict[str, Any]]]
     done: dict[str, dict[str, Any]]
     host_rings: int
     host_channel_ok: bool
@@ -94,51 +102,103 @@ class MixedRun:
     status: dict[str, int | None]
     leftovers: list[int]
     left_with_their_guests: bool
+    #: (who, sample) -> the sample's JSON result; who is "host", "g1" or "g2".
+    samples: dict[tuple[str, str], dict[str, Any]]
+    host_samples: dict[str, tuple[int | None, str]]
+    #: What the device process serving g1 and g2 logged.
+    pair_log: str
 
 
 #: name: (device, channel partner's name)
 MIXED_PLAN = {"g1": ("vfio-user", "g3"), "g2": ("vfio-user", "host"), "g3": ("qemu", "g1")}
+#: Increments each of the counter's three peers adds.
+INCREMENTS = 100
+#: The bandwidth sample's stream from g2 to the host: messages, and bytes each.
+STREAM = (100, 65536)
+SAMPLE_WAIT = ["--json", "--timeout", "300"]
+
+
+def _sample_results(output: str) -> dict[str, dict[str, Any]]:
+    found = {}
+    for line in output.splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            if "sample" in result:
+                found[str(result["sample"])] = result
+    return found
+
+
+def _guest_samples(name: str) -> list[list[Any]]:
+    """What a guest of the mixed run runs on its devices 1 (server b) and 2 (server c)."""
+    guest = ["--endpoint", "pci", *SAMPLE_WAIT]
+    runs: list[list[Any]] = []
+    if name in ("g1", "g2"):
+        count = ["--peers", "3", "--increments", str(INCREMENTS)]
+        runs.append(["counter", [*guest, "--device", "1", *count]])
+    if name == "g2":
+        stream = ["--count", str(STREAM[0]), "--size", str(STREAM[1])]
+        runs.append(["bandwidth", ["send", *guest, "--device", "2", *stream]])
+    return runs
 
 
 def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> MixedRun:
     vectors = 3  # 0: the ring circuit; 1: GO, then channels; 2: membership events (ours)
     with (
         ServerProcess(tmp, "4M", vectors, ["--format"]) as server,
+        ServerProcess(tmp, "4M", 2, ["--format"], name="b.sock") as b,
+        ServerProcess(tmp, "16M", 2, ["--format"], name="c.sock") as c,
+        _host_samples(b, c) as host_samples,
         connect(server.socket_path, vectors=vectors) as host,
         Lab(iommu=True) as lab,
     ):
         assert host.id == 0
         known = {0}
-        ids: dict[str, int] = {}
-        # Ids follow connection order: each guest's QEMU (or device process) connects before
-        # the next starts, so they are 1, 2, 3 and the partners can be given in advance.
+        # g1 and g2 share one device process, which joins the server for both at once: their
+        # ids come from its log. Then g3's QEMU connects (id 3), so the partners can be given
+        # in advance.
+        pair = lab.device_process(
+            [Doorbell(server.socket_path, vectors, "vfio-user", OURS) for _ in ("g1", "g2")],
+            name="pair",
+        )
+        ids = _served_ids(lab.device_log_path("pair"), ["g1", "g2"])
+        while not set(ids.values()) <= set(host.peers):
+            host.wait(timeout=0.1)
+        known |= set(ids.values())
         guests = {}
         for number, (name, (kind, partner)) in enumerate(plan.items(), start=1):
             options = {
                 "participants": 4,
-                "partner": 0 if partner == "host" else int(partner[1:]),
+                # Not known yet: g3's, which connects after the pair (3).
+                "partner": 0 if partner == "host" else ids.get(partner, 3),
                 "channel": "g2-host" if "host" in (name, partner) else "g1-g3",
                 "watch_joins": name == "g1",
                 "expect_id": number,
+                "samples": _guest_samples(name),
             }
+            # Devices 1 and 2 (ours too) for the samples, as many as this guest runs.
+            servers = (b, c)[: len(_guest_samples(name))]
+            extra = [Doorbell(s.socket_path, 2, "vfio-user") for s in servers]
             guests[name] = lab.start(
                 GUEST_PROGRAM,
                 ["main", json.dumps(options)],
                 name=name,
                 devices=[
-                    Doorbell(
-                        server.socket_path,
-                        vectors,
-                        kind,  # type: ignore[arg-type]
-                        OURS if kind == "vfio-user" else (),
-                    )
+                    pair[int(name[1:]) - 1]
+                    if name in ids
+                    else Doorbell(server.socket_path, vectors, kind),  # type: ignore[arg-type]
+                    *extra,
                 ],
                 qemu11=True,  # QEMU's device under the same QEMU as ours
                 timeout=LAB_TIMEOUT,
             )
-            ids[name] = wait_for_new_peer(host, known)
+            if name not in ids:
+                ids[name] = wait_for_new_peer(host, known)
         ready = {
             name: report(g.wait_for_output("READY-END", LAB_TIMEOUT), "READY")
+            for name, g in guests.items()
+        }
+        info = {
+            name: report(g.wait_for_output("INFO-END", LAB_TIMEOUT), "INFO")["devices"]
             for name, g in guests.items()
         }
         for name in guests:
@@ -170,14 +230,23 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
             host.wait(timeout=0.1)
         left_with_their_guests = not set(host.peers) & set(ids.values())
         device_pids = list(lab._device_hosts.pids) if lab._device_hosts is not None else []
+        host_finished = {name: _finish(proc) for name, proc in host_samples.items()}
+        pair_log = lab.device_log_path("pair").read_text(errors="replace")
     leftovers = [pid for pid in [*pids, *device_pids] if Path(f"/proc/{pid}").exists()]
     done = {}
+    samples: dict[tuple[str, str], dict[str, Any]] = {}
     for name, res in results.items():
         if "DONE {" in res.output:
             done[name] = report(res.output, "DONE")
+        for sample, result in _sample_results(res.output).items():
+            samples[(name, sample)] = result
+    for _, text in host_finished.values():
+        for found, result in _sample_results(text).items():
+            samples[("host", found)] = result
     return MixedRun(
         ids=ids,
         ready=ready,
+        info=info,
         done=done,
         host_rings=host_rings,
         host_channel_ok=host_channel_ok,
@@ -186,7 +255,50 @@ def _run_mixed(tmp: Path, plan: dict[str, tuple[str, str]] = MIXED_PLAN) -> Mixe
         status={name: res.returncode for name, res in results.items()},
         leftovers=leftovers,
         left_with_their_guests=left_with_their_guests,
+        samples=samples,
+        host_samples=host_finished,
+        pair_log=pair_log,
     )
+
+
+def _served_ids(log: Path, names: list[str], timeout: float = 60.0) -> dict[str, int]:
+    """The peer ids a device process serving one VM per name got (``vmN: serving ... peer
+    N)`` lines of its log, in --vm order)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = re.findall(r"\bvm(\d+): serving \S+ \(.*peer (\d+)\)$", log.read_text(), re.M)
+        if len(found) == len(names):
+            by_index = {int(vm): int(peer) for vm, peer in found}
+            return {name: by_index[i] for i, name in enumerate(names)}
+        assert time.monotonic() < deadline, f"the device process said:\n{log.read_text()}"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _host_samples(b: ServerProcess, c: ServerProcess) -> Iterator[dict[str, Popen]]:
+    """The host's side of the samples: the counter's third peer on b, bandwidth's receiver on
+    c; killed if still running at the end."""
+    count = ["--peers", "3", "--increments", str(INCREMENTS)]
+    procs = {
+        "counter": _start_sample("counter", b, *count),
+        "bandwidth": _start_sample("bandwidth", c, "recv"),
+    }
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+def _finish(proc: Popen) -> tuple[int | None, str]:
+    try:
+        out, _ = proc.communicate(timeout=LAB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return proc.returncode, out
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +359,65 @@ def test_mixed_devices_as_the_guests_see_them(mixed: MixedRun) -> None:
 
 @pytest.mark.lab
 @pytest.mark.timeout(600)
+def test_mixed_sample_counter_round_two_guests_on_our_device_and_the_host(mixed: MixedRun) -> None:
+    for name, (status, text) in mixed.host_samples.items():
+        assert status == 0, f"host {name}:\n{text}"
+    results = [mixed.samples[(who, "counter")] for who in ("host", "g1", "g2")]
+    assert all(r["value"] == 3 * INCREMENTS and r["exact"] for r in results)
+    assert all(r["ring"] == results[0]["ring"] for r in results)
+    assert sorted(r["position"] for r in results) == [0, 1, 2]
+    assert all("guest device" in r["endpoint"] for r in results[1:])
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_mixed_sample_bandwidth_from_our_device_to_the_host(mixed: MixedRun) -> None:
+    sent = mixed.samples[("g2", "bandwidth")]
+    got = mixed.samples[("host", "bandwidth")]
+    assert got["ok"] and sent["ok"]
+    assert got["checked_bytes"] == STREAM[0] * STREAM[1] == sent["checked_bytes"]
+    assert (got["sender"], got["receiver"]) == (sent["id"], got["id"])
+    assert got["mb_per_s"] > 0
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_mixed_two_guests_of_one_device_process_ring_each_other_directly(
+    mixed: MixedRun,
+) -> None:
+    # The circuit has one ring g1 -> g2 and one g2 -> g1: each went straight through the
+    # process; every other ring of theirs (to g3 and the host, GO, channels) through the
+    # server. Each VM logs its counts when its QEMU goes away.
+    counts = re.findall(
+        r"\b(vm\d): vfio-user connection closed: .*\(doorbells so far: (\d+) direct, (\d+) "
+        r"through the server\)",
+        mixed.pair_log,
+    )
+    assert sorted(vm for vm, _, _ in counts) == ["vm0", "vm1"], mixed.pair_log
+    assert {vm: int(direct) for vm, direct, _ in counts} == {"vm0": 1, "vm1": 1}
+    assert all(int(through) >= 2 for _, _, through in counts)
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_mixed_ivshmem_info_tells_the_devices_apart(mixed: MixedRun) -> None:
+    for name in ("g1", "g2"):
+        first, *samples = mixed.info[name]
+        assert first["device"] == "ours" and first["interrupts"] == "msix"
+        assert first["id"] == mixed.ids[name] and first["vectors"] == 3
+        ext = first["extension"]
+        assert ext["features"] == ["membership", "membership-irq", "reconnect", "server"]
+        assert ext["event_vector"] == EVENT_VECTOR and ext["server_state"] == "connected"
+        assert isinstance(ext["peers"], int) and 1 <= ext["peers"] <= 3  # others still booting
+        assert [d["device"] for d in samples] == ["ours"] * len(_guest_samples(name))
+        assert all(d["extension"]["event_vector"] is None for d in samples)
+    (qemus,) = mixed.info["g3"]
+    assert qemus["device"] == "qemu" and qemus["extension"] is None
+    assert qemus["interrupts"] == "msix" and qemus["id"] == mixed.ids["g3"]
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
 def test_mixed_join_and_leave_interrupt(mixed: MixedRun) -> None:
     from ivshmem import registers as reg
 
@@ -275,13 +446,17 @@ class IntxRun:
     output: str
 
 
-def _start_pong(server: ServerProcess) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "ivshmem.samples.pingpong", "pong", "--socket"]
-    argv += [server.socket_path, "--vectors", str(server.vectors), "--json"]
-    argv += ["--timeout", "300"]
+def _start_sample(name: str, server: ServerProcess, *args: str) -> Popen:
+    """A sample as a host peer of ``server`` (its output and errors merged, JSON result)."""
+    argv = [sys.executable, "-m", f"ivshmem.samples.{name}", *args, "--socket"]
+    argv += [server.socket_path, "--vectors", str(server.vectors), *SAMPLE_WAIT]
     return subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+def _start_pong(server: ServerProcess) -> Popen:
+    return _start_sample("pingpong", server, "pong")
 
 
 def _run_intx(tmp: Path) -> IntxRun:
@@ -473,3 +648,71 @@ def test_a_device_that_cannot_start_is_reported_with_its_log(short_tmp: Path) ->
             )
         assert "--event-vector 5 is not one of the device's vectors" in str(err.value)
         assert lab.guests == []
+
+
+def test_a_failing_guest_names_what_its_device_logged(short_tmp: Path) -> None:
+    # Broken on purpose, and fast (QEMU stops while realizing its devices, before any boot):
+    # a second vfio-user-pci on the socket of the guest's device process, which turns the
+    # second client away and logs it; QEMU then cannot set that device up and exits.
+    qemu11_ready()
+    with ServerProcess(short_tmp, "1M", 1) as server, Lab(iommu=True) as lab:
+        socket = lab._job_root() / "devices" / "g0-0.sock"  # where the lab puts g0's device
+        second = {
+            "driver": "vfio-user-pci",
+            "id": "second",
+            "socket": {"type": "unix", "path": lab.qemu11_command().path(str(socket))},
+        }
+        guest = lab.start(
+            code="pass",
+            devices=[Doorbell(server.socket_path, 1, "vfio-user")],
+            extra_args=["-device", json.dumps(second)],
+            timeout=120,
+        )
+        with pytest.raises(LabError) as err:
+            guest.wait(120)
+    message = str(err.value)
+    assert "QEMU exited with status" in message
+    assert "--- ivshmem-device g0-0 (last lines) ---" in message
+    assert "a second vfio-user client was turned away" in message
+    # The device's lines come after QEMU's, which say why QEMU stopped.
+    assert message.index("--- QEMU (last lines) ---") < message.index("--- ivshmem-device")
+
+
+def test_one_device_process_for_several_guests_without_a_boot(short_tmp: Path) -> None:
+    from ivshmem.lab.devicehost import shared_command
+
+    with ServerProcess(short_tmp, "1M", 2) as server:
+        ours = Doorbell(server.socket_path, 2, "vfio-user", ("--event-vector", "1"))
+        with pytest.raises(LabUsageError, match="serves Doorbell"):
+            shared_command([Doorbell(server.socket_path, 2)], ["/tmp/x.sock"])
+        with pytest.raises(LabUsageError, match="'--size' cannot be given"):
+            shared_command([Doorbell(server.socket_path, 2, "vfio-user", ("--size", "1M"))], ["x"])
+        argv = shared_command(
+            [ours, Doorbell(server.socket_path, 2, "vfio-user", ("--intx",))],
+            ["/a.sock", "/b.sock"],
+        )
+        assert argv[-4:] == [
+            "--vm",
+            f"socket=/a.sock,server={server.socket_path},vectors=2,event-vector=1",
+            "--vm",
+            f"socket=/b.sock,server={server.socket_path},vectors=2,intx=1",
+        ]
+        with Lab() as lab:
+            with pytest.raises(LabUsageError, match="no ivshmem server socket"):
+                lab.device_process([Doorbell(short_tmp / "none.sock", 2, "vfio-user")])
+            with pytest.raises(LabUsageError, match="at least one device"):
+                lab.device_process([], name="empty")
+            sockets = lab.device_process([ours, ours], name="two")
+            assert len(sockets) == 2 and all(Path(s.socket).is_socket() for s in sockets)
+            with connect(server.socket_path, vectors=2) as host:
+                deadline = time.monotonic() + 30
+                while len(host.peers) < 2 and time.monotonic() < deadline:
+                    host.wait(timeout=0.1)
+                assert len(host.peers) == 2  # one process, two peers of the server
+            with pytest.raises(LabUsageError, match="'two' was started already"):
+                lab.device_process([ours], name="two")
+            (pid,) = lab._device_hosts.pids if lab._device_hosts is not None else [None]
+            log = lab.device_log_path("two")
+        # No guest used it: it stops with the lab, which removes its sockets and log.
+        assert not Path(f"/proc/{pid}").exists() and not log.exists()
+        assert not any(Path(s.socket).exists() for s in sockets)

@@ -659,11 +659,30 @@ def test_info_table(two: FakeSysfs, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = info(capsys, "--sysfs-root", root(two))
     assert rc == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["#", "ADDRESS", "KIND", "SIZE", "VECTORS", "DRIVER", "IOMMU", "ID"]
-    expected_id = "3" if os.geteuid() == 0 else "-"
-    assert lines[1].split() == ["0", "0000:00:04.0", "doorbell", "1M", "2", "-", "-", expected_id]
-    assert lines[2].split() == ["1", "0000:00:05.0", "plain", "1M", "-", "-", "-", "-"]
-    assert len(lines) == 3
+    assert lines[0].split() == [
+        "#",
+        "ADDRESS",
+        "KIND",
+        "SIZE",
+        "VECTORS",
+        "IRQ",
+        "DRIVER",
+        "IOMMU",
+        "ID",
+        "DEVICE",
+        "PEERS",
+        "SERVER",
+    ]
+    root_only = "3" if os.geteuid() == 0 else "-"  # the id is read as root only
+    assert lines[1].split() == [
+        *("0", "0000:00:04.0", "doorbell", "1M", "2", "msix", "-", "-", root_only),
+        *("qemu", "-", "-"),
+    ]
+    assert lines[2].split() == [
+        *("1", "0000:00:05.0", "plain", "1M", "-", "-", "-", "-", "-"),
+        *("qemu", "-", "-"),
+    ]
+    assert len(lines) == 3  # no line below the table: no device of ours
 
 
 def test_info_json_and_selection(two: FakeSysfs, capsys: pytest.CaptureFixture[str]) -> None:
@@ -679,6 +698,9 @@ def test_info_json_and_selection(two: FakeSysfs, capsys: pytest.CaptureFixture[s
             "driver": None,
             "iommu_group": None,
             "id": None,
+            "interrupts": None,
+            "device": "qemu",
+            "extension": None,
         }
     ]
 

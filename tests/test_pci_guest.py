@@ -147,9 +147,10 @@ def test_vfio_doorbells_between_guest_and_host(qemu_binary: str, short_tmp: Path
     info = result.output.split("INFO-START", 1)[1].splitlines()
     assert info[1].split()[:2] == ["#", "ADDRESS"]
     row = info[2].split()
-    assert row[2:6] == ["doorbell", "1M", "2", "vfio-pci"]
-    assert row[6] == str(ready["before"]["group"])
-    assert row[7] == "-"  # VFIO holds BAR0: IVPosition cannot be read through sysfs meanwhile
+    assert row[2:7] == ["doorbell", "1M", "2", "msix", "vfio-pci"]
+    assert row[7] == str(ready["before"]["group"])
+    # VFIO holds BAR0: neither IVPosition nor which device it is can be read through sysfs.
+    assert row[8:] == ["-", "-", "-", "-"]
 
 
 SYSFS_GUEST = r"""

@@ -1,8 +1,11 @@
 """``ivshmem info``: list the ivshmem PCI devices of this machine (inside a guest).
 
 Shows, per device: index, PCI address, plain or doorbell, size of the shared memory (BAR2),
-MSI-X vectors, bound driver, IOMMU group, and the peer id (IVPosition) where it can be read
-(root, device not held by a VFIO user).
+MSI-X vectors, interrupt kind (MSI-X or this project's device's legacy INTx), bound driver,
+IOMMU group, and the peer id (IVPosition) where it can be read (root, device not held by a
+VFIO user). On this project's device (``ivshmem-device``), also what its register extension
+says: the other peers connected, the server connection's state, and its features (below the
+table; all of it in ``--json``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ from typing import Any
 
 from ..errors import IvshmemError
 from ..memory import format_size
-from ..pci import IvshmemDevice, find_devices, read_ivposition, select_device
+from ..pci import (
+    DeviceStatus,
+    IvshmemDevice,
+    feature_names,
+    find_devices,
+    read_device_status,
+    read_ivposition,
+    select_device,
+)
 
 __all__ = ["register", "run"]
 
@@ -25,7 +36,9 @@ def register(subparsers: Any) -> None:
         "info",
         help="list ivshmem PCI devices (inside a guest)",
         description="List the ivshmem PCI devices (1af4:1110) this machine sees: address, "
-        "plain or doorbell, shared-memory size, MSI-X vectors, driver, IOMMU group and peer id.",
+        "plain or doorbell, shared-memory size, MSI-X vectors or INTx, driver, IOMMU group, "
+        "peer id and, on this project's device (ivshmem-device), its peers, server state and "
+        "features.",
     )
     parser.add_argument(
         "device",
@@ -48,17 +61,68 @@ def _peer_id(dev: IvshmemDevice) -> int | None:
         return None
 
 
+def _status(dev: IvshmemDevice) -> tuple[str | None, DeviceStatus | None]:
+    """("ours", its status), ("qemu", None), or (None, None) when BAR0 cannot be read (its
+    resource file is root's; a VFIO user holds the device)."""
+    try:
+        status = read_device_status(dev)
+    except IvshmemError:
+        return None, None
+    return ("qemu" if status is None else "ours"), status
+
+
+def _interrupts(dev: IvshmemDevice) -> str | None:
+    if dev.intx:
+        return "intx"
+    return "msix" if dev.msix_vectors else None
+
+
+def _extension(status: DeviceStatus | None) -> dict[str, Any] | None:
+    if status is None:
+        return None
+    ext = status.extension
+    return {
+        "features": feature_names(ext.features),
+        "event_vector": ext.event_vector,
+        "peers": status.peer_count,
+        "generation": status.generation,
+        "server_state": status.server_state,
+    }
+
+
 def _record(index: int, dev: IvshmemDevice) -> dict[str, Any]:
+    device, status = _status(dev)
     return {
         "index": index,
         "address": dev.address,
         "kind": dev.kind,
         "size": dev.shared_memory_size,
         "vectors": dev.msix_vectors,
+        "interrupts": _interrupts(dev),
         "driver": dev.driver,
         "iommu_group": dev.iommu_group,
         "id": _peer_id(dev) if dev.doorbell else None,
+        # "ours" (ivshmem-device), "qemu" (QEMU's own), None (BAR0 unreadable: not root...)
+        "device": device,
+        "extension": _extension(status),
     }
+
+
+def _detail(record: dict[str, Any]) -> str | None:
+    """The line below the table for this project's device."""
+    ext = record["extension"]
+    if ext is None:
+        return None
+    features = ", ".join(
+        f"{name} on vector {ext['event_vector']}"
+        if name == "membership-irq" and ext["event_vector"] is not None
+        else name
+        for name in ext["features"]
+    )
+    return (
+        f"{record['address']}: ivshmem-device, features: {features or 'none'}; "
+        f"generation {_cell(ext['generation'])}"
+    )
 
 
 def _cell(value: object) -> str:
@@ -82,12 +146,25 @@ def run(args: argparse.Namespace) -> int:
     if not records:
         print(
             f"no ivshmem devices under {os.path.join(args.sysfs_root, 'bus/pci/devices')} "
-            "(inside a VM started with -device ivshmem-plain or ivshmem-doorbell, they show "
-            "up here)",
+            "(inside a VM started with -device ivshmem-plain, ivshmem-doorbell or a "
+            "vfio-user-pci served by ivshmem-device, they show up here)",
             file=sys.stderr,
         )
         return 0
-    header = ("#", "ADDRESS", "KIND", "SIZE", "VECTORS", "DRIVER", "IOMMU", "ID")
+    header = (
+        "#",
+        "ADDRESS",
+        "KIND",
+        "SIZE",
+        "VECTORS",
+        "IRQ",
+        "DRIVER",
+        "IOMMU",
+        "ID",
+        "DEVICE",
+        "PEERS",
+        "SERVER",
+    )
     rows = [header] + [
         (
             str(r["index"]),
@@ -95,13 +172,22 @@ def run(args: argparse.Namespace) -> int:
             r["kind"],
             format_size(r["size"]),
             _cell(r["vectors"]),
+            _cell(r["interrupts"]),
             _cell(r["driver"]),
             _cell(r["iommu_group"]),
             _cell(r["id"]),
+            _cell(r["device"]),
+            _cell(r["extension"] and r["extension"]["peers"]),
+            _cell(r["extension"] and r["extension"]["server_state"]),
         )
         for r in records
     ]
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    details = [line for line in map(_detail, records) if line is not None]
+    if details:
+        print()
+        for line in details:
+            print(line)
     return 0

@@ -494,7 +494,14 @@ class VmDevice:
         conn, self.conn = self.conn, None
         if conn is None:
             return
-        log.info("%s: vfio-user connection closed: %s", self.name, why)
+        log.info(
+            "%s: vfio-user connection closed: %s (doorbells so far: %d direct, %d through the "
+            "server)",
+            self.name,
+            why,
+            self.direct_rings,
+            self.server_rings,
+        )
         self.owner.unwatch(conn.fileno())
         conn.close()
         self.codec.close()

@@ -267,6 +267,9 @@ class GuestResult:
     #: Seconds from starting QEMU to QEMU exiting (its pipes closing), however much later the
     #: guest was waited for.
     wall_seconds: float
+    #: What this project's device processes serving the guest (``ivshmem-device``) logged, the
+    #: last lines of each under a ``--- ivshmem-device NAME ---`` line; "" when it has none.
+    device_log: str = ""
 
     @property
     def ok(self) -> bool:
@@ -295,6 +298,8 @@ class GuestResult:
             lines = text.strip().splitlines()[-_TAIL_LINES:]
             if lines:
                 parts.append(f"--- {label} (last lines) ---\n" + "\n".join(lines))
+        if self.device_log.strip():
+            parts.append(self.device_log.strip())  # already cut to the last lines, per process
         return "\n".join(parts)
 
     def check(self) -> GuestResult:
@@ -393,6 +398,7 @@ class Guest:
         prefix: str,
         devices: Sequence[Device] = (),
         on_exit: Callable[[], None] | None = None,
+        device_log: Callable[[], str] | None = None,
     ) -> None:
         self.name = name
         self.job_dir = job_dir
@@ -401,6 +407,8 @@ class Guest:
         # Called once, from a reader thread, when QEMU has exited (this project's device
         # processes of the guest are stopped there, as QEMU's own device ends with QEMU).
         self._on_exit = on_exit
+        # The last lines its device processes logged, read when the result is made.
+        self._device_log = device_log
         self._changed = threading.Condition()
         self._output = _Output(echo, prefix, _ECHO_LOCK, self._changed)
         self._qemu_log = _Output(None, "", _ECHO_LOCK, threading.Condition())
@@ -671,6 +679,7 @@ class Guest:
             except OSError:
                 console = ""
             qemu_log = self._qemu_log.text()
+            device_log = self._device_log() if self._device_log is not None else ""
             error = self._error
             if self._returncode is None and error is None and not self._timed_out:
                 status = self._proc.returncode
@@ -694,6 +703,7 @@ class Guest:
                     else None
                 ),
                 wall_seconds=wall,
+                device_log=device_log,
             )
             return self._result
 

@@ -63,6 +63,7 @@ from .guest import (
     Guest,
     GuestResult,
     PlainRegion,
+    VfioUser,
     device_arguments,
     spawn_qemu,
 )
@@ -263,12 +264,36 @@ class Lab:
     def _serve(self, devices: Sequence[Device], name: str) -> list[Device]:
         """``devices`` with each of this project's replaced by the vfio-user socket of an
         ``ivshmem-device`` process the lab started for it."""
+        hosts = self._hosts()
+        served = [hosts.serve(d, f"{name}-{i}") if _ours(d) else d for i, d in enumerate(devices)]
+        hosts.attach(name, served)
+        return served
+
+    def _hosts(self) -> DeviceHosts:
         if self._device_hosts is None:
             self._device_hosts = DeviceHosts(self._job_root() / "devices", self._in_spawner)
-        return [
-            self._device_hosts.serve(d, f"{name}-{i}") if _ours(d) else d
-            for i, d in enumerate(devices)
-        ]
+        return self._device_hosts
+
+    def device_process(self, devices: Sequence[Doorbell], name: str = "shared") -> list[VfioUser]:
+        """Start one ``ivshmem-device`` process serving several guests' devices (this
+        project's, ``Doorbell(..., "vfio-user")``; of their options ``--intx`` and
+        ``--event-vector N``): one socket per device, each for one guest, given to
+        :meth:`start` as ``devices=[socket]``. Guests served by one process that share a
+        server ring each other straight through it, without the server's eventfds. It stops
+        when the last guest that used it has exited, or with the lab; its log is
+        ``device_log_path(name)`` and ends the error messages of the guests it served."""
+        if not _NAME_RE.match(name):
+            raise LabUsageError(f"device process name {name!r} is not 1-32 letters, digits, ._-")
+        with self._lock:
+            if self._closed:
+                raise LabUsageError("this lab is closed; create a new Lab")
+            hosts = self._hosts()
+        return hosts.serve_shared(list(devices), name)
+
+    def device_log_path(self, name: str) -> Path:
+        """The log of the device process ``name`` (:meth:`device_process`'s, or
+        ``<guest>-<n>`` for the one the lab started for a guest's n-th device)."""
+        return self._hosts().log_path(name)
 
     def _job_root(self) -> Path:
         if self._tmp is None:
@@ -469,6 +494,7 @@ class Lab:
                 prefix=prefix,
                 devices=all_devices,
                 on_exit=None if hosts is None else lambda: hosts.stop(guest_name),
+                device_log=None if hosts is None else lambda: hosts.log_of(guest_name),
             )
             self._guests.append(guest)
             return guest

@@ -22,7 +22,14 @@ doorbells over the legacy INTx line when the device runs in INTx mode.
 from __future__ import annotations
 
 from ._bind import bind_vfio_pci, unbind_vfio_pci
-from ._endpoint import InterruptMode, PciEndpoint, PeersSource, open_pci, read_ivposition
+from ._endpoint import (
+    InterruptMode,
+    PciEndpoint,
+    PeersSource,
+    open_pci,
+    read_device_status,
+    read_ivposition,
+)
 from ._errors import (
     BarError,
     BindFailedError,
@@ -37,7 +44,14 @@ from ._errors import (
     VfioUnavailableError,
     WrongDriverError,
 )
-from ._extension import Extension, Membership, MembershipEvent, ServerState
+from ._extension import (
+    DeviceStatus,
+    Extension,
+    Membership,
+    MembershipEvent,
+    ServerState,
+    feature_names,
+)
 from ._sysfs import (
     IVSHMEM_DEVICE_ID,
     IVSHMEM_VENDOR_ID,
@@ -55,6 +69,7 @@ __all__ = [
     "BarInfo",
     "BindFailedError",
     "DevicePermissionError",
+    "DeviceStatus",
     "DriverBindingError",
     "DriverBoundError",
     "Extension",
@@ -73,9 +88,11 @@ __all__ = [
     "VfioUnavailableError",
     "WrongDriverError",
     "bind_vfio_pci",
+    "feature_names",
     "find_devices",
     "normalize_address",
     "open_pci",
+    "read_device_status",
     "read_ivposition",
     "select_device",
     "unbind_vfio_pci",

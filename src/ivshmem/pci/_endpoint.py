@@ -43,12 +43,14 @@ from ._errors import (
     driver_error,
 )
 from ._extension import (
+    DeviceStatus,
     Extension,
     Membership,
     MembershipEvent,
     ServerState,
     probe,
     read_membership,
+    read_status,
     server_state,
 )
 from ._mmio import (
@@ -647,6 +649,27 @@ def read_ivposition(device: IvshmemDevice) -> int:
     registers = MappedRegisters(mapping)
     try:
         return registers.ivposition()
+    finally:
+        registers.close()
+
+
+def read_device_status(device: IvshmemDevice) -> DeviceStatus | None:
+    """What this project's device says about itself through its registers (features, peers,
+    server state), read through sysfs like :func:`read_ivposition` (needs root); None for
+    QEMU's device."""
+    if not isinstance(device, IvshmemDevice):
+        raise UsageError(
+            f"expected an IvshmemDevice (from find_devices() or select_device()), not {device!r}"
+        )
+    bar0 = device.bar(0)
+    if bar0 is None:
+        return None
+    mapping = _open_resource(device, 0, False, bar0.size)
+    registers = MappedRegisters(mapping)
+    try:
+        return read_status(registers, bar0.size)
+    except DeviceError as err:
+        raise DeviceError(f"{device.address}: {err}") from None
     finally:
         registers.close()
 

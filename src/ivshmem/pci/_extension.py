@@ -19,12 +19,15 @@ from ..errors import DeviceError
 from ._mmio import Registers
 
 __all__ = [
+    "DeviceStatus",
     "Extension",
     "Membership",
     "MembershipEvent",
     "ServerState",
+    "feature_names",
     "probe",
     "read_membership",
+    "read_status",
     "server_state",
 ]
 
@@ -88,6 +91,37 @@ class Extension:
         return bool(self.features & reg.FEATURE_SERVER)
 
 
+#: ExtFeatures bits by the names ``ivshmem info`` prints.
+FEATURE_NAMES = (
+    (reg.FEATURE_MEMBERSHIP, "membership"),
+    (reg.FEATURE_MEMBERSHIP_IRQ, "membership-irq"),
+    (reg.FEATURE_INTX, "intx"),
+    (reg.FEATURE_RECONNECT, "reconnect"),
+    (reg.FEATURE_SERVER, "server"),
+)
+
+
+def feature_names(features: int) -> list[str]:
+    """The names of the bits set in ``features`` (an unknown bit as ``bit N``)."""
+    names = [name for bit, name in FEATURE_NAMES if features & bit]
+    known = 0
+    for bit, _ in FEATURE_NAMES:
+        known |= bit
+    names += [f"bit {n}" for n in range(32) if features & ~known & (1 << n)]
+    return names
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """This project's device as its registers show it at one moment (``ivshmem info``)."""
+
+    extension: Extension
+    #: Other peers connected now, and the membership generation; None without MEMBERSHIP.
+    peer_count: int | None
+    generation: int | None
+    server_state: ServerState
+
+
 @dataclass(frozen=True)
 class Membership:
     """A consistent view of the peers, as the device's registers showed it."""
@@ -109,6 +143,23 @@ def probe(registers: Registers, bar0_size: int) -> Extension | None:
     features = registers.read32(reg.EXT_FEATURES)
     vector = registers.read32(reg.EVENT_VECTOR)
     return Extension(features, None if vector == reg.NO_VECTOR else vector)
+
+
+def read_status(registers: Registers, bar0_size: int) -> DeviceStatus | None:
+    """What the extension says now, or None for QEMU's device."""
+    extension = probe(registers, bar0_size)
+    if extension is None:
+        return None
+    count = generation = None
+    if extension.membership:
+        count = registers.read32(reg.PEER_COUNT)
+        generation = registers.read32(reg.GENERATION)
+        if count > 0xFFFF:
+            raise DeviceError(
+                f"PeerCount reads {count:#x}, more peers than ids exist (0..65535): BAR0 is not "
+                "answering (0xffffffff means the device process is gone)"
+            )
+    return DeviceStatus(extension, count, generation, server_state(registers))
 
 
 def server_state(registers: Registers) -> ServerState:
