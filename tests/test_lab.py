@@ -698,6 +698,44 @@ def test_cli_run_cleans_up_on_ctrl_c_and_sigterm(
 
 @pytest.mark.lab
 @pytest.mark.timeout(180)
+def test_ctrl_c_reaches_guest_wait_when_another_thread_takes_the_signal(assets: Assets) -> None:
+    # The kernel may hand a signal sent to a process to any of its threads. Blocking SIGINT in
+    # the main thread makes that certain here: a reader thread takes it, and the main thread
+    # must still see KeyboardInterrupt in Guest.wait (a single blocking waitpid slept on).
+    script = (
+        "import signal, sys\n"
+        "from ivshmem.lab import Lab\n"
+        "with Lab() as lab:\n"
+        "    guest = lab.start(code='import time\\ntime.sleep(3600)')\n"
+        "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
+        "    print('QEMU', guest.pid, flush=True)\n"
+        "    try:\n"
+        "        guest.wait()\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n"
+        "        sys.exit(130)\n"
+    )
+    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        line = read_until(host, b"\n", GUEST_TIMEOUT).decode()
+        qemu = int(line.split()[1])
+        time.sleep(0.5)  # into guest.wait
+        host.send_signal(signal.SIGINT)
+        assert host.wait(30) == 130
+        assert host.stdout is not None
+        assert b"interrupted" in host.stdout.read()
+        assert not alive(qemu)
+        assert not lab_dirs(host.pid)
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        assert host.stdout is not None
+        host.stdout.close()
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(180)
 def test_guests_die_with_a_killed_host_process(assets: Assets) -> None:
     script = (
         "import sys\n"

@@ -375,6 +375,9 @@ class _Output:
 
 _ECHO_LOCK = threading.Lock()
 
+# Longest single wait for QEMU in Guest.wait (see Guest._reap).
+_WAIT_SLICE = 1.0
+
 
 class Guest:
     """A running guest. Created by :meth:`ivshmem.lab.Lab.start`; use :meth:`wait` for its
@@ -632,7 +635,7 @@ class Guest:
         and failed is a normal result: see :meth:`GuestResult.check`.
         """
         try:
-            self._proc.wait(timeout)
+            self._reap(timeout)
         except subprocess.TimeoutExpired:
             self._expire()
             self._proc.wait()
@@ -642,6 +645,26 @@ class Guest:
         if result.returncode is None:
             raise GuestError(result.describe(), result)
         return result
+
+    def _reap(self, timeout: float | None) -> None:
+        """Wait for QEMU to exit, in slices: raise TimeoutExpired after ``timeout`` seconds.
+
+        Never one blocking ``waitpid``: Ctrl-C and SIGTERM become exceptions only when the
+        main thread runs Python code, and the kernel may hand a signal sent to the process to
+        any of its threads (the reader threads here). The main thread's ``waitpid`` is then
+        restarted, not interrupted, and would sleep until the guest ends. Popen's wait with a
+        timeout polls, so a signal taken by another thread is acted on within a poll."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = (
+                _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
+            )
+            try:
+                self._proc.wait(max(step, 0.0))
+                return
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
 
     async def wait_async(self, timeout: float | None = None) -> GuestResult:
         """:meth:`wait` for asyncio code (in a worker thread; the event loop keeps running)."""
