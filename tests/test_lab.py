@@ -363,12 +363,19 @@ def test_wall_time_ends_when_qemu_exits_not_when_waited_for(lab: Lab) -> None:
         assert time.monotonic() - started < GUEST_TIMEOUT
         time.sleep(0.02)
     exited = time.monotonic() - started
-    time.sleep(2.0)
+    time.sleep(LATE)
     result = guest.wait()
     assert result.ok, result.describe()
     assert result.boot_seconds is not None and result.boot_seconds < result.wall_seconds
-    assert result.wall_seconds <= exited + 0.05, (result.wall_seconds, exited)
-    assert result.wall_seconds > exited - 1.0
+    # The guest's clock starts inside lab.start (after `started`) and stops when its reader
+    # threads see QEMU's pipes close, which on a loaded machine may be a while after this
+    # thread saw it exit (and this thread may itself have been late to look): SLACK allows
+    # for either, and is far below the LATE seconds a wall time taken at wait() would add.
+    assert exited - SLACK < result.wall_seconds < exited + SLACK, (result.wall_seconds, exited)
+
+
+LATE = 6.0  # seconds between QEMU's exit and guest.wait() above
+SLACK = 2.0  # scheduling delays a loaded 2-core machine may add
 
 
 PLAIN_GUEST = (

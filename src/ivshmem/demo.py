@@ -54,6 +54,8 @@ STATUS = 1  # field 1: "ready", then what the peer read (the host polls it)
 ROSTER = struct.Struct("<4H")  # host id, guest A id, guest B id, round trips
 VECTORS = 2
 ROUND_TRIPS = 200
+# Seconds the host part's processes wait for each other (only a failure takes that long).
+HOST_WAIT = 60.0
 
 
 def _slot(ep: Endpoint, peer: int, field: int) -> memoryview:
@@ -105,7 +107,7 @@ def _host_worker(sock: str, host_id: int) -> None:
     with connect(sock, vectors=VECTORS) as peer:
         write_slot(peer, peer.id, f"hello from host process {os.getpid()} (peer {peer.id})")
         peer.notify(host_id, 0)
-        if peer.wait(1, timeout=10) is None:
+        if peer.wait(1, timeout=HOST_WAIT) is None:
             raise SystemExit("host worker: no answer on vector 1")
         say(f"  peer {peer.id} read: {read_slot(peer, host_id)!r}")
 
@@ -121,15 +123,25 @@ def host_part(sock: str) -> None:
         worker = ctx.Process(target=_host_worker, args=(sock, me.id), daemon=True)
         worker.start()
         try:
-            if me.wait(0, timeout=15) is None:
-                raise IvshmemError("the second host process never rang")
+            # It starts a fresh interpreter that imports this package before it connects:
+            # seconds on a loaded machine. Wait as long as it lives, up to HOST_WAIT.
+            deadline = time.monotonic() + HOST_WAIT
+            while me.wait(0, timeout=0.2) is None:
+                if worker.exitcode is not None or time.monotonic() > deadline:
+                    raise IvshmemError(
+                        f"the second host process never rang (exit status {worker.exitcode})"
+                    )
             (other,) = me.peers
             say(f"  peer {other} joined and rang vector 0; its slot says: {read_slot(me, other)!r}")
             me.notify(other, 1)
-            worker.join(15)
+            worker.join(HOST_WAIT)
             if worker.exitcode != 0:
                 raise IvshmemError(f"the second host process failed ({worker.exitcode})")
-            me.service()
+            # The server tells of the leave once it sees the worker's socket close: on a
+            # loaded machine that can come after the join returns.
+            gone_by = time.monotonic() + HOST_WAIT
+            while other in me.peers and time.monotonic() < gone_by:
+                me.wait(timeout=0.05)  # serves the server's messages
             say(f"  peer {other} left; peers now: {sorted(me.peers)}")
         finally:
             if worker.is_alive():
