@@ -290,6 +290,7 @@ def test_without_qemu11_both_guests_get_qemus_device_and_the_demo_says_why(
 
 
 @pytest.mark.lab
+@pytest.mark.timeout(500)  # above run_demo's 400 s, itself above the demo's 300 s guest part
 def test_full_demo_with_two_guests(qemu_binary: str) -> None:
     # CI has QEMU >= 10.1 (the lab prepares trixie's): one guest on this project's device,
     # one on QEMU's, side by side.
