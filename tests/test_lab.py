@@ -715,8 +715,8 @@ def test_ctrl_c_reaches_guest_wait_when_another_thread_takes_the_signal(assets: 
         "with Lab() as lab:\n"
         "    guest = lab.start(code='import time\\ntime.sleep(3600)')\n"
         "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
-        "    print('QEMU', guest.pid, flush=True)\n"
         "    try:\n"
+        "        print('QEMU', guest.pid, flush=True)\n"
         "        guest.wait()\n"
         "    except KeyboardInterrupt:\n"
         "        print('interrupted', flush=True)\n"
@@ -726,7 +726,9 @@ def test_ctrl_c_reaches_guest_wait_when_another_thread_takes_the_signal(assets: 
     try:
         line = read_until(host, b"\n", GUEST_TIMEOUT).decode()
         qemu = int(line.split()[1])
-        time.sleep(0.5)  # into guest.wait
+        # Into guest.wait, a few bytecodes on. Were it slower, the signal would be acted on
+        # before it and the test pass without testing the wait: never fail wrongly.
+        time.sleep(0.5)
         host.send_signal(signal.SIGINT)
         assert host.wait(30) == 130
         assert host.stdout is not None
