@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -504,6 +505,31 @@ def test_a_vector_count_other_than_the_servers_is_refused_before_booting(
         assert done.returncode == 1, done.stderr
         assert done.stderr.startswith("ivshmem lab: the ivshmem server at ")
         assert "asks for 1" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_the_vector_check_waits_for_a_server_slow_to_answer(
+    qemu_binary: str, short_tmp: Path
+) -> None:
+    # A server that takes seconds to answer its status socket (here: stopped for 11 s, as a
+    # loaded machine may leave it) is still asked, not skipped with a warning. (Lab.start
+    # checks twice, so a wait of 5 s each, as before, gave up twice.)
+    with (
+        ServerProcess(short_tmp, size="1M", vectors=2) as server,
+        Lab(qemu=qemu_binary, fetch=False) as lab,
+    ):
+        assert server.proc is not None
+        pid = server.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        resume = threading.Timer(11.0, os.kill, (pid, signal.SIGCONT))
+        resume.start()
+        try:
+            started = time.monotonic()
+            with pytest.raises(LabUsageError, match=r"gives every peer 2 vector\(s\)"):
+                lab.start(code="pass", server_socket=server.socket_path, vectors=1)
+            assert time.monotonic() - started > 10.0  # it did wait for the answer
+        finally:
+            resume.join()
+        assert lab.guests == []
 
 
 @pytest.mark.lab

@@ -57,17 +57,22 @@ log = logging.getLogger(__name__)
 _TAIL_LINES = 15
 
 
-def server_status(socket_path: str) -> dict[str, Any] | None:
+#: Seconds a server's status socket gets to answer. A server on a loaded machine can take
+#: seconds; only one that hangs takes this long.
+STATUS_TIMEOUT = 30.0
+
+
+def server_status(socket_path: str, timeout: float = STATUS_TIMEOUT) -> dict[str, Any] | None:
     """The JSON status of the ivshmem server listening at ``socket_path``, read from its status
     socket (``SOCKET.status``, see ``ivshmem-server --status``); None when it has none (QEMU's
-    own server, or ours with ``--status-socket ''``) or does not answer."""
+    own server, or ours with ``--status-socket ''``) or does not answer within ``timeout``."""
     from ..server import query_status, status_path_for
 
     status_path = status_path_for(socket_path)
     if not Path(status_path).is_socket():
         return None
     try:
-        return query_status(status_path, timeout=5.0)
+        return query_status(status_path, timeout=timeout)
     except IvshmemError:
         return None
 
@@ -541,7 +546,7 @@ class Guest:
         while True:
             found: dict[str, list[int]] = {}
             for path in wanted:
-                status = server_status(path)
+                status = server_status(path, max(1.0, deadline - time.monotonic()))
                 if status is None:
                     raise LabUsageError(
                         f"the server at {path} has no status socket ({path}.status), so the "
