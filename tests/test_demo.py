@@ -191,7 +191,7 @@ def test_the_slower_guest_reads_the_faster_ones_greeting_not_its_report(
     host_id, a_id, b_id = ids
     for me, other in ((a_id, b_id), (b_id, a_id)):
         greeting = f"hello from guest peer {other}"
-        assert f"guest {me}: guest {other} rang me; its slot says '{greeting}'\n" in out
+        assert f"guest {me}: guest {other} rang me; its slot says '{greeting}'" in out
         assert f"guest {me}: the host's slot says 'hello from host peer {host_id}'" in out
         report = f"I read guest {other}'s slot: '{greeting}'"
         assert slots[me] == (f"hello from guest peer {me}", report)
