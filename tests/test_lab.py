@@ -35,6 +35,7 @@ from ivshmem.lab import (
     GuestError,
     GuestTimeoutError,
     Lab,
+    LabError,
     LabSetupError,
     LabUsageError,
     PlainRegion,
@@ -530,6 +531,21 @@ def test_the_vector_check_waits_for_a_server_slow_to_answer(
         finally:
             resume.join()
         assert lab.guests == []
+
+
+@pytest.mark.lab
+def test_peer_id_says_when_the_server_does_not_answer(lab: Lab, short_tmp: Path) -> None:
+    with ServerProcess(short_tmp, size="1M", vectors=1) as server:
+        guest = lab.start(code="pass", server_socket=server.socket_path, timeout=GUEST_TIMEOUT)
+        assert guest.peer_id(timeout=GUEST_TIMEOUT) == 0
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(LabError, match=r"did not answer on its status socket .* 2 s"):
+                guest.peer_id(timeout=2)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        guest.kill()
 
 
 @pytest.mark.lab

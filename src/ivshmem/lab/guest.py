@@ -538,6 +538,8 @@ class Guest:
         Raises :class:`LabUsageError` (no doorbell, or a server without a status socket) and
         :class:`LabError` (QEMU exited or did not connect in time).
         """
+        from ..server import status_path_for
+
         sockets = [os.fspath(d.socket) for d in self.devices if isinstance(d, Doorbell)]
         if not sockets:
             raise LabUsageError(f"guest {self.name} has no ivshmem-doorbell device: no peer id")
@@ -547,6 +549,11 @@ class Guest:
             found: dict[str, list[int]] = {}
             for path in wanted:
                 status = server_status(path, max(1.0, deadline - time.monotonic()))
+                if status is None and Path(status_path_for(path)).is_socket():
+                    raise LabError(
+                        f"the server at {path} did not answer on its status socket "
+                        f"({path}.status) within {timeout:g} s: is it hung or stopped?"
+                    )
                 if status is None:
                     raise LabUsageError(
                         f"the server at {path} has no status socket ({path}.status), so the "
