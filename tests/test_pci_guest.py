@@ -55,7 +55,7 @@ ep = open_pci(interrupts=True, bind_vfio=True)
 self_rings = []
 for vector in (1, 0):
     ep.notify(ep.id, vector)
-    self_rings.append(ep.wait(vector, timeout=20))
+    self_rings.append(ep.wait(vector, timeout=60))
 # BAR0 read through the VFIO fd (pread), as for a BAR0 vfio-pci will not mmap.
 info = ep._vfio.region_info(VFIO_PCI_BAR0_REGION_INDEX, "BAR0")
 pread_id = FdRegisters(ep._vfio.fd, info.offset).ivposition()

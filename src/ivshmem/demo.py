@@ -17,8 +17,13 @@ It starts a real ``ivshmem-server``, then shows, step by step:
    (an error with ``CI`` set).
 
 The region is used with a tiny layout of the demo's own: a roster at offset 0 (who takes part)
-and one 256-byte slot per peer id from :data:`SLOTS`. A doorbell here always means "look at the
-memory": wake-ups of one vector may merge, so the demo never counts them, it re-reads slots.
+and one 256-byte slot per peer id from :data:`SLOTS`, in two fields: the peer's greeting
+(:data:`GREETING`), written once before it rings anyone and never changed after, and its
+progress (:data:`STATUS`: ``ready``, then what it read), which only the host waits on. Keeping
+them apart is what makes the guests' exchange deterministic: a guest that has read the other's
+greeting moves on and reports, but its own greeting stays what the slower guest is about to
+read. A doorbell here always means "look at the memory": wake-ups of one vector may merge, so
+the demo never counts them, it re-reads slots.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ._signals import exit_on_termination
@@ -43,25 +48,30 @@ from .peer import connect
 
 SLOTS = 4096
 SLOT_SIZE = 256
+FIELD_SIZE = SLOT_SIZE // 2
+GREETING = 0  # field 0 of a slot: written once, before the peer rings anyone
+STATUS = 1  # field 1: "ready", then what the peer read (the host polls it)
 ROSTER = struct.Struct("<4H")  # host id, guest A id, guest B id, round trips
 VECTORS = 2
 ROUND_TRIPS = 200
+# Seconds the host part's processes wait for each other (only a failure takes that long).
+HOST_WAIT = 60.0
 
 
-def _slot(ep: Endpoint, peer: int) -> memoryview:
-    start = SLOTS + peer * SLOT_SIZE
-    return ep.memory[start : start + SLOT_SIZE]
+def _slot(ep: Endpoint, peer: int, field: int) -> memoryview:
+    start = SLOTS + peer * SLOT_SIZE + field * FIELD_SIZE
+    return ep.memory[start : start + FIELD_SIZE]
 
 
-def write_slot(ep: Endpoint, peer: int, text: str) -> None:
-    data = text.encode()[: SLOT_SIZE - 1]
-    slot = _slot(ep, peer)
+def write_slot(ep: Endpoint, peer: int, text: str, field: int = GREETING) -> None:
+    data = text.encode()[: FIELD_SIZE - 1]
+    slot = _slot(ep, peer, field)
     slot[: len(data)] = data
     slot[len(data)] = 0
 
 
-def read_slot(ep: Endpoint, peer: int) -> str:
-    raw = bytes(_slot(ep, peer))
+def read_slot(ep: Endpoint, peer: int, field: int = GREETING) -> str:
+    raw = bytes(_slot(ep, peer, field))
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
@@ -97,7 +107,7 @@ def _host_worker(sock: str, host_id: int) -> None:
     with connect(sock, vectors=VECTORS) as peer:
         write_slot(peer, peer.id, f"hello from host process {os.getpid()} (peer {peer.id})")
         peer.notify(host_id, 0)
-        if peer.wait(1, timeout=10) is None:
+        if peer.wait(1, timeout=HOST_WAIT) is None:
             raise SystemExit("host worker: no answer on vector 1")
         say(f"  peer {peer.id} read: {read_slot(peer, host_id)!r}")
 
@@ -113,15 +123,25 @@ def host_part(sock: str) -> None:
         worker = ctx.Process(target=_host_worker, args=(sock, me.id), daemon=True)
         worker.start()
         try:
-            if me.wait(0, timeout=15) is None:
-                raise IvshmemError("the second host process never rang")
+            # It starts a fresh interpreter that imports this package before it connects:
+            # seconds on a loaded machine. Wait as long as it lives, up to HOST_WAIT.
+            deadline = time.monotonic() + HOST_WAIT
+            while me.wait(0, timeout=0.2) is None:
+                if worker.exitcode is not None or time.monotonic() > deadline:
+                    raise IvshmemError(
+                        f"the second host process never rang (exit status {worker.exitcode})"
+                    )
             (other,) = me.peers
             say(f"  peer {other} joined and rang vector 0; its slot says: {read_slot(me, other)!r}")
             me.notify(other, 1)
-            worker.join(15)
+            worker.join(HOST_WAIT)
             if worker.exitcode != 0:
                 raise IvshmemError(f"the second host process failed ({worker.exitcode})")
-            me.service()
+            # The server tells of the leave once it sees the worker's socket close: on a
+            # loaded machine that can come after the join returns.
+            gone_by = time.monotonic() + HOST_WAIT
+            while other in me.peers and time.monotonic() < gone_by:
+                me.wait(timeout=0.05)  # serves the server's messages
             say(f"  peer {other} left; peers now: {sorted(me.peers)}")
         finally:
             if worker.is_alive():
@@ -132,43 +152,66 @@ def host_part(sock: str) -> None:
 # -- part 2: guests --------------------------------------------------------------------------
 
 
-def guest_main() -> int:
-    """Runs inside each lab guest: the guest side of part 2."""
+def guest_main(timeout: float = 300.0) -> int:
+    """Runs inside each lab guest: the guest side of part 2. ``timeout`` bounds each wait
+    (the host passes the demo's ``--timeout``: the other guest may boot much later)."""
     from .pci import open_pci
 
     with open_pci(interrupts=True, bind_vfio=True) as dev:
-        me = dev.id
-        which = (
-            "this project's ivshmem-device (vfio-user)"
-            if dev.extension is not None
-            else "QEMU's ivshmem-doorbell"
-        )
-        print(f"guest: I am peer {me} (IVPosition) on {which}, BAR2 {dev.size >> 20} MiB")
+        ours = dev.extension is not None
+        which = "this project's ivshmem-device (vfio-user)" if ours else "QEMU's ivshmem-doorbell"
+        print(f"guest: I am peer {dev.id} (IVPosition) on {which}, BAR2 {dev.size >> 20} MiB")
         sys.stdout.flush()
         # Only now, with MSI-X enabled through VFIO, can rings reach us: QEMU drops a ring
         # to a vector that is not enabled. So say "ready" in memory, and the host waits for it.
-        write_slot(dev, me, "ready")
-        if dev.wait(0, timeout=120) is None:  # host says go: the roster is written
-            print("guest: the host never said go", flush=True)
+        return guest_exchange(dev, timeout, registers=ours)
+
+
+def guest_exchange(
+    dev: Endpoint,
+    timeout: float,
+    *,
+    registers: bool = False,
+    before_reading: Callable[[], None] | None = None,
+) -> int:
+    """A guest's part once its device is open: say ready, wait for the host's go, greet the
+    other guest and read its greeting, report to the host, then answer its round trips.
+    ``registers``: print who the device's registers list (this project's device only).
+    ``before_reading`` runs between the other guest's ring and reading its greeting (a test
+    holds one guest there to make it the slower one)."""
+    me = dev.id
+    write_slot(dev, me, "ready", STATUS)
+    if dev.wait(0, timeout=timeout) is None:  # host says go: the roster is written
+        print("guest: the host never said go", flush=True)
+        return 1
+    host, a, b, trips = ROSTER.unpack_from(dev.memory, 0)
+    other = b if me == a else a
+    if registers:  # QEMU's device cannot tell a guest who is there
+        # The device learns of joins from the server on its own: it may not have heard of
+        # the other guest yet (the host has), so wait until its registers list both.
+        deadline = time.monotonic() + timeout
+        while not {host, other} <= dev.peers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(f"guest {me}: my device's registers list peers {sorted(dev.peers)}")
+    # The greeting goes in before the ring and is never overwritten: however far ahead this
+    # guest runs, the other one reads exactly this when our ring reaches it.
+    write_slot(dev, me, f"hello from guest peer {me}")
+    dev.notify(other, 1)  # guest -> guest
+    if dev.wait(1, timeout=timeout) is None:
+        print("guest: the other guest never rang", flush=True)
+        return 1
+    if before_reading is not None:
+        before_reading()
+    seen = read_slot(dev, other)
+    print(f"guest {me}: guest {other} rang me; its slot says {seen!r}")
+    print(f"guest {me}: the host's slot says {read_slot(dev, host)!r}", flush=True)
+    write_slot(dev, me, f"I read guest {other}'s slot: {seen!r}", STATUS)
+    dev.notify(host, 0)  # guest -> host
+    for _ in range(trips):  # round trips: host rings 0, we answer on its vector 1
+        if dev.wait(0, timeout=timeout) is None:
+            print("guest: round trip stalled", flush=True)
             return 1
-        host, a, b, trips = ROSTER.unpack_from(dev.memory, 0)
-        other = b if me == a else a
-        if dev.extension is not None:  # QEMU's device cannot tell a guest who is there
-            print(f"guest {me}: my device's registers list peers {sorted(dev.peers)}")
-        write_slot(dev, me, f"hello from guest peer {me}")
-        dev.notify(other, 1)  # guest -> guest
-        if dev.wait(1, timeout=60) is None:
-            print("guest: the other guest never rang", flush=True)
-            return 1
-        print(f"guest {me}: guest {other} rang me; its slot says {read_slot(dev, other)!r}")
-        print(f"guest {me}: the host's slot says {read_slot(dev, host)!r}", flush=True)
-        write_slot(dev, me, f"hello from guest peer {me}; I read guest {other}'s slot")
-        dev.notify(host, 0)  # guest -> host
-        for _ in range(trips):  # round trips: host rings 0, we answer on its vector 1
-            if dev.wait(0, timeout=60) is None:
-                print("guest: round trip stalled", flush=True)
-                return 1
-            dev.notify(host, 1)
+        dev.notify(host, 1)
     return 0
 
 
@@ -189,7 +232,7 @@ def guest_part(sock: str, lab_timeout: float, ours: bool) -> None:
             guests = [
                 lab.start(
                     module="ivshmem.demo",
-                    args=["guest"],
+                    args=["guest", "--timeout", str(lab_timeout)],
                     name=name,
                     server_socket=sock,
                     vectors=VECTORS,
@@ -210,7 +253,7 @@ def guest_part(sock: str, lab_timeout: float, ours: bool) -> None:
             say(f"  guests joined as peers {a} and {b}; host is peer {host.id}")
             # QEMU joins the server when it starts, long before the guest's driver has enabled
             # MSI-X, and a ring before that is dropped: wait until each guest says "ready".
-            while any(read_slot(host, g) != "ready" for g in (a, b)):
+            while any(read_slot(host, g, STATUS) != "ready" for g in (a, b)):
                 if time.monotonic() > deadline:
                     raise IvshmemError("the guests did not open their ivshmem devices in time")
                 time.sleep(0.05)
@@ -220,11 +263,17 @@ def guest_part(sock: str, lab_timeout: float, ours: bool) -> None:
             host.notify(b, 0)
             done: set[int] = set()
             while done != {a, b}:
-                if host.wait(0, timeout=max(0.1, deadline - time.monotonic())) is None:
-                    raise IvshmemError("the guests did not ring the host")
-                done = {g for g in (a, b) if "I read guest" in read_slot(host, g)}
+                if time.monotonic() > deadline:
+                    raise IvshmemError("the guests did not report to the host in time")
+                # In slices, as Guest.wait: a Ctrl-C taken by one of the lab's threads is
+                # acted on only when this thread runs Python code again.
+                host.wait(0, timeout=1.0)
+                done = {g for g in (a, b) if "I read guest" in read_slot(host, g, STATUS)}
             for g in (a, b):
-                say(f"  host read guest {g}'s slot: {read_slot(host, g)!r}")
+                say(
+                    f"  host read guest {g}'s slot: {read_slot(host, g)!r}, and its report: "
+                    f"{read_slot(host, g, STATUS)!r}"
+                )
             for g in (a, b):
                 times = []
                 for _ in range(ROUND_TRIPS):
@@ -244,7 +293,8 @@ def guest_part(sock: str, lab_timeout: float, ours: bool) -> None:
                     raise IvshmemError(f"guest {guest.name} exited with {result.returncode}")
         # Leaving the lab also stops the device process that served vm-a (a peer of the
         # server like a QEMU), so only now are all the guests' peers gone.
-        gone_by = time.monotonic() + 10
+        # The loop ends as soon as they are gone; the bound is for a server that never says.
+        gone_by = time.monotonic() + 60
         host.service()
         while host.peers - before and time.monotonic() < gone_by:
             time.sleep(0.05)  # the server tells of a leave when it sees the socket close
@@ -294,7 +344,7 @@ def why_not_our_device() -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "role", None) == "guest":
-        return guest_main()
+        return guest_main(args.timeout)
     # SIGTERM/SIGHUP unwind like Ctrl-C: the server is stopped, guests are killed and the
     # temporary directory goes, instead of all three outliving the demo.
     with exit_on_termination():

@@ -57,17 +57,22 @@ log = logging.getLogger(__name__)
 _TAIL_LINES = 15
 
 
-def server_status(socket_path: str) -> dict[str, Any] | None:
+#: Seconds a server's status socket gets to answer. A server on a loaded machine can take
+#: seconds; only one that hangs takes this long.
+STATUS_TIMEOUT = 30.0
+
+
+def server_status(socket_path: str, timeout: float = STATUS_TIMEOUT) -> dict[str, Any] | None:
     """The JSON status of the ivshmem server listening at ``socket_path``, read from its status
     socket (``SOCKET.status``, see ``ivshmem-server --status``); None when it has none (QEMU's
-    own server, or ours with ``--status-socket ''``) or does not answer."""
+    own server, or ours with ``--status-socket ''``) or does not answer within ``timeout``."""
     from ..server import query_status, status_path_for
 
     status_path = status_path_for(socket_path)
     if not Path(status_path).is_socket():
         return None
     try:
-        return query_status(status_path, timeout=5.0)
+        return query_status(status_path, timeout=timeout)
     except IvshmemError:
         return None
 
@@ -380,6 +385,9 @@ class _Output:
 
 _ECHO_LOCK = threading.Lock()
 
+# Longest single wait for QEMU in Guest.wait (see Guest._reap).
+_WAIT_SLICE = 1.0
+
 
 class Guest:
     """A running guest. Created by :meth:`ivshmem.lab.Lab.start`; use :meth:`wait` for its
@@ -538,6 +546,8 @@ class Guest:
         Raises :class:`LabUsageError` (no doorbell, or a server without a status socket) and
         :class:`LabError` (QEMU exited or did not connect in time).
         """
+        from ..server import status_path_for
+
         sockets = [os.fspath(d.socket) for d in self.devices if isinstance(d, Doorbell)]
         if not sockets:
             raise LabUsageError(f"guest {self.name} has no ivshmem-doorbell device: no peer id")
@@ -546,7 +556,12 @@ class Guest:
         while True:
             found: dict[str, list[int]] = {}
             for path in wanted:
-                status = server_status(path)
+                status = server_status(path, max(1.0, deadline - time.monotonic()))
+                if status is None and Path(status_path_for(path)).is_socket():
+                    raise LabError(
+                        f"the server at {path} did not answer on its status socket "
+                        f"({path}.status) within {timeout:g} s: is it hung or stopped?"
+                    )
                 if status is None:
                     raise LabUsageError(
                         f"the server at {path} has no status socket ({path}.status), so the "
@@ -640,7 +655,7 @@ class Guest:
         and failed is a normal result: see :meth:`GuestResult.check`.
         """
         try:
-            self._proc.wait(timeout)
+            self._reap(timeout)
         except subprocess.TimeoutExpired:
             self._expire()
             self._proc.wait()
@@ -650,6 +665,26 @@ class Guest:
         if result.returncode is None:
             raise GuestError(result.describe(), result)
         return result
+
+    def _reap(self, timeout: float | None) -> None:
+        """Wait for QEMU to exit, in slices: raise TimeoutExpired after ``timeout`` seconds.
+
+        Never one blocking ``waitpid``: Ctrl-C and SIGTERM become exceptions only when the
+        main thread runs Python code, and the kernel may hand a signal sent to the process to
+        any of its threads (the reader threads here). The main thread's ``waitpid`` is then
+        restarted, not interrupted, and would sleep until the guest ends. Popen's wait with a
+        timeout polls, so a signal taken by another thread is acted on within a poll."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = (
+                _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
+            )
+            try:
+                self._proc.wait(max(step, 0.0))
+                return
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
 
     async def wait_async(self, timeout: float | None = None) -> GuestResult:
         """:meth:`wait` for asyncio code (in a worker thread; the event loop keeps running)."""
