@@ -38,6 +38,13 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def new_fds(before: dict[int, str]) -> dict[int, str]:
+    """The fds open now that were not open (as the same thing) in ``before``: what a test
+    leaked. An fd another part of the process closed meanwhile (a finalizer of an earlier
+    test's object) does not count, as a plain count would."""
+    return {fd: what for fd, what in open_fds().items() if before.get(fd) != what}
+
+
 def open_fds() -> dict[int, str]:
     """This process's fds and what they are (for a leak's error message)."""
     found = {}

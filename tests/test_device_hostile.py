@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from devicehelp import attach, fd_count, open_fds, serving
+from devicehelp import attach, new_fds, open_fds, serving
 from qtest import IvshmemDevice, poll_until
 
 from ivshmem import registers as reg
@@ -120,7 +120,7 @@ def test_malformed_messages_close_only_that_connection(
 ) -> None:
     device, dev, bad = setup
     bad_vm = device.vms[1]
-    baseline, before = fd_count(), open_fds()
+    before = open_fds()
     memfd = os.memfd_create("hostile")
     try:
         cases = {
@@ -156,9 +156,7 @@ def test_malformed_messages_close_only_that_connection(
         still_fine(dev)
     finally:
         os.close(memfd)
-    assert poll_until(lambda: fd_count() == baseline, 10), {
-        fd: what for fd, what in open_fds().items() if before.get(fd) != what
-    }
+    assert poll_until(lambda: not new_fds(before), 10), new_fds(before)
 
 
 def test_bad_requests_get_error_replies(setup: tuple[DeviceServer, IvshmemDevice, Path]) -> None:
@@ -202,7 +200,7 @@ def test_bad_requests_get_error_replies(setup: tuple[DeviceServer, IvshmemDevice
 
 def test_dma_map_flood(setup: tuple[DeviceServer, IvshmemDevice, Path]) -> None:
     _device, dev, bad = setup
-    baseline = fd_count()
+    before = open_fds()
     memfd = os.memfd_create("flood")
     client = RawClient(bad)
     try:
@@ -225,7 +223,7 @@ def test_dma_map_flood(setup: tuple[DeviceServer, IvshmemDevice, Path]) -> None:
     finally:
         client.close()
         os.close(memfd)
-    assert poll_until(lambda: fd_count() == baseline, 10)
+    assert poll_until(lambda: not new_fds(before), 10), new_fds(before)
 
 
 def test_a_client_that_never_reads_is_dropped(

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from devicehelp import attach, device_arg, fd_count, open_fds, serving
+from devicehelp import attach, device_arg, new_fds, open_fds, serving
 from qtest import (
     PCI_CAP_ID_MSIX,
     IvshmemDevice,
@@ -501,15 +501,13 @@ def test_qemu_going_away_releases_everything(
     sock = short_tmp / "dev.sock"
     with serving([VmSpec(socket=str(sock), server=server.socket_path, vectors=2)]) as device:
         assert poll_until(lambda: len(device.vms[0].own_fds) == 2, WAIT)  # the server's vectors
-        baseline, before = fd_count(), open_fds()
+        before = open_fds()
         for round_ in range(2):  # the same socket serves a restarted VM
             with attach(qemu11, short_tmp, sock, name=f"vm{round_}") as qemu:
                 dev = IvshmemDevice.find(qemu)
                 assert dev.read_register(reg.EXT_MAGIC) == reg.EXT_MAGIC_VALUE
             assert poll_until(lambda: device.vms[0].conn is None, WAIT)
-            assert poll_until(lambda: fd_count() == baseline, WAIT), {
-                fd: what for fd, what in open_fds().items() if before.get(fd) != what
-            }
+            assert poll_until(lambda: not new_fds(before), WAIT), new_fds(before)
 
 
 def test_device_arg_is_json() -> None:
