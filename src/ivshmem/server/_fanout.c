@@ -1,29 +1,32 @@
 /* The server's fan-out in C: an optional accelerator for queues.py's _dispatch.
  *
- * One call sends a run of protocol messages -- (recipient, value, SharedFd or None) -- each to
- * the socket its recipient maps to, with send() or sendmsg(SCM_RIGHTS) and
- * MSG_DONTWAIT | MSG_NOSIGNAL, and stops at the first message it does not fully send:
+ * One call makes all the direct sends of a join or a leave: each protocol message --
+ * (recipient, value, SharedFd or None) -- goes to the socket its recipient maps to, with
+ * send() or sendmsg(SCM_RIGHTS) and MSG_DONTWAIT | MSG_NOSIGNAL, until the kernel refuses a
+ * message for that recipient; from there on that recipient's messages are left for the
+ * caller to queue, in order, while the others' are still sent:
  *
- *   send(sends, socks, start) -> (index, code, err)
+ *   send(sends, socks) -> (index, rest, partials)
  *
- * ``sends`` is a list of 3-tuples, ``socks`` a dict from recipient to a 2-item list
- * [socket fd, count]; each message fully sent adds one to its recipient's count. The call
- * returns at the first message it did not fully send, or at len(sends):
+ * ``sends`` is a list of 3-tuples; ``socks`` maps each recipient that may be sent to directly
+ * to a 2-item list [socket fd, count]. A message fully sent adds one to its recipient's
+ * count. A refused one (EAGAIN, EPIPE, ETOOMANYREFS...) sets the socket fd to -errno, and
+ * one the kernel took only part of (its fd went with byte 0) is counted and sets it to
+ * PARTIAL; a recipient whose socket fd is negative is sent nothing more. Returned:
  *
- *   code 8      every message from ``start`` on was sent (index == len(sends));
- *   code 1..7   the kernel took only that many bytes of message ``index`` (its fd went
- *               with byte 0); it is not counted;
- *   code -1     send failed with errno ``err`` (EAGAIN, EPIPE, ...): nothing of it went;
- *   code -2     its recipient is not in ``socks`` (queued, gone): nothing was tried;
- *   code -3     anything unusual (not a tuple, a closed SharedFd, a value out of range):
- *               nothing was tried; the Python path deals with it and raises what it raises.
+ *   index     len(sends), or the first message with anything unusual (not a 3-tuple, a
+ *             closed SharedFd, a value out of range), where nothing was tried and the caller's
+ *             Python path takes over: messages from ``index`` on were not looked at;
+ *   rest      the indexes (ascending) of the messages before ``index`` not sent: their
+ *             recipient is not in ``socks`` (it has a queue, or is gone) or was refused;
+ *   partials  (index, bytes taken) for each message taken in part.
  *
- * queues.py is the reference: it falls back to its Python loop when this module is absent
- * or IVSHMEM_PURE_PYTHON=1, and takes over at ``index`` with its queues and flow control, so
- * a client whose socket is full, or that vanished, is handled exactly as before. The fd of a
- * SharedFd is read from its ``_fd`` slot; the SharedFd's reference held by the caller keeps it
- * open (and its number unreused) for the duration of the call. No Python code runs between
- * two sends, so neither the list nor the dict can change under the loop.
+ * queues.py is the reference: it sends one message at a time from Python when this module is
+ * absent or IVSHMEM_PURE_PYTHON=1, and queues ``rest`` exactly as it queues what its own loop
+ * did not send, so per-client queues, flow control and fd accounting see the same state. The
+ * fd of a SharedFd is read from its ``_fd`` slot: the caller's references (a table entry
+ * owns each) keep it open and its number unreused during the call, and no Python code runs
+ * inside the loop, so neither the list nor the dict can change under it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,51 +37,112 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#define PARTIAL (-65536) /* below every -errno */
+
 static PyObject *fd_name; /* "_fd" */
 
-static PyObject *result(Py_ssize_t index, int code, int err)
+/* Set entry[slot] to value; -1 on failure (an allocation), with the error set. */
+static int set_item(PyObject *entry, Py_ssize_t slot, long value)
 {
-    return Py_BuildValue("(nii)", index, code, err);
+    PyObject *number = PyLong_FromLong(value);
+    if (number == NULL)
+        return -1;
+    PyList_SetItem(entry, slot, number); /* steals number, drops the old item */
+    return 0;
+}
+
+static int append_index(PyObject *list, Py_ssize_t index)
+{
+    PyObject *number = PyLong_FromSsize_t(index);
+    if (number == NULL)
+        return -1;
+    int rc = PyList_Append(list, number);
+    Py_DECREF(number);
+    return rc;
+}
+
+/* Send one 8-byte message (and ``fd`` if >= 0); the byte count or -errno. */
+static long send_one(int sock, long long value, int fd)
+{
+    /* The protocol's little-endian int64, spelled out for any host. */
+    unsigned char buf[8];
+    uint64_t u = (uint64_t)value;
+    for (int b = 0; b < 8; b++)
+        buf[b] = (unsigned char)(u >> (8 * b));
+    ssize_t sent;
+    do {
+        if (fd < 0) {
+            sent = send(sock, buf, sizeof buf, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } else {
+            union {
+                char space[CMSG_SPACE(sizeof(int))];
+                struct cmsghdr align;
+            } control;
+            struct iovec iov = {buf, sizeof buf};
+            struct msghdr msg;
+            memset(&msg, 0, sizeof msg);
+            memset(&control, 0, sizeof control);
+            msg.msg_iov = &iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.space;
+            msg.msg_controllen = sizeof control.space;
+            struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+            cmsg->cmsg_level = SOL_SOCKET;
+            cmsg->cmsg_type = SCM_RIGHTS;
+            cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+            memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+            sent = sendmsg(sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        }
+    } while (sent < 0 && errno == EINTR);
+    return sent < 0 ? -(long)errno : (long)sent;
 }
 
 static PyObject *fanout_send(PyObject *self, PyObject *args)
 {
     PyObject *sends, *socks;
-    Py_ssize_t start;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!O!n", &PyList_Type, &sends, &PyDict_Type, &socks, &start))
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &sends, &PyDict_Type, &socks))
         return NULL;
+    PyObject *rest = PyList_New(0);
+    PyObject *partials = PyList_New(0);
+    if (rest == NULL || partials == NULL)
+        goto error;
     Py_ssize_t count = PyList_GET_SIZE(sends);
-    if (start < 0)
-        start = 0;
-    for (Py_ssize_t i = start; i < count; i++) {
+    Py_ssize_t i;
+    for (i = 0; i < count; i++) {
         PyObject *item = PyList_GET_ITEM(sends, i);
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 3)
-            return result(i, -3, 0);
-        PyObject *recipient = PyTuple_GET_ITEM(item, 0);
-        PyObject *entry = PyDict_GetItemWithError(socks, recipient);
+            break;
+        PyObject *entry = PyDict_GetItemWithError(socks, PyTuple_GET_ITEM(item, 0));
         if (entry == NULL) {
             if (PyErr_Occurred())
-                return NULL;
-            return result(i, -2, 0);
+                goto error;
+            if (append_index(rest, i) < 0) /* queued or gone: the caller decides */
+                goto error;
+            continue;
         }
         if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2)
-            return result(i, -3, 0);
+            break;
         int overflow = 0;
-        long sockfd = PyLong_AsLongAndOverflow(PyList_GET_ITEM(entry, 0), &overflow);
-        if (overflow || sockfd < 0 || sockfd > INT32_MAX) {
+        long sock = PyLong_AsLongAndOverflow(PyList_GET_ITEM(entry, 0), &overflow);
+        if (overflow || sock > INT32_MAX || (sock == -1 && PyErr_Occurred())) {
             PyErr_Clear();
-            return result(i, -3, 0);
+            break;
+        }
+        if (sock < 0) { /* refused before: everything after it is queued, in order */
+            if (append_index(rest, i) < 0)
+                goto error;
+            continue;
         }
         long done = PyLong_AsLongAndOverflow(PyList_GET_ITEM(entry, 1), &overflow);
         if (overflow || done < 0 || done >= LONG_MAX) {
             PyErr_Clear();
-            return result(i, -3, 0);
+            break;
         }
         long long value = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(item, 1), &overflow);
         if (overflow || (value == -1 && PyErr_Occurred())) {
             PyErr_Clear();
-            return result(i, -3, 0);
+            break;
         }
         PyObject *holder = PyTuple_GET_ITEM(item, 2);
         int fd = -1;
@@ -86,66 +150,49 @@ static PyObject *fanout_send(PyObject *self, PyObject *args)
             PyObject *number = PyObject_GetAttr(holder, fd_name);
             if (number == NULL) {
                 PyErr_Clear();
-                return result(i, -3, 0);
+                break;
             }
             long n = PyLong_AsLongAndOverflow(number, &overflow);
             Py_DECREF(number);
             if (overflow || n < 0 || n > INT32_MAX) {
                 PyErr_Clear();
-                return result(i, -3, 0); /* closed: the Python path raises ClosedError */
+                break; /* closed: the Python path raises ClosedError */
             }
             fd = (int)n;
         }
-        /* The protocol's little-endian int64 (x86-64 and the other little-endian hosts
-         * store it so; spelled out for the rest). */
-        unsigned char buf[8];
-        uint64_t u = (uint64_t)value;
-        for (int b = 0; b < 8; b++)
-            buf[b] = (unsigned char)(u >> (8 * b));
-        ssize_t sent;
-        do {
-            if (fd < 0) {
-                sent = send((int)sockfd, buf, sizeof buf, MSG_DONTWAIT | MSG_NOSIGNAL);
-            } else {
-                union {
-                    char space[CMSG_SPACE(sizeof(int))];
-                    struct cmsghdr align;
-                } control;
-                struct iovec iov = {buf, sizeof buf};
-                struct msghdr msg;
-                memset(&msg, 0, sizeof msg);
-                memset(&control, 0, sizeof control);
-                msg.msg_iov = &iov;
-                msg.msg_iovlen = 1;
-                msg.msg_control = control.space;
-                msg.msg_controllen = sizeof control.space;
-                struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
-                cmsg->cmsg_level = SOL_SOCKET;
-                cmsg->cmsg_type = SCM_RIGHTS;
-                cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-                memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
-                sent = sendmsg((int)sockfd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-            }
-        } while (sent < 0 && errno == EINTR);
-        if (sent < 0)
-            return result(i, -1, errno);
-        if (sent < (ssize_t)sizeof buf)
-            return result(i, (int)sent, 0);
-        /* Counted: [fd, count] -> [fd, count + 1] (small ints are cached: no allocation
-         * below 256, and a failed one leaves the message sent but uncounted -- reported as
-         * MemoryError, like any allocation failure in the Python path). */
-        PyObject *next = PyLong_FromLong(done + 1);
-        if (next == NULL)
-            return NULL;
-        PyList_SetItem(entry, 1, next); /* steals next, drops the old count */
+        long sent = send_one((int)sock, value, fd);
+        if (sent < 0) {
+            if (set_item(entry, 0, sent) < 0 || append_index(rest, i) < 0)
+                goto error;
+            continue;
+        }
+        /* Sent, whole or in part (its fd went with byte 0): counted either way. An
+         * allocation failing after the send loses the count: MemoryError, as the Python
+         * path would raise it. */
+        if (set_item(entry, 1, done + 1) < 0)
+            goto error;
+        if (sent < 8) {
+            PyObject *pair = Py_BuildValue("(nl)", i, sent);
+            if (pair == NULL)
+                goto error;
+            int rc = PyList_Append(partials, pair);
+            Py_DECREF(pair);
+            if (rc < 0 || set_item(entry, 0, PARTIAL) < 0)
+                goto error;
+        }
     }
-    return result(count, 8, 0);
+    PyObject *result = Py_BuildValue("(nNN)", i, rest, partials); /* steals both lists */
+    return result;
+error:
+    Py_XDECREF(rest);
+    Py_XDECREF(partials);
+    return NULL;
 }
 
 static PyMethodDef fanout_methods[] = {
     {"send", fanout_send, METH_VARARGS,
-     "send(sends, socks, start) -> (index, code, err): send messages until one is not fully "
-     "sent (see _fanout.c)."},
+     "send(sends, socks) -> (index, rest, partials): make the direct sends of a fan-out "
+     "(see _fanout.c)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -159,5 +206,12 @@ PyMODINIT_FUNC PyInit__fanout(void)
     fd_name = PyUnicode_InternFromString("_fd");
     if (fd_name == NULL)
         return NULL;
-    return PyModule_Create(&fanout_module);
+    PyObject *module = PyModule_Create(&fanout_module);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(module, "PARTIAL", PARTIAL) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

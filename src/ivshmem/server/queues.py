@@ -46,7 +46,9 @@ def _load_fanout() -> _Fanout | None:
 #: One message to send: (recipient, value, fd or None) -- what protocol.Send says, as a tuple.
 Message = tuple[int, int, "SharedFd | None"]  # protocol.encode, without the call
 #: The C fan-out's signature (see _fanout.c).
-_Fanout = Callable[[list[Message], dict[int, list[int]], int], tuple[int, int, int]]
+_Fanout = Callable[
+    [list[Message], dict[int, list[int]]], tuple[int, list[int], list[tuple[int, int]]]
+]
 _FANOUT = _load_fanout()
 #: Whether joins and leaves are sent by the C fan-out (the status report and benchmarks say).
 ACCELERATED = _FANOUT is not None
@@ -221,8 +223,9 @@ class QueuesMixin(ServerBase):
 
         ``socks`` maps each client that can be sent to directly (nothing queued, no partial
         message, not waiting for the kernel) to [its socket fd, messages sent]. The C loop
-        sends until a message is not fully sent; from there on that client is taken out of
-        ``socks`` and its messages are queued here, as the Python path queues them."""
+        sends everything it can in one call; what it did not send -- for a client with a
+        queue, or from the first message the kernel refused for a client on -- is queued
+        here, per client in order, as the Python path queues it."""
         clients = self._clients
         socks: dict[int, list[int]] = {}
         for peer, client in clients.items():
@@ -230,56 +233,40 @@ class QueuesMixin(ServerBase):
                 continue
             if not client.blocked:
                 socks[peer] = [client.fd, 0]
-        stopped: list[tuple[int, int]] = []
+        index, rest, partials = fanout(sends, socks)
+        for at, taken in partials:  # its fd went with byte 0
+            recipient, value, _fd = sends[at]
+            self._keep_partial(clients[recipient], _PACK(value)[taken:])
         queued = 0
-        index = 0
-        total = len(sends)
-        while index < total:
-            index, code, _err = fanout(sends, socks, index)
-            if index >= total:
-                break
-            recipient, value, fd = sends[index]
-            if code == -3:
-                # Something unusual (a closed fd): the reference path deals with the rest.
-                direct = self._sent_direct(socks, stopped)
-                q, d = self._dispatch_py(sends[index:], limit)
-                return queued + q, direct + d
-            entry = socks.pop(recipient, None)
-            target = clients.get(recipient)
-            if entry is not None:
-                # Refused (code -1: a full socket, an error) or taken in part (1..7): the
-                # rest of its messages meet code -2 below and are queued, this one too if
-                # none of it went.
-                count = entry[1]
-                if code > 0:
-                    assert target is not None
-                    count += 1  # its fd went with byte 0
-                    self._keep_partial(target, _PACK(value)[code:])
-                    index += 1
-                stopped.append((recipient, count))
-                continue
-            # Code -2: not sent to directly (it has a queue) or gone. Its run is queued here.
-            if target is None or target.closed:
-                while index < total and sends[index][0] == recipient:
-                    index += 1
-                continue
-            while True:
+        last = -1
+        target: _Client | None = None
+        for at in rest:
+            recipient, value, fd = sends[at]
+            if recipient != last:
+                last = recipient
+                target = clients.get(recipient)
+                if target is not None and target.closed:
+                    target = None
+            if target is not None:
                 self._enqueue(target, value, fd, limit)
                 queued += 1
-                index += 1
-                if index >= total or sends[index][0] != recipient:
-                    break
-                value, fd = sends[index][1], sends[index][2]
-        return queued, self._sent_direct(socks, stopped)
+        direct = self._sent_direct(socks)
+        if index < len(sends):
+            # Something unusual (a closed fd): the reference path deals with the rest, and
+            # meets the clients queued above as clients with a queue.
+            more_queued, more_sent = self._dispatch_py(sends[index:], limit)
+            queued += more_queued
+            direct += more_sent
+        return queued, direct
 
-    def _sent_direct(self, socks: dict[int, list[int]], stopped: list[tuple[int, int]]) -> int:
+    def _sent_direct(self, socks: dict[int, list[int]]) -> int:
         """Account for what the C fan-out sent: each client's count, its progress and its
         handshake. Returns the messages sent in all."""
         clients = self._clients
         now = time.monotonic()
         direct = 0
-        counts = [(peer, entry[1]) for peer, entry in socks.items()]
-        for peer, count in stopped + counts:
+        for peer, entry in socks.items():
+            count = entry[1]
             if not count:
                 continue
             client = clients[peer]
