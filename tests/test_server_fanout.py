@@ -337,3 +337,47 @@ def test_c_path_hands_a_closed_fd_to_the_python_path(
             scene.close()
     assert results[0] == results[1]
     assert results[1][1] == [(1, None)] and results[1][5] == [(5, None)]
+
+
+@needs_c
+def test_c_path_keeps_the_tail_of_a_message_the_kernel_took_in_part(
+    short_tmp: Path, paths: Callable[[bool], None]
+) -> None:
+    """A stream socket may take part of a message (its fd goes with byte 0). The kernel does
+    not do that to 8 bytes on demand, so the first message here is sent in part for it, by
+    hand, and reported as the C call reports a partial send; the rest is the real C call."""
+    paths(True)
+    real = queues_mod._FANOUT
+    assert real is not None and fanout is not None
+    scene = _scene(short_tmp)
+    h = scene.holders
+
+    def first_in_part(
+        sends: list[Message], socks: dict[int, list[int]]
+    ) -> tuple[int, list[int], list[tuple[int, int]]]:
+        recipient, value, holder = sends[0]
+        assert holder is not None
+        data = value.to_bytes(8, "little", signed=True)
+        socket.send_fds(scene.server._clients[recipient].sock, [data[:3]], [holder.fileno()])
+        socks[recipient] = [fanout_mod.PARTIAL, 1]
+        index, rest, partials = real(sends, socks)
+        return index, [i for i in rest if i != 0], [(0, 3), *partials]
+
+    queues_mod._FANOUT = first_in_part
+    try:
+        scene.server._dispatch([(1, 10, h[0]), (1, 11, None), (5, 50, h[1])])
+        one = scene.server._clients[1]
+        assert (one.partial, list(one.queue), one.sent) == ((10).to_bytes(8, "little")[3:], [11], 1)
+        # The scene sent one to 4 already; then 1's first (in part) and 5's.
+        assert scene.server._counters.messages_sent == 3
+        scene.server._flush_dirty()  # the tail first, then 1's queue
+        assert not one.partial and not one.queue
+        assert _delivered(scene) == {
+            1: [(10, 0), (11, None)],
+            2: [],
+            4: [(100, 0), (101, 1)],
+            5: [(50, 1)],
+        }
+    finally:
+        scene.close()
+    assert [holder.refs for holder in h] == [0, 0, 0]
