@@ -14,12 +14,15 @@ import array
 import errno
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require
 
 from ivshmem.server import Server, ServerConfig
 from ivshmem.server import queues as queues_mod
@@ -34,10 +37,31 @@ try:
 except ImportError:  # not built (no compiler): the Python path is all there is
     fanout = None
 
+_PURE = os.environ.get("IVSHMEM_PURE_PYTHON", "") not in ("", "0")
+#: The C half: skipped under IVSHMEM_PURE_PYTHON=1, and where the extension did not build
+#: (no compiler) -- except in CI, where it must have built.
 needs_c = pytest.mark.skipif(
-    queues_mod._FANOUT is None,
-    reason="the C fan-out is not built here or is switched off (IVSHMEM_PURE_PYTHON=1)",
+    _PURE or (queues_mod._FANOUT is None and not os.environ.get("CI")),
+    reason="the C fan-out is switched off (IVSHMEM_PURE_PYTHON=1) or not built here",
 )
+
+
+@needs_c
+def test_the_c_fan_out_is_built_and_used() -> None:
+    require(
+        queues_mod.ACCELERATED,
+        "the server's C fan-out did not build (pip install needs gcc and the Python headers)",
+    )
+    assert queues_mod._FANOUT is not None
+
+
+def test_pure_python_can_be_forced() -> None:
+    code = "import ivshmem.server.queues as q; print(q.ACCELERATED, q._FANOUT)"
+    env = {**os.environ, "IVSHMEM_PURE_PYTHON": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["False", "None"]
 
 
 def _socketpair() -> tuple[socket.socket, socket.socket]:
