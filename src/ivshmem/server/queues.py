@@ -50,7 +50,7 @@ _Fanout = Callable[
     [list[Message], dict[int, list[int]]], tuple[int, list[int], list[tuple[int, int]]]
 ]
 _FANOUT = _load_fanout()
-#: Whether joins and leaves are sent by the C fan-out (the status report and benchmarks say).
+#: Whether joins and leaves are sent by the C fan-out (benchmarks/bench_join.py prints it).
 ACCELERATED = _FANOUT is not None
 
 #: A client whose queue passed its bound is disconnected only once the kernel took none of
