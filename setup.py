@@ -10,6 +10,13 @@ setup(
             "ivshmem.channel._ringcore",
             ["src/ivshmem/channel/_ringcore.c"],
             optional=True,
-        )
+        ),
+        # The server's fan-out (one call sends a join's or a leave's messages); optional
+        # too: without it queues.py sends each message from Python, the same way.
+        Extension(
+            "ivshmem.server._fanout",
+            ["src/ivshmem/server/_fanout.c"],
+            optional=True,
+        ),
     ]
 )

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qemu_server import BuildError, build
 from serverproc import RawPeer, ServerProcess, pump_all
 
+from ivshmem.server.queues import ACCELERATED as FANOUT_IN_C
 from ivshmem.server.sockets import _listening_unix_paths
 
 
@@ -224,6 +225,10 @@ def main() -> int:
     servers = [name for name in ("ours", "qemu") if args.server in (name, "both")]
     if binary is None and "qemu" in servers:
         servers.remove("qemu")
+    if "ours" in servers:
+        # The server subprocess inherits IVSHMEM_PURE_PYTHON: it loads what this one loads.
+        fanout = "C (_fanout.c)" if FANOUT_IN_C else "Python (IVSHMEM_PURE_PYTHON=1 or not built)"
+        print(f"ours: fan-out in {fanout}")
     print(
         f"{'server':>6} {'peers':>6} {'vectors':>7} {'seconds':>8} {'joins/s':>9} "
         f"{'messages':>9} {'cpu us/msg':>10} {'leave us':>9}"

@@ -425,8 +425,7 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
         sends: list[Message] = [(other, peer, fd) for other, _ in before for fd in holders]
         sends += [(peer, PROTOCOL_VERSION, None), (peer, peer, None)]
         sends.append((peer, SHM_MARKER, self._table.shm))
-        for other, other_fds in before:
-            sends += [(peer, other, fd) for fd in other_fds]
+        sends += [(peer, other, fd) for other, other_fds in before for fd in other_fds]
         sends += [(peer, peer, fd) for fd in holders]
         self._counters.joins += 1
         client.handshake_left = 3 + self.config.vectors * len(self._table)

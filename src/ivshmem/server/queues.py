@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import struct
 import time
@@ -29,8 +30,29 @@ def _no_sendmsg(data: list[bytes], anc: list[tuple[int, int, bytes]], flags: int
     raise AssertionError("no client")
 
 
+def _load_fanout() -> _Fanout | None:
+    """The C fan-out (``_fanout.send``) if it was built and is not disabled
+    (``IVSHMEM_PURE_PYTHON=1``), else None: :meth:`QueuesMixin._dispatch` then sends each
+    message from Python, the reference the C path must agree with."""
+    if os.environ.get("IVSHMEM_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from ._fanout import send
+    except ImportError:
+        return None
+    return send
+
+
 #: One message to send: (recipient, value, fd or None) -- what protocol.Send says, as a tuple.
 Message = tuple[int, int, "SharedFd | None"]  # protocol.encode, without the call
+#: The C fan-out's signature (see _fanout.c).
+_Fanout = Callable[
+    [list[Message], dict[int, list[int]]], tuple[int, list[int], list[tuple[int, int]]]
+]
+_FANOUT = _load_fanout()
+#: Whether joins and leaves are sent by the C fan-out (benchmarks/bench_join.py prints it).
+ACCELERATED = _FANOUT is not None
+
 #: A client whose queue passed its bound is disconnected only once the kernel took none of
 #: its messages for this long (it read nothing): a reader is never dropped for its backlog.
 _READ_GRACE = 1.0
@@ -108,13 +130,38 @@ class QueuesMixin(ServerBase):
         # One full handshake (3 fixed messages, every peer's vectors and its own) always fits.
         return self.config.max_queue + 3 + self.config.vectors * len(self._table)
 
-    def _dispatch(self, sends: Iterable[Message]) -> None:
+    def _dispatch(self, sends: list[Message]) -> None:
         """Send or queue ``sends``. A message for a client with nothing queued goes straight
         to its socket (one system call, no queue entry, no wait for the next loop turn); the
         first one the kernel does not take -- a full socket, an error, a stall -- and all
         after it for that client are queued, and flushing deals with them in order (and with
-        the error, which is not handled from here: a join or leave is half-way through)."""
+        the error, which is not handled from here: a join or leave is half-way through).
+
+        The C fan-out (``_fanout.c``), when built, makes the direct sends of the whole list
+        in one call and hands back where the kernel refused; :meth:`_dispatch_py` is the
+        reference, and does the same one message at a time."""
         limit = self._queue_limit()
+        fanout = _FANOUT
+        if fanout is None:
+            queued, direct = self._dispatch_py(sends, limit)
+        else:
+            queued, direct = self._dispatch_c(fanout, sends, limit)
+        if direct:
+            self._counters.messages_sent += direct
+        self._queued_total += queued
+        loop = self._loop
+        if loop is None:
+            return
+        if self._queued_total > self.config.max_queued_total and not self._budget_check_scheduled:
+            # Not from here: a join or leave is half-way through its bookkeeping.
+            self._budget_check_scheduled = True
+            loop.call_soon(self._enforce_queue_budget)
+        if self._dirty and not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_dirty)
+
+    def _dispatch_py(self, sends: Iterable[Message], limit: int) -> tuple[int, int]:
+        """:meth:`_dispatch`'s sends from Python; returns (messages queued, sent)."""
         clients = self._clients
         queued = 0
         direct = 0
@@ -156,50 +203,109 @@ class QueuesMixin(ServerBase):
                         progressed.append(client)
                     if n < 8:  # its fd went with byte 0
                         direct_ok = False
-                        client.partial = data[n:]
-                        if not client.dirty:
-                            client.dirty = True
-                            self._dirty.append(client)
+                        self._keep_partial(client, data[n:])
                     if client.handshake_left:
                         client.handshake_left -= 1
                         if not client.handshake_left:
                             self._handshake_sent(client)
                     continue
-            client.queue.append(value)
-            if fd is None:
-                client.fds.append(None)
-            else:
-                client.fds.append(fd.acquire())
-                if value >= 0 and value != client.peer:
-                    jq = client.joins_queued
-                    jq[value] = jq.get(value, 0) + 1
+            self._enqueue(client, value, fd, limit)
             queued += 1
-            if not client.dirty and not client.writing:
-                client.dirty = True
-                self._dirty.append(client)
-            if len(client.queue) > limit and not client.judging:
-                # Not from here (a join or leave is half-way through its bookkeeping), and
-                # not by length alone: a client that reads is never dropped for its queue.
-                client.judging = True
-                if self._loop is not None:
-                    self._loop.call_soon(self._judge_reader, client)
-        if direct:
-            self._counters.messages_sent += direct
+        if progressed:
             now = time.monotonic()
             for client in progressed:
                 client.progressed = False
                 client.progress_at = now
-        self._queued_total += queued
-        loop = self._loop
-        if loop is None:
-            return
-        if self._queued_total > self.config.max_queued_total and not self._budget_check_scheduled:
-            # Not from here: a join or leave is half-way through its bookkeeping.
-            self._budget_check_scheduled = True
-            loop.call_soon(self._enforce_queue_budget)
-        if self._dirty and not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush_dirty)
+        return queued, direct
+
+    def _dispatch_c(self, fanout: _Fanout, sends: list[Message], limit: int) -> tuple[int, int]:
+        """:meth:`_dispatch`'s sends through the C fan-out; returns (messages queued, sent).
+
+        ``socks`` maps each client that can be sent to directly (nothing queued, no partial
+        message, not waiting for the kernel) to [its socket fd, messages sent]. The C loop
+        sends everything it can in one call; what it did not send -- for a client with a
+        queue, or from the first message the kernel refused for a client on -- is queued
+        here, per client in order, as the Python path queues it."""
+        clients = self._clients
+        socks: dict[int, list[int]] = {}
+        for peer, client in clients.items():
+            if client.closed or client.queue or client.partial or client.writing:
+                continue
+            if not client.blocked:
+                socks[peer] = [client.fd, 0]
+        index, rest, partials = fanout(sends, socks)
+        for at, taken in partials:  # its fd went with byte 0
+            recipient, value, _fd = sends[at]
+            self._keep_partial(clients[recipient], _PACK(value)[taken:])
+        queued = 0
+        last = -1
+        target: _Client | None = None
+        for at in rest:
+            recipient, value, fd = sends[at]
+            if recipient != last:
+                last = recipient
+                target = clients.get(recipient)
+                if target is not None and target.closed:
+                    target = None
+            if target is not None:
+                self._enqueue(target, value, fd, limit)
+                queued += 1
+        direct = self._sent_direct(socks)
+        if index < len(sends):
+            # Something unusual (a closed fd): the reference path deals with the rest, and
+            # meets the clients queued above as clients with a queue.
+            more_queued, more_sent = self._dispatch_py(sends[index:], limit)
+            queued += more_queued
+            direct += more_sent
+        return queued, direct
+
+    def _sent_direct(self, socks: dict[int, list[int]]) -> int:
+        """Account for what the C fan-out sent: each client's count, its progress and its
+        handshake. Returns the messages sent in all."""
+        clients = self._clients
+        now = time.monotonic()
+        direct = 0
+        for peer, entry in socks.items():
+            count = entry[1]
+            if not count:
+                continue
+            client = clients[peer]
+            direct += count
+            client.sent += count
+            client.progress_at = now  # the kernel took one: it reads
+            if client.handshake_left:
+                client.handshake_left = max(0, client.handshake_left - count)
+                if not client.handshake_left:
+                    self._handshake_sent(client)
+        return direct
+
+    def _keep_partial(self, client: _Client, tail: bytes) -> None:
+        """The kernel took only part of a message (its fd went with byte 0): the rest goes
+        when ``client``'s socket has room, before anything else."""
+        client.partial = tail
+        if not client.dirty:
+            client.dirty = True
+            self._dirty.append(client)
+
+    def _enqueue(self, client: _Client, value: int, fd: SharedFd | None, limit: int) -> None:
+        """Queue one message for ``client`` (taking a reference to the fd it carries)."""
+        client.queue.append(value)
+        if fd is None:
+            client.fds.append(None)
+        else:
+            client.fds.append(fd.acquire())
+            if value >= 0 and value != client.peer:
+                jq = client.joins_queued
+                jq[value] = jq.get(value, 0) + 1
+        if not client.dirty and not client.writing:
+            client.dirty = True
+            self._dirty.append(client)
+        if len(client.queue) > limit and not client.judging:
+            # Not from here (a join or leave is half-way through its bookkeeping), and
+            # not by length alone: a client that reads is never dropped for its queue.
+            client.judging = True
+            if self._loop is not None:
+                self._loop.call_soon(self._judge_reader, client)
 
     def _judge_reader(self, client: _Client) -> None:
         """``client``'s queue passed its bound: disconnect it if it is not reading -- the
