@@ -25,6 +25,8 @@ from conftest import require
 from fakesysfs import FakeSysfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ringtwins import PyReceiver as _PyReceiver
+from ringtwins import PySender as _PySender
 from serverproc import ServerProcess
 
 import ivshmem
@@ -436,22 +438,6 @@ def test_channel_arguments(channel: tuple[Sender, Receiver], call: str, value: A
 
 
 # -- the ring's two cores ---------------------------------------------------------------------
-
-
-class _PySender(RingSender):
-    try_send = RingSender._try_send_py
-    try_send_many = RingSender._try_send_many_py
-    try_reserve = RingSender._try_reserve_py
-    commit = RingSender._commit_py
-    flush = RingSender._flush_py
-
-
-class _PyReceiver(RingReceiver):
-    _take = RingReceiver._take_py
-    take_many = RingReceiver._take_many_py
-    _take_view = RingReceiver._take_view_py
-    release = RingReceiver._release_py
-    _publish_tail = RingReceiver._publish_tail_py
 
 
 RING_CALLS: dict[str, Callable[[RingSender, RingReceiver, Any], Any]] = {

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ringtwins import PyReceiver as _PyReceiver
 from serverproc import ServerProcess
 
 import ivshmem
@@ -286,14 +287,6 @@ def test_a_layout_of_version_1_is_refused_with_the_way_on(short_tmp: Path) -> No
     with ServerProcess(short_tmp, size="1M", extra_args=[*args, "--reformat"]) as server:
         with ivshmem.connect(server.socket_path) as peer:
             assert Region(peer.memory).max_peers == 16
-
-
-class _PyReceiver(RingReceiver):
-    """The Python twins forced (what IVSHMEM_PURE_PYTHON=1 does for the whole module)."""
-
-    _take = RingReceiver._take_py
-    take_many = RingReceiver._take_many_py
-    _take_view = RingReceiver._take_view_py
 
 
 @pytest.mark.parametrize("core", [RingReceiver, _PyReceiver], ids=["default-core", "python"])

@@ -22,6 +22,8 @@ import pytest
 from conftest import require
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from ringtwins import PyReceiver as _PyReceiver
+from ringtwins import PySender as _PySender
 from test_channel_hostile import AREA, CAPACITY, _op
 
 from ivshmem.channel import ChannelCorrupted, UnexpectedMessageError
@@ -34,22 +36,6 @@ pytestmark = pytest.mark.skipif(
     reason="the C core is not built here (no compiler or Python headers at install time); "
     "the Python ring is tested by the other channel tests",
 )
-
-
-class _PySender(RingSender):
-    try_send = RingSender._try_send_py
-    try_send_many = RingSender._try_send_many_py
-    try_reserve = RingSender._try_reserve_py
-    commit = RingSender._commit_py
-    flush = RingSender._flush_py
-
-
-class _PyReceiver(RingReceiver):
-    _take = RingReceiver._take_py
-    take_many = RingReceiver._take_many_py
-    _take_view = RingReceiver._take_view_py
-    release = RingReceiver._release_py
-    _publish_tail = RingReceiver._publish_tail_py
 
 
 def test_the_c_core_is_built_and_used() -> None:

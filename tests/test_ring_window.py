@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_ring_core import _PyReceiver, _PySender
+from ringtwins import PyReceiver as _PyReceiver
+from ringtwins import PySender as _PySender
 
 import ivshmem
 from ivshmem.channel import ChannelCorrupted, Receiver, Sender, format_region
