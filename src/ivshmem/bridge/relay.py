@@ -36,6 +36,7 @@ from .core import (
     Ack,
     Chunk,
     Data,
+    Frame,
     FrameError,
     Hello,
     Inbound,
@@ -75,6 +76,29 @@ def _zenoh() -> Any:
             "the bridge needs Zenoh: pip install 'ivshmem[bridge]' (eclipse-zenoh>=1,<2)"
         ) from None
     return zenoh
+
+
+def _declare(session: Any, publish: str, subscribe: str, on_sample: Any) -> tuple[Any, Any]:
+    """A route's two keys: a reliable publisher that blocks under congestion (so
+    backpressure reaches the local ring), and a subscriber calling ``on_sample``."""
+    zenoh = _zenoh()
+    pub = session.declare_publisher(
+        publish,
+        congestion_control=zenoh.CongestionControl.BLOCK,
+        reliability=zenoh.Reliability.RELIABLE,
+    )
+    return pub, session.declare_subscriber(subscribe, on_sample)
+
+
+def _frame_of(sample: Any, max_message: int) -> Frame:
+    """Decode a Zenoh sample (attachment: the header; payload: the data); FrameError if it is
+    not one of ours."""
+    attachment = sample.attachment
+    return decode(
+        None if attachment is None else attachment.to_bytes(),
+        sample.payload.to_bytes(),
+        max_message,
+    )
 
 
 def open_session(config: BridgeConfig) -> Any:
@@ -167,24 +191,13 @@ class _OutRoute(_Route):
         self.resend_from: int | None = None  # asked for a resend (HELLO, foreign epoch)
         self.stall_seen = (-1, 0.0)  # (remote_received, since when) while messages wait
         self.urgent = False  # stopping: every frame asks for an ACK
-        zenoh = _zenoh()
-        self.pub = bridge.session.declare_publisher(
-            self.data_key,
-            congestion_control=zenoh.CongestionControl.BLOCK,
-            reliability=zenoh.Reliability.RELIABLE,
-        )
-        self.sub = bridge.session.declare_subscriber(self.ack_key, self._on_sample)
+        self.pub, self.sub = _declare(bridge.session, self.data_key, self.ack_key, self._on_sample)
 
     # -- Zenoh's thread ---------------------------------------------------------------------
 
     def _on_sample(self, sample: Any) -> None:
-        attachment = sample.attachment
         try:
-            frame = decode(
-                None if attachment is None else attachment.to_bytes(),
-                sample.payload.to_bytes(),
-                0,
-            )
+            frame = _frame_of(sample, 0)
             if not isinstance(frame, (Ack, Hello)):
                 raise FrameError(f"{type(frame).__name__} frame on an ack key")
             with self.cond:
@@ -389,22 +402,11 @@ class _InRoute(_Route):
         self.delivered = 0
         self.tx: Sender | None = None
         self.busy = False
-        zenoh = _zenoh()
-        self.pub = bridge.session.declare_publisher(
-            self.ack_key,
-            congestion_control=zenoh.CongestionControl.BLOCK,
-            reliability=zenoh.Reliability.RELIABLE,
-        )
-        self.sub = bridge.session.declare_subscriber(self.data_key, self._on_sample)
+        self.pub, self.sub = _declare(bridge.session, self.ack_key, self.data_key, self._on_sample)
 
     def _on_sample(self, sample: Any) -> None:
-        attachment = sample.attachment
         try:
-            frame = decode(
-                None if attachment is None else attachment.to_bytes(),
-                sample.payload.to_bytes(),
-                self.max_message,
-            )
+            frame = _frame_of(sample, self.max_message)
             with self.cond:
                 if isinstance(frame, Resume):
                     self.state.on_resume(frame)
