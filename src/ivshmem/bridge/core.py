@@ -214,7 +214,6 @@ class Outbound:
         self.unacked_bytes = 0
         self.dropped = 0  # messages dropped by the drop policy (counted by the caller)
         self.remote_received = 0  # the last ACK's "received"
-        self.remote_known = False  # an ACK of this epoch has arrived
 
     def wants_ack(self) -> bool:
         """Whether the next frame should ask for an ACK: half the window is outstanding."""
@@ -244,7 +243,6 @@ class Outbound:
             return False  # for an earlier run of this bridge: harmless, ignored
         if ack.received > self.next_seq:
             raise FrameError(f"ACK for {ack.received} messages, but only {self.next_seq} were sent")
-        self.remote_known = True
         self.remote_received = ack.received
         freed = ack.delivered - self.acked
         if freed <= 0:
