@@ -18,7 +18,7 @@ import ivshmem
 from ivshmem.channel import Membership, Receiver, Region, Sender, is_formatted
 from ivshmem.channel.layout import read_arena
 from ivshmem.memory import F_SEAL_FUTURE_WRITE, SharedMemory, format_size
-from ivshmem.regionguard import RegionGuard, RegionMembership, ring_eventfd
+from ivshmem.server.regionguard import RegionGuard, RegionMembership, ring_eventfd
 
 SIZE = 1 << 20
 

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..memory import SharedMemory
 from ..protocol import PeerTable
-from ..regionguard import RegionGuard, RegionMembership
 from .config import ServerConfig
 from .fds import SharedFd
+from .regionguard import RegionGuard, RegionMembership
 
 if TYPE_CHECKING:
     from .admission import _Source

@@ -24,7 +24,6 @@ from collections import deque
 from ..errors import UsageError
 from ..memory import SharedMemory, format_size
 from ..protocol import PROTOCOL_VERSION, SHM_MARKER, PeerTable, TableFullError
-from ..regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership, ring_eventfd
 from .access import client_allowed, peer_credentials, peer_groups
 from .admission import AdmissionMixin, _Source
 from .base import MembershipObserver, _Counters, _Tasks
@@ -34,6 +33,7 @@ from .flow import _SEND_RETRY_MIN, FlowMixin, _message_truesize, _SendStall
 from .pidfile import remove_pidfile, write_pidfile
 from .queues import Message, QueuesMixin, _Client
 from .region import RegionMixin
+from .regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership, ring_eventfd
 from .shortage import _BACKOFF_MIN, ShortageMixin, _Shortage
 from .sockets import listen, sd_notify
 from .status import _ACCEPT_BURST, StatusMixin

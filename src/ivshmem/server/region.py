@@ -1,7 +1,7 @@
 """The shared-memory region: opening its backing (POSIX shm, a directory such as
 hugetlbfs, a memfd, a named file), checking a kept channel layout before growing it, the
 membership table the server keeps in a formatted region, and keeping an unsealed region at
-its size (:mod:`ivshmem.regionguard`: checked on every join and leave and every
+its size (:mod:`ivshmem.server.regionguard`: checked on every join and leave and every
 ``CHECK_INTERVAL`` seconds)."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from ..memory import (
     round_up_power_of_two,
 )
 from ..protocol import PeerTable
-from ..regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership
 from .base import ServerBase
 from .fds import SharedFd
+from .regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership
 
 log = logging.getLogger("ivshmem.server")
 
@@ -170,7 +170,7 @@ class RegionMixin(ServerBase):
     def _open_membership(self) -> None:
         """Take the membership table's writer role, formatting the region first unless it
         already carries the layout (kept across a restart)."""
-        # Written with pwrite (or into a sealed region's mapping): see ivshmem.regionguard.
+        # Written with pwrite (or into a sealed region's mapping): see ivshmem.server.regionguard.
         assert self._guard is not None and self._shm is not None
         self._membership = RegionMembership.open(
             self._guard, self._shm, max_peers=self.config.max_peers, reformat=self.config.reformat

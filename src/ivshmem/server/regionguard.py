@@ -55,11 +55,11 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .errors import IvshmemError, ServerConfigError
-from .memory import Mapping, SharedMemory, filesystem_type, format_size, is_size_sealed
+from ..errors import IvshmemError, ServerConfigError
+from ..memory import Mapping, SharedMemory, filesystem_type, format_size, is_size_sealed
 
 if TYPE_CHECKING:
-    from .channel import MembershipWriter, Region
+    from ..channel import MembershipWriter, Region
 
 __all__ = ["CHECK_INTERVAL", "RegionGuard", "RegionMembership", "ring_eventfd"]
 
@@ -243,7 +243,7 @@ class RegionMembership:
         """Take the membership writer's role, formatting the region first with ``reformat``
         or unless it already carries the layout (kept across a restart). ``mode`` forces a
         way of writing (see ``mode``; for tests)."""
-        from .channel import MembershipWriter, Region, is_formatted
+        from ..channel import MembershipWriter, Region, is_formatted
 
         self = cls(guard, shm, mode)
         try:
@@ -501,7 +501,7 @@ class RegionMembership:
         self._mem[offset : offset + len(data)] = data
 
     def _format(self, max_peers: int) -> None:
-        from .channel import format_region
+        from ..channel import format_region
 
         region = format_region(self._mem, max_peers=max_peers)
         # format_region's order: unpublish, everything else, publish.
