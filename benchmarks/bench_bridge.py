@@ -6,7 +6,9 @@ Two Python processes in each variant:
   (reliable, congestion control BLOCK), the child subscribes; for the round trip the child
   puts every sample back on ``bench/raw/pong``, which the parent receives. Zenoh peers talk
   TCP over 127.0.0.1, scouting and Zenoh's shared memory off - the same settings as the
-  bridges.
+  bridges, including the bridges' tuning of Zenoh's queues and buffers
+  (``ivshmem.bridge.config.ZENOH_TUNING``). The ratios are against this raw variant; a
+  second one with Zenoh's own defaults (``raw-default``) is printed beside it.
 * **bridged**: the parent is a host peer of ivshmem server A and sends on channel ``ping``
   to bridge A with :class:`~ivshmem.channel.Sender`; bridge A relays it over Zenoh to bridge
   B, which delivers it into server B's region to the child (a host peer there, using
@@ -61,12 +63,12 @@ def _counts(size: int, scale: float) -> tuple[int, int]:
 # -- the child processes ------------------------------------------------------------------
 
 
-def _child_raw(port: int) -> None:
+def _child_raw(port: int, tuned: bool) -> None:
     """Subscriber and echo for raw Zenoh. Commands on stdin: ``count N`` (report when N
     samples arrived), ``echo`` (put every sample back)."""
     import zenoh
 
-    session = zenoh_session(listen=[f"tcp/127.0.0.1:{port}"])
+    session = zenoh_session(listen=[f"tcp/127.0.0.1:{port}"], tuned=tuned)
     pong = session.declare_publisher(
         "bench/raw/pong",
         congestion_control=zenoh.CongestionControl.BLOCK,
@@ -194,15 +196,57 @@ class CpuMeter:
         return {n: (_cpu(p) - self.start[n]) * 1e6 / count for n, p in self.pids.items()}
 
 
+def wakeups(rounds: int = 2000) -> dict[str, float]:
+    """This machine's price of a wake-up, which every hop between two processes pays when the
+    receiving one sleeps: the median round trip of an eventfd ping-pong between two processes
+    on one CPU and on two CPUs, and what one eventfd_write costs the thread that wakes a
+    sleeper on the other CPU (in a VM, waking an idle virtual CPU exits to the hypervisor)."""
+    out: dict[str, float] = {}
+    cpus = sorted(os.sched_getaffinity(0))
+    mine = set(cpus)
+    pairs = {"same_cpu": (cpus[0], cpus[0])}
+    if len(cpus) > 1:
+        pairs["two_cpus"] = (cpus[0], cpus[1])
+    for name, (a, b) in pairs.items():
+        ping, pong = os.eventfd(0), os.eventfd(0)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.sched_setaffinity(0, {b})
+            while os.eventfd_read(ping) == 1:
+                os.eventfd_write(pong, 1)
+            os._exit(0)
+        try:
+            os.sched_setaffinity(0, {a})
+            trips, costs = [], []
+            for i in range(rounds):
+                if i % 2:
+                    time.sleep(0.0002)  # let the other side fall asleep
+                t0 = time.perf_counter()
+                os.eventfd_write(ping, 1)
+                t1 = time.perf_counter()
+                os.eventfd_read(pong)
+                trips.append(time.perf_counter() - t0)
+                costs.append(t1 - t0)
+            out[f"{name}_rtt_us"] = statistics.median(trips) * 1e6
+            out[f"{name}_waker_us"] = statistics.median(costs) * 1e6
+        finally:
+            os.eventfd_write(ping, 2)
+            os.waitpid(pid, 0)
+            os.close(ping)
+            os.close(pong)
+            os.sched_setaffinity(0, mine)
+    return out
+
+
 def _payload(size: int) -> bytes:
     return os.urandom(size)
 
 
-def raw_variant(port: int) -> tuple[Any, Any, Child]:
+def raw_variant(port: int, tuned: bool) -> tuple[Any, Any, Child]:
     import zenoh
 
-    child = Child("raw", str(port))
-    session = zenoh_session(connect=[f"tcp/127.0.0.1:{port}"])
+    child = Child("raw", str(port), "tuned" if tuned else "default")
+    session = zenoh_session(connect=[f"tcp/127.0.0.1:{port}"], tuned=tuned)
     pub = session.declare_publisher(
         "bench/raw/ping",
         congestion_control=zenoh.CongestionControl.BLOCK,
@@ -384,9 +428,9 @@ def run(
     before = zenoh_shm_files()
     results: dict[str, dict[str, list[float]]] = {}
     cpu: dict[str, dict[str, list[float]]] = {}
+    unused: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="ivbb-", dir="/tmp") as d:
-        port = free_port()
-        session, pub, raw_child = raw_variant(port)
+        raws = {"raw": raw_variant(free_port(), True), "rawdef": raw_variant(free_port(), False)}
         sites = Sites(Path(d), bridge_args)
         local = LocalEcho(Path(d))
         try:
@@ -395,36 +439,43 @@ def run(
                     count, rounds = _counts(size, scale)
                     r = results.setdefault(str(size), {})
                     c = cpu.setdefault(str(size), {})
-                    r.setdefault("raw_msgs_per_s", []).append(
-                        raw_throughput(pub, raw_child, size, count, c))  # fmt: skip
+                    for name, (_, pub, child) in raws.items():
+                        r.setdefault(f"{name}_msgs_per_s", []).append(raw_throughput(
+                            pub, child, size, count, c if name == "raw" else unused))  # fmt: skip
                     r.setdefault("bridged_msgs_per_s", []).append(
                         sites.throughput(size, count, c))  # fmt: skip
-                    r.setdefault("raw_rtt_s", []).append(
-                        raw_round_trip(session, pub, raw_child, size, rounds))  # fmt: skip
+                    for name, (session, pub, child) in raws.items():
+                        r.setdefault(f"{name}_rtt_s", []).append(
+                            raw_round_trip(session, pub, child, size, rounds))  # fmt: skip
                     r.setdefault("bridged_rtt_s", []).append(sites.round_trip(size, rounds))
                     r.setdefault("local_rtt_s", []).append(local.round_trip(size, rounds))
                     print(f"  repetition {rep + 1} size {size}: done", file=sys.stderr)
         finally:
             local.close()
             sites.close()
-            raw_child.close()
-            pub.undeclare()
-            session.close()
+            for session, pub, child in raws.values():
+                child.close()
+                pub.undeclare()
+                session.close()
     leftover = zenoh_shm_files() - before
-    out: dict[str, Any] = {"sizes": {}, "zenoh_shm_left": sorted(leftover)}
+    out: dict[str, Any] = {"sizes": {}, "zenoh_shm_left": sorted(leftover), "wakeups": wakeups()}
     for key, r in results.items():
         med = {k: statistics.median(v) for k, v in r.items()}
         tput = med["bridged_msgs_per_s"] / med["raw_msgs_per_s"]
         rtt = med["bridged_rtt_s"] / med["raw_rtt_s"]
         out["sizes"][key] = {
             "raw_msgs_per_s": med["raw_msgs_per_s"],
+            "raw_default_msgs_per_s": med["rawdef_msgs_per_s"],
             "bridged_msgs_per_s": med["bridged_msgs_per_s"],
             "raw_MB_per_s": med["raw_msgs_per_s"] * int(key) / 1e6,
             "bridged_MB_per_s": med["bridged_msgs_per_s"] * int(key) / 1e6,
             "throughput_ratio": tput,
+            "throughput_ratio_vs_default": med["bridged_msgs_per_s"] / med["rawdef_msgs_per_s"],
             "raw_rtt_us": med["raw_rtt_s"] * 1e6,
+            "raw_default_rtt_us": med["rawdef_rtt_s"] * 1e6,
             "bridged_rtt_us": med["bridged_rtt_s"] * 1e6,
             "rtt_ratio": rtt,
+            "rtt_ratio_vs_default": med["bridged_rtt_s"] / med["rawdef_rtt_s"],
             "local_channel_rtt_us": med["local_rtt_s"] * 1e6,
             "throughput_ok": tput >= THROUGHPUT_TARGET,
             "rtt_ok": rtt <= ROUND_TRIP_TARGET,
@@ -435,19 +486,36 @@ def run(
 
 
 def _print(result: dict[str, Any], repeats: int) -> None:
-    print(f"bridged channel vs raw Zenoh, medians of {repeats} repetitions (loaded machine)")
-    print(f"  {'size':>8} {'raw msg/s':>11} {'bridged':>11} {'ratio':>6}   "
-          f"{'raw rtt us':>10} {'bridged':>9} {'ratio':>6}")  # fmt: skip
+    load = os.getloadavg()[0]
+    print(f"bridged channel vs raw Zenoh, medians of {repeats} repetitions "
+          f"(load average {load:.2f} at the end)")  # fmt: skip
+    print("  raw: the bridges' Zenoh settings; raw-default: Zenoh's defaults; ratios: bridged"
+          " / raw (/ raw-default)")  # fmt: skip
+    print(f"  {'size':>8} {'raw msg/s':>10} {'default':>9} {'bridged':>9} {'ratio':>12}   "
+          f"{'raw rtt us':>10} {'default':>8} {'bridged':>8} {'ratio':>12}")  # fmt: skip
     for size, r in result["sizes"].items():
         print(
-            f"  {int(size):>8} {r['raw_msgs_per_s']:>11.0f} {r['bridged_msgs_per_s']:>11.0f} "
-            f"{r['throughput_ratio']:>5.2f}{'' if r['throughput_ok'] else '!'}  "
-            f"{r['raw_rtt_us']:>10.0f} {r['bridged_rtt_us']:>9.0f} "
-            f"{r['rtt_ratio']:>5.2f}{'' if r['rtt_ok'] else '!'}"
+            f"  {int(size):>8} {r['raw_msgs_per_s']:>10.0f} {r['raw_default_msgs_per_s']:>9.0f}"
+            f" {r['bridged_msgs_per_s']:>9.0f} {r['throughput_ratio']:>5.2f}"
+            f"{'' if r['throughput_ok'] else '!'} ({r['throughput_ratio_vs_default']:.2f}) "
+            f"{r['raw_rtt_us']:>10.0f} {r['raw_default_rtt_us']:>8.0f} "
+            f"{r['bridged_rtt_us']:>8.0f} {r['rtt_ratio']:>5.2f}"
+            f"{'' if r['rtt_ok'] else '!'} ({r['rtt_ratio_vs_default']:.2f})"
         )
     print("  the local hop alone: channel echo between two host peers of one server, us:")
     print("  " + ", ".join(f"{int(k)} B {r['local_channel_rtt_us']:.0f}"
                            for k, r in result["sizes"].items()))  # fmt: skip
+    w = result["wakeups"]
+    print("  a wake-up on this machine (eventfd ping-pong between two processes, median us):")
+    print(
+        f"  round trip on one CPU {w['same_cpu_rtt_us']:.1f}"
+        + (
+            f", on two CPUs {w['two_cpus_rtt_us']:.1f}; waking a sleeper on the other CPU "
+            f"costs the waker {w['two_cpus_waker_us']:.1f}"
+            if "two_cpus_rtt_us" in w
+            else ""
+        )
+    )
     print("  CPU per message during the throughput runs, us (median; all threads):")
     for size, r in result["sizes"].items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us_per_msg"].items())
@@ -461,7 +529,7 @@ def _print(result: dict[str, Any], repeats: int) -> None:
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         if sys.argv[2] == "raw":
-            _child_raw(int(sys.argv[3]))
+            _child_raw(int(sys.argv[3]), sys.argv[4] == "tuned")
         else:
             _child_bridged(sys.argv[3])
         return 0

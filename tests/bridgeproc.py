@@ -36,9 +36,14 @@ def zenoh_shm_files() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if "zenoh" in n.lower()}
 
 
-def zenoh_session(listen: Sequence[str] = (), connect: Sequence[str] = ()) -> Any:
-    """A Zenoh session that stays on loopback: no scouting, no shared memory."""
+def zenoh_session(
+    listen: Sequence[str] = (), connect: Sequence[str] = (), tuned: bool = False
+) -> Any:
+    """A Zenoh session that stays on loopback: no scouting, no shared memory; ``tuned``: with
+    the Zenoh settings a bridge starts from (``ivshmem.bridge.config.ZENOH_TUNING``)."""
     import zenoh
+
+    from ivshmem.bridge.config import ZENOH_TUNING
 
     c = zenoh.Config()
     for key, value in (
@@ -48,6 +53,7 @@ def zenoh_session(listen: Sequence[str] = (), connect: Sequence[str] = ()) -> An
         ("scouting/multicast/enabled", "false"),
         ("scouting/gossip/enabled", "false"),
         ("transport/shared_memory/enabled", "false"),
+        *(ZENOH_TUNING if tuned else ()),
     ):
         c.insert_json5(key, value)
     return zenoh.open(c)

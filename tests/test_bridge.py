@@ -3,6 +3,7 @@ back through a lossy in-memory link, the configuration (flags and TOML), the CLI
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import struct
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 from ivshmem.bridge.config import (
     BridgeConfig,
@@ -331,3 +333,31 @@ def test_cli_errors_are_one_clear_line(args: list[str], what: str) -> None:
     assert r.stderr.startswith("ivshmem bridge: error: ")
     assert what in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_zenoh_tuning_applies_where_the_configuration_file_is_silent(tmp_path: Path) -> None:
+    """A bridge starts from a deeper Zenoh send queue and a larger receive buffer
+    (ZENOH_TUNING), but a setting its Zenoh configuration file makes is the file's."""
+    require(
+        importlib.util.find_spec("zenoh"),
+        "eclipse-zenoh is not installed (pip install '.[bridge]'; scripts/setup.sh does)",
+    )
+    import zenoh
+
+    from ivshmem.bridge.config import ZENOH_TUNING
+    from ivshmem.bridge.relay import tuned
+
+    plain = zenoh.Config()
+    assert tuned(plain, zenoh.Config()) == list(ZENOH_TUNING)
+    for key, value in ZENOH_TUNING:  # the tuning differs from Zenoh's defaults
+        assert plain.get_json(key) != value
+    f = tmp_path / "zenoh.json5"
+    f.write_text("{transport: {link: {rx: {buffer_size: 200000}}}}")
+    from_file = zenoh.Config.from_file(str(f))
+    left = dict(tuned(from_file, zenoh.Config()))
+    assert "transport/link/rx/buffer_size" not in left
+    assert left["transport/link/tx/queue/size/data"] == "16"
+    for key, value in left.items():
+        from_file.insert_json5(key, value)
+    assert from_file.get_json("transport/link/rx/buffer_size") == "200000"
+    assert from_file.get_json("transport/link/tx/queue/size/data") == "16"

@@ -30,7 +30,7 @@ from ..channel import Receiver, Sender
 from ..channel.errors import ChannelTimeout
 from ..endpoint import Endpoint, open_region
 from ..errors import IvshmemError
-from .config import BridgeConfig, InRoute, OutRoute
+from .config import ZENOH_TUNING, BridgeConfig, InRoute, OutRoute
 from .core import (
     MAX_BATCH,
     Ack,
@@ -101,12 +101,20 @@ def _frame_of(sample: Any, max_message: int) -> Frame:
     )
 
 
+def tuned(zc: Any, defaults: Any) -> list[tuple[str, str]]:
+    """The bridge's Zenoh tuning (config.ZENOH_TUNING) for the settings that ``zc`` leaves at
+    Zenoh's defaults: what a configuration file sets itself is kept."""
+    return [(k, v) for k, v in ZENOH_TUNING if zc.get_json(k) == defaults.get_json(k)]
+
+
 def open_session(config: BridgeConfig) -> Any:
     """A Zenoh session as the configuration says (its file first, then our settings)."""
     zenoh = _zenoh()
     z = config.zenoh
     try:
         zc = zenoh.Config.from_file(z.config_file) if z.config_file else zenoh.Config()
+        for key, value in tuned(zc, zenoh.Config()):
+            zc.insert_json5(key, value)
         for key, value in z.entries():
             zc.insert_json5(key, value)
         return zenoh.open(zc)
