@@ -17,7 +17,7 @@ since the counter is then zero) and rings it once, so that the owner still sees 
 may have been sent, and logs a warning naming the doorbell (whose it is; not who did it: any
 peer can write any doorbell, so the owner is not disconnected for it). A writer that a peer
 made block is stuck for at most one interval, no longer forever. Cost: one ``poll`` over
-``peers x vectors`` fds per interval (about 1 ms for 4,000 fds here).
+``peers x vectors`` fds per interval (1.6 ms for 4,000 fds here: under 1 % of a CPU).
 """
 
 from __future__ import annotations
