@@ -28,6 +28,7 @@ from .access import client_allowed, peer_credentials, peer_groups
 from .admission import AdmissionMixin, _Source
 from .base import MembershipObserver, _Counters, _Tasks
 from .config import QEMU_MAX_VECTORS, ServerConfig
+from .doorbells import DoorbellMixin
 from .fds import SharedFd, raise_fd_limit
 from .flow import _SEND_RETRY_MIN, FlowMixin, _message_truesize, _SendStall
 from .pidfile import remove_pidfile, write_pidfile
@@ -41,7 +42,9 @@ from .status import _ACCEPT_BURST, StatusMixin
 log = logging.getLogger("ivshmem.server")
 
 
-class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin):
+class Server(
+    RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin, DoorbellMixin
+):
     """The ivshmem server. :meth:`open` (synchronous) creates the shared memory and the
     listening sockets -- every configuration error surfaces there, before daemonizing --
     and :meth:`serve` runs until :meth:`stop` (or SIGTERM/SIGINT)."""
@@ -91,6 +94,7 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
         # ``format_region`` the membership table, written so the server cannot fault.
         self._guard: RegionGuard | None = None
         self._region_timer: asyncio.TimerHandle | None = None
+        self._doorbell_timer = None
         self._membership: RegionMembership | None = None
         #: Per client process: its handshakes in flight and connections waiting to join.
         self._sources: dict[tuple[int, int], _Source] = {}
@@ -201,6 +205,7 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
                 loop.add_reader(self._status_listener.fileno(), self._on_status_accept)
             if self._guard is not None and not self._guard.sealed:
                 self._region_timer = loop.call_later(CHECK_INTERVAL, self._on_region_timer)
+            self._start_doorbell_guard(loop)
             sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.config.socket_path}")
             await self._stopping.wait()
         finally:
@@ -257,6 +262,7 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
         if self._region_timer is not None:
             self._region_timer.cancel()
             self._region_timer = None
+        self._stop_doorbell_guard()
         for task in list(self._tasks.status):
             task.cancel()
         for listener, path in (
