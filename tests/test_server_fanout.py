@@ -143,6 +143,50 @@ def test_c_send_delivers_values_and_fds_and_counts_per_recipient() -> None:
 
 
 @needs_c
+def test_c_send_batches_a_run_but_each_fd_arrives_with_its_own_message() -> None:
+    """A run of messages for one client goes in few sendmmsg() calls (64 messages each), yet
+    a reader that, like QEMU, reads 8 bytes with room for one fd gets each fd with its own
+    message: never two fds at once (which would be cut off, MSG_CTRUNC), never a message
+    without its fd. 150 messages cross two batch boundaries; every third carries none."""
+    send = queues_mod._FANOUT
+    assert send is not None
+    a, a_peer = _socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    holders = [SharedFd(os.memfd_create(f"fanout-run-{i}", os.MFD_CLOEXEC)) for i in range(3)]
+    try:
+        sends: list[Message] = [
+            (7, value, None if value % 3 == 2 else holders[value % 3]) for value in range(150)
+        ]
+        socks = {7: [a.fileno(), 0]}
+        assert send(sends, socks) == (150, [], [])
+        assert socks[7][1] == 150
+        inodes = [os.fstat(h.fileno()).st_ino for h in holders]
+        for value in range(150):
+            data, anc, flags, _addr = a_peer.recvmsg(8, socket.CMSG_SPACE(4))
+            assert int.from_bytes(data, "little", signed=True) == value
+            assert not flags & socket.MSG_CTRUNC
+            fds = [
+                fd
+                for level, kind, payload in anc
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                for fd in array.array("i", payload[: len(payload) - len(payload) % 4])
+            ]
+            try:
+                expected = [] if value % 3 == 2 else [inodes[value % 3]]
+                assert [os.fstat(fd).st_ino for fd in fds] == expected
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        with pytest.raises(BlockingIOError):
+            a_peer.recv(8)
+    finally:
+        for holder in holders:
+            holder.release()
+        for s in (a, a_peer):
+            s.close()
+
+
+@needs_c
 def test_c_send_goes_on_past_a_refusing_client_and_leaves_the_rest_to_queue() -> None:
     send = queues_mod._FANOUT
     assert send is not None

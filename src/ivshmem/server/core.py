@@ -498,8 +498,9 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
         if table is not None and peer in table:
             fds = table.remove(peer)
             self._counters.leaves += 1
-            if announce:
-                self._check_region()
+            # No size check here: a leave sends no fd, and the membership table is written
+            # with pwrite (or into a sealed region), which cannot fault on a shrunken region;
+            # the timer restores the size within CHECK_INTERVAL (regionguard.py).
             if self._membership is not None:
                 # Also at shutdown (announce=False): the table must not list peers of a
                 # server that is gone.
