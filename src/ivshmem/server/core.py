@@ -538,6 +538,8 @@ class Server(RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin,
             self._notify_observers("on_leave", peer)
 
     def _notify_observers(self, method: str, peer: int) -> None:
+        if not self.observers:
+            return
         for observer in list(self.observers):
             try:
                 getattr(observer, method)(self, peer)

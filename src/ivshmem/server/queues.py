@@ -227,12 +227,11 @@ class QueuesMixin(ServerBase):
         queue, or from the first message the kernel refused for a client on -- is queued
         here, per client in order, as the Python path queues it."""
         clients = self._clients
-        socks: dict[int, list[int]] = {}
-        for peer, client in clients.items():
-            if client.closed or client.queue or client.partial or client.writing:
-                continue
-            if not client.blocked:
-                socks[peer] = [client.fd, 0]
+        socks: dict[int, list[int]] = {
+            peer: [c.fd, 0]
+            for peer, c in clients.items()
+            if not (c.closed or c.queue or c.partial or c.writing or c.blocked)
+        }
         index, rest, partials = fanout(sends, socks)
         for at, taken in partials:  # its fd went with byte 0
             recipient, value, _fd = sends[at]
