@@ -15,7 +15,8 @@ qemu source package) loses messages once a client's socket buffer is full and ab
 
 Reported per server: wall time, joins/s, messages/s, the server's own CPU time per message
 (from /proc/PID/task/*/schedstat, in nanoseconds; the Python clients in this process do at
-least as much work as the server), the median leave latency, and ours/QEMU ratios (medians over --runs runs).
+least as much work as the server), the median leave latency, and ours/QEMU ratios (medians
+over --runs runs).
 
     .venv/bin/python benchmarks/bench_join.py                     # both servers, 3 cells
     .venv/bin/python benchmarks/bench_join.py -N 1000 -V 4 --server ours
