@@ -39,6 +39,17 @@ Reported: honest peers dropped (must be 0; exit status 1 otherwise), their round
 before and during the storm, the storm's cycles/s and the server's CPU time.
 
     .venv/bin/python benchmarks/stress_server.py --storm 20000
+
+With ``--truncate N`` it runs the truncation instead: the same three honest peers ping-pong on
+a region that cannot be sealed (``-M NAME --format`` unless --server-arg gives another backing,
+e.g. ``--file``), a process joins and leaves all the time (a full handshake each), and a hostile
+peer truncates the region to 0 N times, each time waiting until the server has put the size
+back. Reported: whether the server is alive (must be), the restores it counted (must be N),
+how long the region stayed short (p50/p99: until the next join's check or the 0.2 s timer),
+joins completed and failed (none may fail), honest peers dropped (must be 0) and their round
+trips before and during, and the server's CPU time. Exit status 1 if any of that fails.
+
+    .venv/bin/python benchmarks/stress_server.py --truncate 500
 """
 
 from __future__ import annotations
@@ -303,6 +314,63 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class HonestRing:
+    """Three honest peers, each in its own process, ping-ponging doorbells around a ring
+    (vector 0 pings, vector 1 answers; one round trip per peer every millisecond) and reading
+    their sockets all the time (see :func:`_honest`)."""
+
+    def __init__(self, server: ServerProcess, tmp: str, vectors: int) -> None:
+        honest = [RawPeer(server.socket_path, keep_fds=True) for _ in range(3)]
+        self.ids: list[int] = []
+        for peer in honest:
+            peer.wait(lambda p=peer: p.state.own_vectors == vectors)  # type: ignore[misc]
+        for peer in honest:
+            peer.wait(lambda p=peer: len(p.peers) >= 2)  # type: ignore[misc]
+            assert peer.id is not None
+            self.ids.append(peer.id)
+        stop_r, self._stop_w = os.pipe()
+        self._outs = [os.path.join(tmp, f"honest-{i}.bin") for i in range(3)]
+        self._children = []
+        for i, peer in enumerate(honest):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.close(self._stop_w)
+                    target, pinger = self.ids[(i + 1) % 3], self.ids[(i - 1) % 3]
+                    _honest(peer, target, pinger, stop_r, self._outs[i])
+                finally:
+                    os._exit(0)
+            self._children.append(pid)
+        for peer in honest:
+            peer.close()  # the children hold their own copies
+        os.close(stop_r)
+
+    def stop(self) -> list[tuple[bool, list[tuple[float, float]]]]:
+        """Stop the peers; each one's report: whether the server hung up on it, and its
+        (time, round trip) samples."""
+        os.close(self._stop_w)
+        for pid in self._children:
+            os.waitpid(pid, 0)
+        return [_read_report(out) for out in self._outs if os.path.exists(out)]
+
+
+def _print_round_trips(
+    reports: list[tuple[bool, list[tuple[float, float]]]], start: float, end: float, what: str
+) -> int:
+    """Print the honest peers' round trips before and during [start, end]; return how many
+    of the 3 the server dropped."""
+    dropped = sum(1 for gone, _ in reports if gone) + (3 - len(reports))
+    before = [rtt for _, pairs in reports for t, rtt in pairs if t < start]
+    during = [rtt for _, pairs in reports for t, rtt in pairs if start <= t <= end]
+    print(f"honest peers dropped: {dropped} of 3")
+    for name, values in (("before the " + what, before), ("during the " + what, during)):
+        print(
+            f"round trip {name}: p50 {_percentile(values, 0.5) * 1e6:.0f} us, p99 "
+            f"{_percentile(values, 0.99) * 1e6:.0f} us ({len(values)} round trips)"
+        )
+    return dropped
+
+
 def storm(cycles: int, quiet: float, server_args: list[str]) -> int:
     """The connection storm: see the module docstring."""
     vectors = 2
@@ -310,29 +378,7 @@ def storm(cycles: int, quiet: float, server_args: list[str]) -> int:
         tempfile.TemporaryDirectory(prefix="ivs-", dir="/tmp") as tmp,
         ServerProcess(tmp, vectors=vectors, extra_args=server_args, start_timeout=60) as server,
     ):
-        honest = [RawPeer(server.socket_path, keep_fds=True) for _ in range(3)]
-        ids = []
-        for peer in honest:
-            peer.wait(lambda p=peer: p.state.own_vectors == vectors)  # type: ignore[misc]
-        for peer in honest:
-            peer.wait(lambda p=peer: len(p.peers) == 2)  # type: ignore[misc]
-            ids.append(peer.id)
-        stop_r, stop_w = os.pipe()
-        outs = [os.path.join(tmp, f"honest-{i}.bin") for i in range(3)]
-        children = []
-        for i, peer in enumerate(honest):
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    os.close(stop_w)
-                    target, pinger = ids[(i + 1) % 3], ids[(i - 1) % 3]
-                    _honest(peer, target, pinger, stop_r, outs[i])  # type: ignore[arg-type]
-                finally:
-                    os._exit(0)
-            children.append(pid)
-        for peer in honest:
-            peer.close()  # the children hold their own copies
-        os.close(stop_r)
+        ring = HonestRing(server, tmp, vectors)
         time.sleep(quiet)  # round trips without a storm, for comparison
         cpu0 = cpu_seconds(server.pid)
         storm_start = time.perf_counter()
@@ -363,26 +409,15 @@ def storm(cycles: int, quiet: float, server_args: list[str]) -> int:
         settled = time.perf_counter()
         cpu = cpu_seconds(server.pid) - cpu0
         time.sleep(0.5)
-        os.close(stop_w)
-        for pid in children:
-            os.waitpid(pid, 0)
-        reports = [_read_report(out) for out in outs if os.path.exists(out)]
+        reports = ring.stop()
         counters = server.status()["counters"]
         log = server.log()
-    dropped = sum(1 for gone, _ in reports if gone) + (3 - len(reports))
-    before = [rtt for _, pairs in reports for t, rtt in pairs if t < storm_start]
-    during = [rtt for _, pairs in reports for t, rtt in pairs if storm_start <= t <= settled]
     print(
         f"storm: {cycles} connect/close cycles in {storm_end - storm_start:.2f} s "
         f"({cycles / (storm_end - storm_start):.0f}/s; the storm process exited with "
         f"{os.waitstatus_to_exitcode(status)}), absorbed after {settled - storm_start:.2f} s"
     )
-    print(f"honest peers dropped: {dropped} of 3")
-    for name, values in (("before the storm", before), ("during the storm", during)):
-        print(
-            f"round trip {name}: p50 {_percentile(values, 0.5) * 1e6:.0f} us, p99 "
-            f"{_percentile(values, 0.99) * 1e6:.0f} us ({len(values)} round trips)"
-        )
+    dropped = _print_round_trips(reports, storm_start, settled, "storm")
     print(
         f"server CPU during the storm: {cpu:.2f} s ({cpu / max(settled - storm_start, 1e-9):.0%}"
         f" of one core); joins {counters['joins']}, collapsed "
@@ -392,6 +427,148 @@ def storm(cycles: int, quiet: float, server_args: list[str]) -> int:
     )
     if dropped:
         print("FAIL: honest peers were dropped")
+        print("\n".join(line for line in log.splitlines() if "WARNING" in line)[-3000:])
+        return 1
+    return 0
+
+
+#: The region's size in the truncation run, and the pause between a restore and the next
+#: truncate (the hostile peer waits for each restore, to time it).
+TRUNCATE_SIZE = 1 << 20
+TRUNCATE_PAUSE = 0.002
+
+
+def _hostile_truncates(path: str, count: int, out: str) -> None:
+    """A hostile peer (in a child process): join, then ``count`` times truncate the region
+    to 0 and wait until the server has put its size back. Writes the times (seconds) each
+    truncate stayed, as doubles, to ``out``."""
+    import array
+
+    hostile = RawPeer(path, keep_fds=True)
+    hostile.wait(lambda: hostile.shm_fd is not None and hostile.id is not None)
+    fd = hostile.shm_fd
+    assert fd is not None
+    short = array.array("d")
+    for _ in range(count):
+        start = time.perf_counter()
+        os.ftruncate(fd, 0)
+        while os.fstat(fd).st_size != TRUNCATE_SIZE:
+            hostile.pump()  # it reads its socket like any peer: it is not dropped for that
+            time.sleep(0.0002)
+        short.append(time.perf_counter() - start)
+        time.sleep(TRUNCATE_PAUSE)
+    with open(out, "wb") as f:
+        short.tofile(f)
+    hostile.close()
+
+
+def _joiner(path: str, stop: int, out: str) -> None:
+    """Joins and leaves (in a child process) until ``stop`` is readable: each time a full
+    handshake, then a close. Writes (joins completed, joins failed) to ``out``."""
+    import select
+
+    done = failed = 0
+    while not select.select([stop], [], [], 0)[0]:
+        try:
+            peer = RawPeer(path)
+            try:
+                peer.wait(lambda p=peer: p.state.state == p.state.CONNECTED, timeout=10)  # type: ignore[misc]
+                done += 1
+            finally:
+                peer.close()
+        except (AssertionError, OSError):
+            failed += 1
+        time.sleep(0.001)
+    with open(out, "w") as f:
+        f.write(f"{done} {failed}")
+
+
+def truncation(count: int, quiet: float, server_args: list[str]) -> int:
+    """The truncation run: see the module docstring."""
+    vectors = 2
+    name = f"ivs-truncate-{os.getpid()}"
+    backing = server_args or ["-M", name, "--format"]
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="ivs-", dir="/tmp") as tmp,
+            ServerProcess(
+                tmp, size="1M", vectors=vectors, extra_args=backing, start_timeout=60
+            ) as server,
+        ):
+            ring = HonestRing(server, tmp, vectors)
+            time.sleep(quiet)  # round trips without truncations, for comparison
+            joiner_stop_r, joiner_stop_w = os.pipe()
+            joiner_out = os.path.join(tmp, "joiner.txt")
+            joiner_pid = os.fork()
+            if joiner_pid == 0:
+                try:
+                    os.close(joiner_stop_w)
+                    _joiner(server.socket_path, joiner_stop_r, joiner_out)
+                finally:
+                    os._exit(0)
+            os.close(joiner_stop_r)
+            cpu0 = cpu_seconds(server.pid)
+            start = time.perf_counter()
+            hostile_out = os.path.join(tmp, "hostile.bin")
+            hostile_pid = os.fork()
+            if hostile_pid == 0:
+                code = 1
+                try:
+                    _hostile_truncates(server.socket_path, count, hostile_out)
+                    code = 0
+                finally:
+                    os._exit(code)
+            _, hostile_status = os.waitpid(hostile_pid, 0)
+            end = time.perf_counter()
+            cpu = cpu_seconds(server.pid) - cpu0
+            os.close(joiner_stop_w)
+            os.waitpid(joiner_pid, 0)
+            time.sleep(0.2)
+            reports = ring.stop()
+            alive = server.alive
+            status = server.status() if alive else {}
+            log = server.log()
+            with open(joiner_out) as f:
+                joins, join_failures = (int(v) for v in f.read().split())
+            import array
+
+            short = array.array("d")
+            if os.path.exists(hostile_out):
+                with open(hostile_out, "rb") as f:
+                    short.frombytes(f.read())
+    finally:
+        try:
+            os.unlink(f"/dev/shm/{name}")
+        except FileNotFoundError:
+            pass
+    restores = status.get("shared_memory", {}).get("size_restores", 0) if status else 0
+    errors = [line for line in log.splitlines() if " ERROR: " in line]
+    print(
+        f"truncation: a hostile peer truncated the region ({' '.join(backing)}) to 0 "
+        f"{len(short)} times in {end - start:.2f} s (its process exited with "
+        f"{os.waitstatus_to_exitcode(hostile_status)}), each time waiting for the size to "
+        f"come back"
+    )
+    print(
+        f"server alive: {'yes' if alive else 'NO'}; size restored {restores} times (must "
+        f"equal the truncations: the hostile peer waits for each restore); "
+        f"{len(errors)} ERROR line(s) in the log (at most one a minute)"
+    )
+    print(
+        f"region short for: p50 {_percentile(list(short), 0.5) * 1e3:.2f} ms, p99 "
+        f"{_percentile(list(short), 0.99) * 1e3:.2f} ms, max "
+        f"{max(short, default=float('nan')) * 1e3:.2f} ms (restored at the next join, or by "
+        f"the 0.2 s timer)"
+    )
+    print(f"joins and leaves meanwhile: {joins} completed, {join_failures} failed")
+    dropped = _print_round_trips(reports, start, end, "truncations")
+    print(
+        f"server CPU during the truncations: {cpu:.2f} s "
+        f"({cpu / max(end - start, 1e-9):.0%} of one core)"
+    )
+    failed = dropped or not alive or join_failures or len(short) != count or restores != count
+    if failed:
+        print("FAIL: see above")
         print("\n".join(line for line in log.splitlines() if "WARNING" in line)[-3000:])
         return 1
     return 0
@@ -419,11 +596,19 @@ def main() -> int:
         "instead of the mix",
     )
     parser.add_argument(
+        "--truncate",
+        metavar="N",
+        type=int,
+        help="run the truncation (a hostile peer truncates the region to 0 N times, beside 3 "
+        "ping-ponging peers and a process joining and leaving) instead of the mix",
+    )
+    parser.add_argument(
         "--server-arg",
         action="append",
         metavar="ARG",
-        help="pass ARG to the server in the storm (repeatable; e.g. --server-arg=--max-queue "
-        "--server-arg=100)",
+        help="pass ARG to the server in the storm or the truncation (repeatable; e.g. "
+        "--server-arg=--max-queue --server-arg=100; the truncation's default is -M NAME "
+        "--format, and ARGs replace it, e.g. --server-arg=--file --server-arg=PATH)",
     )
     parser.add_argument(
         "--quiet", type=float, default=2.0, help="seconds of ping-pong before the storm"
@@ -434,6 +619,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.storm:
         return storm(args.storm, args.quiet, args.server_arg or [])
+    if args.truncate:
+        return truncation(args.truncate, args.quiet, args.server_arg or [])
     rng = random.Random(args.seed)
     chosen = args.only or list(KINDS)
     kinds = [kind for kind, weight in KINDS.items() if kind in chosen for _ in range(weight)]

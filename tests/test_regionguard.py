@@ -7,6 +7,8 @@ import fcntl
 import os
 import resource
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -388,3 +390,23 @@ def test_ring_eventfd_never_blocks() -> None:
         assert not ring_eventfd(fd)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("backing", ["-M", "--file"])
+def test_stress_truncation_run_drops_nobody_and_restores_every_truncate(
+    backing: str, tmp_path: Path
+) -> None:
+    """benchmarks/stress_server.py --truncate, briefly: a hostile peer truncates the region
+    again and again while three peers ping-pong and another joins and leaves; nobody honest
+    is dropped, no join fails, the server lives and restores every truncate."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "stress_server.py"
+    args = [sys.executable, str(script), "--truncate", "20", "--quiet", "0.2"]
+    if backing == "--file":
+        args += ["--server-arg=--file", f"--server-arg={tmp_path / 'region'}"]
+        args += ["--server-arg=--format"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "honest peers dropped: 0 of 3" in result.stdout
+    assert "server alive: yes; size restored 20 times" in result.stdout
+    assert ", 0 failed" in result.stdout
+    assert not list(Path("/dev/shm").glob("ivs-truncate-*"))

@@ -5,6 +5,7 @@ failed start leaves behind (nothing). Every case runs the real server command.
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import resource
@@ -486,3 +487,16 @@ def test_unix_socket_check_does_not_connect(short_tmp: Path) -> None:
             other.accept()  # nobody connected to find out
     finally:
         other.close()
+
+
+def test_log_timestamps_are_the_standard_ones_though_cached_per_second() -> None:
+    from ivshmem.cli.server import _Formatter
+
+    fmt = "%(asctime)s ivshmem-server[%(process)d] %(levelname)s: %(message)s"
+    cached, standard = _Formatter(fmt), logging.Formatter(fmt)
+    # Within one second, across a second's boundary, back again (a clock step), and a new day.
+    for created in (1_700_000_000.25, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_000.5,
+                    1_700_086_400.0625):  # fmt: skip
+        record = logging.LogRecord("ivshmem.server", logging.INFO, "", 0, "peer 1 joined", (), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert cached.format(record) == standard.format(record)

@@ -504,8 +504,9 @@ class Server(
         if table is not None and peer in table:
             fds = table.remove(peer)
             self._counters.leaves += 1
-            if announce:
-                self._check_region()
+            # No size check here: a leave sends no fd, and the membership table is written
+            # with pwrite (or into a sealed region), which cannot fault on a shrunken region;
+            # the timer restores the size within CHECK_INTERVAL (regionguard.py).
             if self._membership is not None:
                 # Also at shutdown (announce=False): the table must not list peers of a
                 # server that is gone.
@@ -543,6 +544,8 @@ class Server(
             self._notify_observers("on_leave", peer)
 
     def _notify_observers(self, method: str, peer: int) -> None:
+        if not self.observers:
+            return
         for observer in list(self.observers):
             try:
                 getattr(observer, method)(self, peer)

@@ -53,6 +53,9 @@ _FANOUT = _load_fanout()
 #: Whether joins and leaves are sent by the C fan-out (benchmarks/bench_join.py prints it).
 ACCELERATED = _FANOUT is not None
 
+#: Most queued messages :meth:`QueuesMixin._flush` hands the C fan-out at once.
+_FLUSH_BATCH = 256
+
 #: A client whose queue passed its bound is disconnected only once the kernel took none of
 #: its messages for this long (it read nothing): a reader is never dropped for its backlog.
 _READ_GRACE = 1.0
@@ -227,12 +230,11 @@ class QueuesMixin(ServerBase):
         queue, or from the first message the kernel refused for a client on -- is queued
         here, per client in order, as the Python path queues it."""
         clients = self._clients
-        socks: dict[int, list[int]] = {}
-        for peer, client in clients.items():
-            if client.closed or client.queue or client.partial or client.writing:
-                continue
-            if not client.blocked:
-                socks[peer] = [client.fd, 0]
+        socks: dict[int, list[int]] = {
+            peer: [c.fd, 0]
+            for peer, c in clients.items()
+            if not (c.closed or c.queue or c.partial or c.writing or c.blocked)
+        }
         index, rest, partials = fanout(sends, socks)
         for at, taken in partials:  # its fd went with byte 0
             recipient, value, _fd = sends[at]
@@ -428,6 +430,33 @@ class QueuesMixin(ServerBase):
                         log.exception("unexpected error while sending to %s", client.describe())
                         self._disconnect(client, "disconnected after an internal error")
 
+    def _flush_c(self, fanout: _Fanout, client: _Client) -> int:
+        """Send the head of ``client``'s queue (up to _FLUSH_BATCH messages) through the C
+        fan-out; drop what it sent from the queue (releasing the fds' queued references) and
+        keep the tail of a message taken in part. Returns how many messages it sent."""
+        queue, fds, peer = client.queue, client.fds, client.peer
+        count = min(len(queue), _FLUSH_BATCH)
+        batch: list[Message] = [(peer, queue[i], fds[i]) for i in range(count)]
+        entry = [client.fd, 0]
+        _index, _rest, partials = fanout(batch, {peer: entry})
+        taken = entry[1]
+        jq = client.joins_queued
+        value = 0
+        for _ in range(taken):
+            value = queue.popleft()
+            holder = fds.popleft()
+            if holder is not None:
+                holder.release()
+                if value >= 0 and value != peer:
+                    left = jq[value] - 1
+                    if left:
+                        jq[value] = left
+                    else:
+                        del jq[value]
+        if partials:  # the last one it took, in part: its fd went with byte 0
+            client.partial = _PACK(value)[partials[0][1] :]
+        return taken
+
     def _on_writable(self, client: _Client) -> None:
         if not client.closed:
             self._flush(client)
@@ -436,10 +465,16 @@ class QueuesMixin(ServerBase):
             self._loop.call_soon(self._flush_dirty)
 
     def _flush(self, client: _Client) -> None:
-        """Send queued messages until the queue is empty or the socket is full."""
+        """Send queued messages until the queue is empty or the socket is full.
+
+        With the C fan-out, runs of queued messages go through it (sendmmsg() batches, each
+        message still its own sendmsg() in the kernel, as in :meth:`_dispatch`); a message it
+        does not take (a refusal, or something unusual it leaves to Python) is met again by
+        the one-message path below, which raises or handles the condition as always."""
         sock = client.sock
         queue = client.queue
         fds = client.fds
+        fanout = _FANOUT
         sent = 0
         try:
             while client.partial or queue:
@@ -447,6 +482,13 @@ class QueuesMixin(ServerBase):
                     n = sock.send(client.partial, socket.MSG_NOSIGNAL)
                     client.partial = client.partial[n:]
                     continue
+                if fanout is not None and len(queue) > 1:
+                    taken = self._flush_c(fanout, client)
+                    sent += taken
+                    if taken:
+                        continue  # the next round shows whether the kernel takes more
+                    # Nothing taken: the one-message path meets the refusal (or the
+                    # unusual message) and raises or handles it as it always has.
                 holder = fds[0]
                 data = encode(queue[0])
                 if holder is None:

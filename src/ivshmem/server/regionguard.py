@@ -17,7 +17,9 @@ server while it writes the membership table, every QEMU, every host peer. Two de
   resize it compares the region with it and writes back whatever differs.
 
 **When the guard looks.** ``fstat`` on every join (before the newcomer is sent the fd, so it
-maps a region of the right size), on every leave, and every :data:`CHECK_INTERVAL` seconds.
+maps a region of the right size) and every :data:`CHECK_INTERVAL` seconds. Not on a leave: it
+sends no fd, and its write into the membership table is a ``pwrite`` (or a store into a sealed
+region), which cannot fault however small the region is.
 An inotify watch would see a truncate sooner, but it cannot close the window either: a VM
 or host peer that touches a lost page faults at that instant, before any notification could
 be handled. So the check only bounds how long the region stays short (and so how many
@@ -65,7 +67,7 @@ __all__ = ["CHECK_INTERVAL", "RegionGuard", "RegionMembership", "ring_eventfd"]
 
 log = logging.getLogger("ivshmem.server")
 
-#: Seconds between two size checks of an unsealed region (besides every join and leave).
+#: Seconds between two size checks of an unsealed region (besides the one on every join).
 CHECK_INTERVAL = 0.2
 #: Seconds between two ERROR lines about a resized region.
 _REPORT_INTERVAL = 60.0
