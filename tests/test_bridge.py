@@ -3,6 +3,7 @@ back through a lossy in-memory link, the configuration (flags and TOML), the CLI
 
 from __future__ import annotations
 
+import argparse
 import random
 import struct
 import subprocess
@@ -37,6 +38,7 @@ from ivshmem.bridge.core import (
     encode_hello,
     encode_resume,
 )
+from ivshmem.cli.bridge import build_config, register
 
 # -- frames -----------------------------------------------------------------------------------
 
@@ -238,6 +240,8 @@ socket = "/tmp/s"
 window_bytes = "1M"
 capacity = "1M"
 on_remote_lost = "error"
+server_timeout = 30
+id_file = "/run/bridge-a.id"
 [zenoh]
 listen = ["tcp/127.0.0.1:7447"]
 connect = ["tcp/127.0.0.1:7448"]
@@ -256,6 +260,9 @@ local_channel = "back"
     assert cfg.outs == [OutRoute("frames", 3)]
     assert cfg.ins == [InRoute("b", "frames", 3, "back")]
     assert cfg.window_bytes == 1 << 20 and cfg.capacity == 1 << 20
+    assert cfg.server_timeout == 30.0 and cfg.id_file == "/run/bridge-a.id"
+    f.write_text(f.read_text().replace("server_timeout = 30\n", ""))
+    assert load_toml(f).server_timeout is None, "left out: reconnect as long as it takes"
     assert cfg.data_key("a", "frames") == "ivshmem/a/frames/data"
     entries = dict(cfg.zenoh.entries())
     assert entries["scouting/multicast/enabled"] == "false"
@@ -297,6 +304,10 @@ def test_config_checks() -> None:
         ({"outs": [OutRoute("x", 1), OutRoute("x", 2)]}, "sent out twice"),
         ({"zenoh": ZenohOptions(mode="satellite")}, "zenoh mode"),
         ({"zenoh": ZenohOptions(listen=["7447"])}, "PROTO/ADDRESS"),
+        ({"server_timeout": -1.0}, "0 or more"),
+        ({"server_timeout": float("nan")}, "0 or more"),
+        ({"socket": None, "region": "/r", "region_id": 1, "server_timeout": 5.0}, "needs --socket"),
+        ({"id_file": ""}, "id_file is empty"),
     ]
     for kw, what in cases:
         with pytest.raises(ConfigError, match=what):
@@ -314,6 +325,23 @@ def test_cli_help_shows_the_two_host_example() -> None:
     out = _cli("--help").stdout
     assert "--out" in out and "--in" in out and "--listen" in out
     assert "two hosts, end to end" in out
+    assert "--server-timeout" in out and "--id-file" in out and "status 3" in out
+
+
+def _flags(*args: str) -> BridgeConfig:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return build_config(parser.parse_args(["bridge", "--site", "a", "--out", "x:1", *args]))
+
+
+def test_cli_server_restart_flags() -> None:
+    cfg = _flags("--socket", "/s")
+    assert cfg.server_timeout is None and cfg.id_file is None
+    cfg = _flags("--socket", "/s", "--server-timeout", "2.5", "--id-file", "/run/b.id")
+    assert cfg.server_timeout == 2.5 and cfg.id_file == "/run/b.id"
+    assert _flags("--socket", "/s", "--server-timeout", "inf").server_timeout is None
+    with pytest.raises(ConfigError, match="needs --socket"):
+        _flags("--region", "/r", "--id", "1", "--server-timeout", "1")
 
 
 @pytest.mark.parametrize(
@@ -323,6 +351,7 @@ def test_cli_help_shows_the_two_host_example() -> None:
         (["--site", "a", "--out", "x:1"], "give the local side"),
         (["--site", "a", "--socket", "/s", "--out", "x"], "expected CHANNEL:PEER"),
         (["--site", "a", "--socket", "/nonexistent/sock", "--out", "x:1"], "nonexistent"),
+        (["--site", "a", "--socket", "/s", "--out", "x:1", "--server-timeout", "-1"], "0 or more"),
     ],
 )
 def test_cli_errors_are_one_clear_line(args: list[str], what: str) -> None:
