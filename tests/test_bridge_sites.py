@@ -59,15 +59,22 @@ class Site:
         return self.bridge
 
 
-def _server(tmp: Path) -> ServerProcess:
-    return ServerProcess(tmp, size="32M", vectors=4, extra_args=["--format", "--max-peers", "4"])
+def _server(tmp: Path, backing: str = "memfd") -> ServerProcess:
+    """A site's server; ``backing`` "file" keeps the region in a file of ``tmp``, which a
+    restarted server takes over (and reformats), instead of a fresh memfd."""
+    args = ["--format", "--max-peers", "4"]
+    if backing == "file":
+        args += ["--file", str(tmp / "region")]
+    return ServerProcess(tmp, size="32M", vectors=4, extra_args=args)
 
 
 @pytest.fixture
 def sites(short_tmp: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Site, Site]]:
-    """Two sites; parametrized indirectly with True, the test's peers reconnect
-    (``connect(..., reconnect=True)``) when their server restarts."""
-    reconnect = bool(getattr(request, "param", False))
+    """Two sites; parametrized indirectly with a backing ("memfd" or "file", for site A's
+    server), the test's peers reconnect (``connect(..., reconnect=True)``) when their server
+    restarts."""
+    backing = getattr(request, "param", None)
+    reconnect = backing is not None
     require(
         importlib.util.find_spec("zenoh"),
         "eclipse-zenoh is not installed (pip install '.[bridge]'; scripts/setup.sh does)",
@@ -78,7 +85,7 @@ def sites(short_tmp: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Sit
         for name in ("a", "b"):
             d = short_tmp / name
             d.mkdir()
-            server = _server(d).start()
+            server = _server(d, backing if name == "a" and backing else "memfd").start()
             try:
                 peer = connect(server.socket_path, vectors=4, reconnect=reconnect)
             except BaseException:
@@ -464,12 +471,20 @@ def test_local_server_gone_past_the_limit_stops_the_bridge_and_a_new_one_resumes
     rx2.close()
 
 
-_ENDED = (PeerGoneError, ChannelClosedError)  # PeerGoneError includes ChannelLostError
+# How a channel end learns that its server went away: PeerGoneError (ChannelLostError is one;
+# from a send that could not ring, the message is in the old ring, lost or not), or
+# ChannelClosedError (the other end closed first).
+_ENDED = (PeerGoneError, ChannelClosedError)
 
 
-@pytest.mark.parametrize("sites", [True], indirect=True, ids=["reconnecting-peers"])
-def test_local_server_restart_the_bridge_reconnects_in_place(sites: tuple[Site, Site]) -> None:
-    """Server A stops and starts again on the same socket while a stream flows each way
+@pytest.mark.parametrize(
+    ("sites", "how"), [("memfd", "sigterm"), ("file", "sigkill")], indirect=["sites"]
+)
+def test_local_server_restart_the_bridge_reconnects_in_place(
+    sites: tuple[Site, Site], how: str
+) -> None:
+    """Server A stops (cleanly, or killed with the region in a file that the next server
+    takes over and reformats) and starts again on the same socket while a stream flows each way
     (pa -> pb and pb -> pa). Bridge A stays the same process: it reconnects, says its new id
     (log, stdout, --id-file), and reopens its local ends; pa reconnects (reconnect=True),
     sees its old channels end, and opens new ones to the bridge's new id.
@@ -519,8 +534,11 @@ def test_local_server_restart_the_bridge_reconnects_in_place(sites: tuple[Site, 
                 tx.close()
                 assert back.wait(60)
                 tx = Sender(pa, "frames", new_id[0], timeout=30)
+                # Message i may or may not have gone into the old ring (see _ENDED): it is
+                # not sent again, so it arrives at most once.
+                i += 1
                 first_new_ab[0] = i
-                continue  # message i was not accepted: send it on the new channel
+                continue
             sent_ab.append(i)
             i += 1
             pace(i)
@@ -575,7 +593,12 @@ def test_local_server_restart_the_bridge_reconnects_in_place(sites: tuple[Site, 
         t.start()
     try:
         time.sleep(1.0)
-        a.server.stop()
+        if how == "sigkill":
+            assert a.server.proc is not None
+            a.server.proc.kill()
+            a.server.stop(check=False, send_signal=False)
+        else:
+            a.server.stop()
         deadline = time.monotonic() + 20
         while "lost the local ivshmem server" not in ba.log():
             assert time.monotonic() < deadline, ba.log()
@@ -584,7 +607,7 @@ def test_local_server_restart_the_bridge_reconnects_in_place(sites: tuple[Site, 
         time.sleep(0.5)  # frames from B queue up in bridge A meanwhile
         ba.proc.send_signal(signal.SIGSTOP)
         try:
-            a.server = _server(a.tmp).start()
+            a.server = _server(a.tmp, "file" if how == "sigkill" else "memfd").start()
             deadline = time.monotonic() + 20
             while not pa_back:
                 assert time.monotonic() < deadline, "pa did not reconnect"
@@ -617,7 +640,7 @@ def test_local_server_restart_the_bridge_reconnects_in_place(sites: tuple[Site, 
     old = [i for i in got_ab if i < first]
     assert old == list(range(len(old))), "what bridge A had read arrives, as a prefix"
     assert got_ab[len(old) :] == list(range(first, end["ab"])), "the new channel: all of it"
-    assert sent_ab[: len(old)] == old
+    assert len(old) <= len(sent_ab) + 1, "nothing pa did not send (the +1: see _ENDED)"
 
     # pb -> pa: a prefix on pa's old channel, then a gap (what sat in A's old ring), then
     # everything else on the new channel, including all pb sent once bridge A knew.
@@ -631,8 +654,10 @@ def test_local_server_restart_the_bridge_reconnects_in_place(sites: tuple[Site, 
         f"b->a lost in A's old ring: {got_new_ba[0] - len(got_old_ba)}; "
         f"pa's old ends: {[type(e).__name__ for e in errors]}"
     )
-    # A route that cannot open its end yet says so once per reason, as at start-up.
-    waits = [line.split(": ", 1)[1] for line in ba.log().splitlines() if "cannot open" in line]
+    # After the loss, a route that cannot open its end yet says so once per reason, as at
+    # start-up.
+    since_loss = ba.log().split("lost the local ivshmem server", 1)[1]
+    waits = [line.split(": ", 1)[1] for line in since_loss.splitlines() if "cannot open" in line]
     assert len(waits) == len(set(waits)), waits
     assert ba.stop() == 0
     assert ba.stdout.decode().count("ready: peer ") == 2

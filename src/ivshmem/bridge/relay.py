@@ -291,6 +291,9 @@ class _OutRoute(_Route):
     def _open(self) -> Receiver | None:
         ep = self.bridge.endpoint
         generation = self.bridge.local_generation()
+        if generation is None:
+            return None  # not connected (logged by Bridge.wait): an end opened while the
+            # endpoint reconnects could not be told from one of the lost connection
         try:
             rx = Receiver(
                 ep, self.route.channel, self.route.peer, vector=self.vector,
@@ -321,8 +324,8 @@ class _OutRoute(_Route):
                     # The local server went away: its ring is nobody's now (what the local
                     # sender left in it is lost, as at any server restart). What was read
                     # stays in the window; a new Receiver opens once the server is back.
-                    log.info("%s: the local server went away; reopening once it is back",
-                             self.name)  # fmt: skip
+                    log.info("%s: the connection to the local server that the channel was "
+                             "opened on is gone; reopening once it is back", self.name)  # fmt: skip
                     with contextlib.suppress(IvshmemError):
                         rx.close()
                     rx = None
@@ -498,6 +501,8 @@ class _InRoute(_Route):
 
     def _open(self) -> Sender | None:
         generation = self.bridge.local_generation()
+        if generation is None:
+            return None  # not connected: see _OutRoute._open
         try:
             tx = Sender(
                 self.bridge.endpoint, self.route.local_channel, self.route.peer,
@@ -530,8 +535,9 @@ class _InRoute(_Route):
                 if self.tx is not None and self.tx_generation != self.bridge.local_generation():
                     # The local server went away: deliver nothing more into its ring; the
                     # queue waits (bounded by the window) for the channel to open again.
-                    log.info("%s: the local server went away; %d message(s) wait for the new "
-                             "channel", self.name, self.state.queued_messages)  # fmt: skip
+                    log.info("%s: the connection to the local server that the channel was "
+                             "opened on is gone; %d message(s) wait for the new channel",
+                             self.name, self.state.queued_messages)  # fmt: skip
                     self._close_tx()
                 if self.tx is None:
                     tx = self._open()
@@ -653,6 +659,7 @@ class Bridge:
         self._limited = _Limited()
         self.on_reconnect = None
         self._generation = 0  # bumped by every reconnection to the local server
+        self._local_up = True  # False from a seen loss until on_reconnect (see local_generation)
         self._reconnects: list[Any] = []  # ivshmem.peer.Reconnected, for wait() to report
         self._lost_at: float | None = None  # when wait() saw the local server gone
         self._id_file_written = False
@@ -699,10 +706,16 @@ class Bridge:
         """Which connection to the local server the bridge has: None while it has none (the
         server went away), another number after every reconnection. A route's channel end
         belongs to the connection it was opened under; ids cannot tell (a restarted server
-        hands them out from 0 again, so the bridge may well get its old id back)."""
+        hands them out from 0 again, so the bridge may well get its old id back).
+
+        Once a loss is seen this stays None until the endpoint's ``on_reconnect`` has run, not
+        merely until ``connected`` is true again: the endpoint installs the new connection
+        first and calls back after, and a route that opened its end in between would tag it
+        with the old number, then take the new one for a loss and close a good channel."""
         if not getattr(self.endpoint, "connected", True):
+            self._local_up = False
             return None
-        return self._generation
+        return self._generation if self._local_up else None
 
     def _chain_on_reconnect(self) -> None:
         peer: Any = self.endpoint
@@ -712,6 +725,7 @@ class Bridge:
             # Called by the endpoint in whichever thread reconnected it (a route's, or
             # wait()'s): only note it here; wait() reports it.
             self._generation += 1
+            self._local_up = True
             self._reconnects.append(info)
             if before is not None:
                 before(info)
