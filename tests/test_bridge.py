@@ -360,3 +360,22 @@ def test_cli_errors_are_one_clear_line(args: list[str], what: str) -> None:
     assert r.stderr.startswith("ivshmem bridge: error: ")
     assert what in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_an_id_file_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    from ivshmem.bridge.relay import Bridge
+    from ivshmem.channel import format_region
+    from ivshmem.endpoint import open_region
+    from ivshmem.errors import IvshmemError
+
+    region = tmp_path / "region"
+    ep = open_region(str(region), id=0, size="1M")
+    try:
+        format_region(ep, peers=[0, 1], max_peers=2)
+        cfg = BridgeConfig(site="a", region=str(region), region_id=0, outs=[OutRoute("x", 1)])
+        cfg.id_file = str(tmp_path / "no-such-dir" / "bridge.id")
+        with pytest.raises(IvshmemError, match=r"cannot write the id file .*No such file"):
+            Bridge(cfg, endpoint=ep).start()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["region"]
+    finally:
+        ep.close()

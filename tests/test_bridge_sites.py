@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import re
 import signal
 import struct
 import threading
@@ -654,6 +655,9 @@ def test_local_server_restart_the_bridge_reconnects_in_place(
         f"b->a lost in A's old ring: {got_new_ba[0] - len(got_old_ba)}; "
         f"pa's old ends: {[type(e).__name__ for e in errors]}"
     )
+    # What waited in bridge A for the new channel never exceeded its window (WINDOW: 256).
+    waiting = [int(n) for n in re.findall(r"(\d+) message\(s\) wait for the new", ba.log())]
+    assert max(waiting, default=0) <= 256, waiting
     # After the loss, a route that cannot open its end yet says so once per reason, as at
     # start-up.
     since_loss = ba.log().split("lost the local ivshmem server", 1)[1]

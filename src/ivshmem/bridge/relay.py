@@ -767,6 +767,7 @@ class Bridge:
         if getattr(self.endpoint, "connected", True):
             self._lost_at = None
             return
+        self._local_up = False  # until on_reconnect: see local_generation
         now = time.monotonic()
         if self._lost_at is None:
             self._lost_at = now
