@@ -26,13 +26,14 @@ Each bridge prints "ready: peer N". On A, peer 3 (a guest or a host process) sen
 Sender(ep, "frames", receiver=N_A) and its messages arrive at peer 5 on B, which reads them
 with Receiver(ep, "frames", sender=N_B); the way back is the second pair of routes.
 Keys: PREFIX/SITE/CHANNEL/data and .../ack (PREFIX defaults to "ivshmem").
+Every flag can also come from a TOML file (--config); see docs/bridge.md.
 
 When the local server restarts, the bridge reconnects (as a host peer with reconnect=True
 does) and prints "ready: peer N" again with its new id (also in its log, and in --id-file);
-the local programs reconnect too and open their channels to that id. Nothing held on the
-Zenoh side is lost. With --server-timeout S it gives up after S seconds without the server
-and exits with status 3, for a supervisor.
-Every flag can also come from a TOML file (--config); see docs/bridge.md.
+the local programs reconnect too and open their channels to that id. What the bridges hold
+is kept; what sat in the old server's rings is lost, as for any channel. With
+--server-timeout S it gives up after S seconds without the server and exits with status 3,
+for a supervisor.
 """
 
 
