@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import TYPE_CHECKING
@@ -151,7 +152,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
         bridge = Bridge(cfg)
-        bridge.on_reconnect = lambda peer: print(f"ready: peer {peer}", flush=True)
+
+        def announce(peer: int) -> None:
+            with contextlib.suppress(OSError):  # nobody reads stdout any more: the log says it
+                print(f"ready: peer {peer}", flush=True)
+
+        bridge.on_reconnect = announce
         with exit_on_termination():
             bridge.start()
             try:
