@@ -3,6 +3,7 @@ back through a lossy in-memory link, the configuration (flags and TOML), the CLI
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import random
 import struct
@@ -39,6 +40,7 @@ from ivshmem.bridge.core import (
     encode_hello,
     encode_resume,
 )
+from ivshmem.cli.bridge import build_config, register
 
 # -- frames -----------------------------------------------------------------------------------
 
@@ -240,6 +242,8 @@ socket = "/tmp/s"
 window_bytes = "1M"
 capacity = "1M"
 on_remote_lost = "error"
+server_timeout = 30
+id_file = "/run/bridge-a.id"
 [zenoh]
 listen = ["tcp/127.0.0.1:7447"]
 connect = ["tcp/127.0.0.1:7448"]
@@ -258,6 +262,9 @@ local_channel = "back"
     assert cfg.outs == [OutRoute("frames", 3)]
     assert cfg.ins == [InRoute("b", "frames", 3, "back")]
     assert cfg.window_bytes == 1 << 20 and cfg.capacity == 1 << 20
+    assert cfg.server_timeout == 30.0 and cfg.id_file == "/run/bridge-a.id"
+    f.write_text(f.read_text().replace("server_timeout = 30\n", ""))
+    assert load_toml(f).server_timeout is None, "left out: reconnect as long as it takes"
     assert cfg.data_key("a", "frames") == "ivshmem/a/frames/data"
     entries = dict(cfg.zenoh.entries())
     assert entries["scouting/multicast/enabled"] == "false"
@@ -299,6 +306,10 @@ def test_config_checks() -> None:
         ({"outs": [OutRoute("x", 1), OutRoute("x", 2)]}, "sent out twice"),
         ({"zenoh": ZenohOptions(mode="satellite")}, "zenoh mode"),
         ({"zenoh": ZenohOptions(listen=["7447"])}, "PROTO/ADDRESS"),
+        ({"server_timeout": -1.0}, "0 or more"),
+        ({"server_timeout": float("nan")}, "0 or more"),
+        ({"socket": None, "region": "/r", "region_id": 1, "server_timeout": 5.0}, "needs --socket"),
+        ({"id_file": ""}, "id_file is empty"),
     ]
     for kw, what in cases:
         with pytest.raises(ConfigError, match=what):
@@ -316,6 +327,23 @@ def test_cli_help_shows_the_two_host_example() -> None:
     out = _cli("--help").stdout
     assert "--out" in out and "--in" in out and "--listen" in out
     assert "two hosts, end to end" in out
+    assert "--server-timeout" in out and "--id-file" in out and "status 3" in out
+
+
+def _flags(*args: str) -> BridgeConfig:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return build_config(parser.parse_args(["bridge", "--site", "a", "--out", "x:1", *args]))
+
+
+def test_cli_server_restart_flags() -> None:
+    cfg = _flags("--socket", "/s")
+    assert cfg.server_timeout is None and cfg.id_file is None
+    cfg = _flags("--socket", "/s", "--server-timeout", "2.5", "--id-file", "/run/b.id")
+    assert cfg.server_timeout == 2.5 and cfg.id_file == "/run/b.id"
+    assert _flags("--socket", "/s", "--server-timeout", "inf").server_timeout is None
+    with pytest.raises(ConfigError, match="needs --socket"):
+        _flags("--region", "/r", "--id", "1", "--server-timeout", "1")
 
 
 @pytest.mark.parametrize(
@@ -325,6 +353,7 @@ def test_cli_help_shows_the_two_host_example() -> None:
         (["--site", "a", "--out", "x:1"], "give the local side"),
         (["--site", "a", "--socket", "/s", "--out", "x"], "expected CHANNEL:PEER"),
         (["--site", "a", "--socket", "/nonexistent/sock", "--out", "x:1"], "nonexistent"),
+        (["--site", "a", "--socket", "/s", "--out", "x:1", "--server-timeout", "-1"], "0 or more"),
     ],
 )
 def test_cli_errors_are_one_clear_line(args: list[str], what: str) -> None:
@@ -361,3 +390,22 @@ def test_zenoh_tuning_applies_where_the_configuration_file_is_silent(tmp_path: P
         from_file.insert_json5(key, value)
     assert from_file.get_json("transport/link/rx/buffer_size") == "200000"
     assert from_file.get_json("transport/link/tx/queue/size/data") == "16"
+
+
+def test_an_id_file_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    from ivshmem.bridge.relay import Bridge
+    from ivshmem.channel import format_region
+    from ivshmem.endpoint import open_region
+    from ivshmem.errors import IvshmemError
+
+    region = tmp_path / "region"
+    ep = open_region(str(region), id=0, size="1M")
+    try:
+        format_region(ep, peers=[0, 1], max_peers=2)
+        cfg = BridgeConfig(site="a", region=str(region), region_id=0, outs=[OutRoute("x", 1)])
+        cfg.id_file = str(tmp_path / "no-such-dir" / "bridge.id")
+        with pytest.raises(IvshmemError, match=r"cannot write the id file .*No such file"):
+            Bridge(cfg, endpoint=ep).start()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["region"]
+    finally:
+        ep.close()

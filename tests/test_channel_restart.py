@@ -7,9 +7,11 @@ opening the channel again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -325,3 +327,94 @@ def test_the_ring_checks_the_guard_after_every_copy(core: type[RingReceiver], ca
         reads[call]()
     with pytest.raises(ChannelCorrupted):  # and it stays broken
         reads[call]()
+
+
+@pytest.mark.parametrize("end", ["receiver", "sender"])
+def test_an_end_blocked_while_its_peer_loses_the_server(short_tmp: Path, end: str) -> None:
+    """An end asleep on its doorbell while the endpoint's connection dies (here: another
+    thread of the same program notices first, as a reconnecting peer does) must not touch
+    the doorbell fds the endpoint closed: it ends with ChannelLostError, never with a raw
+    OSError (EBADF), and never polls a number the process may already use for something
+    else. The server is killed, so nothing in the memory says that anyone left."""
+    server = ServerProcess(short_tmp, size="1M", vectors=1, extra_args=["--format"]).start()
+    a = ivshmem.connect(server.socket_path, reconnect=True)
+    b = ivshmem.connect(server.socket_path, reconnect=True)
+    outcome: list[BaseException | None] = []
+    try:
+        rx = Receiver(a, "z", sender=b.id, capacity=CAPACITY, spin=0, liveness_interval=0.5)
+        tx = Sender(b, "z", receiver=a.id, spin=0, liveness_interval=0.5)
+        mine, peer = (rx, a) if end == "receiver" else (tx, b)
+        if end == "sender":
+            while tx.try_send(b"x" * 100):  # fill the ring: the next send sleeps
+                pass
+
+        def block() -> None:
+            try:
+                if end == "receiver":
+                    rx.recv(timeout=WAIT)
+                else:
+                    tx.send(b"x" * 100, timeout=WAIT)
+                outcome.append(None)
+            except BaseException as err:
+                outcome.append(err)
+
+        t = threading.Thread(target=block)
+        t.start()
+        time.sleep(0.3)  # asleep on the doorbell
+        assert server.proc is not None
+        server.proc.kill()
+        server.stop(check=False, send_signal=False)
+
+        def lost() -> bool:
+            peer.service()  # this thread reads the server's end: the fds close here
+            return not peer.connected
+
+        until(lost, "the loss seen")
+        t.join(WAIT + 5)
+        assert not t.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], ChannelLostError), outcome
+        assert "lost its connection to the ivshmem server" in str(outcome[0])
+        mine.close()
+        (tx if end == "receiver" else rx).close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_send_that_cannot_ring_because_its_peer_lost_the_server(short_tmp: Path) -> None:
+    """The receiver sleeps, so a send rings it; the sender's peer has lost the server (its
+    doorbells are gone): the send says so with ChannelLostError (not the endpoint's
+    ConnectionLostError), and close() of that end, which rings too, does not raise."""
+    server = ServerProcess(short_tmp, size="1M", vectors=1, extra_args=["--format"]).start()
+    a = ivshmem.connect(server.socket_path, reconnect=True)
+    b = ivshmem.connect(server.socket_path, reconnect=True)
+    try:
+        rx = Receiver(a, "y", sender=b.id, capacity=CAPACITY, spin=0, liveness_interval=30)
+        tx = Sender(b, "y", receiver=a.id, spin=0)
+        done = threading.Event()
+
+        def sleep_in_recv() -> None:
+            with contextlib.suppress(Exception):
+                rx.recv(timeout=3)
+            done.set()
+
+        t = threading.Thread(target=sleep_in_recv)
+        t.start()
+        time.sleep(0.3)  # rx announced that it sleeps: the next send rings
+        assert server.proc is not None
+        server.proc.kill()
+        server.stop(check=False, send_signal=False)
+
+        def lost() -> bool:
+            b.service()
+            return not b.connected
+
+        until(lost, "the loss seen")
+        with pytest.raises(ChannelLostError, match="lost its connection"):
+            tx.send(b"ring", timeout=1)
+        tx.close()
+        t.join(10)
+        rx.close()
+    finally:
+        a.close()
+        b.close()

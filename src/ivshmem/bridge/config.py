@@ -17,6 +17,9 @@ TOML (every key optional except ``site`` and at least one route)::
     window_bytes = "8M"
     capacity = "64K"              # ring size of the channels the bridge creates (out routes)
     spin = 50e-6                  # seconds the bridge's channel ends spin before sleeping
+    server_timeout = 60.0         # give up (exit 3) if the local server stays away this long;
+                                  # absent: reconnect for as long as it takes
+    id_file = "/run/ivshmem-bridge-a.id"  # the bridge's current peer id, rewritten on reconnect
 
     [zenoh]
     mode = "peer"                 # peer, client or router
@@ -219,6 +222,8 @@ class BridgeConfig:
     window_bytes: int = DEFAULT_WINDOW_BYTES
     capacity: int = DEFAULT_CAPACITY
     spin: float = DEFAULT_SPIN
+    server_timeout: float | None = None  # None: reconnect to the local server forever
+    id_file: str | None = None
     zenoh: ZenohOptions = field(default_factory=ZenohOptions)
 
     def check(self) -> None:
@@ -233,6 +238,16 @@ class BridgeConfig:
             raise ConfigError("--region needs --id N: the bridge's peer id in the region")
         if self.on_remote_lost not in ("wait", "error"):
             raise ConfigError(f"on_remote_lost {self.on_remote_lost!r}: 'wait' or 'error'")
+        if self.server_timeout is not None:
+            if self.region is not None:
+                raise ConfigError("server_timeout needs --socket: a plain region has no server")
+            if not 0 <= self.server_timeout < float("inf"):
+                raise ConfigError(
+                    f"server_timeout {self.server_timeout}: seconds, 0 or more (leave it out "
+                    "to wait for the server as long as it takes)"
+                )
+        if self.id_file == "":
+            raise ConfigError("id_file is empty: give a path, or leave it out")
         if not 0 <= self.spin <= 1:
             raise ConfigError(f"spin {self.spin}: 0..1 seconds")
         if not 0 < self.keepalive < self.remote_timeout:
@@ -265,6 +280,7 @@ class BridgeConfig:
 _TOP = {
     "site", "prefix", "socket", "region", "id", "on_remote_lost", "remote_timeout",
     "keepalive", "window_messages", "window_bytes", "capacity", "spin", "zenoh", "out", "in",
+    "server_timeout", "id_file",
 }  # fmt: skip
 _ZENOH = {"mode", "listen", "connect", "scouting", "config", "shared_memory"}
 
@@ -317,6 +333,7 @@ def _from_doc(doc: dict[str, Any]) -> BridgeConfig:
         ins.append(InRoute(r.get("site", ""), r.get("channel", ""), peer, local))
     wb = doc.get("window_bytes", DEFAULT_WINDOW_BYTES)
     cap = doc.get("capacity", DEFAULT_CAPACITY)
+    st = doc.get("server_timeout")
     return BridgeConfig(
         site=doc.get("site", ""),
         outs=outs,
@@ -332,5 +349,7 @@ def _from_doc(doc: dict[str, Any]) -> BridgeConfig:
         window_bytes=parse_size(wb),
         capacity=parse_size(cap),
         spin=float(doc.get("spin", DEFAULT_SPIN)),
+        server_timeout=None if st is None else float(st),
+        id_file=None if doc.get("id_file") is None else str(doc["id_file"]),
         zenoh=zopts,
     )

@@ -15,15 +15,25 @@ Every publication is reliable with congestion control BLOCK: when the network is
 the local side, ``put`` waits, the window fills, the local sender waits. The only thing a
 route ever drops is what its ``drop`` policy says (an out route whose window is full drops
 what it reads instead of waiting), and frames refused as foreign or malformed (logged).
+
+The local server going away is survived the way a host peer with ``reconnect=True`` survives
+it: the endpoint reconnects (with back-off) and gets a new id, and every route drops its
+local channel end as soon as the connection it was opened under is gone (peer ids may repeat
+across a restart, so a route compares :meth:`Bridge.local_generation`, not ids) and opens a
+new one once the server is back. The Zenoh side does not notice: an out route keeps its
+window (resent and acknowledged as before), an in route keeps its queue (bounded by the
+window, so the remote sender is slowed meanwhile) and delivers it into the new channel.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..channel import Receiver, Sender
@@ -61,7 +71,8 @@ _SERVER_CHECK = 0.2  # seconds between looks at the local server's socket
 
 
 class ServerLostError(IvshmemError):
-    """The local ivshmem server went away; the bridge stopped."""
+    """The local ivshmem server went away and did not come back within ``server_timeout``
+    (or the endpoint cannot reconnect); the bridge stopped."""
 
 
 class ZenohMissingError(IvshmemError):
@@ -199,6 +210,7 @@ class _OutRoute(_Route):
         self.resend_from: int | None = None  # asked for a resend (HELLO, foreign epoch)
         self.stall_seen = (-1, 0.0)  # (remote_received, since when) while messages wait
         self.urgent = False  # stopping: every frame asks for an ACK
+        self.rx_generation: int | None = None  # the local connection the Receiver belongs to
         self.pub, self.sub = _declare(bridge.session, self.data_key, self.ack_key, self._on_sample)
 
     # -- Zenoh's thread ---------------------------------------------------------------------
@@ -286,8 +298,12 @@ class _OutRoute(_Route):
 
     def _open(self) -> Receiver | None:
         ep = self.bridge.endpoint
+        generation = self.bridge.local_generation()
+        if generation is None:
+            return None  # not connected (logged by Bridge.wait): an end opened while the
+            # endpoint reconnects could not be told from one of the lost connection
         try:
-            return Receiver(
+            rx = Receiver(
                 ep, self.route.channel, self.route.peer, vector=self.vector,
                 timeout=_OPEN_RETRY, capacity=self.bridge.config.capacity,
                 spin=self.bridge.config.spin,
@@ -295,6 +311,9 @@ class _OutRoute(_Route):
         except IvshmemError as err:
             self.note_open_failure("receiving", err)
             return None
+        self.rx_generation = generation
+        self.last_open_failure = ""
+        return rx
 
     def run(self) -> None:
         cfg = self.bridge.config
@@ -309,6 +328,15 @@ class _OutRoute(_Route):
                         rx = None
                     self.bridge._stop.wait(_READ_WAIT)
                     continue
+                if rx is not None and self.rx_generation != self.bridge.local_generation():
+                    # The local server went away: its ring is nobody's now (what the local
+                    # sender left in it is lost, as at any server restart). What was read
+                    # stays in the window; a new Receiver opens once the server is back.
+                    log.info("%s: the connection to the local server that the channel was "
+                             "opened on is gone; reopening once it is back", self.name)  # fmt: skip
+                    with contextlib.suppress(IvshmemError):
+                        rx.close()
+                    rx = None
                 if rx is None:
                     rx = self._open()
                     if rx is None:
@@ -409,6 +437,7 @@ class _InRoute(_Route):
         self.ack_requested = False  # a frame asked for one since the last ACK
         self.delivered = 0
         self.tx: Sender | None = None
+        self.tx_generation: int | None = None  # the local connection the Sender belongs to
         self.busy = False
         self.pub, self.sub = _declare(bridge.session, self.ack_key, self.data_key, self._on_sample)
 
@@ -426,7 +455,12 @@ class _InRoute(_Route):
                         self.hello_wanted = True
                     if frame.ack:
                         self.ack_requested = True
-                    if queued and not self.busy and self.tx is not None:
+                    if (
+                        queued
+                        and not self.busy
+                        and self.tx is not None
+                        and self.tx_generation == self.bridge.local_generation()
+                    ):
                         self._deliver_now(self.tx)
                     if self.state.queue or hello or self.ack_due:
                         self.cond.notify_all()
@@ -474,6 +508,9 @@ class _InRoute(_Route):
         self.pub.put(b"", attachment=frame)
 
     def _open(self) -> Sender | None:
+        generation = self.bridge.local_generation()
+        if generation is None:
+            return None  # not connected: see _OutRoute._open
         try:
             tx = Sender(
                 self.bridge.endpoint, self.route.local_channel, self.route.peer,
@@ -483,6 +520,8 @@ class _InRoute(_Route):
             self.note_open_failure("sending", err)
             return None
         self.max_message = tx.capacity // 2 - 8
+        self.tx_generation = generation
+        self.last_open_failure = ""
         return tx
 
     def _close_tx(self) -> None:
@@ -501,6 +540,13 @@ class _InRoute(_Route):
                 if now >= next_ack or self.ack_due:
                     self._ack()
                     next_ack = now + keepalive
+                if self.tx is not None and self.tx_generation != self.bridge.local_generation():
+                    # The local server went away: deliver nothing more into its ring; the
+                    # queue waits (bounded by the window) for the channel to open again.
+                    log.info("%s: the connection to the local server that the channel was "
+                             "opened on is gone; %d message(s) wait for the new channel",
+                             self.name, self.state.queued_messages)  # fmt: skip
+                    self._close_tx()
                 if self.tx is None:
                     tx = self._open()
                     if tx is None:
@@ -515,6 +561,8 @@ class _InRoute(_Route):
                 with self.cond:
                     if not self.state.queue and not self.ack_due:
                         self.cond.wait(min(keepalive, max(0.0, next_ack - time.monotonic())))
+                    if self.tx_generation != self.bridge.local_generation():
+                        continue  # lost while waiting: the top of the loop closes it
                     chunks = self.state.take(1024)
                     self.busy = bool(chunks)
                 if not chunks:
@@ -571,7 +619,9 @@ class _InRoute(_Route):
                             i += 1
                         except ChannelTimeout:
                             self._ack()
-                            if self.stopping:
+                            if self.stopping or (
+                                self.tx_generation != self.bridge.local_generation()
+                            ):
                                 raise
             except (IvshmemError, ChannelTimeout) as err:
                 with contextlib.suppress(IvshmemError):
@@ -600,7 +650,11 @@ class Bridge:
     """A bridge as configured: call :meth:`start`, then :meth:`wait`; :meth:`close` ends it.
 
     ``endpoint`` overrides the configured local side (tests, or a program that already holds
-    one); the bridge then does not close it."""
+    one); the bridge then does not close it. ``on_reconnect`` (None by default) is called
+    with the bridge's new peer id after it reconnected to a restarted local server, from the
+    thread in :meth:`wait`."""
+
+    on_reconnect: Callable[[int], Any] | None
 
     def __init__(self, config: BridgeConfig, endpoint: Endpoint | None = None) -> None:
         config.check()
@@ -611,6 +665,12 @@ class Bridge:
         self.routes: list[_Route] = []
         self._stop = threading.Event()
         self._limited = _Limited()
+        self.on_reconnect = None
+        self._generation = 0  # bumped by every reconnection to the local server
+        self._local_up = True  # False from a seen loss until on_reconnect (see local_generation)
+        self._reconnects: list[Any] = []  # ivshmem.peer.Reconnected, for wait() to report
+        self._lost_at: float | None = None  # when wait() saw the local server gone
+        self._id_file_written = False
 
     def start(self) -> None:
         cfg = self.config
@@ -618,11 +678,17 @@ class Bridge:
             if cfg.socket is not None:
                 from ..peer import connect
 
-                self.endpoint = connect(cfg.socket)
+                # Reconnecting as host peers do; server_timeout 0 means "give up at once",
+                # which a peer that does not reconnect reports by itself.
+                self.endpoint = connect(cfg.socket, reconnect=cfg.server_timeout != 0)
             else:
                 assert cfg.region is not None and cfg.region_id is not None
                 self.endpoint = open_region(cfg.region, id=cfg.region_id)
         try:
+            if hasattr(self.endpoint, "on_reconnect"):
+                self._chain_on_reconnect()
+            if cfg.id_file is not None:
+                self._write_id_file()
             self.session = open_session(cfg)
             vectors = self.endpoint.vectors
             for i, r in enumerate(cfg.outs):
@@ -644,15 +710,100 @@ class Bridge:
     def peer_id(self) -> int:
         return self.endpoint.id
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Until :meth:`stop`, a route fails or the local server goes away (the error is
-        raised: ServerLostError for the server); True when stopped, False at ``timeout``.
+    def local_generation(self) -> int | None:
+        """Which connection to the local server the bridge has: None while it has none (the
+        server went away), another number after every reconnection. A route's channel end
+        belongs to the connection it was opened under; ids cannot tell (a restarted server
+        hands them out from 0 again, so the bridge may well get its old id back).
 
-        The local server is watched here: a restarted server gives every peer a new id, and
-        the local programs must address the bridge's new one anyway, so a bridge whose server
-        went away stops (relaying what it holds and waiting for those ACKs, as on SIGTERM)
-        and exits with an error, for its supervisor to start it again (systemd:
-        ``Restart=on-failure``); the restarted bridge resumes its streams."""
+        Once a loss is seen this stays None until the endpoint's ``on_reconnect`` has run, not
+        merely until ``connected`` is true again: the endpoint installs the new connection
+        first and calls back after, and a route that opened its end in between would tag it
+        with the old number, then take the new one for a loss and close a good channel."""
+        if not getattr(self.endpoint, "connected", True):
+            self._local_up = False
+            return None
+        return self._generation if self._local_up else None
+
+    def _chain_on_reconnect(self) -> None:
+        peer: Any = self.endpoint
+        before = peer.on_reconnect
+
+        def reconnected(info: Any) -> None:
+            # Called by the endpoint in whichever thread reconnected it (a route's, or
+            # wait()'s): only note it here; wait() reports it.
+            self._generation += 1
+            self._local_up = True
+            self._reconnects.append(info)
+            if before is not None:
+                before(info)
+
+        peer.on_reconnect = reconnected
+
+    def _write_id_file(self) -> None:
+        """The bridge's peer id in ``id_file``, replaced atomically (a reader never sees a
+        half-written file)."""
+        path = self.config.id_file
+        assert path is not None
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{self.endpoint.id}\n")
+            os.replace(tmp, path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise IvshmemError(f"cannot write the id file {path}: {err.strerror}") from err
+        self._id_file_written = True
+
+    def _watch_server(self) -> None:
+        """Report reconnections, and give up when the server stays away too long."""
+        cfg = self.config
+        while self._reconnects:
+            info = self._reconnects.pop(0)
+            log.warning(
+                "reconnected to the local ivshmem server as peer %d (was %d): local programs "
+                "must address the bridge as peer %d now", info.new_id, info.old_id, info.new_id,
+            )  # fmt: skip
+            if cfg.id_file is not None:
+                try:
+                    self._write_id_file()
+                except IvshmemError as err:
+                    log.error("%s", err)
+            if self.on_reconnect is not None:
+                self.on_reconnect(info.new_id)
+        if getattr(self.endpoint, "connected", True):
+            self._lost_at = None
+            return
+        self._local_up = False  # until on_reconnect: see local_generation
+        now = time.monotonic()
+        if self._lost_at is None:
+            self._lost_at = now
+            log.warning(
+                "lost the local ivshmem server at %s; reconnecting (%s); the streams wait",
+                cfg.socket,
+                "as long as it takes" if cfg.server_timeout is None
+                else f"for up to {cfg.server_timeout:g} s",
+            )  # fmt: skip
+        if cfg.server_timeout is not None and now - self._lost_at >= cfg.server_timeout:
+            self._stop.set()
+            raise ServerLostError(
+                f"lost the local ivshmem server at {cfg.socket}, and it was not back within "
+                f"{cfg.server_timeout:g} s (server_timeout)"
+            )
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until :meth:`stop`, a route fails or the bridge gives up on the local server (the
+        error is raised: ServerLostError for the server); True when stopped, False at
+        ``timeout``.
+
+        The local server is watched here. When it goes away, the endpoint reconnects (as a
+        host peer with ``reconnect=True`` does) and the routes reopen their local ends under
+        the bridge's new id, which is logged, passed to :attr:`on_reconnect` and written to
+        ``id_file``; the Zenoh side keeps its windows and queues meanwhile. If the server is
+        not back within ``server_timeout`` seconds (None: no limit), the bridge stops
+        (relaying what it holds and waiting for those ACKs, as on SIGTERM) and this raises
+        ServerLostError, for a supervisor (exit status 3 from ``ivshmem bridge``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         service = getattr(self.endpoint, "service", None)
         while True:
@@ -669,10 +820,11 @@ class Bridge:
                 return True
             if service is not None:
                 try:
-                    service()
+                    service()  # with reconnect: reconnects when due, never raises the loss
                 except IvshmemError as err:
                     self._stop.set()
                     raise ServerLostError(f"lost the local ivshmem server: {err}") from err
+                self._watch_server()
             if deadline is not None and time.monotonic() >= deadline:
                 return False
 
@@ -707,6 +859,10 @@ class Bridge:
             self.session = None
         if self._given_endpoint is None and self.endpoint is not None:
             self.endpoint.close()
+        if self._id_file_written and self.config.id_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.id_file)  # a stale id would send programs astray
+            self._id_file_written = False
 
     def __enter__(self) -> Bridge:
         self.start()

@@ -52,7 +52,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..endpoint import Endpoint
-from ..errors import DoorbellUnavailableError, IvshmemError, PeersUnknownError, UsageError
+from ..errors import (
+    ConnectionLostError,
+    DoorbellUnavailableError,
+    IvshmemError,
+    PeersUnknownError,
+    UsageError,
+)
 from ..protocol import MAX_VECTORS
 from ._ordering import _acquire, _release, check_platform
 from .errors import (
@@ -483,6 +489,8 @@ class _End:
             self.endpoint.notify(self.peer, vector)
         except DoorbellUnavailableError:
             pass
+        except ConnectionLostError:  # our own server connection is gone (see _check_doorbell)
+            self._fail_disconnected()
         except UsageError as err:  # unknown peer or vector: it left, or its word lies
             if self.peer_alive() is False:
                 raise PeerGoneError(self.name, self.peer) from err
@@ -609,15 +617,50 @@ class _End:
                     os.eventfd_read(fd)
                 except BlockingIOError:
                     pass
+                except OSError:  # closed under us (see _check_doorbell)
+                    self._check_doorbell()
+                    raise
                 membership = True
         return membership
 
     def _drain_doorbell(self) -> None:
         if self._poller is not None:
+            self._check_doorbell()
             try:
                 os.eventfd_read(self._fds[0])
             except BlockingIOError:
                 pass
+            except OSError:  # closed under us since the check, by another thread
+                self._check_doorbell()
+                raise
+
+    def _check_doorbell(self) -> None:
+        """Raise ChannelLostError if the doorbell fds this end polls are no longer the
+        endpoint's. They belong to the endpoint's connection: a host peer that loses its
+        server closes them (in a liveness probe of this very wait, or in another thread that
+        reads the server's end first), and the next fd the process opens - a socket, say -
+        may get the same number, which must then be neither polled nor read. Asked before
+        every sleep, not per message."""
+        vector = self.vector
+        if vector is None:  # no doorbell: nothing polled
+            return
+        try:
+            current = self.endpoint.fileno(vector)
+        except IvshmemError:  # not connected (reconnecting), or closed
+            current = -1
+        if current != self._fds[0]:
+            self._fail_disconnected()
+
+    def _fail_disconnected(self) -> None:
+        """Raise (and break this end for good) because the endpoint lost its server: its
+        doorbells are gone, and a reconnected peer is a new peer."""
+        if self._lost_reason is None:
+            self._lost_reason = (True, (
+                "this peer lost its connection to the ivshmem server, and with it its "
+                "doorbells: open a new end once the peer has reconnected (reconnect=True), "
+                "with the ids the peers have then"
+            ))  # fmt: skip
+        self._fail_lost()
 
     async def _block_async(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import TYPE_CHECKING
@@ -27,6 +28,13 @@ Sender(ep, "frames", receiver=N_A) and its messages arrive at peer 5 on B, which
 with Receiver(ep, "frames", sender=N_B); the way back is the second pair of routes.
 Keys: PREFIX/SITE/CHANNEL/data and .../ack (PREFIX defaults to "ivshmem").
 Every flag can also come from a TOML file (--config); see docs/bridge.md.
+
+When the local server restarts, the bridge reconnects (as a host peer with reconnect=True
+does) and prints "ready: peer N" again with its new id (also in its log, and in --id-file);
+the local programs reconnect too and open their channels to that id. What the bridges hold
+is kept; what sat in the old server's rings is lost, as for any channel. With
+--server-timeout S it gives up after S seconds without the server and exits with status 3,
+for a supervisor.
 """
 
 
@@ -48,6 +56,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     local.add_argument("--socket", metavar="PATH", help="the local ivshmem server's socket")
     local.add_argument("--region", metavar="PATH", help="a plain formatted region instead")
     local.add_argument("--id", type=int, metavar="N", help="the bridge's peer id in --region")
+    local.add_argument(
+        "--server-timeout", type=float, metavar="S",
+        help="when the local server goes away, reconnect for at most S seconds, then stop "
+        "and exit with status 3 (default: reconnect as long as it takes; 0: give up at once)",
+    )  # fmt: skip
+    local.add_argument(
+        "--id-file", metavar="PATH",
+        help="write the bridge's peer id to PATH (rewritten when it reconnects to a "
+        "restarted server, removed on exit)",
+    )  # fmt: skip
     routes = parser.add_argument_group("routes (repeat for several channels)")
     routes.add_argument(
         "--out", action="append", default=[], metavar="CHANNEL:PEER[:drop]",
@@ -96,12 +114,14 @@ def build_config(args: argparse.Namespace) -> BridgeConfig:
 
     cfg = load_toml(args.config) if args.config else BridgeConfig(site="")
     for name in ("site", "prefix", "socket", "region", "on_remote_lost", "remote_timeout",
-                 "window_messages", "spin"):  # fmt: skip
+                 "window_messages", "spin", "server_timeout", "id_file"):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
     if args.id is not None:
         cfg.region_id = args.id
+    if cfg.server_timeout == float("inf"):
+        cfg.server_timeout = None  # --server-timeout inf: the default, spelled out
     if args.window_bytes is not None:
         cfg.window_bytes = parse_size(args.window_bytes)
     if args.capacity is not None:
@@ -132,6 +152,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
         bridge = Bridge(cfg)
+
+        def announce(peer: int) -> None:
+            with contextlib.suppress(OSError):  # nobody reads stdout any more: the log says it
+                print(f"ready: peer {peer}", flush=True)
+
+        bridge.on_reconnect = announce
         with exit_on_termination():
             bridge.start()
             try:
@@ -142,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             except (KeyboardInterrupt, SystemExit):
                 pass
             except ServerLostError as err:
-                print(f"ivshmem bridge: error: {err}; stopping (start it again once the "
+                print(f"ivshmem bridge: error: {err}; stopped (start it again once the "
                       "server is back)", file=sys.stderr)  # fmt: skip
                 status = 3
             finally:
