@@ -760,3 +760,38 @@ def test_network_outage_loses_nothing(sites: tuple[Site, Site]) -> None:
     assert "the receiving bridge is back" in ba.log()
     tx.close()
     rx.close()
+
+
+def test_a_local_sender_that_closes_costs_the_bridge_no_busy_loop(
+    sites: tuple[Site, Site],
+) -> None:
+    """The local sender closes its channel and stays away: the out route retries calmly
+    (one log line, not one per millisecond) and a sender that comes back is relayed."""
+    a, b = sites
+    _start_pair(a, b)
+    assert a.bridge is not None and b.bridge is not None and a.bridge.proc is not None
+    rx_b = Receiver(b.peer, "frames", b.bridge.peer_id, capacity=CAPACITY, timeout=20)
+    tx = Sender(a.peer, "frames", a.bridge.peer_id, timeout=20)
+    tx.send(b"before", timeout=20)
+    assert rx_b.recv(timeout=20) == b"before"
+    tx.close()
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu() -> float:
+        assert a.bridge is not None and a.bridge.proc is not None
+        with open(f"/proc/{a.bridge.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    time.sleep(0.5)
+    start = cpu()
+    time.sleep(2.0)
+    used = cpu() - start
+    log = a.bridge.log_path.read_text(errors="replace")
+    assert log.count("local channel ended") <= 2, log[-2000:]
+    assert used < 0.5, f"the bridge used {used:.2f} s of CPU in 2 s with nothing to relay"
+    tx = Sender(a.peer, "frames", a.bridge.peer_id, timeout=20)  # the sender comes back
+    tx.send(b"after", timeout=20)
+    assert rx_b.recv(timeout=20) == b"after"
+    tx.close()
+    rx_b.close()

@@ -211,6 +211,7 @@ class _OutRoute(_Route):
         self.stall_seen = (-1, 0.0)  # (remote_received, since when) while messages wait
         self.urgent = False  # stopping: every frame asks for an ACK
         self.rx_generation: int | None = None  # the local connection the Receiver belongs to
+        self.last_end = ""  # why the local channel last ended (said once per reason)
         self.pub, self.sub = _declare(bridge.session, self.data_key, self.ack_key, self._on_sample)
 
     # -- Zenoh's thread ---------------------------------------------------------------------
@@ -356,11 +357,17 @@ class _OutRoute(_Route):
                 except IvshmemError as err:
                     # The local sender closed or left, or the server went away: open again
                     # (a restarted sender finds the new Receiver; what it sent before stays
-                    # in the ring for it).
-                    log.info("%s: local channel ended (%s); reopening", self.name, err)
+                    # in the ring for it). A sender that stays closed ends every new
+                    # Receiver at once: retry at _OPEN_RETRY, and say so once per reason.
+                    text = str(err)
+                    if text != self.last_end:
+                        self.last_end = text
+                        log.info("%s: local channel ended (%s); reopening", self.name, text)
                     rx.close()
                     rx = None
+                    self.bridge._stop.wait(_OPEN_RETRY)
                     continue
+                self.last_end = ""
                 if credit == 0:
                     self.state.dropped += len(messages)
                     log.debug("%s: window full, dropped %d", self.name, len(messages))
