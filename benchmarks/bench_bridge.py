@@ -49,6 +49,7 @@ SIZES = (64, 4096, 1 << 20)
 CAPACITY = 4 << 20
 THROUGHPUT_TARGET = 0.8
 ROUND_TRIP_TARGET = 1.5
+_SERVER_ARGS = ["-l", "64M", "-n", "4", "--memfd", "--format", "--max-peers", "4"]
 
 
 def _counts(size: int, scale: float) -> tuple[int, int]:
@@ -242,6 +243,21 @@ def _payload(size: int) -> bytes:
     return os.urandom(size)
 
 
+def _echo(child: Child, tx: Any, rx: Any, size: int, rounds: int) -> float:
+    """Median time of ``rounds`` messages of ``size`` echoed by ``child`` through ``tx``/``rx``
+    (after 10 unmeasured ones)."""
+    data = _payload(size)
+    child.say(f"echo {rounds + 10}")
+    child.expect("armed")
+    times = []
+    for _ in range(rounds + 10):
+        t0 = time.perf_counter()
+        tx.send(data, 60)
+        rx.recv(60)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[10:])
+
+
 def raw_variant(port: int, tuned: bool) -> tuple[Any, Any, Child]:
     import zenoh
 
@@ -305,7 +321,7 @@ class Sites:
             for name in ("a", "b"):
                 sock = str(tmp / f"{name}.sock")
                 self.servers.append(start_server(
-                    sock, ["-l", "64M", "-n", "4", "--memfd", "--format", "--max-peers", "4"],
+                    sock, _SERVER_ARGS,
                     str(tmp / f"{name}.server.log"),
                 ))  # fmt: skip
             self.peer = connect(str(tmp / "a.sock"), vectors=4)
@@ -356,16 +372,7 @@ class Sites:
 
     def round_trip(self, size: int, rounds: int) -> float:
         assert self.child is not None
-        data = _payload(size)
-        self.child.say(f"echo {rounds + 10}")
-        self.child.expect("armed")
-        times = []
-        for _ in range(rounds + 10):
-            t0 = time.perf_counter()
-            self.tx.send(data, 60)
-            self.rx.recv(60)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[10:])
+        return _echo(self.child, self.tx, self.rx, size, rounds)
 
     def close(self) -> None:
         for end in (getattr(self, "tx", None), getattr(self, "rx", None)):
@@ -391,7 +398,7 @@ class LocalEcho:
 
         sock = str(tmp / "local.sock")
         self.server = start_server(
-            sock, ["-l", "64M", "-n", "4", "--memfd", "--format", "--max-peers", "4"],
+            sock, _SERVER_ARGS,
             str(tmp / "local.server.log"),
         )  # fmt: skip
         self.peer = connect(sock, vectors=4)
@@ -403,16 +410,7 @@ class LocalEcho:
         self.tx = Sender(self.peer, "ping", child_id, vector=0, timeout=30)
 
     def round_trip(self, size: int, rounds: int) -> float:
-        data = _payload(size)
-        self.child.say(f"echo {rounds + 10}")
-        self.child.expect("armed")
-        times = []
-        for _ in range(rounds + 10):
-            t0 = time.perf_counter()
-            self.tx.send(data, 60)
-            self.rx.recv(60)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[10:])
+        return _echo(self.child, self.tx, self.rx, size, rounds)
 
     def close(self) -> None:
         self.tx.close()

@@ -73,6 +73,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._args import flag_arg, int_arg, peer_arg, range_arg, seconds_arg, timeout_arg
+from ._scm import received_fds
 from .endpoint import (
     MAX_POLL_MS,
     NUMBER_TYPES,
@@ -293,7 +294,7 @@ class _Connection:
                 raise ConnectionLostError(
                     f"the connection to the ivshmem server at {self.path} broke: {err}"
                 ) from err
-            fds = _received_fds(ancdata)
+            fds = received_fds(ancdata)
             if flags & socket.MSG_CTRUNC:
                 # The kernel truncates the fds of a message for two reasons: more than the room
                 # we gave (4: only a server breaking the protocol sends more than 1), or this
@@ -383,14 +384,6 @@ class _Connection:
         for fds in ring.values():
             for fd in fds:
                 _close_quietly(fd)
-
-
-def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(array.array("i", data[: len(data) - len(data) % _FD_SIZE]))
-    return fds
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .._scm import received_fds
 from ..errors import ProtocolError
 from ..protocol import (
     MESSAGE_SIZE,
@@ -132,7 +133,7 @@ class ServerLink:
             except OSError as err:
                 self._lost(f"read failed: {err.strerror}")
                 return False
-            fds = _fds(ancdata)
+            fds = received_fds(ancdata)
             if msg_flags & socket.MSG_CTRUNC:
                 for fd in fds:
                     os.close(fd)
@@ -208,12 +209,3 @@ class ServerLink:
                 os.close(fd)
         self.peers.clear()
         self.handshake_done = False
-
-
-def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds.extend(int.from_bytes(payload[i : i + 4], "little") for i in range(0, usable, 4))
-    return fds

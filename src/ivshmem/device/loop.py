@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .. import registers as reg
+from .._scm import received_fds
 from ..errors import UsageError
 from ..memory import SharedMemory, is_power_of_two
 from ..protocol import MAX_VECTORS
@@ -68,13 +69,11 @@ class VmSpec:
     name: str | None = None
 
 
-def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds.extend(array.array("i", payload[:usable]))
-    return fds
+def _send_with_fds(conn: socket.socket, data: bytes, fds: tuple[int, ...]) -> int:
+    """One non-blocking send of ``data``, with ``fds`` attached to its first byte."""
+    if fds:
+        return conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    return conn.send(data)
 
 
 def _close(fds: Sequence[int]) -> None:
@@ -397,7 +396,7 @@ class VmDevice:
             except OSError as err:
                 self.close_connection(f"read failed: {err.strerror}")
                 return
-            fds = _fds_of(ancdata)
+            fds = received_fds(ancdata)
             if flags & socket.MSG_CTRUNC:
                 _close(fds)
                 self.close_connection(f"more than {vu.MAX_FDS} fds in one message")
@@ -442,12 +441,7 @@ class VmDevice:
             self._queue(data, fds)
             return
         try:
-            if fds:
-                sent = conn.sendmsg(
-                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                )
-            else:
-                sent = conn.send(data)
+            sent = _send_with_fds(conn, data, fds)
         except (BlockingIOError, InterruptedError):
             self._queue(data, fds)
             return
@@ -471,12 +465,7 @@ class VmDevice:
         while conn is not None and self.backlog:
             data, fds = self.backlog[0]
             try:
-                if fds:
-                    sent = conn.sendmsg(
-                        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    )
-                else:
-                    sent = conn.send(data)
+                sent = _send_with_fds(conn, data, fds)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:

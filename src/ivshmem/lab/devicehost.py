@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LabSetupError, LabUsageError
-from .guest import Device, Doorbell, PlainRegion, VfioUser, _die_with_parent, _plain_size
+from .guest import (
+    Device,
+    Doorbell,
+    PlainRegion,
+    VfioUser,
+    _check_doorbell,
+    _die_with_parent,
+    _plain_size,
+)
 
 __all__ = ["DeviceHosts", "check_device", "device_command", "shared_command"]
 
@@ -37,14 +45,7 @@ def check_device(device: Device) -> None:
     if device.device == "qemu":
         return
     if isinstance(device, Doorbell):
-        path = os.fspath(device.socket)
-        if not Path(path).is_socket():
-            raise LabUsageError(
-                f"no ivshmem server socket at {path}: start the server first "
-                f"(ivshmem-server -F -S {path} ...)"
-            )
-        if isinstance(device.vectors, bool) or not 1 <= device.vectors <= 1024:
-            raise LabUsageError(f"vectors must be 1..1024, got {device.vectors!r}")
+        _check_doorbell(device)
     elif isinstance(device, PlainRegion):
         _plain_size(os.fspath(device.path), device.size)
 

@@ -197,18 +197,7 @@ def device_arguments(
                 "the lab starts (Lab.start does it); device_arguments takes its VfioUser socket"
             )
         if isinstance(device, Doorbell):
-            path = os.fspath(device.socket)
-            if not Path(path).is_socket():
-                raise LabUsageError(
-                    f"no ivshmem server socket at {path}: start the server first "
-                    f"(ivshmem-server -F -S {path} ...)"
-                )
-            if (
-                isinstance(device.vectors, bool)
-                or not isinstance(device.vectors, int)
-                or not 1 <= device.vectors <= 1024
-            ):
-                raise LabUsageError(f"vectors must be 1..1024, got {device.vectors!r}")
+            path = _check_doorbell(device)
             _check_vectors(path, device.vectors)
             args += ["-chardev", f"socket,id={ident},path={_escape(path_in_qemu(path))}"]
             args += ["-device", f"ivshmem-doorbell,chardev={ident},vectors={device.vectors}"]
@@ -224,6 +213,23 @@ def device_arguments(
         else:
             raise LabUsageError(f"not an ivshmem device description: {device!r}")
     return args
+
+
+def _check_doorbell(device: Doorbell) -> str:
+    """The server socket of ``device`` (it must exist) after checking its vector count."""
+    path = os.fspath(device.socket)
+    if not Path(path).is_socket():
+        raise LabUsageError(
+            f"no ivshmem server socket at {path}: start the server first "
+            f"(ivshmem-server -F -S {path} ...)"
+        )
+    if (
+        isinstance(device.vectors, bool)
+        or not isinstance(device.vectors, int)
+        or not 1 <= device.vectors <= 1024
+    ):
+        raise LabUsageError(f"vectors must be 1..1024, got {device.vectors!r}")
+    return path
 
 
 def _plain_size(path: str, size: int | str | None) -> int:
