@@ -74,7 +74,7 @@ class DoorbellMixin(ServerBase):
         self._doorbell_timer = loop.call_later(CHECK_INTERVAL, self._on_doorbell_timer)
 
     def _stop_doorbell_guard(self) -> None:
-        timer, self._doorbell_timer = getattr(self, "_doorbell_timer", None), None
+        timer, self._doorbell_timer = self._doorbell_timer, None
         if timer is not None:
             timer.cancel()
 
