@@ -31,11 +31,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.ivshmem-installed
 # Reinstall when the packaging or the C extension's source changed (the editable install
-# builds src/ivshmem/channel/_ringcore*.so and src/ivshmem/server/_fanout*.so in place,
-# next to their sources).
+# builds src/ivshmem/channel/_ringcore*.so, src/ivshmem/server/_fanout*.so and
+# src/ivshmem/_eventfdcore*.so in place, next to their sources).
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
     || [ src/ivshmem/channel/_ringcore.c -nt "$stamp" ] \
-    || [ src/ivshmem/server/_fanout.c -nt "$stamp" ]; then
+    || [ src/ivshmem/server/_fanout.c -nt "$stamp" ] \
+    || [ src/ivshmem/_eventfdcore.c -nt "$stamp" ]; then
     echo "setup: installing ivshmem and its test tools into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip >&2
     .venv/bin/python -m pip install -q -e ".[test]" >&2

@@ -73,6 +73,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._args import flag_arg, int_arg, peer_arg, range_arg, seconds_arg, timeout_arg
+from ._eventfd import try_read
 from ._scm import received_fds
 from .endpoint import (
     MAX_POLL_MS,
@@ -132,10 +133,11 @@ JOIN_GRACE = 1.0
 RECONNECT_FIRST = 0.05
 RECONNECT_MAX = 1.0
 
-# Ringing = adding 1 to the peer's eventfd (an 8-byte native integer write); waiting = reading
-# the count back. Bound once: these run on every doorbell.
+# Ringing = adding 1 to the peer's eventfd (an 8-byte native integer write); waiting = taking
+# the count back, with a read that never blocks whatever O_NONBLOCK says (any peer can clear
+# the flag on our doorbells: see ivshmem._eventfd). Bound once: these run on every doorbell.
 _eventfd_write = os.eventfd_write
-_eventfd_read = os.eventfd_read
+_try_read = try_read
 _clock = time.perf_counter
 _FD_SIZE = array.array("i").itemsize
 # Room for several fds so that a server attaching more than one to a message is caught (the
@@ -1106,13 +1108,16 @@ class Peer(EventfdEndpoint):
         """Block until one of our vectors (or ``vector``) is rung; return its number, or None
         after ``timeout`` seconds. Server messages are processed meanwhile. When several vectors
         are pending the lowest is returned first. Spins ``spin`` seconds (default
-        :attr:`spin`) before sleeping; see :mod:`ivshmem.endpoint`."""
+        :attr:`spin`) before sleeping; see :mod:`ivshmem.endpoint`. ``timeout`` holds even
+        when another peer cleared O_NONBLOCK on our doorbell (see :mod:`ivshmem._eventfd`)."""
         # The doorbell hot path: a cached poll set, one poll(), one read. Anything else (socket
         # news, several vectors ready, no cached set yet) takes the full loop. A blocking read()
         # alone would be cheaper, but it is not available: O_NONBLOCK is a flag of the open file
         # description, which every holder of an eventfd shares, and our server creates them
         # non-blocking while QEMU sets it on every eventfd it receives. It would also leave the
-        # server socket (joins, leaves, the server going away) unwatched.
+        # server socket (joins, leaves, the server going away) unwatched. Every read here is
+        # ivshmem._eventfd's try_read, which never blocks even if another peer cleared the
+        # shared O_NONBLOCK: a timeout is kept whatever other holders of the fd do.
         # type() first: True and 1.0 would find vector 1's set, and a list is unhashable.
         cached = self._pollers.get(vector) if type(vector) in VECTOR_TYPES else None
         if (
@@ -1142,13 +1147,10 @@ class Peer(EventfdEndpoint):
                 fd = single[0]
                 end = _clock() + budget
                 while True:
-                    try:
-                        _eventfd_read(fd)
-                    except BlockingIOError:
-                        if _clock() >= end:
-                            break
-                    else:
+                    if _try_read(fd):
                         return single[1]
+                    if _clock() >= end:
+                        break
         # poll() counts whole milliseconds: round a timeout up, never down to "block".
         ms = (
             -1
@@ -1164,13 +1166,10 @@ class Peer(EventfdEndpoint):
         if len(events) == 1:
             fd = events[0][0]
             found = cached[1].get(fd)
-            if found is not None:
-                try:
-                    _eventfd_read(fd)
-                except BlockingIOError:
-                    pass
-                else:
-                    return found
+            # Readable a moment ago is no promise: another holder of the fd may have taken the
+            # count since (and cleared O_NONBLOCK), so this read must not block either.
+            if found is not None and _try_read(fd):
+                return found
         return self._wait(vector, deadline)
 
     def _wait_checked(self, vector: object, timeout: object, spin: object) -> int | None:
@@ -1227,13 +1226,10 @@ class Peer(EventfdEndpoint):
                 self.service()
                 if self._pollers.get(vector) is not cached:
                     continue
-            if best >= 0:
-                try:
-                    _eventfd_read(best_fd)
-                except BlockingIOError:
-                    pass  # someone else consumed it (the fd may be shared with a selector)
-                else:
-                    return best
+            # Someone else may have taken the count since poll() (the fd is shared with a
+            # selector of ours, or with a peer that holds it too): try_read never blocks.
+            if best >= 0 and _try_read(best_fd):
+                return best
             if deadline is not None and time.monotonic() >= deadline:
                 return None
 

@@ -51,6 +51,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from .._eventfd import NOWAIT_READS, try_read
 from ..endpoint import Endpoint
 from ..errors import (
     ConnectionLostError,
@@ -312,9 +313,11 @@ class _End:
             if membership_vector is not None and membership_vector != v:
                 fds.append(endpoint.fileno(membership_vector))
             # Our own poll object on the eventfds (not endpoint.wait(), which builds one per
-            # call): this is the blocking round trip's hot path. Only for non-blocking fds,
-            # so a wake-up taken by someone else between poll and read cannot hang us.
-            if all(not os.get_blocking(fd) for fd in fds):
+            # call): this is the blocking round trip's hot path. A wake-up taken by someone
+            # else between poll and read must not hang us: try_read never blocks where the
+            # kernel honours RWF_NOWAIT on eventfds (NOWAIT_READS); elsewhere only fds that are
+            # non-blocking now get it, though any peer can clear the flag later.
+            if NOWAIT_READS or all(not os.get_blocking(fd) for fd in fds):
                 self._poller = select.poll()
                 for fd in fds:
                     self._poller.register(fd, select.POLLIN)
@@ -613,10 +616,10 @@ class _End:
         membership = False
         for fd, _ in self._poller.poll(max(0, int(seconds * 1000 + 0.999))):
             if fd != self._fds[0]:
+                # try_read, not a plain read: the peers hold this fd too, and one that cleared
+                # O_NONBLOCK and took the count since poll() would make a read block for good.
                 try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
+                    try_read(fd)
                 except OSError:  # closed under us (see _check_doorbell)
                     self._check_doorbell()
                     raise
@@ -627,9 +630,7 @@ class _End:
         if self._poller is not None:
             self._check_doorbell()
             try:
-                os.eventfd_read(self._fds[0])
-            except BlockingIOError:
-                pass
+                try_read(self._fds[0])  # never blocks, whatever O_NONBLOCK (ivshmem._eventfd)
             except OSError:  # closed under us since the check, by another thread
                 self._check_doorbell()
                 raise

@@ -2,9 +2,11 @@
 
 QEMU stalls the guest's vCPU, holding its big lock, until each BAR0 access is answered, and a
 reply later than ``x-msg-timeout`` (5 s) kills the connection for good. So the loop never
-blocks: every socket and eventfd is non-blocking, the server is reconnected on a timer, a
-client that does not read its replies is dropped once its backlog passes a limit, and each
-readiness event is served in a bounded batch so one busy VM cannot starve the others.
+blocks: every socket and eventfd is non-blocking (the server's eventfds, which every peer
+holds and any peer can make blocking, are read with a read that ignores the shared
+O_NONBLOCK: ivshmem._eventfd), the server is reconnected on a timer, a client that does not
+read its replies is dropped once its backlog passes a limit, and each readiness event is
+served in a bounded batch so one busy VM cannot starve the others.
 
 Per VM (:class:`VmDevice`): a listening socket, at most one vfio-user connection (a second
 client is turned away), the :class:`~ivshmem.device.model.IvshmemFunction`, and in doorbell
@@ -27,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .. import registers as reg
+from .._eventfd import try_read
 from .._scm import received_fds
 from ..errors import UsageError
 from ..memory import SharedMemory, is_power_of_two
@@ -271,10 +274,12 @@ class VmDevice:
             self.function.membership_event(reg.EVENT_RECONNECTED)
 
     def _own_ring(self, fd: int) -> None:
+        # Every peer of the server holds this eventfd too, and any of them can clear its
+        # O_NONBLOCK and take the count between the selector's wake-up and this read: a plain
+        # read would then stop the whole loop (and the guest with it). try_read never blocks.
         try:
-            os.read(fd, 8)
-        except BlockingIOError:
-            return
+            if not try_read(fd):
+                return
         except OSError:
             return
         self.function.raise_vector(self.own_fds.get(fd, -1))

@@ -29,6 +29,7 @@ import logging
 import os
 import select
 
+from .._eventfd import try_read
 from .base import ServerBase
 from .regionguard import CHECK_INTERVAL
 
@@ -56,9 +57,10 @@ def unjam(fd: int) -> bool:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if not flags & os.O_NONBLOCK:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
+    # The flag just set proves nothing by the time of the read: the peer may clear it again at
+    # once, and the owner may read the counter first (it wakes up to a full counter), so a
+    # plain read could block the whole server. try_read never blocks, whatever the flag.
+    if not try_read(fd):
         return False  # its owner read it meanwhile
     with contextlib.suppress(BlockingIOError):
         os.eventfd_write(fd, 1)
