@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import functools
+import logging
 import os
 import select
 import threading
@@ -30,6 +31,7 @@ from serverproc import RawPeer, ServerProcess
 
 import ivshmem
 from ivshmem.channel import ChannelTimeout, Receiver, Sender
+from ivshmem.device import DeviceServer, VmSpec
 from ivshmem.peer import Peer
 
 #: A wait that should end after TIMEOUT seconds must end within LATE (the machine is loaded:
@@ -284,3 +286,72 @@ def test_a_channels_recv_async_keeps_its_timeout_when_its_ring_is_stolen(
         assert result == ("ChannelTimeout", b"async")
     finally:
         newcomer.close()
+
+
+# -- the vfio-user device ------------------------------------------------------------------------
+
+
+class _StealOnJoin(logging.Handler):
+    """Takes the count of ``doorbell`` when the device logs a join: inside the device loop's
+    round, after its selector reported the doorbell readable and before the doorbell's turn."""
+
+    def __init__(self, doorbell: int) -> None:
+        super().__init__(logging.INFO)
+        self.doorbell = doorbell
+        self.stolen: list[bool] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "joined" in record.getMessage():
+            self.stolen.append(_steal(self.doorbell))
+
+
+def test_the_device_loop_is_not_stopped_by_a_stolen_ring(
+    server: ServerProcess, short_tmp: Path
+) -> None:
+    spec = VmSpec(
+        socket=str(short_tmp / "vm.sock"), server=server.socket_path, vectors=2, intx=True
+    )
+    logger = logging.getLogger("ivshmem.device")
+    level = logger.level
+    with DeviceServer([spec]) as device:
+        vm = device.vms[0]
+        hostile = RawPeer(server.socket_path, keep_fds=True)
+        newcomer: RawPeer | None = None
+        steal = _StealOnJoin(-1)
+        try:
+            deadline = time.monotonic() + 10
+            while not (len(vm.own_fds) == 2 and hostile.id in (vm.link.peers if vm.link else ())):
+                assert time.monotonic() < deadline, "the device never saw the hostile peer"
+                device.run_once(0.05)
+                hostile.pump()
+            hostile.wait(lambda: hostile.complete({vm.function.peer_id}, 2))
+            doorbell = hostile.peer_fds[vm.function.peer_id][0]
+            _make_blocking(doorbell)
+            steal.doorbell = doorbell
+            logger.addHandler(steal)
+            logger.setLevel(logging.INFO)
+            # The join's news first, then the ring: one selector round reports both, in that
+            # order, and the news (logged) is served first.
+            newcomer = RawPeer(server.socket_path)
+            newcomer.wait(lambda: newcomer is not None and newcomer.state.own_vectors == 2)
+            assert vm.link is not None and vm.link.sock is not None
+            poller = select.poll()
+            poller.register(vm.link.sock.fileno(), select.POLLIN)
+            assert poller.poll(10_000), "the server never told the device about the newcomer"
+            os.eventfd_write(doorbell, 1)
+            call = _Call(lambda: device.run_once(0))
+            assert call.finish(LATE, doorbell), "the device loop slept in a read of its doorbell"
+            assert call.error is None
+            assert steal.stolen == [True]
+            assert vm.function.intrstatus & 1 == 0  # the stolen ring never reached the guest
+            os.eventfd_write(doorbell, 1)  # a ring still goes through
+            deadline = time.monotonic() + 10
+            while not vm.function.intrstatus & 1:
+                assert time.monotonic() < deadline, "the ring never reached the guest"
+                device.run_once(0.05)
+        finally:
+            logger.removeHandler(steal)
+            logger.setLevel(level)
+            if newcomer is not None:
+                newcomer.close()
+            hostile.close()
