@@ -20,6 +20,8 @@ import functools
 import logging
 import os
 import select
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require
 from serverproc import RawPeer, ServerProcess
 
 import ivshmem
@@ -154,6 +157,30 @@ def test_try_read_never_blocks_on_a_blocking_eventfd(impl: str) -> None:
         os.close(fd)
     with pytest.raises(OSError):
         read(fd)  # closed: an error, never a hang or a False
+
+
+@pytest.mark.skipif(
+    os.environ.get("IVSHMEM_PURE_PYTHON", "") not in ("", "0"),
+    reason="the C read is switched off (IVSHMEM_PURE_PYTHON=1)",
+)
+def test_the_c_read_is_built_and_used() -> None:
+    from ivshmem import _eventfd
+
+    require(
+        _eventfd.try_read is not _eventfd._try_read_python,
+        "the doorbell's C read (ivshmem._eventfdcore) did not build (pip install needs gcc "
+        "and the Python headers)",
+    )
+    assert type(_eventfd.try_read).__name__ == "builtin_function_or_method"
+
+
+def test_pure_python_can_be_forced() -> None:
+    code = "from ivshmem import _eventfd as e; print(e.try_read is e._try_read_python)"
+    env = {**os.environ, "IVSHMEM_PURE_PYTHON": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["True"]
 
 
 # -- Peer.wait and wait_async ----------------------------------------------------------------
