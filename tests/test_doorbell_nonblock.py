@@ -247,6 +247,21 @@ def test_wait_async_keeps_its_timeout_when_its_ring_is_stolen(
         newcomer.close()
 
 
+def test_ringing_a_doorbell_made_blocking_does_not_block(
+    server: ServerProcess, victim_and_hostile: tuple[Peer, RawPeer, int]
+) -> None:
+    """The write side needs no change (this passes on main too, and says so): a write waits
+    only on a full counter, which is the server's guard's business (test_doorbell_jam.py)."""
+    victim, _, doorbell = victim_and_hostile
+    _make_blocking(doorbell)
+    with ivshmem.connect(server.socket_path, vectors=2) as ringer:
+        for _ in range(3):
+            call = _Call(lambda: ringer.notify(victim.id, 0))
+            assert call.finish(LATE, doorbell) and call.error is None
+        assert victim.wait(0, timeout=10) == 0
+        assert victim.wait(0, timeout=0) is None  # three rings, one count, taken at once
+
+
 # -- channels ------------------------------------------------------------------------------------
 
 
