@@ -13,8 +13,9 @@ if [ "$#" -gt 0 ]; then
 fi
 .venv/bin/python -m pytest
 # The channel ring runs its hot paths in C when the extension built (it did, or the run above
-# failed in CI), and so does the server's fan-out. Their pure-Python twins must stay correct
-# too: run the channel and server tests again with the C cores switched off.
+# failed in CI), and so do the server's fan-out and the doorbell's read. Their pure-Python
+# twins must stay correct too: run the channel, server and doorbell tests again with the C
+# cores switched off.
 echo "test.sh: the channel and server tests again, pure Python (IVSHMEM_PURE_PYTHON=1)" >&2
 export IVSHMEM_PURE_PYTHON=1
 # (tests/test_server_fanout.py runs its Python half in the first pass already, beside the C
@@ -23,4 +24,4 @@ exec .venv/bin/python -m pytest -q tests/test_channel.py tests/test_channel_leav
     tests/test_channel_hostile.py tests/test_channel_fuzz.py tests/test_layout.py \
     tests/test_channel_restart.py tests/test_channel_max_message.py tests/test_channel_crash.py \
     tests/test_ring_window.py tests/test_server.py tests/test_server_storm.py \
-    tests/test_regionguard.py
+    tests/test_regionguard.py tests/test_doorbell_nonblock.py
