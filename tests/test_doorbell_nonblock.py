@@ -99,18 +99,28 @@ def server(short_tmp: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def victim_and_hostile(server: ServerProcess) -> Iterator[tuple[Peer, RawPeer, int]]:
-    """An honest peer, and a hostile one holding the honest one's vector 0 doorbell (made
-    blocking already)."""
+    """An honest peer, and a hostile one holding the honest one's vector 0 doorbell."""
     victim = ivshmem.connect(server.socket_path, vectors=2)
     hostile = RawPeer(server.socket_path, keep_fds=True)
     try:
         hostile.wait(lambda: hostile.complete({victim.id}, 2))
         doorbell = hostile.peer_fds[victim.id][0]
-        victim.service()  # the hostile peer's join: nothing pending for the tests below
+        _knows(victim, {hostile.id})  # no join news left for the tests' own
         yield victim, hostile, doorbell
     finally:
         hostile.close()
         victim.close()
+
+
+def _knows(peer: Peer, others: set[int | None]) -> None:
+    """Wait until ``peer`` has served the joins of ``others`` (so that the only join news a
+    test's wait sees is the one the test makes)."""
+    deadline = time.monotonic() + 10
+    while not others <= set(peer.peers):  # peers serves the socket
+        assert time.monotonic() < deadline, f"peer {peer.id} never saw {others}"
+        time.sleep(0.01)
+    time.sleep(0.05)
+    peer.service()  # a late vector of theirs
 
 
 def _ring_and_join(server: ServerProcess, victim: Peer, doorbell: int) -> RawPeer:
@@ -274,7 +284,7 @@ def channel(server: ServerProcess) -> Iterator[tuple[Receiver, Sender, Peer, int
     hostile = RawPeer(server.socket_path, keep_fds=True)
     try:
         hostile.wait(lambda: hostile.complete({victim.id, other.id}, 2))
-        victim.service()
+        _knows(victim, {other.id, hostile.id})
         rx = Receiver(victim, "nonblock", sender=other.id)
         tx = Sender(other, "nonblock", receiver=victim.id)
         doorbell = hostile.peer_fds[victim.id][0]
