@@ -524,15 +524,19 @@ class Server(
                 self._membership.left(peer)
             if announce:
                 # Where its whole join is still queued, the join and this leave cancel out.
+                # One pass lists the messages and, for the C fan-out, the clients it may
+                # send to directly (the condition _dispatch_c's own pass applies): the
+                # leave's first send waits for nothing else.
                 collapse = self._collapse_join
-                self._dispatch(
-                    [
-                        (other.peer, peer, None)
-                        for other in self._clients.values()
-                        if not other.closed
-                        and not (other.joins_queued and collapse(peer, fds, other))
-                    ]
-                )
+                sends: list[Message] = []
+                direct: dict[int, list[int]] = {}
+                for other in self._clients.values():
+                    if other.closed or (other.joins_queued and collapse(peer, fds, other)):
+                        continue
+                    sends.append((other.peer, peer, None))
+                    if not (other.queue or other.partial or other.writing or other.blocked):
+                        direct[other.peer] = [other.fd, 0]
+                self._dispatch(sends, direct)
         loop = self._loop
         if loop is not None:
             loop.remove_reader(client.fd)
