@@ -15,8 +15,15 @@ qemu source package) loses messages once a client's socket buffer is full and ab
 
 Reported per server: wall time, joins/s, messages/s, the server's own CPU time per message
 (from /proc/PID/task/*/schedstat, in nanoseconds; the Python clients in this process do at
-least as much work as the server), the median leave latency, and ours/QEMU ratios (medians
-over --runs runs).
+least as much work as the server), how busy this client process was while the peers joined
+(its CPU time over the wall time: near 100 % means the client, not the server, set the pace),
+the median leave latency, and ours/QEMU ratios (medians over --runs runs).
+
+Where the machine has two CPUs or more, this process runs on one and each server on another
+(``--no-pin`` leaves them to the scheduler). On a 2-CPU VM, unpinned, the scheduler put the
+client and the server on the same CPU in some runs and not in others, and each run's joins/s
+moved by a quarter with that choice, for either server alike: pinned, the figures measure
+the servers, not where they happened to land.
 
     .venv/bin/python benchmarks/bench_join.py                     # both servers, 3 cells
     .venv/bin/python benchmarks/bench_join.py -N 1000 -V 4 --server ours
@@ -107,12 +114,33 @@ class QemuServer:
             pass
 
 
+def pin(pid: int, cpu: int) -> None:
+    """Run every thread of process ``pid`` on ``cpu`` only."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), {cpu})
+
+
+def placement(pin_cpus: bool) -> tuple[int, int] | None:
+    """(client CPU, server CPU) when pinning and this process may use two CPUs, else None."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin_cpus or len(cpus) < 2:
+        return None
+    return cpus[0], cpus[1]
+
+
+#: The server's CPU when pinning (main() sets it): every server measured runs there.
+SERVER_CPU: int | None = None
+
+
 def measure(
     socket_path: str, pid: int, peers: int, vectors: int, leaves: int, timeout: float
 ) -> dict[str, float]:
     """Join ``peers`` clients, then close ``leaves`` of them one at a time; NaN figures for a
     server that lost messages (did not complete within ``timeout``)."""
+    if SERVER_CPU is not None:
+        pin(pid, SERVER_CPU)
     cpu0 = cpu_seconds(pid)
+    mine0 = time.process_time()
     start = time.perf_counter()
     clients: list[RawPeer] = []
     try:
@@ -137,9 +165,11 @@ def measure(
                 "joins_per_s": nan,
                 "messages": nan,
                 "cpu_per_msg_us": nan,
+                "client_busy": nan,
                 "leave_us": nan,
             }
         elapsed = time.perf_counter() - start
+        mine = time.process_time() - mine0
         cpu = cpu_seconds(pid) - cpu0
         messages = sum(c.messages for c in clients)
         latencies = []
@@ -159,6 +189,7 @@ def measure(
             "joins_per_s": peers / elapsed,
             "messages": messages,
             "cpu_per_msg_us": cpu / messages * 1e6,
+            "client_busy": mine / elapsed,
             "leave_us": statistics.median(latencies) * 1e6 if latencies else float("nan"),
         }
     finally:
@@ -221,7 +252,22 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per cell (medians; default 3)")
     parser.add_argument("--leaves", type=int, default=20, help="leaves timed per run")
     parser.add_argument("--timeout", type=float, default=60.0, help="per cell, seconds")
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="leave the client and the servers where the scheduler puts them (default: the "
+        "client on one CPU, each server on another, where there are two)",
+    )
     args = parser.parse_args()
+    global SERVER_CPU
+    cpus = placement(args.pin)
+    if cpus is None:
+        print("placement: left to the scheduler")
+    else:
+        os.sched_setaffinity(0, {cpus[0]})
+        SERVER_CPU = cpus[1]
+        print(f"placement: this client on CPU {cpus[0]}, each server on CPU {cpus[1]}")
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     binary: Path | None = None
@@ -243,7 +289,7 @@ def main() -> int:
         print(f"ours: fan-out in {fanout}")
     print(
         f"{'server':>6} {'peers':>6} {'vectors':>7} {'seconds':>8} {'joins/s':>9} "
-        f"{'messages':>9} {'cpu us/msg':>10} {'leave us':>9}"
+        f"{'messages':>9} {'cpu us/msg':>10} {'client':>6} {'leave us':>9}"
     )
     medians: dict[tuple[str, int, int], dict[str, float]] = {}
     for peers, vectors in cells:
@@ -261,7 +307,8 @@ def main() -> int:
             lost = "" if m["seconds"] == m["seconds"] else "  lost messages"
             print(
                 f"{name:>6} {peers:>6} {vectors:>7} {m['seconds']:>8.3f} {m['joins_per_s']:>9.0f} "
-                f"{m['messages']:>9.0f} {m['cpu_per_msg_us']:>10.2f} {m['leave_us']:>9.0f}{lost}",
+                f"{m['messages']:>9.0f} {m['cpu_per_msg_us']:>10.2f} {m['client_busy']:>6.0%} "
+                f"{m['leave_us']:>9.0f}{lost}",
                 flush=True,
             )
     if len(servers) == 2:

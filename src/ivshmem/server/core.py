@@ -41,6 +41,17 @@ from .status import _ACCEPT_BURST, StatusMixin
 
 log = logging.getLogger("ivshmem.server")
 
+_AF_UNIX, _SOCK_STREAM = int(socket.AF_UNIX), int(socket.SOCK_STREAM)
+
+
+def _accept(listener: socket.socket) -> socket.socket:
+    """``listener.accept()`` for the server's own AF_UNIX stream listener, without what that
+    spends per client on finding out what it already knows: ``socket.accept`` reads the
+    listener's family and type through enum conversions and, for the new socket, asks the
+    kernel its address (``getsockname``). Raises what ``accept`` raises."""
+    fd, _addr = listener._accept()  # type: ignore[attr-defined]  # socket.accept's own step
+    return socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fd)
+
 
 class Server(
     RegionMixin, AdmissionMixin, QueuesMixin, FlowMixin, ShortageMixin, StatusMixin, DoorbellMixin
@@ -312,7 +323,7 @@ class Server(
             if self._accept_paused:
                 return
             try:
-                conn, _addr = listener.accept()
+                conn = _accept(listener)
             except (BlockingIOError, InterruptedError):
                 # The backlog is empty: whoever waited through a shortage has been served.
                 if self._shortage is not None and not self._parked:
@@ -513,15 +524,19 @@ class Server(
                 self._membership.left(peer)
             if announce:
                 # Where its whole join is still queued, the join and this leave cancel out.
+                # One pass lists the messages and, for the C fan-out, the clients it may
+                # send to directly (the condition _dispatch_c's own pass applies): the
+                # leave's first send waits for nothing else.
                 collapse = self._collapse_join
-                self._dispatch(
-                    [
-                        (other.peer, peer, None)
-                        for other in self._clients.values()
-                        if not other.closed
-                        and not (other.joins_queued and collapse(peer, fds, other))
-                    ]
-                )
+                sends: list[Message] = []
+                direct: dict[int, list[int]] = {}
+                for other in self._clients.values():
+                    if other.closed or (other.joins_queued and collapse(peer, fds, other)):
+                        continue
+                    sends.append((other.peer, peer, None))
+                    if not (other.queue or other.partial or other.writing or other.blocked):
+                        direct[other.peer] = [other.fd, 0]
+                self._dispatch(sends, direct)
         loop = self._loop
         if loop is not None:
             loop.remove_reader(client.fd)
