@@ -16,14 +16,16 @@ qemu source package) loses messages once a client's socket buffer is full and ab
 Reported per server: wall time, joins/s, messages/s, the server's own CPU time per message
 (from /proc/PID/task/*/schedstat, in nanoseconds; the Python clients in this process do at
 least as much work as the server), how busy this client process was while the peers joined
-(its CPU time over the wall time: near 100 % means the client, not the server, set the pace),
-the median leave latency, and ours/QEMU ratios (medians over --runs runs).
+and during the leaves (its CPU time over the wall time: 100 % means it never waited for the
+server, so the figure is the client's own speed, not the server's), the median leave
+latency, and ours/QEMU ratios (medians over --runs runs).
 
-Where the machine has two CPUs or more, this process runs on one and each server on another
-(``--no-pin`` leaves them to the scheduler). On a 2-CPU VM, unpinned, the scheduler put the
-client and the server on the same CPU in some runs and not in others, and each run's joins/s
-moved by a quarter with that choice, for either server alike: pinned, the figures measure
-the servers, not where they happened to land.
+Placement (``--pin``): ``apart``, the default where this process may use two CPUs, runs this
+process on one CPU and each server on another; ``same`` runs them all on one CPU, where the
+server's CPU time comes out of the client's; ``none`` leaves them to the scheduler. On a 2-CPU
+VM, unpinned, the scheduler put the client and the server on the same CPU in some runs and
+not in others, and each run's joins/s moved by a quarter with that choice, for either server
+alike: pinned, each run measures one situation.
 
     .venv/bin/python benchmarks/bench_join.py                     # both servers, 3 cells
     .venv/bin/python benchmarks/bench_join.py -N 1000 -V 4 --server ours
@@ -120,10 +122,13 @@ def pin(pid: int, cpu: int) -> None:
         os.sched_setaffinity(int(task), {cpu})
 
 
-def placement(pin_cpus: bool) -> tuple[int, int] | None:
-    """(client CPU, server CPU) when pinning and this process may use two CPUs, else None."""
+def placement(mode: str) -> tuple[int, int] | None:
+    """(client CPU, server CPU) for ``--pin`` ``mode``, or None to leave them to the scheduler
+    (``none``, or ``apart`` where this process may use only one CPU)."""
     cpus = sorted(os.sched_getaffinity(0))
-    if not pin_cpus or len(cpus) < 2:
+    if mode == "same":
+        return cpus[0], cpus[0]
+    if mode == "none" or len(cpus) < 2:
         return None
     return cpus[0], cpus[1]
 
@@ -167,12 +172,15 @@ def measure(
                 "cpu_per_msg_us": nan,
                 "client_busy": nan,
                 "leave_us": nan,
+                "leave_busy": nan,
             }
         elapsed = time.perf_counter() - start
         mine = time.process_time() - mine0
         cpu = cpu_seconds(pid) - cpu0
         messages = sum(c.messages for c in clients)
         latencies = []
+        leave_wall = 0.0
+        leave_mine0 = time.process_time()
         for _ in range(min(leaves, peers - 1)):
             leaving = clients.pop()
             gone = leaving.id
@@ -184,6 +192,8 @@ def measure(
 
             pump_all(clients, done, timeout=timeout)
             latencies.append(time.perf_counter() - before)
+            leave_wall += latencies[-1]
+        leave_mine = time.process_time() - leave_mine0
         return {
             "seconds": elapsed,
             "joins_per_s": peers / elapsed,
@@ -191,6 +201,7 @@ def measure(
             "cpu_per_msg_us": cpu / messages * 1e6,
             "client_busy": mine / elapsed,
             "leave_us": statistics.median(latencies) * 1e6 if latencies else float("nan"),
+            "leave_busy": leave_mine / leave_wall if leave_wall else float("nan"),
         }
     finally:
         for client in clients:
@@ -253,11 +264,11 @@ def main() -> int:
     parser.add_argument("--leaves", type=int, default=20, help="leaves timed per run")
     parser.add_argument("--timeout", type=float, default=60.0, help="per cell, seconds")
     parser.add_argument(
-        "--no-pin",
-        dest="pin",
-        action="store_false",
-        help="leave the client and the servers where the scheduler puts them (default: the "
-        "client on one CPU, each server on another, where there are two)",
+        "--pin",
+        choices=("apart", "same", "none"),
+        default="apart",
+        help="apart: this client on one CPU, the servers on another (default); same: all on "
+        "one CPU; none: left to the scheduler",
     )
     args = parser.parse_args()
     global SERVER_CPU
@@ -289,7 +300,7 @@ def main() -> int:
         print(f"ours: fan-out in {fanout}")
     print(
         f"{'server':>6} {'peers':>6} {'vectors':>7} {'seconds':>8} {'joins/s':>9} "
-        f"{'messages':>9} {'cpu us/msg':>10} {'client':>6} {'leave us':>9}"
+        f"{'messages':>9} {'cpu us/msg':>10} {'client':>6} {'leave us':>9} {'client':>6}"
     )
     medians: dict[tuple[str, int, int], dict[str, float]] = {}
     for peers, vectors in cells:
@@ -308,7 +319,7 @@ def main() -> int:
             print(
                 f"{name:>6} {peers:>6} {vectors:>7} {m['seconds']:>8.3f} {m['joins_per_s']:>9.0f} "
                 f"{m['messages']:>9.0f} {m['cpu_per_msg_us']:>10.2f} {m['client_busy']:>6.0%} "
-                f"{m['leave_us']:>9.0f}{lost}",
+                f"{m['leave_us']:>9.0f} {m['leave_busy']:>6.0%}{lost}",
                 flush=True,
             )
     if len(servers) == 2:
