@@ -271,6 +271,14 @@ def main() -> int:
         "one CPU; none: left to the scheduler",
     )
     args = parser.parse_args()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    binary: Path | None = None
+    if args.server != "ours":
+        try:
+            binary = build()  # before pinning: a first build uses every CPU
+        except BuildError as err:
+            print(f"QEMU's server is not available ({err}); measuring ours only", file=sys.stderr)
     global SERVER_CPU
     cpus = placement(args.pin)
     if cpus is None:
@@ -279,14 +287,6 @@ def main() -> int:
         os.sched_setaffinity(0, {cpus[0]})
         SERVER_CPU = cpus[1]
         print(f"placement: this client on CPU {cpus[0]}, each server on CPU {cpus[1]}")
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    binary: Path | None = None
-    if args.server != "ours":
-        try:
-            binary = build()
-        except BuildError as err:
-            print(f"QEMU's server is not available ({err}); measuring ours only", file=sys.stderr)
     if args.peers or args.vectors:
         cells = [(n, v) for v in args.vectors or [1, 4] for n in args.peers or [50, 200, 1000]]
     else:
