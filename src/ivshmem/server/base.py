@@ -96,7 +96,6 @@ class ServerBase:
     _tasks: _Tasks
     _closed: bool
     _guard: RegionGuard | None
-    _region_timer: asyncio.TimerHandle | None
     _membership: RegionMembership | None
     _sources: dict[tuple[int, int], _Source]
     _source_warned: dict[tuple[int, int, int], float]

@@ -101,11 +101,12 @@ class Server(
         #: (st_dev, st_ino) of each socket file we bound, to remove only our own at exit.
         self._bound: dict[str, tuple[int, int]] = {}
         self.size = 0
-        # The region's size guard (a no-op on a sealed memfd) and its timer; with
-        # ``format_region`` the membership table, written so the server cannot fault.
+        # The region's size guard (a no-op on a sealed memfd); with ``format_region`` the
+        # membership table, written so the server cannot fault.
         self._guard: RegionGuard | None = None
-        self._region_timer: asyncio.TimerHandle | None = None
-        self._doorbell_timer = None
+        #: One timer for the periodic guards: the region's size (regionguard.py) and jammed
+        #: doorbells (doorbells.py), both every CHECK_INTERVAL.
+        self._guard_timer: asyncio.TimerHandle | None = None
         self._membership: RegionMembership | None = None
         #: Per client process: its handshakes in flight and connections waiting to join.
         self._sources: dict[tuple[int, int], _Source] = {}
@@ -214,9 +215,7 @@ class Server(
             loop.add_reader(self._listener.fileno(), self._on_accept)
             if self._status_listener is not None:
                 loop.add_reader(self._status_listener.fileno(), self._on_status_accept)
-            if self._guard is not None and not self._guard.sealed:
-                self._region_timer = loop.call_later(CHECK_INTERVAL, self._on_region_timer)
-            self._start_doorbell_guard(loop)
+            self._guard_timer = loop.call_later(CHECK_INTERVAL, self._on_guard_timer)
             sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.config.socket_path}")
             await self._stopping.wait()
         finally:
@@ -270,10 +269,9 @@ class Server(
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
-        if self._region_timer is not None:
-            self._region_timer.cancel()
-            self._region_timer = None
-        self._stop_doorbell_guard()
+        if self._guard_timer is not None:
+            self._guard_timer.cancel()
+            self._guard_timer = None
         for task in list(self._tasks.status):
             task.cancel()
         for listener, path in (
@@ -302,6 +300,16 @@ class Server(
             self._shm.close()
         self._remove_pidfile()
         self._release_reserve()
+
+    def _on_guard_timer(self) -> None:
+        """Every CHECK_INTERVAL: restore an unsealed region's size (a no-op on a sealed
+        memfd) and unjam doorbells."""
+        self._guard_timer = None
+        if self._closed or self._loop is None:
+            return
+        self._check_region()
+        self.check_doorbells()
+        self._guard_timer = self._loop.call_later(CHECK_INTERVAL, self._on_guard_timer)
 
     def _remove_socket_file(self, path: str) -> None:
         """Unlink ``path`` only if it is still the socket we bound: an operator may have
@@ -524,19 +532,15 @@ class Server(
                 self._membership.left(peer)
             if announce:
                 # Where its whole join is still queued, the join and this leave cancel out.
-                # One pass lists the messages and, for the C fan-out, the clients it may
-                # send to directly (the condition _dispatch_c's own pass applies): the
-                # leave's first send waits for nothing else.
                 collapse = self._collapse_join
-                sends: list[Message] = []
-                direct: dict[int, list[int]] = {}
-                for other in self._clients.values():
-                    if other.closed or (other.joins_queued and collapse(peer, fds, other)):
-                        continue
-                    sends.append((other.peer, peer, None))
-                    if not (other.queue or other.partial or other.writing or other.blocked):
-                        direct[other.peer] = [other.fd, 0]
-                self._dispatch(sends, direct)
+                self._dispatch(
+                    [
+                        (other.peer, peer, None)
+                        for other in self._clients.values()
+                        if not other.closed
+                        and not (other.joins_queued and collapse(peer, fds, other))
+                    ]
+                )
         loop = self._loop
         if loop is not None:
             loop.remove_reader(client.fd)

@@ -28,7 +28,6 @@ first (it wakes up to a full counter), so it is a read that ignores O_NONBLOCK
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import logging
@@ -37,7 +36,6 @@ import select
 
 from .._eventfd import try_read
 from .base import ServerBase
-from .regionguard import CHECK_INTERVAL
 
 log = logging.getLogger("ivshmem.server")
 
@@ -74,24 +72,8 @@ def unjam(fd: int) -> bool:
 
 
 class DoorbellMixin(ServerBase):
-    """The periodic check of every doorbell (see the module's text)."""
-
-    _doorbell_timer: asyncio.TimerHandle | None
-
-    def _start_doorbell_guard(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._doorbell_timer = loop.call_later(CHECK_INTERVAL, self._on_doorbell_timer)
-
-    def _stop_doorbell_guard(self) -> None:
-        timer, self._doorbell_timer = self._doorbell_timer, None
-        if timer is not None:
-            timer.cancel()
-
-    def _on_doorbell_timer(self) -> None:
-        self._doorbell_timer = None
-        if self._closed or self._loop is None:
-            return
-        self.check_doorbells()
-        self._doorbell_timer = self._loop.call_later(CHECK_INTERVAL, self._on_doorbell_timer)
+    """The periodic check of every doorbell (see the module's text), made by the server's
+    guard timer (core.py) along with the region's size check."""
 
     def check_doorbells(self) -> int:
         """Unjam every doorbell found jammed; returns how many were."""

@@ -133,7 +133,7 @@ class QueuesMixin(ServerBase):
         # One full handshake (3 fixed messages, every peer's vectors and its own) always fits.
         return self.config.max_queue + 3 + self.config.vectors * len(self._table)
 
-    def _dispatch(self, sends: list[Message], direct: dict[int, list[int]] | None = None) -> None:
+    def _dispatch(self, sends: list[Message]) -> None:
         """Send or queue ``sends``. A message for a client with nothing queued goes straight
         to its socket (one system call, no queue entry, no wait for the next loop turn); the
         first one the kernel does not take -- a full socket, an error, a stall -- and all
@@ -142,18 +142,15 @@ class QueuesMixin(ServerBase):
 
         The C fan-out (``_fanout.c``), when built, makes the direct sends of the whole list
         in one call and hands back where the kernel refused; :meth:`_dispatch_py` is the
-        reference, and does the same one message at a time.
-
-        ``direct``, if given, is the C fan-out's map of the clients it may send to directly,
-        built by a caller that already went over every client (see :meth:`_dispatch_c`)."""
+        reference, and does the same one message at a time."""
         limit = self._queue_limit()
         fanout = _FANOUT
         if fanout is None:
-            queued, sent = self._dispatch_py(sends, limit)
+            queued, direct = self._dispatch_py(sends, limit)
         else:
-            queued, sent = self._dispatch_c(fanout, sends, limit, direct)
-        if sent:
-            self._counters.messages_sent += sent
+            queued, direct = self._dispatch_c(fanout, sends, limit)
+        if direct:
+            self._counters.messages_sent += direct
         self._queued_total += queued
         loop = self._loop
         if loop is None:
@@ -224,13 +221,7 @@ class QueuesMixin(ServerBase):
                 client.progress_at = now
         return queued, direct
 
-    def _dispatch_c(
-        self,
-        fanout: _Fanout,
-        sends: list[Message],
-        limit: int,
-        socks: dict[int, list[int]] | None = None,
-    ) -> tuple[int, int]:
+    def _dispatch_c(self, fanout: _Fanout, sends: list[Message], limit: int) -> tuple[int, int]:
         """:meth:`_dispatch`'s sends through the C fan-out; returns (messages queued, sent).
 
         ``socks`` maps each client that can be sent to directly (nothing queued, no partial
@@ -239,12 +230,11 @@ class QueuesMixin(ServerBase):
         queue, or from the first message the kernel refused for a client on -- is queued
         here, per client in order, as the Python path queues it."""
         clients = self._clients
-        if socks is None:
-            socks = {
-                peer: [c.fd, 0]
-                for peer, c in clients.items()
-                if not (c.closed or c.queue or c.partial or c.writing or c.blocked)
-            }
+        socks: dict[int, list[int]] = {
+            peer: [c.fd, 0]
+            for peer, c in clients.items()
+            if not (c.closed or c.queue or c.partial or c.writing or c.blocked)
+        }
         index, rest, partials = fanout(sends, socks)
         for at, taken in partials:  # its fd went with byte 0
             recipient, value, _fd = sends[at]

@@ -1,7 +1,7 @@
 """The shared-memory region: opening its backing (POSIX shm, a directory such as
 hugetlbfs, a memfd, a named file), checking a kept channel layout before growing it, the
 membership table the server keeps in a formatted region, and keeping an unsealed region at
-its size (:mod:`ivshmem.server.regionguard`: checked on every join and leave and every
+its size (:mod:`ivshmem.server.regionguard`: checked on every join and every
 ``CHECK_INTERVAL`` seconds)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..memory import (
 from ..protocol import PeerTable
 from .base import ServerBase
 from .fds import SharedFd
-from .regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership
+from .regionguard import RegionGuard, RegionMembership
 
 log = logging.getLogger("ivshmem.server")
 
@@ -204,10 +204,3 @@ class RegionMixin(ServerBase):
         resized = guard.check() is not None
         if self._membership is not None and self._membership.repair(resized):
             self._membership_changed(-1)
-
-    def _on_region_timer(self) -> None:
-        self._region_timer = None
-        if self._closed or self._loop is None:
-            return
-        self._check_region()
-        self._region_timer = self._loop.call_later(CHECK_INTERVAL, self._on_region_timer)
