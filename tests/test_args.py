@@ -15,6 +15,7 @@ import contextlib
 import math
 import mmap
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from ivshmem._args import flag_arg, int_arg, peer_arg, seconds_arg, timeout_arg
 from ivshmem.channel import Receiver, Sender, UnexpectedMessageError, format_region
 from ivshmem.channel import ring as ringmod
 from ivshmem.channel.ring import RingReceiver, RingSender, init_area
-from ivshmem.endpoint import Endpoint
+from ivshmem.endpoint import Endpoint, EventfdEndpoint
 from ivshmem.errors import DeviceError, UsageError
 from ivshmem.memory import MAX_SIZE
 from ivshmem.pci import PciEndpoint
@@ -522,3 +523,19 @@ def test_ring_examples_from_the_issue_are_refused_by_both_cores(
         tx.cancel()
     del tx, rx
     mm.close()
+
+
+@pytest.mark.parametrize("timeout", [1e300, 8.148130347374306e306, sys.float_info.max])
+def test_a_huge_finite_timeout_is_a_long_wait_not_an_overflow(
+    server: ServerProcess, timeout: float
+) -> None:
+    # poll() takes whole milliseconds: timeout x 1000 overflows to infinity first, and int()
+    # of that raised OverflowError (found by test_connect_arguments above).
+    peer = ivshmem.connect(server.socket_path, vectors=2, timeout=timeout)
+    try:
+        peer.notify(peer.id, 1)  # a ring already there: the waits below return at once
+        assert peer.wait(1, timeout=timeout, spin=0) == 1
+        peer.notify(peer.id, 0)
+        assert EventfdEndpoint.wait(peer, 0, timeout=timeout, spin=0) == 0
+    finally:
+        peer.close()

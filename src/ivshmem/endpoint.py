@@ -379,10 +379,17 @@ class EventfdEndpoint(Endpoint):
                 fut.set_result(None)
 
 
+def poll_ms(seconds: float) -> int:
+    """poll()'s timeout for a wait of ``seconds`` (finite): whole milliseconds, rounded up
+    (never down to 0, which would make a short wait spin, nor to -1, which blocks), at most
+    MAX_POLL_MS. Clamped before the conversion: a huge finite timeout times 1000 is inf,
+    which int() refuses."""
+    return max(0, int(min(seconds * 1000 + 0.999, MAX_POLL_MS)))
+
+
 def _ms_until(deadline: float) -> int:
-    """poll()'s timeout for ``deadline``: whole milliseconds, rounded up (never down to 0,
-    which would make a short wait spin, nor to -1, which blocks)."""
-    return max(0, min(MAX_POLL_MS, int((deadline - time.monotonic()) * 1000 + 0.999)))
+    """poll()'s timeout for ``deadline`` (time.monotonic() seconds): see :func:`poll_ms`."""
+    return poll_ms(deadline - time.monotonic())
 
 
 def _left(deadline: float) -> float:

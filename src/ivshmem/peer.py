@@ -76,12 +76,12 @@ from ._args import flag_arg, int_arg, peer_arg, range_arg, seconds_arg, timeout_
 from ._eventfd import try_read
 from ._scm import received_fds
 from .endpoint import (
-    MAX_POLL_MS,
     NUMBER_TYPES,
     VECTOR_TYPES,
     EventfdEndpoint,
     Spinner,
     make_spinner,
+    poll_ms,
 )
 from .errors import (
     ClosedError,
@@ -576,7 +576,7 @@ def _handshake_sync(
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         while (wait := handshake.step()) is not None:
-            poller.poll(-1 if wait == _INF else max(0, min(MAX_POLL_MS, int(wait * 1000) + 1)))
+            poller.poll(-1 if wait == _INF else poll_ms(wait))
     except BaseException:
         conn.close()
         raise
@@ -1152,11 +1152,7 @@ class Peer(EventfdEndpoint):
                     if _clock() >= end:
                         break
         # poll() counts whole milliseconds: round a timeout up, never down to "block".
-        ms = (
-            -1
-            if deadline is None
-            else max(0, min(MAX_POLL_MS, int((deadline - time.monotonic()) * 1000 + 0.999)))
-        )
+        ms = -1 if deadline is None else poll_ms(deadline - time.monotonic())
         try:
             events = cached[0](ms)
         except RuntimeError:  # another thread is polling this set
@@ -1201,10 +1197,7 @@ class Peer(EventfdEndpoint):
                     continue
             cached = self._poller(vector)
             poll, wanted, sock_fd, _, _ = cached
-            if deadline is None:
-                ms = -1
-            else:
-                ms = max(0, min(MAX_POLL_MS, int((deadline - time.monotonic()) * 1000 + 0.999)))
+            ms = -1 if deadline is None else poll_ms(deadline - time.monotonic())
             try:
                 events = poll(ms)
             except RuntimeError:
