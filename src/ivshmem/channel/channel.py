@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .._eventfd import NOWAIT_READS, try_read
-from ..endpoint import Endpoint
+from ..endpoint import Endpoint, poll_ms
 from ..errors import (
     ConnectionLostError,
     DoorbellUnavailableError,
@@ -614,7 +614,7 @@ class _End:
             self.endpoint.wait(self.vector, timeout=max(0.0, seconds), spin=0)
             return False
         membership = False
-        for fd, _ in self._poller.poll(max(0, int(seconds * 1000 + 0.999))):
+        for fd, _ in self._poller.poll(poll_ms(seconds)):
             if fd != self._fds[0]:
                 # try_read, not a plain read: the peers hold this fd too, and one that cleared
                 # O_NONBLOCK and took the count since poll() would make a read block for good.
