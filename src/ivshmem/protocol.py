@@ -207,16 +207,21 @@ class PeerTable(Generic[FdT]):
         """Add ``peer`` with one fd per vector, like :meth:`join`, but return the peers that
         were already here (with their fds, in the order :meth:`join` announces them)
         instead of a list of :class:`Send`: for a caller that builds its messages itself."""
+        before = list(self._peers.items())
+        self.put(peer, vector_fds)
+        return before
+
+    def put(self, peer: int, vector_fds: Sequence[FdT]) -> None:
+        """Add ``peer`` with one fd per vector and return nothing: for a caller that sends a
+        join's messages from its own copy of the table (the server's C fan-out)."""
         if not 0 <= peer <= MAX_PEER_ID:
             raise UsageError(f"peer id {peer} is out of range 0..{MAX_PEER_ID}")
         if peer in self._peers:
             raise UsageError(f"peer id {peer} is already in use")
         if not 0 <= len(vector_fds) <= MAX_VECTORS:
             raise UsageError(f"{len(vector_fds)} vectors: at most {MAX_VECTORS} are supported")
-        before = list(self._peers.items())
         self._peers[peer] = tuple(vector_fds)
         self._next_id = (peer + 1) & MAX_PEER_ID
-        return before
 
     @property
     def shm(self) -> FdT:

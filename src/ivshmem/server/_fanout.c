@@ -287,6 +287,463 @@ error:
     return NULL;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Wire: the peers' sockets and eventfds, kept here so that a join's or a leave's fan-out is
+ * one call that looks at nothing in Python. It mirrors the server's peer table (core.py adds
+ * and removes each peer here as it adds it to and removes it from the table) and, per peer,
+ * whether messages may go straight to its socket: a peer is HELD from the moment the
+ * kernel refuses it a message (or takes one in part), or queues.py queues anything for it,
+ * until queues.py has flushed its queue empty and releases it. Nothing is ever sent here to
+ * a held peer: what a join or a leave has for it is handed back, in order, to be queued.
+ *
+ *   Wire(vectors, shm_fd)
+ *   add(peer, sock, eventfds)      a peer joins the table (not held)
+ *   remove(peer)                   it leaves (nothing announced)
+ *   hold(peer) / release(peer)     queues.py queues for it / has flushed it empty
+ *   join(peer) -> (sent, newcomer_sent, rest, partials)
+ *   leave(peer) -> (sent, rest, partials)   removes it and tells every other peer
+ *   stats(peer) -> (sent, progress)
+ *
+ * join() sends what PeerTable.join lists, in its order: to each other peer, in table order,
+ * the newcomer's vectors (value: its id); then to the newcomer the version, its id, the
+ * region's fd, each other peer's vectors and its own. leave() sends each other peer the
+ * leaver's id. ``rest`` lists the messages not sent, as (recipient, value, owner, vector):
+ * the fd is owner's eventfd ``vector``, or the region's (owner -1), or none (owner -2).
+ * ``partials`` lists (recipient, value, bytes taken) for a message taken in part (counted
+ * as sent: its fd went with byte 0). ``sent`` counts every message sent; ``stats`` gives,
+ * per peer, how many were sent to it here and when the last one was (time.monotonic()).
+ * -------------------------------------------------------------------------------------- */
+
+#include <time.h>
+
+#define MAX_PEERS 65536
+#define NO_FD (-2)
+#define SHM_FD (-1)
+#define PROTOCOL_VERSION 0
+#define SHM_MARKER (-1)
+
+typedef struct entry {
+    int peer;
+    int sock;
+    int held;
+    unsigned long long sent;
+    double progress;
+    struct entry *prev, *next; /* table order: the order of joining */
+    int fds[];                 /* one per vector */
+} entry_t;
+
+typedef struct {
+    PyObject_HEAD
+    int vectors;
+    int shm;
+    Py_ssize_t count;
+    entry_t *first, *last;
+    entry_t **by_id; /* MAX_PEERS slots */
+} WireObject;
+
+static double monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int wire_init(WireObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"vectors", "shm_fd", NULL};
+    int vectors, shm;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii", kwlist, &vectors, &shm))
+        return -1;
+    if (vectors < 0 || vectors > 65536 || shm < 0) {
+        PyErr_SetString(PyExc_ValueError, "Wire: vectors must be 0..65536 and shm_fd >= 0");
+        return -1;
+    }
+    if (self->by_id == NULL) {
+        self->by_id = PyMem_Calloc(MAX_PEERS, sizeof(entry_t *));
+        if (self->by_id == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    self->vectors = vectors;
+    self->shm = shm;
+    return 0;
+}
+
+static void wire_unlink(WireObject *self, entry_t *e)
+{
+    if (e->prev)
+        e->prev->next = e->next;
+    else
+        self->first = e->next;
+    if (e->next)
+        e->next->prev = e->prev;
+    else
+        self->last = e->prev;
+    self->by_id[e->peer] = NULL;
+    self->count--;
+    PyMem_Free(e);
+}
+
+static void wire_dealloc(WireObject *self)
+{
+    if (self->by_id != NULL) {
+        while (self->first != NULL)
+            wire_unlink(self, self->first);
+        PyMem_Free(self->by_id);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The entry of ``peer`` (a Python int), or NULL with KeyError/ValueError set. */
+static entry_t *wire_find(WireObject *self, PyObject *arg, int *id)
+{
+    int overflow = 0;
+    long peer = PyLong_AsLongAndOverflow(arg, &overflow);
+    if (peer == -1 && PyErr_Occurred())
+        return NULL;
+    if (overflow || peer < 0 || peer >= MAX_PEERS) {
+        PyErr_Format(PyExc_ValueError, "peer id out of range 0..%d", MAX_PEERS - 1);
+        return NULL;
+    }
+    if (id != NULL)
+        *id = (int)peer;
+    entry_t *e = self->by_id == NULL ? NULL : self->by_id[peer];
+    if (e == NULL && id == NULL)
+        PyErr_Format(PyExc_KeyError, "peer %ld is not on the wire", peer);
+    return e;
+}
+
+static PyObject *wire_add(WireObject *self, PyObject *args)
+{
+    PyObject *peer_obj, *fds_obj;
+    int sock;
+    if (self->by_id == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Wire was not initialised");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OiO", &peer_obj, &sock, &fds_obj))
+        return NULL;
+    int peer;
+    if (wire_find(self, peer_obj, &peer) != NULL) {
+        PyErr_Format(PyExc_ValueError, "peer %d is already on the wire", peer);
+        return NULL;
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *seq = PySequence_Fast(fds_obj, "eventfds must be a sequence of ints");
+    if (seq == NULL)
+        return NULL;
+    if (PySequence_Fast_GET_SIZE(seq) != self->vectors || sock < 0) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "add: need a socket fd and %d eventfds", self->vectors);
+        return NULL;
+    }
+    entry_t *e = PyMem_Malloc(sizeof(entry_t) + sizeof(int) * (size_t)self->vectors);
+    if (e == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (int v = 0; v < self->vectors; v++) {
+        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, v));
+        if ((fd == -1 && PyErr_Occurred()) || fd < 0 || fd > INT32_MAX) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "add: an eventfd out of range");
+            PyMem_Free(e);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        e->fds[v] = (int)fd;
+    }
+    Py_DECREF(seq);
+    e->peer = peer;
+    e->sock = sock;
+    e->held = 0;
+    e->sent = 0;
+    e->progress = 0.0;
+    e->next = NULL;
+    e->prev = self->last;
+    if (self->last)
+        self->last->next = e;
+    else
+        self->first = e;
+    self->last = e;
+    self->by_id[peer] = e;
+    self->count++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *wire_remove(WireObject *self, PyObject *arg)
+{
+    entry_t *e = wire_find(self, arg, NULL);
+    if (e == NULL)
+        return NULL;
+    wire_unlink(self, e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *wire_set_held(WireObject *self, PyObject *arg, int held)
+{
+    entry_t *e = wire_find(self, arg, NULL);
+    if (e == NULL)
+        return NULL;
+    e->held = held;
+    Py_RETURN_NONE;
+}
+
+static PyObject *wire_hold(WireObject *self, PyObject *arg) { return wire_set_held(self, arg, 1); }
+
+static PyObject *wire_release(WireObject *self, PyObject *arg)
+{
+    return wire_set_held(self, arg, 0);
+}
+
+static PyObject *wire_stats(WireObject *self, PyObject *arg)
+{
+    entry_t *e = wire_find(self, arg, NULL);
+    if (e == NULL)
+        return NULL;
+    return Py_BuildValue("(Kd)", e->sent, e->progress);
+}
+
+static PyObject *wire_is_held(WireObject *self, PyObject *arg)
+{
+    entry_t *e = wire_find(self, arg, NULL);
+    if (e == NULL)
+        return NULL;
+    return PyBool_FromLong(e->held);
+}
+
+/* One fan-out in progress: the result lists and what was sent. */
+typedef struct {
+    run_t *run;
+    PyObject *rest;
+    PyObject *partials;
+    long long sent;
+    double now;
+} out_t;
+
+static int note_rest(out_t *out, int recipient, long long value, int owner, int vector)
+{
+    PyObject *item = Py_BuildValue("(iLii)", recipient, value, owner, vector);
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(out->rest, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+/* Send messages [0, n) of out->run to ``e`` (not held); owners[k]/vectors[k] say whose fd
+ * message k carries, for ``rest``. Whatever the kernel does not take holds ``e`` and is
+ * listed in ``rest``. Returns how many were sent, or -1 with an exception set. */
+static long send_to(out_t *out, entry_t *e, int n, const int *owners, const int *vecs,
+                    const long long *values)
+{
+    long sent = 0;
+    if (!e->held) {
+        long last_len = 8;
+        sent = send_run(e->sock, out->run, n, &last_len);
+        if (sent < 0) {
+            sent = 0;
+            e->held = 1;
+        } else {
+            e->sent += (unsigned long long)sent;
+            e->progress = out->now;
+            out->sent += sent;
+            if (last_len < 8) {
+                e->held = 1;
+                PyObject *item = Py_BuildValue("(iLl)", e->peer, values[sent - 1], last_len);
+                if (item == NULL)
+                    return -1;
+                int rc = PyList_Append(out->partials, item);
+                Py_DECREF(item);
+                if (rc < 0)
+                    return -1;
+            } else if (sent < n) {
+                e->held = 1;
+            }
+        }
+    }
+    for (long k = sent; k < n; k++)
+        if (note_rest(out, e->peer, values[k], owners[k], vecs[k]) < 0)
+            return -1;
+    return sent;
+}
+
+/* A run being filled for one recipient, flushed to it every BATCH messages. */
+typedef struct {
+    int owners[BATCH];
+    int vecs[BATCH];
+    long long values[BATCH];
+    int n;
+    long total; /* sent to this recipient by the runs flushed so far */
+} fill_t;
+
+static int fill_flush(out_t *out, entry_t *to, fill_t *f)
+{
+    if (f->n == 0)
+        return 0;
+    long sent = send_to(out, to, f->n, f->owners, f->vecs, f->values);
+    f->n = 0;
+    if (sent < 0)
+        return -1;
+    f->total += sent;
+    return 0;
+}
+
+static int fill_add(out_t *out, entry_t *to, fill_t *f, long long value, int fd, int owner,
+                    int vector)
+{
+    int k = f->n;
+    encode(out->run->bytes[k], value);
+    out->run->fds[k] = fd;
+    f->owners[k] = owner;
+    f->vecs[k] = vector;
+    f->values[k] = value;
+    f->n++;
+    if (f->n == BATCH)
+        return fill_flush(out, to, f);
+    return 0;
+}
+
+static int out_start(out_t *out)
+{
+    out->run = PyMem_Malloc(sizeof *out->run);
+    out->rest = PyList_New(0);
+    out->partials = PyList_New(0);
+    out->sent = 0;
+    out->now = monotonic_now();
+    if (out->run == NULL || out->rest == NULL || out->partials == NULL) {
+        if (out->run == NULL)
+            PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void out_clear(out_t *out)
+{
+    PyMem_Free(out->run);
+    Py_XDECREF(out->rest);
+    Py_XDECREF(out->partials);
+}
+
+static PyObject *wire_join(WireObject *self, PyObject *arg)
+{
+    entry_t *newcomer = wire_find(self, arg, NULL);
+    if (newcomer == NULL)
+        return NULL;
+    out_t out;
+    fill_t *f = PyMem_Malloc(sizeof *f);
+    if (f == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (out_start(&out) < 0)
+        goto error;
+    int peer = newcomer->peer, V = self->vectors;
+    /* The announcements: each other peer gets the newcomer's vectors. */
+    for (entry_t *e = self->first; e != NULL; e = e->next) {
+        if (e == newcomer)
+            continue;
+        f->n = 0;
+        f->total = 0;
+        for (int v = 0; v < V; v++)
+            if (fill_add(&out, e, f, peer, newcomer->fds[v], peer, v) < 0)
+                goto error;
+        if (fill_flush(&out, e, f) < 0)
+            goto error;
+    }
+    /* The handshake. */
+    f->n = 0;
+    f->total = 0;
+    if (fill_add(&out, newcomer, f, PROTOCOL_VERSION, -1, NO_FD, 0) < 0 ||
+        fill_add(&out, newcomer, f, peer, -1, NO_FD, 0) < 0 ||
+        fill_add(&out, newcomer, f, SHM_MARKER, self->shm, SHM_FD, 0) < 0)
+        goto error;
+    for (entry_t *e = self->first; e != NULL; e = e->next) {
+        if (e == newcomer)
+            continue;
+        for (int v = 0; v < V; v++)
+            if (fill_add(&out, newcomer, f, e->peer, e->fds[v], e->peer, v) < 0)
+                goto error;
+    }
+    for (int v = 0; v < V; v++)
+        if (fill_add(&out, newcomer, f, peer, newcomer->fds[v], peer, v) < 0)
+            goto error;
+    if (fill_flush(&out, newcomer, f) < 0)
+        goto error;
+    long mine = f->total;
+    PyMem_Free(f);
+    PyMem_Free(out.run);
+    return Py_BuildValue("(LlNN)", out.sent, mine, out.rest, out.partials);
+error:
+    PyMem_Free(f);
+    out_clear(&out);
+    return NULL;
+}
+
+static PyObject *wire_leave(WireObject *self, PyObject *arg)
+{
+    entry_t *leaver = wire_find(self, arg, NULL);
+    if (leaver == NULL)
+        return NULL;
+    int peer = leaver->peer;
+    wire_unlink(self, leaver);
+    out_t out;
+    if (out_start(&out) < 0) {
+        out_clear(&out);
+        return NULL;
+    }
+    static const int owners[1] = {NO_FD}, vecs[1] = {0};
+    long long values[1] = {peer};
+    encode(out.run->bytes[0], peer);
+    out.run->fds[0] = -1;
+    for (entry_t *e = self->first; e != NULL; e = e->next) {
+        if (send_to(&out, e, 1, owners, vecs, values) < 0) {
+            out_clear(&out);
+            return NULL;
+        }
+    }
+    PyMem_Free(out.run);
+    return Py_BuildValue("(LNN)", out.sent, out.rest, out.partials);
+}
+
+static Py_ssize_t wire_len(WireObject *self) { return self->count; }
+
+static PyMethodDef wire_methods[] = {
+    {"add", (PyCFunction)wire_add, METH_VARARGS,
+     "add(peer, sock, eventfds): a peer joins the table (not held)."},
+    {"remove", (PyCFunction)wire_remove, METH_O, "remove(peer): it leaves, unannounced."},
+    {"hold", (PyCFunction)wire_hold, METH_O, "hold(peer): send it nothing directly."},
+    {"release", (PyCFunction)wire_release, METH_O,
+     "release(peer): its queue is flushed empty: send to it directly again."},
+    {"held", (PyCFunction)wire_is_held, METH_O, "held(peer) -> bool."},
+    {"stats", (PyCFunction)wire_stats, METH_O,
+     "stats(peer) -> (messages sent to it here, time.monotonic() of the last)."},
+    {"join", (PyCFunction)wire_join, METH_O,
+     "join(peer) -> (sent, newcomer_sent, rest, partials): send a join's messages."},
+    {"leave", (PyCFunction)wire_leave, METH_O,
+     "leave(peer) -> (sent, rest, partials): remove peer and tell everyone else."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods wire_as_sequence = {
+    .sq_length = (lenfunc)wire_len,
+};
+
+static PyTypeObject WireType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ivshmem.server._fanout.Wire",
+    .tp_basicsize = sizeof(WireObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The peers' sockets and eventfds, for fan-outs in one call (see _fanout.c).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)wire_init,
+    .tp_dealloc = (destructor)wire_dealloc,
+    .tp_methods = wire_methods,
+    .tp_as_sequence = &wire_as_sequence,
+};
+
 static PyMethodDef fanout_methods[] = {
     {"send", fanout_send, METH_VARARGS,
      "send(sends, socks) -> (index, rest, partials): make the direct sends of a fan-out "
@@ -307,7 +764,8 @@ PyMODINIT_FUNC PyInit__fanout(void)
     PyObject *module = PyModule_Create(&fanout_module);
     if (module == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(module, "PARTIAL", PARTIAL) < 0) {
+    if (PyModule_AddIntConstant(module, "PARTIAL", PARTIAL) < 0 || PyType_Ready(&WireType) < 0 ||
+        PyModule_AddObjectRef(module, "Wire", (PyObject *)&WireType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

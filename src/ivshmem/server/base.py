@@ -19,6 +19,7 @@ from .fds import SharedFd
 from .regionguard import RegionGuard, RegionMembership
 
 if TYPE_CHECKING:
+    from ._fanout import Wire
     from .admission import _Source
     from .core import Server
     from .flow import _SendStall
@@ -72,6 +73,9 @@ class ServerBase:
     _shm: SharedMemory | None
     _shm_ref: SharedFd | None
     _table: PeerTable[SharedFd] | None
+    #: The C fan-out's copy of the table (queues.py), or None: then joins and leaves are
+    #: sent from lists of messages (:meth:`QueuesMixin._dispatch`).
+    _wire: Wire | None
     _listener: socket.socket | None
     _status_listener: socket.socket | None
     _clients: dict[int, _Client]
@@ -115,3 +119,4 @@ class ServerBase:
         def _judge_reader(self, client: _Client) -> None: ...
         def _handshake_sent(self, client: _Client) -> None: ...
         def _check_region(self) -> None: ...
+        def _sent_to(self, client: _Client) -> tuple[int, float]: ...

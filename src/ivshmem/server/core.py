@@ -20,6 +20,7 @@ import signal
 import socket
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from ..memory import SharedMemory, format_size
@@ -38,6 +39,9 @@ from .regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership, ring_eve
 from .shortage import _BACKOFF_MIN, ShortageMixin, _Shortage
 from .sockets import listen, sd_notify
 from .status import _ACCEPT_BURST, StatusMixin
+
+if TYPE_CHECKING:
+    from ._fanout import Wire
 
 log = logging.getLogger("ivshmem.server")
 
@@ -67,6 +71,7 @@ class Server(
         self._shm: SharedMemory | None = None
         self._shm_ref: SharedFd | None = None
         self._table: PeerTable[SharedFd] | None = None
+        self._wire: Wire | None = None
         self._listener: socket.socket | None = None
         self._status_listener: socket.socket | None = None
         self._clients: dict[int, _Client] = {}
@@ -261,6 +266,7 @@ class Server(
             log.info("closing %d client connection(s)", len(self._clients))
         for client in list(self._clients.values()):
             self._drop(client, announce=False)
+        self._wire = None
         while self._parked:
             self._parked.popleft()[0].close()
         self._close_waiting()
@@ -443,15 +449,23 @@ class Server(
         self._backoff = _BACKOFF_MIN
         client = _Client(conn, peer, creds)
         self._clients[peer] = client
+        wire = self._wire
+        sends: list[Message] = []
         # The table's entry owns the holders' first reference from here on.
-        before = self._table.add(peer, holders)
-        # What PeerTable.join lists, as tuples: the announcements to the peers already here
-        # first (so they know of the newcomer before it can ring them), then its handshake.
-        sends: list[Message] = [(other, peer, fd) for other, _ in before for fd in holders]
-        sends += [(peer, PROTOCOL_VERSION, None), (peer, peer, None)]
-        sends.append((peer, SHM_MARKER, self._table.shm))
-        sends += [(peer, other, fd) for other, other_fds in before for fd in other_fds]
-        sends += [(peer, peer, fd) for fd in holders]
+        if wire is not None:
+            # The C fan-out's copy of the table sends the join from there.
+            self._table.put(peer, holders)
+            wire.add(peer, client.fd, [holder.fileno() for holder in holders])
+        else:
+            before = self._table.add(peer, holders)
+            # What PeerTable.join lists, as tuples: the announcements to the peers already
+            # here first (so they know of the newcomer before it can ring them), then its
+            # handshake.
+            sends = [(other, peer, fd) for other, _ in before for fd in holders]
+            sends += [(peer, PROTOCOL_VERSION, None), (peer, peer, None)]
+            sends.append((peer, SHM_MARKER, self._table.shm))
+            sends += [(peer, other, fd) for other, other_fds in before for fd in other_fds]
+            sends += [(peer, peer, fd) for fd in holders]
         self._counters.joins += 1
         client.handshake_left = 3 + self.config.vectors * len(self._table)
         self._source_started(client)
@@ -461,7 +475,10 @@ class Server(
         # Listed in the membership table before it is sent anything, so a peer that looks at
         # the table right after its handshake finds itself there.
         self._membership_joined(peer)
-        self._dispatch(sends)
+        if wire is not None:
+            self._send_join(wire, client)
+        else:
+            self._dispatch(sends)
         # Logged once the messages are out: the log line is not on the clients' path.
         log.info(
             "peer %d joined (pid %d, uid %d); %d peer(s) connected",
@@ -520,6 +537,7 @@ class Server(
         self._clients.pop(peer, None)
         table = self._table
         fds: tuple[SharedFd, ...] = ()
+        wire = self._wire
         if table is not None and peer in table:
             fds = table.remove(peer)
             self._counters.leaves += 1
@@ -530,7 +548,12 @@ class Server(
                 # Also at shutdown (announce=False): the table must not list peers of a
                 # server that is gone.
                 self._membership.left(peer)
-            if announce:
+            if wire is not None:
+                if announce:
+                    self._send_leave(wire, peer, fds)
+                else:
+                    wire.remove(peer)
+            elif announce:
                 # Where its whole join is still queued, the join and this leave cancel out.
                 collapse = self._collapse_join
                 self._dispatch(

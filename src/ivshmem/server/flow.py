@@ -82,7 +82,9 @@ class FlowMixin(ServerBase):
             return 0
 
     def _unread_all(self) -> dict[int, tuple[int, int]]:
-        return {peer: (self._unread(cl), cl.sent) for peer, cl in self._clients.items()}
+        return {
+            peer: (self._unread(cl), self._sent_to(cl)[0]) for peer, cl in self._clients.items()
+        }
 
     def _stalled(self, client: _Client, err: OSError) -> None:
         """The kernel would not take a message for ``client`` for a reason that is nobody's

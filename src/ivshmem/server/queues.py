@@ -11,10 +11,14 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from ..protocol import encode
 from .base import ServerBase
 from .fds import SharedFd
+
+if TYPE_CHECKING:
+    from ._fanout import Wire
 
 log = logging.getLogger("ivshmem.server")
 
@@ -41,6 +45,16 @@ def _load_fanout() -> _Fanout | None:
     except ImportError:
         return None
     return send
+
+
+def new_wire(vectors: int, shm_fd: int) -> Wire | None:
+    """The C fan-out's copy of the peer table (``_fanout.Wire``), or None where the C
+    fan-out is not used: joins and leaves are then sent from lists of messages."""
+    if _FANOUT is None:
+        return None
+    from ._fanout import Wire
+
+    return Wire(vectors, shm_fd)
 
 
 #: One message to send: (recipient, value, fd or None) -- what protocol.Send says, as a tuple.
@@ -73,6 +87,7 @@ class _Client:
         "fds",
         "gid",
         "handshake_left",
+        "held",
         "joins_queued",
         "judging",
         "partial",
@@ -106,6 +121,10 @@ class _Client:
         self.dirty = False  # in the server's to-flush list
         self.writing = False  # registered with add_writer
         self.blocked = False  # waiting for the kernel to take fds again (a send stall)
+        #: The C fan-out's copy of the table holds it (sends it nothing directly): set
+        #: before anything is queued for it (or a message is taken in part), cleared when
+        #: its queue has been flushed empty.
+        self.held = False
         #: A check of whether it reads is scheduled (its queue passed the bound).
         self.judging = False
         #: When the kernel last took a message for it (or it connected): a reader's socket
@@ -149,6 +168,11 @@ class QueuesMixin(ServerBase):
             queued, direct = self._dispatch_py(sends, limit)
         else:
             queued, direct = self._dispatch_c(fanout, sends, limit)
+        self._dispatched(queued, direct)
+
+    def _dispatched(self, queued: int, direct: int) -> None:
+        """Account for a fan-out: ``direct`` messages sent, ``queued`` queued; schedule the
+        queue budget's check and the flushing."""
         if direct:
             self._counters.messages_sent += direct
         self._queued_total += queued
@@ -261,6 +285,82 @@ class QueuesMixin(ServerBase):
             direct += more_sent
         return queued, direct
 
+    def _send_join(self, wire: Wire, client: _Client) -> None:
+        """Send ``client``'s join -- the announcements, then its handshake -- through the C
+        fan-out's copy of the table, which sends what it can in one call; queue the rest."""
+        direct, mine, rest, partials = wire.join(client.peer)
+        if mine and client.handshake_left:
+            client.handshake_left = max(0, client.handshake_left - mine)
+            if not client.handshake_left:
+                self._handshake_sent(client)
+        self._dispatched(self._queue_rest(rest, partials), direct)
+
+    def _send_leave(self, wire: Wire, peer: int, holders: tuple[SharedFd, ...]) -> None:
+        """Tell every other peer that ``peer`` (whose vector fds were ``holders``) left,
+        through the C fan-out's copy of the table; where its whole join is still queued for
+        a client, the join and the leave cancel out there."""
+        direct, rest, partials = wire.leave(peer)
+        if rest:
+            clients, collapse = self._clients, self._collapse_join
+            kept = []
+            for item in rest:
+                client = clients.get(item[0])
+                if client is not None and client.joins_queued and collapse(peer, holders, client):
+                    continue  # it never hears of the peer: no leave for it either
+                kept.append(item)
+            rest = kept
+        queued = self._queue_rest(rest, partials) if rest or partials else 0
+        self._dispatched(queued, direct)
+
+    def _queue_rest(
+        self, rest: list[tuple[int, int, int, int]], partials: list[tuple[int, int, int]]
+    ) -> int:
+        """Queue what the C fan-out did not send -- (recipient, value, owner, vector): the fd
+        is ``owner``'s eventfd ``vector``, the region's (owner -1) or none (-2) -- after the
+        tail of a message it sent in part. Returns how many were queued."""
+        clients = self._clients
+        for recipient, value, taken in partials:
+            partial_client = clients.get(recipient)
+            if partial_client is not None:
+                self._keep_partial(partial_client, _PACK(value)[taken:])
+        if not rest:
+            return 0
+        table = self._table
+        assert table is not None
+        limit = self._queue_limit()
+        queued = 0
+        for recipient, value, owner, vector in rest:
+            client = clients.get(recipient)
+            if client is None or client.closed:
+                continue
+            if owner == -2:
+                fd = None
+            elif owner == -1:
+                fd = table.shm
+            else:
+                fd = table.vectors_of(owner)[vector]
+            self._enqueue(client, value, fd, limit)
+            queued += 1
+        return queued
+
+    def _sent_to(self, client: _Client) -> tuple[int, float]:
+        """(messages sent to ``client``, when the kernel last took one), counting those
+        the C fan-out sent straight from its copy of the table."""
+        sent, progress = client.sent, client.progress_at
+        wire = self._wire
+        if wire is not None and not client.closed:
+            direct, last = wire.stats(client.peer)
+            sent += direct
+            progress = max(progress, last)
+        return sent, progress
+
+    def _hold(self, client: _Client) -> None:
+        """Nothing more goes straight to ``client``'s socket until its queue is flushed."""
+        client.held = True
+        wire = self._wire
+        if wire is not None and not client.closed:
+            wire.hold(client.peer)
+
     def _sent_direct(self, socks: dict[int, list[int]]) -> int:
         """Account for what the C fan-out sent: each client's count, its progress and its
         handshake. Returns the messages sent in all."""
@@ -285,12 +385,16 @@ class QueuesMixin(ServerBase):
         """The kernel took only part of a message (its fd went with byte 0): the rest goes
         when ``client``'s socket has room, before anything else."""
         client.partial = tail
+        if not client.held:
+            self._hold(client)
         if not client.dirty:
             client.dirty = True
             self._dirty.append(client)
 
     def _enqueue(self, client: _Client, value: int, fd: SharedFd | None, limit: int) -> None:
         """Queue one message for ``client`` (taking a reference to the fd it carries)."""
+        if not client.held:
+            self._hold(client)
         client.queue.append(value)
         if fd is None:
             client.fds.append(None)
@@ -326,7 +430,7 @@ class QueuesMixin(ServerBase):
             if client.closed or len(client.queue) <= limit:
                 return
         now = time.monotonic()
-        idle = now - client.progress_at
+        idle = now - self._sent_to(client)[1]
         if idle < _READ_GRACE or client.blocked:
             # It read recently (or the kernel is refusing everyone: flow.py judges that).
             client.judging = True
@@ -547,3 +651,9 @@ class QueuesMixin(ServerBase):
         if client.writing and self._loop is not None:
             client.writing = False
             self._loop.remove_writer(client.fd)
+        if client.held and not (client.closed or client.blocked or client.writing):
+            # Flushed empty: what comes next may go straight to its socket again.
+            client.held = False
+            wire = self._wire
+            if wire is not None:
+                wire.release(client.peer)

@@ -22,6 +22,7 @@ from ..memory import (
 from ..protocol import PeerTable
 from .base import ServerBase
 from .fds import SharedFd
+from .queues import new_wire
 from .regionguard import RegionGuard, RegionMembership
 
 log = logging.getLogger("ivshmem.server")
@@ -99,6 +100,7 @@ class RegionMixin(ServerBase):
         self._guard = RegionGuard(shm)
         self._shm_ref = SharedFd(shm.fd, close=lambda _fd: shm.close())
         self._table = PeerTable(self._shm_ref, first_id=cfg.first_id)
+        self._wire = new_wire(cfg.vectors, shm.fd)
 
     def _check_layout_fits(self, size: int) -> None:
         """Before a named region is grown: refuse to start if it carries a channel layout

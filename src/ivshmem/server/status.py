@@ -66,7 +66,7 @@ class StatusMixin(ServerBase):
                     "gid": cl.gid,
                     "queued": len(cl.queue),
                     "unread": unread[cl.peer],
-                    "sent": cl.sent,
+                    "sent": self._sent_to(cl)[0],
                     "connected_seconds": round(now - cl.connected_at, 3),
                 }
                 for cl in clients
