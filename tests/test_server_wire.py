@@ -180,7 +180,11 @@ def test_clients_that_stop_reading_again_and_again_keep_a_true_view(
             reading = steady if round_ % 2 == 0 else everyone
             for k in range(70):
                 comer = RawPeer(server.socket_path)
-                pump_all([comer, *reading], lambda c=comer: c.id is not None, timeout=30)
+
+                def joined(c: RawPeer = comer) -> bool:
+                    return c.id is not None
+
+                pump_all([comer, *reading], joined, timeout=30)
                 if k % 20 == 0:
                     stayers.append(comer)  # some stay (their joins must not be lost) ...
                 else:

@@ -468,7 +468,8 @@ class Server(
             sends += [(peer, peer, fd) for fd in holders]
         self._counters.joins += 1
         client.handshake_left = 3 + self.config.vectors * len(self._table)
-        self._source_started(client)
+        if wire is None:
+            self._source_started(client)
         self._loop.add_reader(client.fd, self._on_client_readable, client)
         # Before the newcomer is sent the fd: it must map the region at its right size.
         self._check_region()

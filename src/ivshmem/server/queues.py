@@ -289,10 +289,11 @@ class QueuesMixin(ServerBase):
         """Send ``client``'s join -- the announcements, then its handshake -- through the C
         fan-out's copy of the table, which sends what it can in one call; queue the rest."""
         direct, mine, rest, partials = wire.join(client.peer)
-        if mine and client.handshake_left:
-            client.handshake_left = max(0, client.handshake_left - mine)
-            if not client.handshake_left:
-                self._handshake_sent(client)
+        client.handshake_left = max(0, client.handshake_left - mine)
+        if client.handshake_left:
+            # Part of it is queued: it counts against its source until it goes out (a
+            # handshake sent whole never does: admission.py has nothing to bound).
+            self._source_started(client)
         self._dispatched(self._queue_rest(rest, partials), direct)
 
     def _send_leave(self, wire: Wire, peer: int, holders: tuple[SharedFd, ...]) -> None:
