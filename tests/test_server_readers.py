@@ -10,6 +10,7 @@ all closed after it stops.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import tempfile
@@ -156,6 +157,30 @@ def test_a_client_dropped_earlier_in_the_batch_is_not_handed_over(pairs: list[Pa
         fresh.close()
 
 
+def test_a_failing_handler_does_not_cost_the_rest_of_the_batch(
+    pairs: list[Pair], caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+
+    def on_readable(pair: Pair) -> None:
+        seen.append(pair.name)
+        if pair.name == "c0":
+            raise RuntimeError("a bug")
+
+    readers: ClientReaders[Pair] = ClientReaders(on_readable)
+    try:
+        for pair in pairs[:4]:
+            readers.add(pair.server.fileno(), pair)
+            pair.client.close()
+        with caplog.at_level(logging.ERROR, logger="ivshmem.server"):
+            readers.dispatch()
+        assert sorted(seen) == ["c0", "c1", "c2", "c3"]
+        assert "unexpected error while handling a client's socket" in caplog.text
+        assert "RuntimeError: a bug" in caplog.text
+    finally:
+        readers.close()
+
+
 def test_close_closes_the_epoll_fd_and_is_idempotent(pairs: list[Pair]) -> None:
     pairs[0].client.close()  # ready to read: nothing may hand it over after close()
     before = open_fds()
@@ -232,6 +257,8 @@ def test_a_client_that_sends_data_is_still_disconnected_with_a_warning(
         bad.sock.send(b"not a protocol")
         bad.wait_eof()
         good.wait(lambda: good.complete(set(range(1, 6)), 1))
+        # The line is logged just after the leave went out: it may trail what good read.
+        server.wait_until(lambda: "sent data" in server.log(), what="the warning")
         line = next(x for x in server.log().splitlines() if "sent data" in x)
         assert "WARNING" in line and f"peer {bad.id}" in line
         assert server.status()["counters"]["clients_sent_data"] == 1

@@ -15,11 +15,14 @@ loop: a socket can be in both sets at once.
 from __future__ import annotations
 
 import errno
+import logging
 import select
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from ..errors import ServerConfigError
+
+log = logging.getLogger("ivshmem.server")
 
 T = TypeVar("T")
 
@@ -119,8 +122,14 @@ class ClientReaders(Generic[T]):
             # and nothing in a batch accepts, so a number is at worst another live client's,
             # whose handler finds nothing to read and returns.
             client = clients.get(fd)
-            if client is not None:
+            if client is None:
+                continue
+            try:
                 on_readable(client)
+            except Exception:
+                # What asyncio did with a reader per client: one client's failure (a bug) is
+                # logged and the others of the batch are still served.
+                log.exception("unexpected error while handling a client's socket")
 
     def close(self) -> None:
         """Close the epoll set (after the caller removed its fd from the loop); forget every
