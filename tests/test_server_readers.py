@@ -298,3 +298,45 @@ def test_an_in_process_server_closes_its_epoll_fd_when_it_stops(short_tmp: Path)
     a.close()
     assert server._readers is None and readers.closed
     assert open_fds() == before  # the epoll set, the loop's and every client's fd: all closed
+
+
+def test_a_client_whose_socket_cannot_be_watched_is_refused_with_a_reason(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If the kernel will not watch a client's socket (ENOSPC past fs.epoll.max_user_watches,
+    ENOMEM), that client is refused and the server goes on. Made real here by putting
+    /dev/null under the epoll set's fd number, so every epoll_ctl on it fails (EINVAL)."""
+    before = open_fds()
+    config = ServerConfig(socket_path=str(short_tmp / "s"), backing="memfd", size=4096)
+    server = Server(config)
+    server.open()
+    thread = threading.Thread(target=run, args=(server,))
+    with caplog.at_level(logging.INFO, logger="ivshmem.server"):
+        thread.start()
+        try:
+            a = RawPeer(config.socket_path)
+            a.wait(lambda: a.complete(set(), 1))
+            readers = server._readers
+            assert readers is not None
+            with open("/dev/null") as devnull:
+                os.dup2(devnull.fileno(), readers.fileno())
+            b = RawPeer(config.socket_path)
+            b.wait_eof()  # refused before anything was sent to it
+            assert b.messages == 0
+            b.close()
+            deadline = time.monotonic() + 10
+            while "cannot watch its socket" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.status()["counters"]["clients_refused"] == 1
+            assert server.peers == frozenset({0})
+            a.pump()
+            assert a.complete(set(), 1) and not a.eof  # it never heard of b
+        finally:
+            server.stop()
+            thread.join(10)
+    assert not thread.is_alive()
+    a.wait_eof()
+    a.close()
+    line = next(x for x in caplog.text.splitlines() if "cannot watch its socket" in x)
+    assert "WARNING" in line and "epoll_ctl failed: Invalid argument" in line
+    assert open_fds() == before  # its eventfds and socket, and the set's number: all closed
