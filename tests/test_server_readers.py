@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from serverproc import RawPeer, ServerProcess, pump_all
 
+from ivshmem.errors import UsageError
 from ivshmem.protocol import PeerLeft
 from ivshmem.server import Server, ServerConfig, run
 from ivshmem.server.readers import ClientReaders, refusal
@@ -214,7 +215,7 @@ def test_an_fd_the_kernel_will_not_watch_is_refused_with_a_reason() -> None:
         assert len(readers) == 0
     finally:
         readers.close()
-    with pytest.raises(ValueError, match="maxevents"):
+    with pytest.raises(UsageError, match="maxevents"):
         ClientReaders(lambda _c: None, maxevents=0)
 
 

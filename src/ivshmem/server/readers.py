@@ -20,7 +20,7 @@ import select
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from ..errors import ServerConfigError
+from ..errors import ServerConfigError, UsageError
 
 log = logging.getLogger("ivshmem.server")
 
@@ -57,7 +57,7 @@ class ClientReaders(Generic[T]):
 
     def __init__(self, on_readable: Callable[[T], None], maxevents: int = MAX_EVENTS) -> None:
         if maxevents < 1:
-            raise ValueError(f"maxevents must be at least 1, not {maxevents}")
+            raise UsageError(f"maxevents must be at least 1, not {maxevents}")
         try:
             self._epoll: select.epoll | None = select.epoll()  # close-on-exec, like every fd
         except OSError as err:
