@@ -239,6 +239,7 @@ def test_a_leave_never_overtakes_a_queued_join(
 
     from ivshmem.server import Server, ServerConfig
     from ivshmem.server import queues as queues_mod
+    from ivshmem.server.readers import ClientReaders
 
     if path == "python":
         monkeypatch.setattr(queues_mod, "_FANOUT", None)
@@ -250,6 +251,7 @@ def test_a_leave_never_overtakes_a_queued_join(
         server.open()
         assert (server._wire is not None) == (path == "c")
         server._loop = loop
+        server._readers = ClientReaders(server._on_client_readable)  # as serve() makes it
         creds = (os.getpid(), os.getuid(), os.getgid())
         for name in "ABC":
             if name == "C":

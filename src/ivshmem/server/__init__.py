@@ -26,7 +26,8 @@ through :mod:`ivshmem.cli.server`), built to keep serving when clients misbehave
   sends bytes (a protocol violation that QEMU's server also answers with a disconnect), a
   client refused by the allow-list: each is logged and the server goes on.
 * **Scale.** The default asyncio selector on Linux is epoll, so fds above 1023 are fine, and
-  the soft fd limit is raised to the hard one at start.
+  the soft fd limit is raised to the hard one at start. Client sockets are watched for their
+  leave through one epoll set of the server's own (:mod:`.readers`), not a loop reader each.
 
 Clients never send anything on the ivshmem socket, so the status query lives on a second Unix
 socket (``status_socket``): connecting to it returns one JSON document (see

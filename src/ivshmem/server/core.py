@@ -4,7 +4,8 @@ Accepting, admitting (credentials, allow-list, eventfds) and dropping clients, a
 and stopping; everything else is in its own module of this package: the region
 (:mod:`.region`), queues (:mod:`.queues`), flow control (:mod:`.flow`), fd shortage
 (:mod:`.shortage`), the status socket (:mod:`.status`), access control (:mod:`.access`),
-listening sockets (:mod:`.sockets`) and the pid file (:mod:`.pidfile`).
+listening sockets (:mod:`.sockets`), the pid file (:mod:`.pidfile`) and the one epoll set
+that watches every client socket for its leave (:mod:`.readers`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .fds import SharedFd, raise_fd_limit
 from .flow import _SEND_RETRY_MIN, FlowMixin, _message_truesize, _SendStall
 from .pidfile import remove_pidfile, write_pidfile
 from .queues import Message, QueuesMixin, _Client
+from .readers import ClientReaders, refusal
 from .region import RegionMixin
 from .regionguard import CHECK_INTERVAL, RegionGuard, RegionMembership, ring_eventfd
 from .shortage import _BACKOFF_MIN, ShortageMixin, _Shortage
@@ -75,6 +77,8 @@ class Server(
         self._listener: socket.socket | None = None
         self._status_listener: socket.socket | None = None
         self._clients: dict[int, _Client] = {}
+        #: Every client's socket, watched for its leave (readers.py); made by serve().
+        self._readers: ClientReaders[_Client] | None = None
         self._dirty: list[_Client] = []
         self._flush_scheduled = False
         #: Messages in all clients' queues together (bounded by max_queued_total).
@@ -217,6 +221,10 @@ class Server(
                 except (RuntimeError, ValueError):
                     pass  # not the main thread: the embedder handles signals
             assert self._listener is not None
+            if not self._closed:
+                readers = ClientReaders(self._on_client_readable)
+                self._readers = readers
+                loop.add_reader(readers.fileno(), readers.dispatch)
             loop.add_reader(self._listener.fileno(), self._on_accept)
             if self._status_listener is not None:
                 loop.add_reader(self._status_listener.fileno(), self._on_status_accept)
@@ -280,6 +288,12 @@ class Server(
             self._guard_timer = None
         for task in list(self._tasks.status):
             task.cancel()
+        readers, self._readers = self._readers, None
+        if readers is not None:
+            if loop is not None:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(readers.fileno())
+            readers.close()
         for listener, path in (
             (self._listener, self.config.socket_path),
             (self._status_listener, self.config.status_socket),
@@ -446,8 +460,21 @@ class Server(
             self._counters.clients_refused += 1
             log.warning("cannot serve client pid %d: %s", pid, err)
             return True
-        self._backoff = _BACKOFF_MIN
         client = _Client(conn, peer, creds)
+        readers = self._readers
+        assert readers is not None
+        try:
+            readers.add(client.fd, client)
+        except OSError as err:
+            for holder in holders:
+                holder.release()
+            conn.close()
+            self._counters.clients_refused += 1
+            log.warning(
+                "cannot serve client pid %d: cannot watch its socket: %s", pid, refusal(err)
+            )
+            return True
+        self._backoff = _BACKOFF_MIN
         self._clients[peer] = client
         wire = self._wire
         sends: list[Message] = []
@@ -470,7 +497,6 @@ class Server(
         client.handshake_left = 3 + self.config.vectors * len(self._table)
         if wire is None:
             self._source_started(client)
-        self._loop.add_reader(client.fd, self._on_client_readable, client)
         # Before the newcomer is sent the fd: it must map the region at its right size.
         self._check_region()
         # Listed in the membership table before it is sent anything, so a peer that looks at
@@ -565,11 +591,12 @@ class Server(
                         and not (other.joins_queued and collapse(peer, fds, other))
                     ]
                 )
+        readers = self._readers
+        if readers is not None:
+            readers.discard(client.fd, client)  # before the close frees the number
         loop = self._loop
-        if loop is not None:
-            loop.remove_reader(client.fd)
-            if client.writing:
-                loop.remove_writer(client.fd)
+        if loop is not None and client.writing:
+            loop.remove_writer(client.fd)
         client.writing = False
         client.sock.close()
         self._handshake_sent(client)  # it will not take the rest: its source may go on
