@@ -59,6 +59,11 @@ def new_wire(vectors: int, shm_fd: int) -> Wire | None:
     return Wire(vectors, shm_fd)
 
 
+#: Whose fd a message the Wire did not send carries, besides a peer's id (``_fanout.c``'s
+#: SHM_FD and NO_FD): the region's, or none.
+_OWNER_SHM = -1
+_OWNER_NONE = -2
+
 #: One message to send: (recipient, value, fd or None) -- what protocol.Send says, as a tuple.
 Message = tuple[int, int, "SharedFd | None"]  # protocol.encode, without the call
 #: The C fan-out's signature (see _fanout.c).
@@ -336,9 +341,9 @@ class QueuesMixin(ServerBase):
             client = clients.get(recipient)
             if client is None or client.closed:
                 continue
-            if owner == -2:
+            if owner == _OWNER_NONE:
                 fd = None
-            elif owner == -1:
+            elif owner == _OWNER_SHM:
                 fd = table.shm
             else:
                 fd = table.vectors_of(owner)[vector]
