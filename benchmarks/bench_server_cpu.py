@@ -7,6 +7,9 @@ one at a time (each leave waits until the staying peers heard it), or all at onc
 by the number of joins or leaves, is the figure: it includes the fan-out's sends, which grow
 with the number of peers, so compare runs of the same parameters only.
 
+``--qemu`` also runs QEMU's own server (contrib/ivshmem-server, built once into a cache as
+for bench_join.py) on the same clients, and prints the ratio of medians (this / qemu).
+
 ``--other SRC`` also runs the server of another source tree (a directory holding the
 ``ivshmem`` package, e.g. ``src/`` of a ``git archive`` of main, with its C extensions copied
 in if it should use them) in the same run, alternating with this tree's, and prints the ratio
@@ -19,6 +22,7 @@ It first prints what watching one socket costs in this process: ``loop.add_reade
 
     .venv/bin/python benchmarks/bench_server_cpu.py
     .venv/bin/python benchmarks/bench_server_cpu.py --other /tmp/main/src --runs 15
+    .venv/bin/python benchmarks/bench_server_cpu.py --qemu --runs 11
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_join import cpu_seconds, pin, placement
+from bench_join import QemuServer, cpu_seconds, pin, placement
+from qemu_server import BuildError, build
 from serverproc import RawPeer, ServerProcess, pump_all
 
 
@@ -82,10 +87,50 @@ def watch_costs(sockets: int = 200, rounds: int = 100) -> tuple[float, float, fl
         loop.close()
 
 
+def measure(
+    socket_path: str, pid: int, stay: int, peers: int, storm: bool, server_cpu: int | None
+) -> tuple[float, float]:
+    """The server at ``socket_path`` (process ``pid``): its (µs per join, µs per leave)."""
+    if server_cpu is not None:
+        pin(pid, server_cpu)
+    staying = [RawPeer(socket_path) for _ in range(stay)]
+    comers: list[RawPeer] = []
+    leavers: list[RawPeer] = []
+    try:
+        ids = set(range(stay))
+        pump_all(staying, lambda: all(p.complete(ids - {p.id}, 1) for p in staying))
+
+        def heard(count: int) -> None:
+            # The comers read too, so that no queue grows in the server.
+            pump_all(staying + comers, lambda: all(len(p.peers) == count for p in staying))
+
+        cpu0 = cpu_seconds(pid)
+        for i in range(peers):
+            comer = RawPeer(socket_path)
+            comers.append(comer)
+            comer.wait(lambda c=comer: c.state.own_vectors == 1)  # type: ignore[misc]
+            heard(stay - 1 + i + 1)
+        cpu1 = cpu_seconds(pid)
+        leavers, comers[:] = comers[:], []
+        if storm:
+            for comer in leavers:
+                comer.close()
+            heard(stay - 1)
+        else:
+            for i, comer in enumerate(leavers):
+                comer.close()
+                heard(stay - 1 + peers - i - 1)
+        cpu2 = cpu_seconds(pid)
+    finally:
+        for peer in staying + comers + leavers:
+            peer.close()
+    return (cpu1 - cpu0) / peers * 1e6, (cpu2 - cpu1) / peers * 1e6
+
+
 def run_server(
     source: str | None, stay: int, peers: int, storm: bool, server_cpu: int | None
 ) -> tuple[float, float]:
-    """One server's (µs per join, µs per leave); ``source`` is another tree's package dir."""
+    """Our server's (µs per join, µs per leave); ``source`` is another tree's package dir."""
     env = dict(os.environ)
     if source is not None:
         env["PYTHONPATH"] = source
@@ -94,43 +139,24 @@ def run_server(
         server = ServerProcess(tmp, extra_args=["-M", name], env=env)
         try:
             with server:
-                if server_cpu is not None:
-                    pin(server.pid, server_cpu)
-                staying = [RawPeer(server.socket_path) for _ in range(stay)]
-                ids = set(range(stay))
-                pump_all(staying, lambda: all(p.complete(ids - {p.id}, 1) for p in staying))
-
-                comers: list[RawPeer] = []
-
-                def heard(count: int) -> None:
-                    # The comers read too, so that no queue grows in the server.
-                    pump_all(staying + comers, lambda: all(len(p.peers) == count for p in staying))
-
-                cpu0 = cpu_seconds(server.pid)
-                for i in range(peers):
-                    comer = RawPeer(server.socket_path)
-                    comers.append(comer)
-                    comer.wait(lambda c=comer: c.state.own_vectors == 1)  # type: ignore[misc]
-                    heard(stay - 1 + i + 1)
-                cpu1 = cpu_seconds(server.pid)
-                leavers, comers[:] = comers[:], []
-                if storm:
-                    for comer in leavers:
-                        comer.close()
-                    heard(stay - 1)
-                else:
-                    for i, comer in enumerate(leavers):
-                        comer.close()
-                        heard(stay - 1 + peers - i - 1)
-                cpu2 = cpu_seconds(server.pid)
-                for peer in staying + leavers:
-                    peer.close()
+                return measure(server.socket_path, server.pid, stay, peers, storm, server_cpu)
         finally:
             try:
                 os.unlink(f"/dev/shm/{name}")
             except FileNotFoundError:
                 pass
-    return (cpu1 - cpu0) / peers * 1e6, (cpu2 - cpu1) / peers * 1e6
+
+
+def run_qemu(
+    binary: Path, stay: int, peers: int, storm: bool, server_cpu: int | None
+) -> tuple[float, float]:
+    """QEMU's server's (µs per join, µs per leave), on the same clients."""
+    with tempfile.TemporaryDirectory(prefix="ivb-", dir="/tmp") as tmp:
+        server = QemuServer(binary, tmp, 1, f"ivb-cpu-qemu-{os.getpid()}")
+        try:
+            return measure(server.socket_path, server.pid, stay, peers, storm, server_cpu)
+        finally:
+            server.stop()
 
 
 def main() -> int:
@@ -141,6 +167,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=9, help="runs per server (medians; 9)")
     parser.add_argument("--other", metavar="SRC", help="another tree's package directory")
     parser.add_argument(
+        "--qemu", action="store_true", help="QEMU's server too (built once into a cache)"
+    )
+    parser.add_argument(
         "--pin", choices=("apart", "same", "none"), default="apart", help="as bench_join.py"
     )
     args = parser.parse_args()
@@ -148,6 +177,12 @@ def main() -> int:
         parser.error("--stay, --peers and --runs must be at least 1")
     if args.other is not None and not (Path(args.other) / "ivshmem" / "__init__.py").is_file():
         parser.error(f"--other {args.other}: no ivshmem package there (give its src/ directory)")
+    binary: Path | None = None
+    if args.qemu:
+        try:
+            binary = build()  # before pinning: a first build uses every CPU
+        except BuildError as err:
+            print(f"QEMU's server is not available ({err}); measuring ours only", file=sys.stderr)
     add, remove, register, unregister = watch_costs()
     print(
         f"watching one socket: loop.add_reader {add:.2f} µs, remove_reader {remove:.2f} µs; "
@@ -164,13 +199,18 @@ def main() -> int:
     trees: dict[str, str | None] = {"this": None}
     if args.other is not None:
         trees["other"] = args.other
+    if binary is not None:
+        trees["qemu"] = None
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
     for run in range(args.runs):
         order = list(trees) if run % 2 == 0 else list(reversed(trees))
-        for name in order:  # alternating, so that load changes hit both alike
-            results[name].append(
-                run_server(trees[name], args.stay, args.peers, args.storm, server_cpu)
-            )
+        for name in order:  # alternating, so that load changes hit all alike
+            if name == "qemu":
+                assert binary is not None
+                result = run_qemu(binary, args.stay, args.peers, args.storm, server_cpu)
+            else:
+                result = run_server(trees[name], args.stay, args.peers, args.storm, server_cpu)
+            results[name].append(result)
     leaving = "all at once" if args.storm else "one at a time"
     print(f"{args.stay} staying, {args.peers} joining one at a time and leaving {leaving}")
     medians = {}
@@ -182,9 +222,10 @@ def main() -> int:
             f"{name:>5}: server CPU per join {join:7.1f} µs, per leave {leave:7.1f} µs "
             f"(medians of {len(runs)})"
         )
-    if "other" in medians:
-        (tj, tl), (oj, ol) = medians["this"], medians["other"]
-        print(f"this / other: join {tj / oj:.2f}x, leave {tl / ol:.2f}x")
+    for name in ("other", "qemu"):
+        if name in medians:
+            (tj, tl), (oj, ol) = medians["this"], medians[name]
+            print(f"this / {name}: join {tj / oj:.2f}x, leave {tl / ol:.2f}x")
     return 0
 
 
