@@ -92,8 +92,8 @@ def test_a_join_sends_exactly_what_the_table_lists_in_its_order(peers: _Peers) -
     for peer in (4, 1, 7):  # table order is the order of joining, not of ids
         peers.add(peer)
     peers.received()  # nothing yet
-    sent, mine, rest, partials = peers.wire.join(1)
-    assert (rest, partials) == ([], [])
+    sent, mine, rest, partials, gone = peers.wire.join(1)
+    assert (rest, partials, gone) == ([], [], [])
     # What PeerTable.join lists for the same table, each fd named.
     expected: dict[int, list[tuple[int, str | None]]] = {4: [], 1: [], 7: []}
     table: PeerTable[str] = PeerTable("shm")
@@ -119,8 +119,8 @@ def test_a_held_or_refusing_peer_gets_nothing_more_and_the_rest_is_handed_back(
     # refused, and 3 is held from then on.
     fillers = _fill(peers.ours[3]) - 1
     assert len(peers.theirs[3].recv(8)) == 8
-    sent, mine, rest, partials = peers.wire.join(4)
-    assert partials == []
+    sent, mine, rest, partials, gone = peers.wire.join(4)
+    assert partials == [] and gone == []
     assert rest == [(2, 4, 4, 0), (2, 4, 4, 1), (3, 4, 4, 1)]
     assert peers.wire.held(2) and peers.wire.held(3) and not peers.wire.held(1)
     assert sent == 2 + 1 + mine and mine == 3 + 4 * 2
@@ -129,14 +129,34 @@ def test_a_held_or_refusing_peer_gets_nothing_more_and_the_rest_is_handed_back(
     assert got[2] == []
     assert got[3][fillers:] == [(4, "4/0")]
     # A leave: the held ones are handed back (their queues keep order), the others told.
-    sent, rest, partials = peers.wire.leave(1)
-    assert (sent, rest, partials) == (1, [(2, 1, -2, 0), (3, 1, -2, 0)], [])
+    assert peers.wire.leave(1) == (1, [(2, 1, -2, 0), (3, 1, -2, 0)], [], [])
     assert len(peers.wire) == 3
     assert peers.received()[4] == [(1, None)]
     # Released (its queue flushed), 2 is sent to directly again.
     peers.wire.release(2)
     assert peers.wire.leave(3)[:2] == (2, [])
     assert peers.received() == {1: [], 2: [(3, None)], 3: [], 4: [(3, None)]}
+
+
+@needs_c
+def test_a_peer_whose_socket_is_closed_is_gone_and_costs_nothing_more(peers: _Peers) -> None:
+    """Many peers leaving at once: each leave finds the others' sockets closed. Such a
+    peer is reported once as gone, and nothing more is sent to it or handed back for it
+    (the Python path would queue a message for it per leave until flushing met EPIPE)."""
+    for peer in (1, 2, 3, 4):
+        peers.add(peer)
+    peers.theirs.pop(2).close()
+    peers.theirs.pop(3).close()
+    assert peers.wire.leave(1) == (1, [], [], [2, 3])
+    assert peers.wire.held(2) and peers.wire.held(3)
+    # A later join: the gone ones get nothing and are not reported again.
+    peers.add(5)
+    sent, mine, rest, partials, gone = peers.wire.join(5)
+    assert (rest, partials, gone) == ([], [], [])
+    assert sent == 2 + mine and mine == 3 + 4 * 2  # 4 hears of 5, 5 of everyone
+    peers.wire.release(2)  # even released, a gone peer stays gone
+    assert peers.wire.leave(4)[3] == []
+    assert peers.received()[5][-1] == (4, None)
 
 
 @needs_c
@@ -282,3 +302,27 @@ def test_a_leave_never_overtakes_a_queued_join(
         loop.close()
         for sock in theirs.values():
             sock.close()
+
+
+@pytest.mark.parametrize("path", [pytest.param("c", marks=needs_c), "python"])
+def test_a_client_that_stopped_receiving_is_disconnected_on_the_next_fan_out(
+    short_tmp: Path, path: str
+) -> None:
+    """A client that shut down its receiving side (its socket stays open, so the server
+    sees no EOF) makes the next message to it fail with EPIPE. The C fan-out reports it as
+    gone and sends it nothing more; either way the server disconnects it as having left,
+    and the others hear of its leave."""
+    env = {**os.environ, "IVSHMEM_PURE_PYTHON": "1" if path == "python" else "0"}
+    with ServerProcess(short_tmp, vectors=1, env=env) as server:
+        stayer = RawPeer(server.socket_path)
+        deaf = RawPeer(server.socket_path)
+        pump_all([stayer, deaf], lambda: stayer.complete({1}, 1) and deaf.complete({0}, 1))
+        deaf.sock.shutdown(socket.SHUT_RD)
+        comer = RawPeer(server.socket_path)  # its announcement to 1 fails with EPIPE
+        pump_all([stayer, comer], lambda: comer.id is not None and 1 not in stayer.peers)
+        pump_all([stayer, comer], lambda: set(comer.peers) <= {0})
+        assert server.peer_ids() == [0, 2]
+        server.wait_until(lambda: "peer 1 " in server.log() and " left" in server.log())
+        assert "WARNING" not in server.log()
+        for peer in (stayer, deaf, comer):
+            peer.close()

@@ -300,8 +300,8 @@ error:
  *   add(peer, sock, eventfds)      a peer joins the table (not held)
  *   remove(peer)                   it leaves (nothing announced)
  *   hold(peer) / release(peer)     queues.py queues for it / has flushed it empty
- *   join(peer) -> (sent, newcomer_sent, rest, partials)
- *   leave(peer) -> (sent, rest, partials)   removes it and tells every other peer
+ *   join(peer) -> (sent, newcomer_sent, rest, partials, gone)
+ *   leave(peer) -> (sent, rest, partials, gone)   removes it and tells every other peer
  *   stats(peer) -> (sent, progress)
  *
  * join() sends what PeerTable.join lists, in its order: to each other peer, in table order,
@@ -312,6 +312,10 @@ error:
  * ``partials`` lists (recipient, value, bytes taken) for a message taken in part (counted
  * as sent: its fd went with byte 0). ``sent`` counts every message sent; ``stats`` gives,
  * per peer, how many were sent to it here and when the last one was (time.monotonic()).
+ * ``gone`` lists the peers whose socket refused a message with EPIPE or ECONNRESET: their
+ * end is closed, so nothing more is sent to them or handed back for them (when many peers
+ * leave at once, each leave would otherwise queue a message for every other one that is
+ * leaving), and the caller disconnects them.
  * -------------------------------------------------------------------------------------- */
 
 #include <time.h>
@@ -326,6 +330,7 @@ typedef struct entry {
     int peer;
     int sock;
     int held;
+    int gone; /* its socket refused with EPIPE: nothing sent to it can be read */
     unsigned long long sent;
     double progress;
     struct entry *prev, *next; /* table order: the order of joining */
@@ -459,6 +464,7 @@ static PyObject *wire_add(WireObject *self, PyObject *args)
     e->peer = peer;
     e->sock = sock;
     e->held = 0;
+    e->gone = 0;
     e->sent = 0;
     e->progress = 0.0;
     e->next = NULL;
@@ -519,6 +525,7 @@ typedef struct {
     run_t *run;
     PyObject *rest;
     PyObject *partials;
+    PyObject *gone;
     long long sent;
     double now;
 } out_t;
@@ -540,9 +547,20 @@ static long send_to(out_t *out, entry_t *e, int n, const int *owners, const int 
                     const long long *values)
 {
     long sent = 0;
+    if (e->gone)
+        return 0;
     if (!e->held) {
         long last_len = 8;
         sent = send_run(e->sock, out->run, n, &last_len);
+        if (sent == -EPIPE || sent == -ECONNRESET) {
+            e->held = e->gone = 1;
+            PyObject *peer = PyLong_FromLong(e->peer);
+            if (peer == NULL)
+                return -1;
+            int rc = PyList_Append(out->gone, peer);
+            Py_DECREF(peer);
+            return rc < 0 ? -1 : 0;
+        }
         if (sent < 0) {
             sent = 0;
             e->held = 1;
@@ -611,9 +629,10 @@ static int out_start(out_t *out)
     out->run = PyMem_Malloc(sizeof *out->run);
     out->rest = PyList_New(0);
     out->partials = PyList_New(0);
+    out->gone = PyList_New(0);
     out->sent = 0;
     out->now = monotonic_now();
-    if (out->run == NULL || out->rest == NULL || out->partials == NULL) {
+    if (out->run == NULL || out->rest == NULL || out->partials == NULL || out->gone == NULL) {
         if (out->run == NULL)
             PyErr_NoMemory();
         return -1;
@@ -626,6 +645,7 @@ static void out_clear(out_t *out)
     PyMem_Free(out->run);
     Py_XDECREF(out->rest);
     Py_XDECREF(out->partials);
+    Py_XDECREF(out->gone);
 }
 
 static PyObject *wire_join(WireObject *self, PyObject *arg)
@@ -676,7 +696,7 @@ static PyObject *wire_join(WireObject *self, PyObject *arg)
     long mine = f->total;
     PyMem_Free(f);
     PyMem_Free(out.run);
-    return Py_BuildValue("(LlNN)", out.sent, mine, out.rest, out.partials);
+    return Py_BuildValue("(LlNNN)", out.sent, mine, out.rest, out.partials, out.gone);
 error:
     PyMem_Free(f);
     out_clear(&out);
@@ -706,7 +726,7 @@ static PyObject *wire_leave(WireObject *self, PyObject *arg)
         }
     }
     PyMem_Free(out.run);
-    return Py_BuildValue("(LNN)", out.sent, out.rest, out.partials);
+    return Py_BuildValue("(LNNN)", out.sent, out.rest, out.partials, out.gone);
 }
 
 static Py_ssize_t wire_len(WireObject *self) { return self->count; }
@@ -722,9 +742,9 @@ static PyMethodDef wire_methods[] = {
     {"stats", (PyCFunction)wire_stats, METH_O,
      "stats(peer) -> (messages sent to it here, time.monotonic() of the last)."},
     {"join", (PyCFunction)wire_join, METH_O,
-     "join(peer) -> (sent, newcomer_sent, rest, partials): send a join's messages."},
+     "join(peer) -> (sent, newcomer_sent, rest, partials, gone): send a join's messages."},
     {"leave", (PyCFunction)wire_leave, METH_O,
-     "leave(peer) -> (sent, rest, partials): remove peer and tell everyone else."},
+     "leave(peer) -> (sent, rest, partials, gone): remove peer and tell everyone else."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -295,7 +295,9 @@ class QueuesMixin(ServerBase):
     def _send_join(self, wire: Wire, client: _Client) -> None:
         """Send ``client``'s join -- the announcements, then its handshake -- through the C
         fan-out's copy of the table, which sends what it can in one call; queue the rest."""
-        direct, mine, rest, partials = wire.join(client.peer)
+        direct, mine, rest, partials, gone = wire.join(client.peer)
+        if gone:
+            self._gone(gone)
         client.handshake_left = max(0, client.handshake_left - mine)
         if client.handshake_left:
             # Part of it is queued: it counts against its source until it goes out (a
@@ -307,7 +309,9 @@ class QueuesMixin(ServerBase):
         """Tell every other peer that ``peer`` (whose vector fds were ``holders``) left,
         through the C fan-out's copy of the table; where its whole join is still queued for
         a client, the join and the leave cancel out there."""
-        direct, rest, partials = wire.leave(peer)
+        direct, rest, partials, gone = wire.leave(peer)
+        if gone:
+            self._gone(gone)
         if rest:
             clients, collapse = self._clients, self._collapse_join
             kept = []
@@ -319,6 +323,24 @@ class QueuesMixin(ServerBase):
             rest = kept
         queued = self._queue_rest(rest, partials) if rest or partials else 0
         self._dispatched(queued, direct)
+
+    def _gone(self, peers: list[int]) -> None:
+        """The C fan-out found these peers' sockets closed (EPIPE): it sends them nothing
+        more and hands nothing back for them. Disconnect them once this join or leave is
+        done (not from here: its bookkeeping is half-way through), unless their own leave
+        comes first -- when many peers leave at once, their readable events are usually in
+        the same batch."""
+        loop = self._loop
+        if loop is None or self._closed:
+            return
+        # The clients, not their ids: an id may be given to a newcomer before this runs.
+        clients = [c for c in map(self._clients.get, peers) if c is not None]
+        loop.call_soon(self._drop_gone, clients)
+
+    def _drop_gone(self, clients: list[_Client]) -> None:
+        for client in clients:
+            if not client.closed:
+                self._disconnect(client, "left (its socket was closed before it read everything)")
 
     def _queue_rest(
         self, rest: list[tuple[int, int, int, int]], partials: list[tuple[int, int, int]]
