@@ -177,6 +177,7 @@ def test_the_wire_refuses_bad_calls_without_harm(peers: _Peers) -> None:
     with pytest.raises(TypeError):
         peers.wire.stats("1")  # type: ignore[arg-type]
     assert len(peers.wire) == 1 and peers.wire.stats(1) == (0, 0.0)
+    assert 1 in peers.wire and 2 not in peers.wire and 70000 not in peers.wire
 
 
 @pytest.mark.parametrize("path", [pytest.param("c", marks=needs_c), "python"])

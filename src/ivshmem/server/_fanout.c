@@ -400,7 +400,9 @@ static void wire_dealloc(WireObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* The entry of ``peer`` (a Python int), or NULL with KeyError/ValueError set. */
+/* The entry of ``peer`` (a Python int), or NULL: with ValueError set if it is out of range
+ * or not an int, with KeyError set if it is not on the wire -- unless ``id`` is given, which
+ * receives the peer id and leaves "not on the wire" a NULL without an error (for add()). */
 static entry_t *wire_find(WireObject *self, PyObject *arg, int *id)
 {
     int overflow = 0;
@@ -731,6 +733,18 @@ static PyObject *wire_leave(WireObject *self, PyObject *arg)
 
 static Py_ssize_t wire_len(WireObject *self) { return self->count; }
 
+/* ``peer in wire``: False for an id out of range, as for any id not on it. */
+static int wire_contains(WireObject *self, PyObject *arg)
+{
+    int overflow = 0;
+    long peer = PyLong_AsLongAndOverflow(arg, &overflow);
+    if (peer == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || peer < 0 || peer >= MAX_PEERS || self->by_id == NULL)
+        return 0;
+    return self->by_id[peer] != NULL;
+}
+
 static PyMethodDef wire_methods[] = {
     {"add", (PyCFunction)wire_add, METH_VARARGS,
      "add(peer, sock, eventfds): a peer joins the table (not held)."},
@@ -750,6 +764,7 @@ static PyMethodDef wire_methods[] = {
 
 static PySequenceMethods wire_as_sequence = {
     .sq_length = (lenfunc)wire_len,
+    .sq_contains = (objobjproc)wire_contains,
 };
 
 static PyTypeObject WireType = {

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from ..protocol import PeerTable, encode
+from ..protocol import encode
 from .base import ServerBase
 from .fds import SharedFd
 
@@ -321,8 +321,7 @@ class QueuesMixin(ServerBase):
                     continue  # it never hears of the peer: no leave for it either
                 kept.append(item)
             rest = kept
-        queued = self._queue_rest(rest, partials) if rest or partials else 0
-        self._dispatched(queued, direct)
+        self._dispatched(self._queue_rest(rest, partials), direct)
 
     def _gone(self, peers: list[int]) -> None:
         """The C fan-out found these peers' sockets closed (EPIPE): it sends them nothing
@@ -378,22 +377,17 @@ class QueuesMixin(ServerBase):
         the C fan-out sent straight from its copy of the table."""
         sent, progress = client.sent, client.progress_at
         wire = self._wire
-        if wire is not None and not client.closed and client.peer in self._table_peers():
+        if wire is not None and not client.closed and client.peer in wire:
             direct, last = wire.stats(client.peer)
             sent += direct
             progress = max(progress, last)
         return sent, progress
 
-    def _table_peers(self) -> PeerTable[SharedFd] | tuple[()]:
-        """The peer table (for ``in``), or nothing before the server opened its region."""
-        return () if self._table is None else self._table
-
     def _hold(self, client: _Client) -> None:
         """Nothing more goes straight to ``client``'s socket until its queue is flushed."""
         client.held = True
         wire = self._wire
-        # The wire holds what the table holds (core.py adds and removes both together).
-        if wire is not None and not client.closed and client.peer in self._table_peers():
+        if wire is not None and not client.closed and client.peer in wire:
             wire.hold(client.peer)
 
     def _sent_direct(self, socks: dict[int, list[int]]) -> int:
@@ -690,5 +684,5 @@ class QueuesMixin(ServerBase):
             # Flushed empty: what comes next may go straight to its socket again.
             client.held = False
             wire = self._wire
-            if wire is not None and client.peer in self._table_peers():
+            if wire is not None and client.peer in wire:
                 wire.release(client.peer)
